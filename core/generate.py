@@ -1,0 +1,162 @@
+"""Text generation: the one decoding loop every model family and caller shares.
+
+The loop follows the book's chapter 5 ``generate`` (crop to the context,
+take the last logits, sample, append) with what serving needs on top: a KV
+cache (prefill the prompt once, then one token per step), several prompts at
+once (left padding plus an attention mask), stop tokens and stop strings, and
+a streaming iterator of text that never splits a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from core.kv_cache import KVCache
+from core.model import GPTModel
+from core.sampling import SamplingConfig, make_generator, sample
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the model's context window."""
+
+
+@dataclass
+class GenerationConfig(SamplingConfig):
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # None while running, then "stop" or "length"
+
+
+def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def check_prompt(prompt_ids: list[int], context_length: int) -> None:
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt_ids) > context_length:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt_ids)} tokens but the model's context window is {context_length}; "
+            "shorten the prompt"
+        )
+
+
+@torch.inference_mode()
+def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each prompt (None once that prompt has stopped).
+
+    A prompt stops on one of ``cfg.stop_token_ids`` (which is yielded) or after
+    ``cfg.max_new_tokens``. Rows are left-padded to a common length and masked,
+    so batched results equal one-prompt-at-a-time results.
+    """
+    C = model.cfg.context_length
+    for prompt in prompts:
+        check_prompt(prompt, C)
+    device, dtype = _device_dtype(model)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    seq = torch.zeros(B, L, dtype=torch.long, device=device)
+    valid = torch.zeros(B, L, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        seq[row, L - len(prompt):] = torch.tensor(prompt, device=device)
+        valid[row, L - len(prompt):] = 1
+    padded = bool((valid == 0).any())
+    cache = KVCache(model.cfg, B, C, device, dtype) if cfg.use_cache else None
+    generator = make_generator(cfg, device)
+    stop_ids = torch.tensor(cfg.stop_token_ids or [-1], device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    for _ in range(cfg.max_new_tokens):
+        if cache is not None and seq.shape[1] <= C:
+            # Prefill the whole prompt once, then feed one token per step.
+            new = seq if cache.length == 0 else seq[:, cache.length:]
+            logits = model(new, cache=cache, attention_mask=valid if padded else None, last_only=True)
+        else:
+            # Past the context window (or without a cache) the model sees the
+            # last C tokens afresh each step, as in the book's generate().
+            logits = model(seq[:, -C:], attention_mask=valid[:, -C:] if padded else None, last_only=True)
+        token = sample(logits[:, -1], cfg, generator)
+        yield [None if done else int(t) for t, done in zip(token.tolist(), finished.tolist())]
+        finished |= torch.isin(token, stop_ids)
+        if bool(finished.all()):
+            return
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=valid.dtype, device=device)], dim=1)
+
+
+def generate(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:
+    """New token ids for each prompt, without the prompt and without the stop token."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    stops = set(cfg.stop_token_ids)
+    for step in decode_steps(model, prompts, cfg):
+        for row, token in enumerate(step):
+            if token is not None and token not in stops:
+                outputs[row].append(token)
+    return outputs
+
+
+def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    longest = 0
+    for stop in stop_strings:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def stream(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[StreamChunk]:
+    """Generate for one prompt, yielding text as it becomes final.
+
+    Text is held back while it could be the start of a stop string, and bytes
+    while they are an incomplete UTF-8 character, so what has been yielded is
+    never taken back. The last chunk carries ``finish_reason``. Closing the
+    iterator stops generation.
+    """
+    from core.tokenizer.streaming import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    pending = ""
+    stops = set(cfg.stop_token_ids)
+    for step in decode_steps(model, [prompt_ids], cfg):
+        token = step[0]
+        if token in stops:
+            yield StreamChunk(pending + decoder.flush(), [token], "stop")
+            return
+        pending += decoder.push(token)
+        for stop in cfg.stop_strings:
+            at = pending.find(stop)
+            if at >= 0:
+                yield StreamChunk(pending[:at], [token], "stop")
+                return
+        keep = _held_back(pending, cfg.stop_strings)
+        ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        yield StreamChunk(ready, [token])
+    tail = pending + decoder.flush()
+    for stop in cfg.stop_strings:
+        if stop in tail:
+            tail = tail[: tail.find(stop)]
+    yield StreamChunk(tail, [], "length")
+
+
+def generate_text(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> str:
+    return "".join(chunk.text for chunk in stream(model, tokenizer, prompt_ids, cfg))

@@ -1,0 +1,108 @@
+"""The small layers a transformer block is made of.
+
+GPT-2 uses LayerNorm (Ba et al., 2016), a GELU MLP and learned positions;
+Llama swaps in RMSNorm (Zhang & Sennrich, 2019), the SwiGLU feed-forward
+(Shazeer, 2020) and rotary position embeddings (Su et al., 2021). The book
+builds each of these by hand in chapter 4 and its Llama bonus chapter; so do we.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from core.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """Normalise each vector to zero mean and unit variance, then scale and shift."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Scale by the root mean square only: no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: the mean of squares loses too much precision in bf16.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation that GPT-2 was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class FeedForward(nn.Module):
+    """GPT-2's position-wise MLP: expand, GELU, project back."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, cfg.ff_dim)
+        self.act = GELU()
+        self.proj = nn.Linear(cfg.ff_dim, cfg.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.emb_dim, cfg.ff_dim, bias=False)
+        self.up = nn.Linear(cfg.emb_dim, cfg.ff_dim, bias=False)
+        self.down = nn.Linear(cfg.ff_dim, cfg.emb_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return LayerNorm(cfg.emb_dim, cfg.norm_eps) if cfg.family == "gpt2" else RMSNorm(cfg.emb_dim, cfg.norm_eps)
+
+
+def make_feed_forward(cfg: ModelConfig) -> nn.Module:
+    return FeedForward(cfg) if cfg.family == "gpt2" else SwiGLU(cfg)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, head_dim) for rotary embeddings.
+
+    Frequencies follow Su et al. (2021): pair i of a head turns at theta^(-2i/d).
+    We use the "rotate half" layout (pairs are (i, i + d/2)) that Hugging Face's
+    Llama uses, so its Q/K weights load without reordering.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (B, heads, T, head_dim) by per-position angles.
+
+    cos and sin are (B, 1, T, head_dim), already gathered at each token's position.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -1,0 +1,73 @@
+"""Choosing the next token from logits (the book's chapter 5.3).
+
+Greedy decoding takes the argmax. Sampling divides the logits by a
+temperature, optionally keeps only the k most likely tokens (top-k; Fan et
+al., 2018) or the smallest set whose probability reaches p (nucleus / top-p;
+Holtzman et al., 2020), and draws from what is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to (B, V) logits; removed entries become -inf."""
+    logits = logits.float() / max(cfg.temperature, 1e-8)
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p; the most
+        # likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token_probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution sampling draws from, (B, V); greedy puts all mass on the argmax."""
+    if cfg.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_logits(logits, cfg).softmax(-1)
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from the last-position logits (B, V)."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, cfg).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(cfg: SamplingConfig, device: torch.device | str) -> torch.Generator | None:
+    if cfg.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    return generator
