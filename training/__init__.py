@@ -1,0 +1,1 @@
+"""Offline jobs built on ``core``: pretraining (single process and DDP), evaluation and fine-tuning."""

@@ -1,0 +1,208 @@
+"""Job configuration: a dataclass per job, filled from a YAML/TOML file and overrides.
+
+Every training job (pretraining, evaluation, fine-tuning) describes its knobs
+as one dataclass. Each field carries ``metadata={"help": "...", "choices":
+(...)}`` so the command line (``scratchgpt/cli.py``) can build its flags from
+the dataclass alone. ``load_job_config`` reads a config file, applies
+command-line overrides on top, and checks every value against the field's
+type, so a typo in a file fails loudly instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class JobConfigError(ValueError):
+    """A job config file or override that cannot be used (unknown key, wrong type, bad choice)."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise JobConfigError(f"config file {path}: unknown format {suffix!r}; use .yaml, .yml, .toml or .json")
+    except JobConfigError:
+        raise
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError
+        raise JobConfigError(f"config file {path} cannot be parsed: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise JobConfigError(f"config file {path} must hold a mapping of option names to values, not {type(data).__name__}")
+    return data
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type of each dataclass field (postponed annotations are strings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The one-line help of each field, for ``--help`` and docs."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.init}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` converted to ``tp`` when that is lossless; JobConfigError otherwise.
+
+    Strings are accepted for numbers, booleans and paths because overrides may
+    come from the command line as text, and YAML reads ``4e-4`` (no dot) as a
+    string.
+    """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except JobConfigError as e:
+                errors.append(str(e))
+        raise JobConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise JobConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise JobConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise JobConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise JobConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise JobConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise JobConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise JobConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise JobConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise JobConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value).expanduser()
+        raise JobConfigError(f"{where}: expected a path, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise JobConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+
+
+def load_job_config(cls: type[T], path: Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from a config file (optional) with ``overrides`` applied on top.
+
+    Keys may use dashes or underscores (``batch-size`` = ``batch_size``).
+    Overrides whose value is None are skipped: that is argparse's "flag not
+    given". Unknown keys, wrong types and values outside a field's
+    ``metadata["choices"]`` raise JobConfigError naming the key and the file.
+    Errors raised by the dataclass's own ``__post_init__`` (ValueError) are
+    re-raised as JobConfigError with the source named.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    types_ = field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        sources.append((f"config file {path}", read_config_file(Path(path))))
+    if overrides:
+        sources.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+    for source, data in sources:
+        for raw_key, value in data.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise JobConfigError(f"{source}: unknown option {raw_key!r}. Known options: {known}")
+            where = f"{source}: option {raw_key!r}"
+            value = coerce(value, types_[key], where)
+            choices = fields[key].metadata.get("choices")
+            if choices is not None and value is not None and value not in choices:
+                raise JobConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+            values[key] = value
+    try:
+        return cls(**values)
+    except JobConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        origin = f" (from config file {path})" if path is not None else ""
+        raise JobConfigError(f"invalid {cls.__name__}{origin}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a job config (paths as strings), for run directories and logs."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
