@@ -1,0 +1,1 @@
+"""The scratchgpt command line: a thin layer over core, training and app."""

@@ -1,0 +1,381 @@
+"""The ``scratchgpt`` command: one verb per job, each a thin call into core, training or app.
+
+Like litgpt's CLI, each verb maps to a plain function. Jobs that take many
+settings (pretrain, finetune, prepare) describe them as a dataclass; this
+module turns its fields into flags (``--field-name``), and ``--config FILE``
+reads the same fields from YAML or TOML. Imports happen per verb, so
+``scratchgpt tokenize`` does not load FastAPI and ``scratchgpt serve`` does not
+load the training code until it has to fine-tune something.
+
+This is the only module that reaches both the service and the training jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+# -- dataclass fields as flags -------------------------------------------------
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per dataclass field. Flags not given stay unset, so a --config file can supply them."""
+    hints = typing.get_type_hints(cls)
+    parser.add_argument("--config", type=Path, default=None, help="YAML or TOML file with any of the settings below")
+    for field in dataclasses.fields(cls):
+        hint = _unwrap_optional(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        if field.default is not dataclasses.MISSING:
+            help_text += f" (default: {field.default})"
+        kwargs: dict[str, Any] = dict(dest=field.name, default=argparse.SUPPRESS, help=help_text)
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif origin in (list, tuple):
+            item = typing.get_args(hint)[0] if typing.get_args(hint) else str
+            parser.add_argument(flag, nargs="+", type=item, **kwargs)
+        elif hint in (int, float, str, Path):
+            parser.add_argument(flag, type=hint, **kwargs)
+        else:
+            parser.add_argument(flag, type=str, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    from training.job_config import load_job_config
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return load_job_config(cls, args.config, overrides)
+
+
+# -- shared helpers --------------------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available")
+    return name
+
+
+def resolve_dtype(name: str | None):
+    import torch
+
+    table = {None: None, "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"--dtype {name!r} is not one of float32, bfloat16, float16")
+    return table[name]
+
+
+def resolve_checkpoint(name_or_dir: str) -> Path:
+    """A checkpoint directory, or the name of a model `scratchgpt download` stores in the cache."""
+    path = Path(name_or_dir).expanduser()
+    if path.exists():
+        return path
+    from core.download import cache_dir
+
+    cached = cache_dir() / "models" / name_or_dir
+    if cached.exists():
+        return cached
+    raise ValueError(
+        f"--checkpoint {name_or_dir}: no such directory, and no downloaded model of that name "
+        f"(run `scratchgpt download {name_or_dir}` if it is a known model)"
+    )
+
+
+def load(args: argparse.Namespace):
+    from core.checkpoint import load_checkpoint
+
+    return load_checkpoint(resolve_checkpoint(args.checkpoint), resolve_device(args.device), resolve_dtype(args.dtype))
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a downloaded model's name")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def generation_config(args: argparse.Namespace, ckpt) -> Any:
+    from core.generate import GenerationConfig
+
+    stop_strings = tuple(ckpt.chat_template.stop) if ckpt.chat_template and args.template != "none" else ()
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop_token_ids=ckpt.stop_token_ids, stop_strings=stop_strings,
+    )
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+# -- verbs -----------------------------------------------------------------------
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from core.tokenizer import tokenize_file
+
+    if not Path(args.file).is_file():
+        raise ValueError(f"--file {args.file}: no such file")
+    print(json.dumps(tokenize_file(Path(args.file), args.impl)))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from core.generate import stream
+
+    ckpt = load(args)
+    if ckpt.task != "causal-lm":
+        raise ValueError(f"--checkpoint {ckpt.path} is a {ckpt.task} model; use `scratchgpt classify`")
+    prompt = args.prompt
+    if ckpt.chat_template is not None and args.template != "none":
+        prompt = ckpt.chat_template.render([{"role": "user", "content": prompt}])
+    ids = ckpt.tokenizer.encode(prompt, allowed_special="all")
+    for chunk in stream(ckpt.model, ckpt.tokenizer, ids, generation_config(args, ckpt)):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from core.generate import stream
+
+    ckpt = load(args)
+    template = ckpt.chat_template
+    if template is None:
+        raise ValueError(f"--checkpoint {ckpt.path} has no chat template; it is not a chat model")
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"Chatting with {ckpt.name} ({ckpt.config.family}, {ckpt.model.cfg.n_layers} layers). "
+          "Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            user = input(">>> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        ids = ckpt.tokenizer.encode(template.render(messages), allowed_special="all")
+        # Oldest turns go first when the conversation outgrows the context window.
+        budget = ckpt.config.context_length - args.max_new_tokens
+        while len(ids) > budget and len(messages) > 2:
+            drop = 1 if messages[0]["role"] == "system" else 0
+            del messages[drop : drop + 2]
+            ids = ckpt.tokenizer.encode(template.render(messages), allowed_special="all")
+        answer = []
+        for chunk in stream(ckpt.model, ckpt.tokenizer, ids, generation_config(args, ckpt)):
+            print(chunk.text, end="", flush=True)
+            answer.append(chunk.text)
+        print()
+        messages.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from core.classifier import classify
+
+    ckpt = load(args)
+    if ckpt.task != "classification":
+        raise ValueError(f"--checkpoint {ckpt.path} is not a classifier (task {ckpt.task})")
+    results = classify(ckpt, args.texts)
+    print_json([{"text": t, "label": p.label, "probabilities": p.probabilities} for t, p in zip(args.texts, results)])
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from core.download import download_model
+
+    path = download_model(args.name, size=args.size, from_dir=args.from_dir, from_file=args.from_file)
+    print(path)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from training.pretrain import PrepareConfig, prepare
+
+    print_json(prepare(config_from_args(PrepareConfig, args)))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from training.pretrain import PretrainConfig, pretrain
+
+    print(pretrain(config_from_args(PretrainConfig, args)))
+
+
+def cmd_finetune_spam(args: argparse.Namespace) -> None:
+    from training.finetune_spam import SpamConfig, finetune_spam
+
+    print(finetune_spam(config_from_args(SpamConfig, args)))
+
+
+def cmd_finetune_instruct(args: argparse.Namespace) -> None:
+    from training.finetune_instruct import InstructConfig, finetune_instruct
+
+    print(finetune_instruct(config_from_args(InstructConfig, args)))
+
+
+def cmd_evaluate_lm(args: argparse.Namespace) -> None:
+    from training.evaluate_lm import evaluate_lm
+
+    print_json(evaluate_lm(resolve_checkpoint(args.checkpoint), Path(args.data), device=resolve_device(args.device)))
+
+
+def cmd_evaluate_spam(args: argparse.Namespace) -> None:
+    from training.evaluate_spam import evaluate_spam
+
+    print_json(evaluate_spam(resolve_checkpoint(args.checkpoint), Path(args.data), device=resolve_device(args.device)))
+
+
+def cmd_evaluate_instruct(args: argparse.Namespace) -> None:
+    from training.evaluate_instruct import evaluate_instruct
+
+    print_json(evaluate_instruct(
+        resolve_checkpoint(args.checkpoint), Path(args.data), Path(args.out),
+        judge_url=args.judge_url, judge_model=args.judge_model, device=resolve_device(args.device),
+    ))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from scratchgpt.serve import serve
+
+    serve(args)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    from app.db import upgrade
+    from app.settings import Settings
+
+    url = args.database_url or Settings().database_url
+    upgrade(url)
+    print(f"database at {url} is at the latest migration")
+
+
+# -- the parser --------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scratchgpt", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, func: Callable, help_text: str, sub=verbs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("download", cmd_download, "fetch a model (gpt2, smollm2-135m-instruct) into the cache and convert it")
+    p.add_argument("name", help="gpt2 or smollm2-135m-instruct")
+    p.add_argument("--size", default=None, help="GPT-2 size: 124M, 355M, 774M or 1558M")
+    p.add_argument("--from-dir", type=Path, default=None, help="import a local copy of the model's files")
+    p.add_argument("--from-file", type=Path, default=None, help="import a local file (a GGUF for SmolLM2)")
+
+    p = verb("tokenize", cmd_tokenize, "print the GPT-2 token ids of a file as a JSON array")
+    p.add_argument("--file", required=True)
+    p.add_argument("--impl", choices=["bpe", "tiktoken"], default="tiktoken",
+                   help="bpe: our from-scratch BPE; tiktoken: OpenAI's library (same ids)")
+
+    from training.pretrain import PrepareConfig, PretrainConfig  # dataclasses only: cheap to import
+
+    add_config_arguments(verb("prepare", cmd_prepare, "tokenize text files into memmapped train/val token files"), PrepareConfig)
+    add_config_arguments(verb("pretrain", cmd_pretrain, "pretrain a model from scratch (works under torchrun)"), PretrainConfig)
+
+    finetune = verb("finetune", None, "fine-tune a base model").add_subparsers(dest="job", required=True, metavar="JOB")
+    from training.finetune_instruct import InstructConfig
+    from training.finetune_spam import SpamConfig
+
+    add_config_arguments(verb("spam", cmd_finetune_spam, "train the SMS spam classifier", finetune), SpamConfig)
+    add_config_arguments(verb("instruct", cmd_finetune_instruct, "instruction fine-tuning (full or LoRA)", finetune), InstructConfig)
+
+    evaluate = verb("evaluate", None, "evaluate a checkpoint").add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, func, text in (
+        ("lm", cmd_evaluate_lm, "loss and perplexity on a text or token file"),
+        ("spam", cmd_evaluate_spam, "classify every line of a UCI SMS spam file"),
+        ("instruct", cmd_evaluate_instruct, "generate for every entry; ROUGE-L and an optional judge"),
+    ):
+        p = verb(name, func, text, evaluate)
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--data", required=True)
+        p.add_argument("--device", default="auto")
+        if name == "instruct":
+            p.add_argument("--out", required=True, help="where to write the responses JSON")
+            p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:11434/v1")
+            p.add_argument("--judge-model", default=None)
+
+    p = verb("generate", cmd_generate, "continue a prompt (through the chat template when the model has one)")
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--template", choices=["auto", "none"], default="auto",
+                   help="auto: wrap the prompt in the checkpoint's chat template if it has one")
+    add_sampling_arguments(p)
+
+    p = verb("chat", cmd_chat, "multi-turn chat in the terminal, streaming answers")
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--template", choices=["auto"], default="auto", help=argparse.SUPPRESS)
+    add_sampling_arguments(p, max_new_tokens=256)
+
+    p = verb("classify", cmd_classify, "label texts with a classifier checkpoint")
+    add_model_arguments(p)
+    p.add_argument("texts", nargs="+")
+
+    p = verb("serve", cmd_serve, "run the web service (obtains or fine-tunes missing default models first)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the models)")
+    p.add_argument("--chat-checkpoint", default=None, help="chat model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--classifier-checkpoint", default=None, help="spam classifier directory")
+    p.add_argument("--spam-data", type=Path, default=None,
+                   help="local SMSSpamCollection file for fine-tuning the classifier when it is missing")
+    p.add_argument("--setup", action=argparse.BooleanOptionalAction, default=True,
+                   help="obtain or fine-tune missing default models before serving")
+
+    db = verb("db", None, "database maintenance").add_subparsers(dest="job", required=True, metavar="JOB")
+    p = verb("upgrade", cmd_db_upgrade, "apply the database migrations", db)
+    p.add_argument("--database-url", default=None, help="default: SCRATCHGPT_DATABASE_URL or the settings default")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (ValueError, OSError, RuntimeError) as e:
+        if args.debug or os.environ.get("SCRATCHGPT_DEBUG"):
+            raise
+        parser.exit(2, f"scratchgpt {args.verb}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
