@@ -1,0 +1,97 @@
+"""Conversations: list, create, read (with messages), update settings or title, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+
+from app.api.deps import ConversationDep, ModelsDep, OwnerDep, SessionDep, SettingsDep
+from app.db import crud
+from app.registry import CHAT
+from app.schemas import (
+    NOT_FOUND,
+    ConversationCreate,
+    ConversationDetail,
+    ConversationList,
+    ConversationPublic,
+    ConversationUpdate,
+    MessagePublic,
+)
+from app.settings import Settings
+
+router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
+
+
+def _check_max_new_tokens(value: int | None, settings: Settings) -> None:
+    if value is not None and value > settings.max_new_tokens_cap:
+        raise HTTPException(
+            422, detail=f"max_new_tokens {value} is over the limit {settings.max_new_tokens_cap} (SCRATCHGPT_MAX_NEW_TOKENS_CAP)"
+        )
+
+
+@router.get("", response_model=ConversationList)
+def list_conversations(
+    session: SessionDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> ConversationList:
+    """This owner's conversations, most recently active first."""
+    items = crud.list_conversations(session, owner.id, limit=limit, offset=offset)
+    return ConversationList(
+        conversations=[ConversationPublic.model_validate(c) for c in items],
+        total=crud.count_conversations(session, owner.id),
+    )
+
+
+@router.post("", response_model=ConversationPublic, status_code=201)
+def create_conversation(
+    body: ConversationCreate, session: SessionDep, owner: OwnerDep, settings: SettingsDep, models: ModelsDep
+) -> ConversationPublic:
+    """Start a conversation; unset settings take the service's defaults."""
+    _check_max_new_tokens(body.max_new_tokens, settings)
+    fields = body.model_dump(exclude_none=True)
+    defaults = {
+        "title": "New chat",
+        "system_prompt": settings.default_system_prompt,
+        "temperature": settings.default_temperature,
+        "top_k": settings.default_top_k,
+        "top_p": settings.default_top_p,
+        "max_new_tokens": min(settings.default_max_new_tokens, settings.max_new_tokens_cap),
+        "model": models.slots[CHAT].name,
+    }
+    conversation = crud.create_conversation(session, owner.id, **{**defaults, **fields})
+    return ConversationPublic.model_validate(conversation)
+
+
+@router.get("/{conversation_id}", response_model=ConversationDetail, responses=NOT_FOUND)
+def read_conversation(conversation: ConversationDep, session: SessionDep, request: Request) -> ConversationDetail:
+    """The conversation with all its messages, oldest first."""
+    messages = [MessagePublic.model_validate(m) for m in crud.list_messages(session, conversation.id)]
+    return ConversationDetail(
+        **ConversationPublic.model_validate(conversation).model_dump(),
+        messages=messages,
+        generating=request.app.state.active.is_active(conversation.id),
+    )
+
+
+@router.patch("/{conversation_id}", response_model=ConversationPublic, responses=NOT_FOUND)
+def update_conversation(
+    body: ConversationUpdate, conversation: ConversationDep, session: SessionDep, settings: SettingsDep
+) -> ConversationPublic:
+    """Rename, or change the system prompt and sampling settings used for the next answers."""
+    changes = body.model_dump(exclude_unset=True)
+    _check_max_new_tokens(changes.get("max_new_tokens"), settings)
+    if "title" in changes:
+        changes["title"] = " ".join(changes["title"].split())[: settings.max_title_chars] or "Untitled"
+    conversation = crud.update_conversation(session, conversation, changes)
+    return ConversationPublic.model_validate(conversation)
+
+
+@router.delete("/{conversation_id}", status_code=204, response_class=Response, responses=NOT_FOUND)
+def delete_conversation(conversation: ConversationDep, session: SessionDep, request: Request) -> Response:
+    """Delete the conversation and its messages; a running answer is stopped first."""
+    request.app.state.active.stop(conversation.id)
+    crud.delete_conversation(session, conversation)
+    return Response(status_code=204)

@@ -1,0 +1,223 @@
+"""An OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` (stream and not).
+
+Enough of the Chat Completions contract for the official ``openai`` client and tools built on
+it: messages, temperature, top_p, max_tokens (or max_completion_tokens), stop, seed, stream,
+``stream_options.include_usage``. Unknown fields are accepted and ignored, as OpenAI's clients
+send ones we do not implement. Errors use OpenAI's ``{"error": {...}}`` shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import ModelsDep, SettingsDep, require_api_access
+from app.chat import PromptTooLong, generation_config, plan_prompt
+from app.registry import CHAT
+from app.schemas import Bool, Float, Int, Text
+from app.streaming import ManagedStream
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_access)])
+
+
+class OpenAIError(Exception):
+    """Rendered as OpenAI's error object by the handler in app.main."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class OpenAIErrorBody(BaseModel):
+    error: dict[str, Any]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIErrorBody, "description": "Invalid request (e.g. prompt over the context window)"},
+    401: {"model": OpenAIErrorBody, "description": "Missing or invalid API key"},
+    404: {"model": OpenAIErrorBody, "description": "Unknown model"},
+    422: {"model": OpenAIErrorBody, "description": "Invalid request body"},
+    503: {"model": OpenAIErrorBody, "description": "The chat model is loading or missing"},
+}
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Text
+    text: Text | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise OpenAIError(400, f"content part of type {part.type!r} is not supported; send text", param="messages")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: Bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: Text
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: Annotated[Float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[Int, Field(ge=1, le=1000)] | None = Field(None, description="Extension: top-k filtering")
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end the answer")
+    seed: Annotated[Int, Field(ge=0, le=2**63 - 1)] | None = None
+    n: Annotated[Int, Field(ge=1, le=1)] | None = None
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "scratchgpt"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@router.get("/models", response_model=ModelList, responses=ERRORS)
+def list_models(models: ModelsDep) -> ModelList:
+    slot = models.slots[CHAT]
+    cards = []
+    if slot.state == "ready":
+        created = int(slot.path.stat().st_mtime) if slot.path.exists() else 0
+        cards.append(ModelCard(id=slot.name, created=created))
+    return ModelList(data=cards)
+
+
+def _split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str, str]]]:
+    system = [m.text() for m in messages if m.role in ("system", "developer")]
+    turns = [{"role": m.role, "content": m.text()} for m in messages if m.role in ("user", "assistant")]
+    if not turns:
+        raise OpenAIError(400, "messages must include at least one user message", param="messages")
+    return "\n\n".join(system), turns
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@router.post(
+    "/chat/completions",
+    responses={
+        **ERRORS,
+        200: {
+            "description": "A chat.completion object, or with stream=true Server-Sent Events of chat.completion.chunk",
+            "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep, request: Request) -> Any:
+    slot = models.require(CHAT)
+    if body.model != slot.name:
+        raise OpenAIError(404, f"model {body.model!r} not found; this server serves {slot.name!r}", code="model_not_found",
+                          param="model")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4:
+        raise OpenAIError(400, "stop takes at most 4 strings", param="stop")
+    requested = body.max_completion_tokens or body.max_tokens
+    if requested is not None and requested > settings.max_new_tokens_cap:
+        raise OpenAIError(
+            400, f"max_tokens {requested} is over this server's limit {settings.max_new_tokens_cap}", param="max_tokens"
+        )
+    system, turns = _split_messages(body.messages)
+    total_chars = len(system) + sum(len(t["content"]) for t in turns)
+    if total_chars > settings.max_message_chars * 4:
+        raise OpenAIError(400, f"messages hold {total_chars} characters; the limit is {settings.max_message_chars * 4}")
+    checkpoint = slot.checkpoint
+    try:
+        plan = plan_prompt(checkpoint, system, turns, requested or settings.max_new_tokens_cap, allow_drop=False)
+    except PromptTooLong as exc:
+        raise OpenAIError(400, str(exc), code="context_length_exceeded", param="messages") from None
+    config = generation_config(
+        checkpoint,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        max_new_tokens=plan.max_new_tokens,
+        seed=body.seed,
+        extra_stop=stops,
+    )
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    worker = slot.worker
+    prompt_tokens = len(plan.prompt_ids)
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": slot.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    if not body.stream:
+        job = worker.submit(plan.prompt_ids, config)
+        try:
+            text = "".join([c.text async for c in job.events()])
+        finally:
+            job.cancel()
+        return {
+            "id": completion_id, "object": "chat.completion", "created": created, "model": slot.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": job.finish_reason or "stop"}],
+            "usage": _usage(prompt_tokens, job.completion_tokens),
+        }
+
+    jobs: list[Any] = []
+
+    async def events() -> Any:
+        job = worker.submit(plan.prompt_ids, config)
+        jobs.append(job)
+        yield f"data: {json.dumps(chunk({'role': 'assistant', 'content': ''}, None))}\n\n"
+        try:
+            async for piece in job.events():
+                if piece.text:
+                    yield f"data: {json.dumps(chunk({'content': piece.text}, None), ensure_ascii=False)}\n\n"
+        except Exception as exc:
+            error = {"error": {"message": f"generation failed: {exc}", "type": "server_error"}}
+            yield f"data: {json.dumps(error)}\n\n"
+            return
+        yield f"data: {json.dumps(chunk({}, job.finish_reason or 'stop'))}\n\n"
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage = {**chunk({}, None), "choices": [], "usage": _usage(prompt_tokens, job.completion_tokens)}
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def close() -> None:
+        for job in jobs:
+            job.cancel()
+
+    return ManagedStream(events(), on_close=close)

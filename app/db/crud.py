@@ -1,0 +1,128 @@
+"""Data functions: every read and write of conversations and messages goes through here.
+
+Each write is its own short transaction (commit inside the function), so a
+streaming answer never holds the SQLite write lock between tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import STATUS_INTERRUPTED, STATUS_STREAMING, Conversation, Message, utcnow
+
+T = TypeVar("T")
+
+CONVERSATION_FIELDS = ("title", "system_prompt", "temperature", "top_k", "top_p", "max_new_tokens", "model")
+
+
+def retry_on_busy(fn: Callable[[], T], attempts: int = 5, delay: float = 0.05) -> T:
+    """Run ``fn``, retrying when SQLite still reports "database is locked" after its busy timeout."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OperationalError as exc:
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+# --- conversations -------------------------------------------------------------
+
+
+def create_conversation(session: Session, owner: str, **fields: Any) -> Conversation:
+    conversation = Conversation(owner=owner, **{k: v for k, v in fields.items() if k in CONVERSATION_FIELDS})
+    session.add(conversation)
+    session.commit()
+    return conversation
+
+
+def list_conversations(session: Session, owner: str, limit: int = 100, offset: int = 0) -> list[Conversation]:
+    query = (
+        select(Conversation)
+        .where(Conversation.owner == owner)
+        .order_by(Conversation.updated_at.desc(), Conversation.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(query))
+
+
+def count_conversations(session: Session, owner: str) -> int:
+    return session.scalar(select(func.count()).select_from(Conversation).where(Conversation.owner == owner)) or 0
+
+
+def get_conversation(session: Session, owner: str, conversation_id: str) -> Conversation | None:
+    """The conversation if it exists *and* belongs to ``owner``; anything else is None (a 404 to the caller)."""
+    conversation = session.get(Conversation, conversation_id)
+    if conversation is None or conversation.owner != owner:
+        return None
+    return conversation
+
+
+def update_conversation(session: Session, conversation: Conversation, changes: dict[str, Any]) -> Conversation:
+    for key, value in changes.items():
+        if key not in CONVERSATION_FIELDS:
+            raise ValueError(f"conversation has no editable field {key!r}")
+        setattr(conversation, key, value)
+    conversation.updated_at = utcnow()
+    session.commit()
+    return conversation
+
+
+def delete_conversation(session: Session, conversation: Conversation) -> None:
+    session.execute(delete(Message).where(Message.conversation_id == conversation.id))
+    session.delete(conversation)
+    session.commit()
+
+
+def touch_conversation(session: Session, conversation_id: str) -> None:
+    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
+    session.commit()
+
+
+# --- messages ------------------------------------------------------------------
+
+
+def list_messages(session: Session, conversation_id: str) -> list[Message]:
+    query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id)
+    return list(session.scalars(query))
+
+
+def add_message(session: Session, conversation_id: str, role: str, content: str, **fields: Any) -> Message:
+    message = Message(conversation_id=conversation_id, role=role, content=content, **fields)
+    session.add(message)
+    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
+    session.commit()
+    return message
+
+
+def delete_message(session: Session, message: Message) -> None:
+    session.delete(message)
+    session.commit()
+
+
+def write_message(sessions: sessionmaker[Session], message_id: int, **fields: Any) -> None:
+    """Update one message in its own short transaction (used while an answer streams)."""
+
+    def _write() -> None:
+        with sessions() as session:
+            session.execute(update(Message).where(Message.id == message_id).values(updated_at=utcnow(), **fields))
+            session.commit()
+
+    retry_on_busy(_write)
+
+
+def interrupt_streaming_messages(session: Session) -> int:
+    """Mark answers left "streaming" by a stopped or killed server as "interrupted"; returns how many."""
+    result = session.execute(
+        update(Message).where(Message.status == STATUS_STREAMING).values(status=STATUS_INTERRUPTED, updated_at=utcnow())
+    )
+    session.commit()
+    return result.rowcount or 0

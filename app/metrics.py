@@ -1,0 +1,73 @@
+"""Prometheus metrics: one registry per app, so tests can build many apps in one process."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "scratchgpt_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "scratchgpt_http_request_duration_seconds",
+            "Time from request to the end of the response body (whole stream for SSE)",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_generated = Counter("scratchgpt_tokens_generated_total", "Tokens generated", ["model"], registry=r)
+        self.generations = Counter(
+            "scratchgpt_generations_total", "Generations by how they ended", ["model", "outcome"], registry=r
+        )
+        self.queue_depth = Gauge("scratchgpt_inference_queue_depth", "Jobs waiting for a model worker", ["model"], registry=r)
+        self.model_load_seconds = Gauge("scratchgpt_model_load_seconds", "Time taken to load a model", ["model"], registry=r)
+        self.model_ready = Gauge("scratchgpt_model_ready", "1 when the model is loaded and serving", ["model"], registry=r)
+        self.classify_texts = Counter("scratchgpt_classified_texts_total", "Texts classified", registry=r)
+        self.classify_batch = Histogram(
+            "scratchgpt_classifier_batch_size",
+            "Texts per classifier forward pass (dynamic micro-batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts requests and times them to the last body byte, labelled by route template (bounded cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

@@ -1,0 +1,180 @@
+"""Request and response bodies of the REST API.
+
+Request types are strict where JSON Schema is: ``true`` is not an integer and ``"0.5"`` is not a
+number, so what the OpenAPI document promises is exactly what the server accepts.
+Unknown fields in our own API are rejected (a typo in a setting should not pass silently).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+
+
+def _number_only(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _integer_only(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a JSON integer")
+    return value
+
+
+def _text_only(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be a JSON string")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integer_only)]
+Float = Annotated[float, BeforeValidator(_number_only), Field(allow_inf_nan=False)]
+Text = Annotated[str, BeforeValidator(_text_only)]
+Bool = StrictBool
+
+Temperature = Annotated[Float, Field(ge=0.0, le=2.0, description="0 means greedy decoding")]
+TopK = Annotated[Int, Field(ge=1, le=1000)]
+TopP = Annotated[Float, Field(gt=0.0, le=1.0)]
+MaxNewTokens = Annotated[Int, Field(ge=1, le=32768)]
+Title = Annotated[Text, Field(min_length=1, max_length=200)]
+SystemPrompt = Annotated[Text, Field(max_length=8000)]
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- classification ---------------------------------------------------------------
+
+
+class ClassifyRequest(RequestModel):
+    text: Text = Field(description="The message to classify", examples=["WINNER! Claim your free prize now"])
+
+
+class ClassifyBatchRequest(RequestModel):
+    texts: list[Text] = Field(description="Messages to classify, in order")
+
+
+class ClassifyResult(BaseModel):
+    label: Literal["spam", "ham"]
+    spam_probability: float
+    model: str
+
+
+class ClassifyBatchResult(BaseModel):
+    results: list[ClassifyResult]
+
+
+# --- conversations ----------------------------------------------------------------
+
+
+class ConversationCreate(RequestModel):
+    title: Title | None = None
+    system_prompt: SystemPrompt | None = None
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    max_new_tokens: MaxNewTokens | None = None
+
+
+class ConversationUpdate(RequestModel):
+    """Fields to change (absent ones stay); ``top_k``/``top_p`` may be null to switch that filter off."""
+
+    # Not nullable: leaving a field out keeps it, sending null is an error.
+    title: Title = Field(default=None)  # type: ignore[assignment]
+    system_prompt: SystemPrompt = Field(default=None)  # type: ignore[assignment]
+    temperature: Temperature = Field(default=None)  # type: ignore[assignment]
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    max_new_tokens: MaxNewTokens = Field(default=None)  # type: ignore[assignment]
+
+
+class ConversationPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    title: str
+    model: str
+    system_prompt: str
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_new_tokens: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessagePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    role: str
+    content: str
+    status: str
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    duration_ms: float | None = None
+    tokens_per_second: float | None = None
+    finish_reason: str | None = None
+    dropped_messages: int = 0
+    created_at: datetime
+
+
+class ConversationDetail(ConversationPublic):
+    messages: list[MessagePublic]
+    generating: bool = False
+
+
+class ConversationList(BaseModel):
+    conversations: list[ConversationPublic]
+    total: int
+
+
+class MessageCreate(RequestModel):
+    content: Text = Field(min_length=1, description="The user's message")
+    seed: Int | None = Field(default=None, ge=0, le=2**63 - 1, description="Sampling seed, for repeatable answers")
+
+
+class RegenerateRequest(RequestModel):
+    seed: Int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class StopResult(BaseModel):
+    stopped: bool
+
+
+# --- service ----------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    loading: list[str]
+    models: dict[str, dict[str, Any]]
+
+
+class ErrorBody(BaseModel):
+    detail: Any
+
+
+# Documented on every route: what the middleware and validation can answer.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed request body"},
+    401: {"model": ErrorBody, "description": "Missing or invalid API key, or an expired session"},
+    403: {"model": ErrorBody, "description": "Missing or wrong CSRF token on a cookie-authenticated change"},
+    413: {"model": ErrorBody, "description": "Request body over the size limit"},
+}
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "The model is loading, missing (the detail names the command that makes it) or failed to load"},
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No such conversation for this owner"},
+}

@@ -1,0 +1,136 @@
+"""Service settings: one pydantic-settings object read from ``SCRATCHGPT_*`` variables and ``.env``.
+
+Following the FastAPI full-stack template, every knob lives here and is passed to
+``create_app(settings)``; nothing else in ``app/`` reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The source tree keeps templates/, static/ and migrations/ beside app/.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def scratchgpt_home() -> Path:
+    """Where scratchgpt keeps models, checkpoints and data: ``$SCRATCHGPT_HOME`` or ``~/.cache/scratchgpt``."""
+    return Path(os.environ.get("SCRATCHGPT_HOME") or Path.home() / ".cache" / "scratchgpt").expanduser()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCRATCHGPT_", env_file=".env", extra="ignore")
+
+    # --- models -----------------------------------------------------------
+    home: Path = Field(default_factory=scratchgpt_home)  # SCRATCHGPT_HOME, shared with the CLI's cache
+    # None means <home>/models/smollm2-135m-instruct and <home>/models/spam-classifier.
+    chat_checkpoint: Path | None = None
+    classifier_checkpoint: Path | None = None
+    chat_enabled: bool = True
+    classifier_enabled: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # --- storage ----------------------------------------------------------
+    # None means sqlite:///<home>/scratchgpt.db.
+    database_url: str | None = None
+
+    # --- limits -----------------------------------------------------------
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    max_classify_chars: int = Field(20_000, ge=1)
+    max_classify_batch: int = Field(64, ge=1)
+    max_message_chars: int = Field(32_000, ge=1)
+    max_new_tokens_cap: int = Field(2048, ge=1)
+    max_title_chars: int = Field(200, ge=1)
+    # Dynamic micro-batching for the classifier: a batch closes at this many
+    # texts or after this many milliseconds, whichever comes first.
+    classifier_batch_size: int = Field(16, ge=1)
+    classifier_batch_wait_ms: float = Field(5.0, ge=0)
+    # How often a streaming answer is written to the database.
+    stream_flush_seconds: float = Field(0.5, gt=0)
+
+    # --- generation defaults for new conversations -------------------------
+    default_temperature: float = Field(0.7, ge=0, le=2)
+    default_top_k: int | None = Field(50, ge=1)
+    default_top_p: float | None = Field(0.95, gt=0, le=1)
+    default_max_new_tokens: int = Field(256, ge=1)
+    default_system_prompt: str = "You are a helpful assistant."
+
+    # --- security ---------------------------------------------------------
+    # API keys as {"user": "key"}; env: JSON, or "user:key,user2:key2".
+    api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    # Signs session cookies and CSRF tokens. None means a random key kept in <home>/secret_key.
+    secret_key: SecretStr | None = None
+    ui_enabled: bool = True
+    cookie_secure: bool = False
+    session_cookie: str = "scratchgpt_session"
+
+    # --- operations -------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = True
+    templates_dir: Path = REPO_ROOT / "templates"
+    static_dir: Path = REPO_ROOT / "static"
+    migrations_dir: Path = REPO_ROOT / "migrations"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            import json
+
+            return json.loads(text)
+        keys: dict[str, str] = {}
+        for item in text.split(","):
+            user, sep, key = item.strip().partition(":")
+            if not sep or not user or not key:
+                raise ValueError(
+                    "SCRATCHGPT_API_KEYS must be JSON like {\"alice\": \"KEY\"} or 'alice:KEY,bob:KEY2'"
+                )
+            keys[user] = key
+        return keys
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for user, key in value.items():
+            if len(key.get_secret_value()) < 16:
+                raise ValueError(f"API key for user {user!r} is shorter than 16 characters; use a long random key")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        # Defaults that depend on home are filled here so that every reader sees concrete values
+        # (the CLI's `scratchgpt download` / `finetune spam` write to these same places).
+        if self.chat_checkpoint is None:
+            self.chat_checkpoint = self.home / "models" / "smollm2-135m-instruct"
+        if self.classifier_checkpoint is None:
+            self.classifier_checkpoint = self.home / "models" / "spam-classifier"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.home / 'scratchgpt.db'}"
+        self.chat_checkpoint = Path(self.chat_checkpoint).expanduser()
+        self.classifier_checkpoint = Path(self.classifier_checkpoint).expanduser()
+        return self
+
+    @property
+    def resolved_chat_checkpoint(self) -> Path:
+        assert self.chat_checkpoint is not None
+        return self.chat_checkpoint
+
+    @property
+    def resolved_classifier_checkpoint(self) -> Path:
+        assert self.classifier_checkpoint is not None
+        return self.classifier_checkpoint
+
+    @property
+    def resolved_database_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url

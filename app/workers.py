@@ -1,0 +1,254 @@
+"""Inference workers: one thread per model, fed by a queue, so the event loop never runs a forward pass.
+
+- :class:`ChatWorker` runs one generation at a time and pushes text deltas back to the
+  request's event loop. Cancelling a job (stop button, client gone) is checked between
+  tokens, so the worker moves on to the next job within one decoding step.
+- :class:`ClassifierWorker` does dynamic micro-batching: it waits for the first request,
+  then keeps collecting until it holds ``max_batch`` texts or ``max_wait_ms`` have passed,
+  and classifies them in one forward pass (the batching idea of Clipper, Crankshaw et al., 2017).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from core.classifier import Prediction, classify
+from core.generate import GenerationConfig, StreamChunk, stream
+
+logger = logging.getLogger("scratchgpt.workers")
+
+_STOP = object()  # sentinel that ends a worker thread
+
+
+class WorkerStopped(RuntimeError):
+    """The model worker has shut down (the server is stopping)."""
+
+
+@dataclass
+class _End:
+    error: BaseException | None = None
+
+
+@dataclass
+class ChatJob:
+    """One generation request: the worker writes chunks, the request reads them with :meth:`events`."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    loop: asyncio.AbstractEventLoop
+    events_queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    finished_at: float | None = None
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _post(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events_queue.put_nowait, item)
+        except RuntimeError:  # the request's loop is gone: nobody is listening
+            self.cancelled.set()
+
+    async def events(self) -> AsyncIterator[StreamChunk]:
+        """Chunks as the worker produces them; raises the worker's error if generation failed."""
+        while True:
+            item = await self.events_queue.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+
+    @property
+    def generation_seconds(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return (self.finished_at or time.perf_counter()) - self.started_at
+
+
+class ChatWorker:
+    def __init__(self, checkpoint: Any, name: str, on_tokens: Callable[[int], None] | None = None,
+                 on_queue_depth: Callable[[int], None] | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.name = name
+        self._queue: queue.Queue = queue.Queue()
+        self._on_tokens = on_tokens or (lambda n: None)
+        self._on_queue_depth = on_queue_depth or (lambda n: None)
+        self._thread = threading.Thread(target=self._run, name=f"chat-worker-{name}", daemon=True)
+        self._closed = False
+        self.current: ChatJob | None = None
+
+    def start(self) -> "ChatWorker":
+        self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], config: GenerationConfig) -> ChatJob:
+        if self._closed:
+            raise WorkerStopped(f"the {self.name} worker has stopped")
+        job = ChatJob(prompt_ids, config, asyncio.get_running_loop())
+        self._queue.put(job)
+        self._on_queue_depth(self._queue.qsize())
+        return job
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._closed = True
+        if self.current is not None:
+            self.current.cancel()
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            job = self._queue.get()
+            self._on_queue_depth(self._queue.qsize())
+            if job is _STOP:
+                break
+            self.current = job
+            try:
+                self._generate(job)
+            finally:
+                self.current = None
+        # Anything still queued at shutdown ends with an error instead of waiting forever.
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if isinstance(job, ChatJob):
+                job._post(_End(WorkerStopped(f"the {self.name} worker stopped before this request ran")))
+
+    def _generate(self, job: ChatJob) -> None:
+        job.started_at = time.perf_counter()
+        if job.cancelled.is_set():
+            job.finished_at = job.started_at
+            job._post(_End())
+            return
+        model, tokenizer = self.checkpoint.model, self.checkpoint.tokenizer
+        chunks = stream(model, tokenizer, job.prompt_ids, job.config)
+        error: BaseException | None = None
+        try:
+            with torch.inference_mode():
+                for chunk in chunks:
+                    job.completion_tokens += len(chunk.token_ids)
+                    self._on_tokens(len(chunk.token_ids))
+                    if chunk.finish_reason is not None:
+                        job.finish_reason = chunk.finish_reason
+                    job._post(chunk)
+                    if job.cancelled.is_set():
+                        job.finish_reason = job.finish_reason or "cancelled"
+                        break
+        except Exception as exc:  # reported to the request; the worker carries on with the next job
+            logger.exception("generation failed", extra={"model": self.name})
+            error = exc
+        finally:
+            chunks.close()
+            job.finished_at = time.perf_counter()
+            job._post(_End(error))
+
+
+@dataclass
+class _ClassifyRequest:
+    texts: list[str]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class ClassifierWorker:
+    def __init__(self, checkpoint: Any, name: str, max_batch: int = 32, max_wait_ms: float = 5.0,
+                 on_batch: Callable[[int], None] | None = None,
+                 on_queue_depth: Callable[[int], None] | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.name = name
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self._queue: queue.Queue = queue.Queue()
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_queue_depth = on_queue_depth or (lambda n: None)
+        self._thread = threading.Thread(target=self._run, name=f"classifier-worker-{name}", daemon=True)
+        self._closed = False
+
+    def start(self) -> "ClassifierWorker":
+        self._thread.start()
+        return self
+
+    async def classify(self, texts: list[str]) -> list[Prediction]:
+        if self._closed:
+            raise WorkerStopped(f"the {self.name} worker has stopped")
+        loop = asyncio.get_running_loop()
+        request = _ClassifyRequest(texts, loop, loop.create_future())
+        self._queue.put(request)
+        self._on_queue_depth(self._queue.qsize())
+        return await request.future
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _collect(self, first: _ClassifyRequest) -> tuple[list[_ClassifyRequest], bool]:
+        batch, count = [first], len(first.texts)
+        deadline = time.perf_counter() + self.max_wait
+        while count < self.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+            count += len(item.texts)
+        return batch, False
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stopping = self._collect(first)
+            self._on_queue_depth(self._queue.qsize())
+            texts = [t for request in batch for t in request.texts]
+            try:
+                predictions = classify(self.checkpoint, texts, batch_size=self.max_batch)
+                self._on_batch(len(texts))
+            except Exception as exc:
+                logger.exception("classification failed", extra={"model": self.name})
+                for request in batch:
+                    _resolve(request, error=exc)
+                continue
+            start = 0
+            for request in batch:
+                _resolve(request, result=predictions[start : start + len(request.texts)])
+                start += len(request.texts)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, _ClassifyRequest):
+                _resolve(item, error=WorkerStopped(f"the {self.name} worker stopped before this request ran"))
+
+
+def _resolve(request: _ClassifyRequest, result: Any = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if request.future.done():  # the caller went away (cancelled)
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+
+    try:
+        request.loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass
