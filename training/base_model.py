@@ -1,0 +1,93 @@
+"""Resolving ``--base`` for the fine-tuning jobs: a checkpoint directory or a known model name.
+
+A path to a directory is used as it is (it must be a scratchgpt checkpoint);
+a name that ``scratchgpt download`` knows (``smollm2-135m-instruct``,
+``gpt2-124m``, aliases such as ``smollm2``) resolves to its converted
+checkpoint under ``$SCRATCHGPT_HOME/models/<name>/`` and is obtained first
+when it is not there yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config
+
+log = logging.getLogger(__name__)
+
+
+class BaseModelError(ValueError):
+    """A ``--base`` that names neither a checkpoint directory nor a model we can obtain."""
+
+
+def _looks_like_path(base: str) -> bool:
+    return "/" in base or "\\" in base or base.startswith((".", "~"))
+
+
+def resolve_base(base: str | Path) -> Path:
+    """The checkpoint directory for ``--base``, obtaining a known model when it is missing."""
+    text = str(base)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        try:
+            read_config(path)
+        except CheckpointError as e:
+            raise BaseModelError(f"--base {text}: {e}") from None
+        return path
+    if isinstance(base, Path) or _looks_like_path(text):
+        raise BaseModelError(f"--base {text}: no checkpoint directory there; give a checkpoint directory or a model name")
+
+    from core import download
+
+    try:
+        source = download.resolve_model_name(text)
+    except download.DownloadError:
+        raise BaseModelError(
+            f"--base {text!r} is neither a checkpoint directory nor a known model; "
+            f"known models: {', '.join(download.MODELS)}"
+        ) from None
+    target = download.models_dir() / source.name
+    if (target / "config.json").is_file():
+        return target
+    obtain = getattr(download, "ensure_checkpoint", None)
+    if obtain is None:
+        raise BaseModelError(
+            f"--base {text}: {target} does not exist yet; run `scratchgpt download {source.name}` first"
+        )
+    log.info("base model %s is not in the cache; obtaining it", source.name)
+    return Path(obtain(source.name))
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` means CUDA when present, else CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BaseModelError(f"--device {name} was given but no CUDA device is available")
+    return name
+
+
+def load_base(base: str | Path, device: str = "cpu") -> Checkpoint:
+    """Load ``--base`` as a causal language model checkpoint (float32: what training needs)."""
+    import torch
+
+    path = resolve_base(base)
+    checkpoint = load_checkpoint(path, device, torch.float32)
+    if checkpoint.task != "causal-lm":
+        raise BaseModelError(
+            f"--base {base}: {path} is a {checkpoint.task} checkpoint; fine-tuning starts from a causal-lm checkpoint"
+        )
+    return checkpoint
+
+
+def weights_sha256(checkpoint_dir: str | Path) -> str:
+    """sha256 of a checkpoint's ``model.safetensors``: which base a fine-tune started from."""
+    h = hashlib.sha256()
+    with open(Path(checkpoint_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
