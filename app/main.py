@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     secret = (
         settings.secret_key.get_secret_value().encode()
         if settings.secret_key is not None
-        else load_or_create_secret(settings.home / "secret_key")
+        else load_or_create_secret(settings.secret_key_file)
     )
     app.state.settings = settings
     app.state.metrics = metrics

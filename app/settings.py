@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
     # Signs session cookies and CSRF tokens. None means a random key kept in <home>/secret_key.
     secret_key: SecretStr | None = None
+    secret_key_file: Path | None = None  # None means <home>/secret_key
     ui_enabled: bool = True
     cookie_secure: bool = False
     session_cookie: str = "scratchgpt_session"
@@ -114,6 +115,8 @@ class Settings(BaseSettings):
             self.chat_checkpoint = self.home / "models" / "smollm2-135m-instruct"
         if self.classifier_checkpoint is None:
             self.classifier_checkpoint = self.home / "models" / "spam-classifier"
+        if self.secret_key_file is None:
+            self.secret_key_file = self.home / "secret_key"
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'scratchgpt.db'}"
         self.chat_checkpoint = Path(self.chat_checkpoint).expanduser()
