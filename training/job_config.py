@@ -10,6 +10,7 @@ type, so a typo in a file fails loudly instead of being silently ignored.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
@@ -206,3 +207,44 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--field-name`` flags for every field of ``cls`` to an argparse parser.
+
+    Every flag defaults to None ("not given"), so ``load_job_config`` applies
+    only the flags actually typed. Booleans get ``--x/--no-x``, lists take
+    several values (or one comma-separated value). Values stay strings here;
+    ``load_job_config`` converts and checks them, so file values and flags
+    share one set of error messages.
+    """
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = types_[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        base = inner[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and not isinstance(default, (list, tuple, dict)):
+            help_text += f" [default: {default}]"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(base) in (list, tuple):
+            parser.add_argument(flag, nargs="+", default=None, help=help_text, metavar=f.name.upper())
+        else:
+            parser.add_argument(flag, default=None, help=help_text, metavar=f.name.upper())
+
+
+def parse_job_args(cls: type[T], argv: list[str] | None = None, prog: str | None = None, description: str | None = None) -> T:
+    """``--config FILE`` plus one flag per field, into a validated ``cls``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, default=None, help="YAML or TOML file of options; flags override it")
+    add_config_arguments(parser, cls)
+    ns = vars(parser.parse_args(argv))
+    config_path = ns.pop("config")
+    return load_job_config(cls, config_path, ns)
