@@ -252,7 +252,7 @@ def convert_gpt2_state_dict(hf_sd: StateDict, cfg: ModelConfig, origin: str | Pa
     else:
         sd["out_head.weight"] = src.take("lm_head.weight", (V, d))
     # attn.bias / attn.masked_bias are causal-mask buffers older transformers saved.
-    src.finish(ignore_suffixes=("attn.bias", "attn.masked_bias"))
+    src.finish(ignore_suffixes=(".attn.bias", ".attn.masked_bias"))
     check_state_dict(sd, cfg, origin)
     return sd
 

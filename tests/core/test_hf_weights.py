@@ -244,5 +244,72 @@ def test_llama3_rope_scaling_goes_to_extra():
     ModelConfig.from_preset("smollm2-135m", n_layers=2, context_length=64),
 ])
 def test_expected_shapes_match_the_model(cfg):
-    want = {k: tuple(v.shape) for k, v in GPTModel(cfg).state_dict().items()}
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert expected_shapes(cfg) == want
+
+
+# ---------------------------------------------------------------------------
+# OpenAI's TensorFlow release (core.openai_weights reuses the GPT-2 converter)
+# ---------------------------------------------------------------------------
+
+
+def _openai_variables(hf_model) -> dict:
+    """The variables OpenAI's model.ckpt holds for this model: TF names, (1, in, out) convolution kernels."""
+    out = {}
+    for name, t in hf_model.transformer.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        arr = t.numpy()
+        if name in ("wte.weight", "wpe.weight"):
+            out["model/" + name.removesuffix(".weight")] = arr
+            continue
+        parts = name.split(".")
+        if parts[0] == "ln_f":
+            out["model/ln_f/" + {"weight": "g", "bias": "b"}[parts[1]]] = arr
+            continue
+        module = "/".join(parts[2:-1])
+        if parts[-1] == "bias":
+            kind = "b"
+        elif module.startswith("ln"):
+            kind = "g"
+        else:
+            kind, arr = "w", arr[None]
+        out[f"model/h{parts[1]}/{module}/{kind}"] = arr
+    return out
+
+
+def test_openai_tf_variables_parity(hf_gpt2):
+    from core.openai_weights import config_from_hparams, convert_openai_variables
+
+    cfg = config_from_hparams({"n_vocab": 500, "n_ctx": 128, "n_embd": 64, "n_head": 4, "n_layer": 2})
+    variables = _openai_variables(hf_gpt2)
+    assert "model/h1/attn/c_attn/w" in variables and variables["model/h1/attn/c_attn/w"].shape == (1, 64, 192)
+    _assert_parity(hf_gpt2, _ours(cfg, convert_openai_variables(variables, cfg)))
+
+
+def test_openai_errors(hf_gpt2, tmp_path):
+    from core.openai_weights import (
+        OpenAIWeightsError, TensorFlowRequiredError, config_from_hparams, convert_openai_variables, load_openai_gpt2,
+    )
+
+    cfg = config_from_hparams({"n_vocab": 500, "n_ctx": 128, "n_embd": 64, "n_head": 4, "n_layer": 2})
+    variables = _openai_variables(hf_gpt2)
+    variables["model/h0/attn/c_attn/w"] = variables["model/h0/attn/c_attn/w"][0]
+    with pytest.raises(OpenAIWeightsError, match=r"model/h0/attn/c_attn/w.*\(1, in, out\)"):
+        convert_openai_variables(variables, cfg)
+    with pytest.raises(OpenAIWeightsError, match="unexpected variable"):
+        convert_openai_variables({"model/h0/foo/w": variables["model/wte"]}, cfg)
+    with pytest.raises(OpenAIWeightsError, match="hparams.json"):
+        load_openai_gpt2(tmp_path)
+    (tmp_path / "hparams.json").write_text(json.dumps({"n_vocab": 500, "n_ctx": 128, "n_embd": 64, "n_head": 4,
+                                                       "n_layer": 2}))
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        with pytest.raises(TensorFlowRequiredError, match=r"pip install 'scratchgpt\[tensorflow\]'"):
+            load_openai_gpt2(tmp_path)
+    else:
+        with pytest.raises(OpenAIWeightsError, match="no TensorFlow checkpoint"):
+            load_openai_gpt2(tmp_path)
