@@ -79,3 +79,6 @@ class Message(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.current_timestamp())
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+    # Never reuse the id of a deleted message (a regenerated answer gets a new one).
+    __table_args__ = {"sqlite_autoincrement": True}

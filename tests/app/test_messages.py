@@ -1,0 +1,179 @@
+"""Streaming answers over SSE with a tiny real chat model: storage, stop, disconnect, regenerate, context."""
+
+from __future__ import annotations
+
+import time
+
+from app_testing import parse_sse, running_client
+
+
+def new_conversation(client, **fields) -> str:
+    return client.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 24, **fields}).json()["id"]
+
+
+def stream(client, path, body=None):
+    with client.stream("POST", path, json=body or {}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return list(parse_sse(response.iter_lines()))
+
+
+def test_send_streams_deltas_then_done_and_stores_both_messages(client):
+    cid = new_conversation(client)
+    events = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "Name three colors."})
+    names = [e for e, _ in events]
+    assert names[0] == "start" and names[-1] == "done"
+    assert "delta" in names
+    start, done = events[0][1], events[-1][1]
+    assert start["user_message"]["content"] == "Name three colors."
+    assert start["prompt_tokens"] > 0 and start["dropped_messages"] == 0
+    text = "".join(d["text"] for e, d in events if e == "delta")
+    assert done["message"]["content"] == text
+    assert done["completion_tokens"] == 24 and done["finish_reason"] == "length"
+    assert done["tokens_per_second"] > 0 and done["duration_ms"] > 0
+
+    conversation = client.get(f"/api/v1/conversations/{cid}").json()
+    assert conversation["title"] == "Name three colors."  # first message names the chat
+    user, answer = conversation["messages"]
+    assert (user["role"], user["status"]) == ("user", "complete")
+    assert (answer["role"], answer["status"], answer["content"]) == ("assistant", "complete", text)
+    assert answer["completion_tokens"] == 24 and answer["tokens_per_second"] > 0
+    assert answer["prompt_tokens"] == start["prompt_tokens"]
+
+
+def test_greedy_answers_are_repeatable_and_match_core_generation(client, chat_checkpoint):
+    from core.checkpoint import load_checkpoint
+    from core.generate import generate_text
+
+    from app.chat import generation_config, plan_prompt
+
+    cid = new_conversation(client, system_prompt="")
+    events = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "hello"})
+    served = events[-1][1]["message"]["content"]
+    ckpt = load_checkpoint(chat_checkpoint)
+    plan = plan_prompt(ckpt, "", [{"role": "user", "content": "hello"}], 24)
+    config = generation_config(ckpt, temperature=0.0, top_k=50, top_p=0.95, max_new_tokens=24)
+    assert served == generate_text(ckpt.model, ckpt.tokenizer, plan.prompt_ids, config)
+
+
+def test_user_message_is_stored_before_generation_and_answer_while_streaming(client):
+    cid = new_conversation(client, max_new_tokens=600)
+    with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "tell me a story"}) as response:
+        lines = response.iter_lines()
+        events = parse_sse(lines)
+        assert next(events)[0] == "start"
+        mid = client.get(f"/api/v1/conversations/{cid}").json()
+        assert mid["generating"] is True
+        assert [m["role"] for m in mid["messages"]] == ["user", "assistant"]
+        assert mid["messages"][0]["content"] == "tell me a story"
+        assert mid["messages"][1]["status"] == "streaming"
+        # Concurrent second send in the same conversation is refused.
+        busy = client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "and another"})
+        assert busy.status_code == 409
+        received = ""
+        deadline = time.monotonic() + 20
+        for event, data in events:
+            if event == "delta":
+                received += data["text"]
+            # Periodic flushes make the partial answer visible in the database.
+            stored = client.get(f"/api/v1/conversations/{cid}/messages").json()[1]["content"]
+            if len(stored) > 0 and received.startswith(stored):
+                break
+            assert time.monotonic() < deadline, "the streaming answer was never written to the database"
+        client.post(f"/api/v1/conversations/{cid}/stop")
+        rest = list(events)
+    assert rest[-1][0] == "done" and rest[-1][1]["message"]["status"] == "interrupted"
+
+
+def test_stop_cancels_promptly_and_keeps_the_partial_answer(client):
+    cid = new_conversation(client, max_new_tokens=900)
+    with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "go on"}) as response:
+        events = parse_sse(response.iter_lines())
+        deltas = 0
+        for event, _ in events:
+            deltas += event == "delta"
+            if deltas == 3:
+                break
+        stopped_at = time.monotonic()
+        assert client.post(f"/api/v1/conversations/{cid}/stop").json() == {"stopped": True}
+        rest = list(events)
+        elapsed = time.monotonic() - stopped_at
+    done = rest[-1][1]
+    assert rest[-1][0] == "done"
+    assert done["finish_reason"] == "cancelled" and done["message"]["status"] == "interrupted"
+    assert done["completion_tokens"] < 900
+    assert elapsed < 5
+    answer = client.get(f"/api/v1/conversations/{cid}").json()["messages"][-1]
+    assert answer["status"] == "interrupted" and answer["content"] == done["message"]["content"]
+    assert client.post(f"/api/v1/conversations/{cid}/stop").json() == {"stopped": False}
+    # The worker is free again: the next message streams normally.
+    client.patch(f"/api/v1/conversations/{cid}", json={"max_new_tokens": 8})
+    events = list(parse_sse(client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "again"}).iter_lines()))
+    assert events[-1][0] == "done"
+
+
+def test_client_disconnect_marks_the_answer_interrupted_and_frees_the_worker(client):
+    cid = new_conversation(client, max_new_tokens=900)
+    with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "long answer"}) as response:
+        for event, _ in parse_sse(response.iter_lines()):
+            if event == "delta":
+                break
+    # The response was closed mid-stream: the server cancels generation and settles the row.
+    deadline = time.monotonic() + 10
+    while True:
+        answer = client.get(f"/api/v1/conversations/{cid}").json()["messages"][-1]
+        if answer["status"] != "streaming":
+            break
+        assert time.monotonic() < deadline, "answer still streaming after the client left"
+        time.sleep(0.05)
+    assert answer["status"] == "interrupted"
+    assert answer["finish_reason"] == "disconnected"
+    assert answer["completion_tokens"] < 900
+    client.patch(f"/api/v1/conversations/{cid}", json={"max_new_tokens": 8})
+    follow_up = list(parse_sse(client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "hi"}).iter_lines()))
+    assert follow_up[-1][0] == "done"
+    # The interrupted answer is part of the history the next prompt was built from.
+    assert follow_up[0][1]["prompt_tokens"] > 20
+
+
+def test_regenerate_replaces_the_last_answer(client):
+    cid = new_conversation(client, temperature=1.0)
+    first = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "pick a word", "seed": 1})
+    again = stream(client, f"/api/v1/conversations/{cid}/regenerate", {"seed": 2})
+    assert again[0][0] == "start" and "user_message" not in again[0][1]
+    messages = client.get(f"/api/v1/conversations/{cid}").json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["id"] != first[-1][1]["message"]["id"]
+    assert messages[1]["content"] == again[-1][1]["message"]["content"]
+    # Same seed, same settings: the same answer.
+    third = stream(client, f"/api/v1/conversations/{cid}/regenerate", {"seed": 2})
+    assert third[-1][1]["message"]["content"] == again[-1][1]["message"]["content"]
+
+
+def test_multi_turn_drops_oldest_turns_and_says_so(make_settings, short_chat_checkpoint):
+    with running_client(make_settings(chat_checkpoint=short_chat_checkpoint, classifier_enabled=False)) as client:
+        cid = new_conversation(client, system_prompt="Keep it short.", max_new_tokens=16)
+        dropped = []
+        for i in range(5):
+            events = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": f"turn {i} tell me more"})
+            dropped.append(events[0][1]["dropped_messages"])
+            assert events[-1][0] == "done"
+        assert dropped[0] == 0 and dropped[-1] > 0
+        assert dropped == sorted(dropped)
+        last = client.get(f"/api/v1/conversations/{cid}").json()["messages"][-1]
+        assert last["dropped_messages"] == dropped[-1]
+        too_long = client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "word " * 200})
+        assert too_long.status_code == 422 and "context window" in too_long.json()["detail"]
+        # A refused message is not stored.
+        assert len(client.get(f"/api/v1/conversations/{cid}").json()["messages"]) == 10
+
+
+def test_message_validation(make_settings):
+    with running_client(make_settings(max_message_chars=50, classifier_enabled=False)) as client:
+        cid = new_conversation(client)
+        assert client.post(f"/api/v1/conversations/{cid}/messages", json={"content": ""}).status_code == 422
+        assert client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "  \n "}).status_code == 422
+        long = client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "x" * 51})
+        assert long.status_code == 422 and "limit is 50" in long.json()["detail"]
+        assert client.post(f"/api/v1/conversations/{cid}/regenerate", json={}).status_code == 409  # nothing to answer
+        assert client.get(f"/api/v1/conversations/{cid}").json()["messages"] == []
