@@ -466,3 +466,64 @@ def download_dataset(name: str, *, from_file: str | Path | None = None, progress
     if from_file is not None:
         return _copy_verified(Path(from_file).expanduser(), dest, rf.sha256)
     return download_file(rf.url, dest, rf.sha256, progress=progress)
+
+
+# ---------------------------------------------------------------------------
+# Raw files -> our checkpoint directory
+# ---------------------------------------------------------------------------
+
+
+def convert_to_checkpoint(raw: str | Path, name: str, dest: str | Path | None = None) -> Path:
+    """Turn what ``download_model`` returned into a core checkpoint directory (``models/<name>/`` by default).
+
+    GPT-2 directories get GPT-2's tokenizer and no chat template; a GGUF file
+    brings its own tokenizer (``core.tokenizer.gguf``) and chat template.
+    """
+    import torch
+
+    from core.checkpoint import save_checkpoint
+    from core.model import GPTModel
+
+    raw = Path(raw)
+    dest = Path(dest) if dest is not None else models_dir() / name
+    metadata: dict[str, Any] = {"name": name, "source": str(raw)}
+    if raw.is_file() and raw.suffix == ".gguf":
+        cfg, sd, tokenizer, template = _from_gguf(raw)
+    elif raw.is_dir():
+        cfg, sd, tokenizer, template = _from_hf_dir(raw)
+    else:
+        raise DownloadError(f"{raw}: expected a .gguf file or a Hugging Face checkpoint directory")
+    with torch.device("meta"):
+        model = GPTModel(cfg)  # only its config is used; the weights come from sd
+    return save_checkpoint(dest, model, tokenizer, chat_template=template, metadata=metadata, state_dict=sd)
+
+
+def _from_gguf(path: Path):
+    from core.chat_template import ChatTemplate
+    from core.gguf_weights import load_gguf
+    from core.tokenizer.gguf import tokenizer_from_gguf
+
+    cfg, sd, meta = load_gguf(path)
+    tokenizer = tokenizer_from_gguf(path)
+    template = None
+    if meta.get("tokenizer.chat_template"):
+        eos_id = meta.get("tokenizer.ggml.eos_token_id")
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+        stop = [tokens[eos_id]] if eos_id is not None and eos_id < len(tokens) else []
+        template = ChatTemplate(name=path.stem, template=meta["tokenizer.chat_template"], stop=stop)
+    return cfg, sd, tokenizer, template
+
+
+def _from_hf_dir(path: Path):
+    from core.hf_weights import load_hf_checkpoint
+    from core.tokenizer.gpt2 import gpt2_tokenizer
+
+    cfg, sd = load_hf_checkpoint(path)
+    if cfg.family == "gpt2":
+        if cfg.vocab_size != 50257:
+            raise DownloadError(f"{path}: a GPT-2 checkpoint with vocab {cfg.vocab_size} does not use GPT-2's tokenizer")
+        return cfg, sd, gpt2_tokenizer(), None
+    raise DownloadError(
+        f"{path}: converting a Hugging Face Llama checkpoint needs its tokenizer.json, which scratchgpt cannot "
+        "read yet; use the GGUF build instead (scratchgpt download smollm2-135m-instruct --from-file <the .gguf>)"
+    )

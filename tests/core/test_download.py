@@ -239,3 +239,52 @@ def test_dataset_from_file(tmp_path, monkeypatch):
     assert out == tmp_path / "home" / "downloads" / "instruction-data.json" and out.read_text() == "[]"
     with pytest.raises(DownloadError, match="unknown dataset"):
         dl.download_dataset("imdb")
+
+
+# ---------------------------------------------------------------------------
+# Raw download -> our checkpoint
+# ---------------------------------------------------------------------------
+
+
+def _needs_tokenizer_io():
+    import core.tokenizer
+
+    if not hasattr(core.tokenizer, "save_tokenizer"):
+        pytest.skip("core.tokenizer.save_tokenizer is not there yet")
+
+
+def test_convert_hf_gpt2_to_checkpoint(tmp_path, monkeypatch):
+    _needs_tokenizer_io()
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from core.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    hf.save_pretrained(tmp_path / "raw")
+    out = dl.convert_to_checkpoint(tmp_path / "raw", "tiny-gpt2")
+    assert out == tmp_path / "home" / "models" / "tiny-gpt2"
+    ckpt = load_checkpoint(out)
+    ids = torch.tensor([ckpt.tokenizer.encode("Hello, world")])
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert ckpt.chat_template is None and ckpt.metadata["name"] == "tiny-gpt2"
+
+
+def test_convert_smollm2_gguf_to_checkpoint(smollm2_gguf, tmp_path):
+    _needs_tokenizer_io()
+    pytest.importorskip("core.tokenizer.gguf")
+    import torch
+
+    from core.checkpoint import load_checkpoint
+
+    out = dl.convert_to_checkpoint(smollm2_gguf, "smollm2-135m-instruct", dest=tmp_path / "ckpt")
+    ckpt = load_checkpoint(out)
+    prompt = ckpt.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
+    ids = ckpt.tokenizer.encode(prompt, allowed_special="all")
+    assert ids[:3] == [1, 9690, 198] and len(ids) == 37
+    assert ckpt.chat_template.stop == ["<|im_end|>"]
+    with torch.no_grad():
+        assert int(ckpt.model(torch.tensor([ids]))[0, -1].argmax()) == 504  # "The"
