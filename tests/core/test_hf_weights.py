@@ -313,3 +313,23 @@ def test_openai_errors(hf_gpt2, tmp_path):
     else:
         with pytest.raises(OpenAIWeightsError, match="no TensorFlow checkpoint"):
             load_openai_gpt2(tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="core.layers.rope_tables does not apply config.extra['rope_scaling'] yet; "
+                                       "remove this marker when it does")
+def test_llama3_rope_scaling_parity(tmp_path):
+    """Llama 3.1/3.2 checkpoints: logits match only if the model applies the llama3 frequency scaling."""
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=500, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    )
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    _spread_weights(hf, 5)
+    hf.save_pretrained(tmp_path)
+    ours_cfg, sd = load_hf_llama(tmp_path)
+    assert ours_cfg.extra["rope_scaling"]["factor"] == 4.0
+    _assert_parity(hf, _ours(ours_cfg, sd))
