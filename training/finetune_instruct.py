@@ -60,6 +60,10 @@ class InstructConfig:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale alpha (the update is scaled by alpha / r)"})
     lora_targets: list[str] = field(default_factory=lambda: list(ALL_BLOCK_LINEARS),
                                     metadata={"help": "comma-separated linear layers to adapt"})
+    trainable_blocks: int | None = field(default=None, metadata={
+        "help": "train (or adapt) only the last N blocks and the final norm; when absent, the whole model"})
+    activation_cache: bool = field(default=True, metadata={
+        "help": "with --trainable-blocks, compute the frozen prefix once per example and reuse it"})
     template: str = field(default="auto", metadata={"help": "chat template: the base's own (auto; Alpaca when it has none)",
                                                      "choices": ("auto", "alpaca", "chatml")})
     epochs: int = field(default=2, metadata={"help": "passes over the training split"})
@@ -77,6 +81,8 @@ class InstructConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
 
     def __post_init__(self) -> None:
+        if self.trainable_blocks is not None and self.trainable_blocks < 1:
+            raise InstructFinetuneError(f"--trainable-blocks must be >= 1, got {self.trainable_blocks}")
         for name in ("epochs", "batch_size", "max_length", "lora_rank", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise InstructFinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -90,12 +96,17 @@ def choose_template(base_template: ChatTemplate | None, choice: str) -> ChatTemp
     return BUILTIN[choice]
 
 
-def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions that have a target."""
+def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, prefix: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions that have a target.
+
+    ``prefix`` is the cached output of blocks[:start] for ``inputs`` (padded
+    like them); without it the whole model runs.
+    """
     device = next(model.parameters()).device
     inputs, targets = inputs.to(device), targets.to(device)
     ctx = model.context(inputs)
-    hidden, _ = model.run_blocks(model.embed(inputs, ctx), ctx)
+    hidden = model.embed(inputs, ctx) if prefix is None else prefix.to(device)
+    hidden, _ = model.run_blocks(hidden, ctx, start=0 if prefix is None else start)
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
         # A batch whose every target was masked or truncated away: nothing to learn.
@@ -104,29 +115,56 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
-def batches(encoded: list[EncodedExample], cfg: InstructConfig, pad_id: int, generator: torch.Generator | None):
-    order = torch.randperm(len(encoded), generator=generator).tolist() if generator is not None else range(len(encoded))
-    order = list(order)
-    for s in range(0, len(order), cfg.batch_size):
-        yield collate([encoded[i] for i in order[s : s + cfg.batch_size]], pad_id,
-                      max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+class LMBatches:
+    """One split's encoded examples, batched by ``collate``, with the frozen prefix cached when asked."""
+
+    def __init__(self, model, encoded: list[EncodedExample], cfg: InstructConfig, pad_id: int, start: int | None) -> None:
+        self.encoded, self.cfg, self.pad_id, self.start = encoded, cfg, pad_id, start
+        self.prefix = None
+        if start:
+            from training.finetune_spam import prefix_activations
+
+            # The model's inputs are the sequence plus one end-of-text, cut to
+            # max_length + 1, minus the last token (collate's shift).
+            inputs = [(e.ids + [pad_id])[: cfg.max_length + 1][:-1] for e in encoded]
+            self.prefix = prefix_activations(model, inputs, start, batch_size=cfg.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __iter__(self):
+        yield from self.iterate(None)
+
+    def iterate(self, generator: torch.Generator | None):
+        order = torch.randperm(len(self), generator=generator).tolist() if generator is not None else list(range(len(self)))
+        for s in range(0, len(order), self.cfg.batch_size):
+            rows = order[s : s + self.cfg.batch_size]
+            inputs, targets = collate([self.encoded[i] for i in rows], self.pad_id,
+                                      max_length=self.cfg.max_length, mask_prompt=self.cfg.mask_prompt)
+            prefix = None
+            if self.prefix is not None:
+                prefix = nn.utils.rnn.pad_sequence([self.prefix[i] for i in rows], batch_first=True)
+            yield inputs, targets, prefix
+
+    def loss(self, model, batch) -> torch.Tensor:
+        inputs, targets, prefix = batch
+        return lm_loss(model, inputs, targets, prefix, self.start or 0)
 
 
 @torch.no_grad()
-def estimate_loss(model, encoded: list[EncodedExample], cfg: InstructConfig, pad_id: int, max_batches: int | None) -> float:
+def estimate_loss(model, data: LMBatches, max_batches: int | None) -> float:
     was_training = model.training
     model.eval()
     losses = []
-    for i, (inputs, targets) in enumerate(batches(encoded, cfg, pad_id, None)):
+    for i, batch in enumerate(data):
         if max_batches is not None and i >= max_batches:
             break
-        losses.append(lm_loss(model, inputs, targets).item())
+        losses.append(data.loss(model, batch).item())
     model.train(was_training)
     return sum(losses) / max(1, len(losses))
 
 
-def train_lm(model, train: list[EncodedExample], val: list[EncodedExample], cfg: InstructConfig, pad_id: int,
-             params: list[nn.Parameter]) -> dict[str, list]:
+def train_lm(model, train: LMBatches, val: LMBatches, cfg: InstructConfig, params: list[nn.Parameter]) -> dict[str, list]:
     """The book's train_model_simple: AdamW steps, a validation estimate every ``eval_every`` steps."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -135,24 +173,46 @@ def train_lm(model, train: list[EncodedExample], val: list[EncodedExample], cfg:
     step, tokens, start = 0, 0, time.perf_counter()
     model.train()
     for epoch in range(1, cfg.epochs + 1):
-        for inputs, targets in batches(train, cfg, pad_id, generator):
-            loss = lm_loss(model, inputs, targets)
+        for batch in train.iterate(generator):
+            loss = train.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            tokens += inputs.numel()
+            tokens += batch[0].numel()
             history["step"].append(step)
             history["train_loss"].append(loss.item())
             history["tokens_seen"].append(tokens)
             if step % cfg.eval_every == 0 or step == steps_total:
-                val_loss = estimate_loss(model, val, cfg, pad_id, cfg.eval_batches)
+                val_loss = estimate_loss(model, val, cfg.eval_batches)
                 history["eval_step"].append(step)
                 history["val_loss"].append(val_loss)
                 elapsed = time.perf_counter() - start
-                log.info("epoch %d step %d/%d: train loss %.3f, val loss %.3f (%.0f s, %.1f s/step)",
+                log.info("epoch %d step %d/%d: train loss %.3f, val loss %.3f (%.0f s, %.2f s/step)",
                          epoch, step, steps_total, loss.item(), val_loss, elapsed, elapsed / step)
     return history
+
+
+def select_trainable(model, cfg: InstructConfig) -> tuple[list[nn.Parameter], int]:
+    """Freeze what does not train; returns the trainable parameters and the first trainable block."""
+    n_layers = model.cfg.n_layers
+    n_train = cfg.trainable_blocks or n_layers
+    if n_train > n_layers:
+        raise InstructFinetuneError(f"--trainable-blocks {n_train} exceeds the base's {n_layers} blocks")
+    first = n_layers - n_train
+    if cfg.method == "lora":
+        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, blocks=range(first, n_layers))
+        log.info("LoRA r=%d alpha=%g on %d layers", cfg.lora_rank, cfg.lora_alpha, len(wrapped))
+        return lora_parameters(model), first
+    for p in model.parameters():
+        p.requires_grad_(first == 0)
+    if first:
+        # The embedding feeds the frozen prefix (and is the tied output head), so it stays frozen too.
+        modules = [*model.blocks[first:], model.final_norm] + ([model.out_head] if model.out_head is not None else [])
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad], first
 
 
 def write_loss_plot(path: Path, history: dict[str, list]) -> None:
@@ -206,23 +266,24 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
         raise InstructDataError(f"{data_path}: empty training or validation split")
 
     torch.manual_seed(cfg.seed)
-    if cfg.method == "lora":
-        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        params = lora_parameters(model)
-        log.info("LoRA r=%d alpha=%g on %d layers", cfg.lora_rank, cfg.lora_alpha, len(wrapped))
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        params = list(model.parameters())
+    params, first = select_trainable(model, cfg)
     trainable = sum(p.numel() for p in params)
-    log.info("instruction fine-tune (%s): base %s, template %s, %d train / %d val / %d test, %d trainable parameters",
-             cfg.method, base_dir, template.name, len(splits.train), len(splits.val), len(splits.test), trainable)
+    log.info("instruction fine-tune (%s): base %s, template %s, %d train / %d val / %d test, "
+             "%d trainable parameters (blocks %d-%d)", cfg.method, base_dir, template.name, len(splits.train),
+             len(splits.val), len(splits.test), trainable, first, model.cfg.n_layers - 1)
+    start_block = first if cfg.activation_cache and first > 0 else None
+    t_cache = time.perf_counter()
+    train_batches = LMBatches(model, train, cfg, pad_id, start_block)
+    val_batches = LMBatches(model, val, cfg, pad_id, start_block)
+    cache_s = time.perf_counter() - t_cache
+    if start_block:
+        log.info("cached the frozen prefix (blocks 0-%d) in %.0f s", start_block - 1, cache_s)
 
-    initial_val = estimate_loss(model, val, cfg, pad_id, None)
+    initial_val = estimate_loss(model, val_batches, None)
     t_train = time.perf_counter()
-    history = train_lm(model, train, val, cfg, pad_id, params)
+    history = train_lm(model, train_batches, val_batches, cfg, params)
     train_s = time.perf_counter() - t_train
-    final_val = estimate_loss(model, val, cfg, pad_id, None)
+    final_val = estimate_loss(model, val_batches, None)
     if cfg.method == "lora":
         merge_lora(model)
     model.eval()
@@ -242,6 +303,9 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
         "trainable_parameters": trainable,
         "val_loss_before": initial_val,
         "val_loss_after": final_val,
+        "trainable_blocks": model.cfg.n_layers - first,
+        "activation_cache": bool(start_block),
+        "prefix_cache_wall_time_s": round(cache_s, 2),
         "training_wall_time_s": round(train_s, 2),
         "data": {"path": str(data_path), "sha256": sha256_file(data_path)},
         "base": {"path": str(base_dir), "sha256": metadata["base_sha256"]},

@@ -36,6 +36,7 @@ from torch import nn
 
 from core.checkpoint import save_checkpoint, write_json
 from core.classifier import SequenceClassifier
+from core.model import GPTModel
 from core.download import sha256_file
 from training.base_model import load_base, resolve_base, resolve_device, weights_sha256
 from training.classification_metrics import classification_report
@@ -103,14 +104,14 @@ def encode_texts(tokenizer, examples: list[SpamExample], max_length: int) -> lis
 
 
 @torch.no_grad()
-def prefix_activations(model: SequenceClassifier, encoded: list[list[int]], stop_block: int, batch_size: int = 32) -> list[torch.Tensor]:
-    """Output of blocks[:stop_block] for each message, (len_i, d) each, computed in eval mode.
+def prefix_activations(backbone: GPTModel, encoded: list[list[int]], stop_block: int, batch_size: int = 32) -> list[torch.Tensor]:
+    """Output of blocks[:stop_block] for each sequence, (len_i, d) each, computed in eval mode.
 
-    Messages are run in length-sorted batches (little padding); each row is
+    Sequences are run in length-sorted batches (little padding); each row is
     then cut back to its real length, which right padding cannot have changed
-    because attention is causal.
+    because attention is causal. The instruction job reuses this for its own
+    frozen prefix.
     """
-    backbone = model.backbone
     was_training = backbone.training
     backbone.eval()
     out: list[torch.Tensor | None] = [None] * len(encoded)
@@ -150,7 +151,7 @@ class SpamInputs:
                  start_block: int | None) -> None:
         self.model, self.encoded, self.pad_id, self.start_block = model, encoded, pad_id, start_block
         self.labels = torch.tensor(labels)
-        self.cached = prefix_activations(model, encoded, start_block) if start_block else None
+        self.cached = prefix_activations(model.backbone, encoded, start_block) if start_block else None
 
     def __len__(self) -> int:
         return len(self.encoded)

@@ -72,18 +72,24 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str] = ALL_BLOCK_LINEARS) -> list[str]:
+def apply_lora(
+    model: nn.Module, rank: int, alpha: float, targets: Iterable[str] = ALL_BLOCK_LINEARS,
+    blocks: Iterable[int] | None = None,
+) -> list[str]:
     """Freeze ``model`` and wrap each targeted nn.Linear in a LoRALinear; returns the wrapped names.
 
-    Unknown target names that match no layer raise LoRAError, so a typo such as
-    ``attn.q`` does not silently train nothing.
+    ``blocks`` limits the adapters to those block indices (the rest of the
+    model stays exactly the base). Unknown target names that match no layer
+    raise LoRAError, so a typo such as ``attn.q`` does not silently train nothing.
     """
     targets = tuple(targets)
+    prefixes = None if blocks is None else tuple(f"blocks.{i}." for i in blocks)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and _matches(name, targets):
+        in_blocks = prefixes is None or any(name.startswith(p) or f".{p}" in name for p in prefixes)
+        if isinstance(module, nn.Linear) and in_blocks and _matches(name, targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, LoRALinear(module, rank, alpha))
