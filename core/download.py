@@ -504,13 +504,14 @@ def _from_gguf(path: Path):
     from core.tokenizer.gguf import tokenizer_from_gguf
 
     cfg, sd, meta = load_gguf(path)
-    tokenizer = tokenizer_from_gguf(path)
+    # Its own metadata reader takes about a second; cheaper than keeping the GGUFReader alive.
+    tokenizer, info = tokenizer_from_gguf(path)
     template = None
-    if meta.get("tokenizer.chat_template"):
-        eos_id = meta.get("tokenizer.ggml.eos_token_id")
-        tokens = meta.get("tokenizer.ggml.tokens") or []
-        stop = [tokens[eos_id]] if eos_id is not None and eos_id < len(tokens) else []
-        template = ChatTemplate(name=path.stem, template=meta["tokenizer.chat_template"], stop=stop)
+    if info.get("chat_template"):
+        # The end-of-turn text is the eos token (<|im_end|> for SmolLM2's ChatML).
+        tokens, eos_id = meta.get("tokenizer.ggml.tokens") or [], info.get("eos_id")
+        stop = [tokens[eos_id]] if eos_id is not None else []
+        template = ChatTemplate(name=info.get("name") or path.stem, template=info["chat_template"], stop=stop)
     return cfg, sd, tokenizer, template
 
 
@@ -523,7 +524,71 @@ def _from_hf_dir(path: Path):
         if cfg.vocab_size != 50257:
             raise DownloadError(f"{path}: a GPT-2 checkpoint with vocab {cfg.vocab_size} does not use GPT-2's tokenizer")
         return cfg, sd, gpt2_tokenizer(), None
-    raise DownloadError(
-        f"{path}: converting a Hugging Face Llama checkpoint needs its tokenizer.json, which scratchgpt cannot "
-        "read yet; use the GGUF build instead (scratchgpt download smollm2-135m-instruct --from-file <the .gguf>)"
+    tokenizer, template = _tokenizer_from_hf_json(path)
+    return cfg, sd, tokenizer, template
+
+
+def _tokenizer_from_hf_json(directory: Path):
+    """A byte-level BPE ``tokenizer.json`` (+ ``tokenizer_config.json``) from the Hugging Face hub.
+
+    Same reading as ``core.tokenizer.gguf``: token ids serve as BPE ranks (checked
+    against the merge order), special tokens come from ``added_tokens``, and the
+    pre-tokenizer must be one we reproduce exactly (SmolLM2's digit split +
+    ByteLevel, or GPT-2's ByteLevel).
+    """
+    from core.chat_template import ChatTemplate
+    from core.tokenizer.bpe import bytes_to_unicode
+    from core.tokenizer.gguf import PRE_TOKENIZER_PATTERNS
+    from core.tokenizer.tiktoken_backend import TiktokenTokenizer
+
+    tok_file, cfg_file = directory / "tokenizer.json", directory / "tokenizer_config.json"
+    if not tok_file.is_file():
+        raise DownloadError(f"{directory}: tokenizer.json is missing")
+    doc = json.loads(tok_file.read_text(encoding="utf-8"))
+    tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    model = doc.get("model") or {}
+    if model.get("type") != "BPE":
+        raise DownloadError(f"{tok_file}: model type {model.get('type')!r}; only byte-level BPE is supported")
+    pre = doc.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(s.get("type"), s.get("individual_digits")) for s in steps]
+    if kinds == [("Digits", True), ("ByteLevel", None)]:
+        pattern = PRE_TOKENIZER_PATTERNS["smollm"]
+    elif kinds == [("ByteLevel", None)] and steps[0].get("use_regex", True):
+        pattern = PRE_TOKENIZER_PATTERNS["gpt-2"]
+    else:
+        raise DownloadError(f"{tok_file}: pre-tokenizer {kinds} is not one scratchgpt reproduces exactly")
+
+    to_byte = {char: b for b, char in bytes_to_unicode().items()}
+
+    def as_bytes(token: str) -> bytes:
+        try:
+            return bytes(to_byte[c] for c in token)
+        except KeyError:
+            raise DownloadError(f"{tok_file}: token {token!r} is not a byte-level BPE token") from None
+
+    specials = {t["content"]: int(t["id"]) for t in doc.get("added_tokens", []) if t.get("special")}
+    ranks = {as_bytes(token): int(i) for token, i in model["vocab"].items() if token not in specials}
+    previous = -1
+    for k, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        made = ranks.get(as_bytes(left) + as_bytes(right), -1)
+        if made <= previous:
+            raise DownloadError(f"{tok_file}: merge {k} {merge!r} is out of id order; ids cannot serve as BPE ranks")
+        previous = made
+
+    def special_id(key: str) -> int | None:
+        value = tok_cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return specials.get(value) if value else None
+
+    name = directory.name
+    tokenizer = TiktokenTokenizer(
+        ranks, pattern, specials, name, eos_id=special_id("eos_token"), bos_id=special_id("bos_token"),
+        unknown_bytes="drop",  # as Hugging Face tokenizers and llama.cpp do for bytes without a token
     )
+    template = None
+    if isinstance(tok_cfg.get("chat_template"), str):
+        stop = [tok_cfg["eos_token"]] if isinstance(tok_cfg.get("eos_token"), str) else []
+        template = ChatTemplate(name=name, template=tok_cfg["chat_template"], stop=stop)
+    return tokenizer, template

@@ -273,6 +273,7 @@ def test_convert_hf_gpt2_to_checkpoint(tmp_path, monkeypatch):
     assert ckpt.chat_template is None and ckpt.metadata["name"] == "tiny-gpt2"
 
 
+@pytest.mark.slow
 def test_convert_smollm2_gguf_to_checkpoint(smollm2_gguf, tmp_path):
     _needs_tokenizer_io()
     pytest.importorskip("core.tokenizer.gguf")
@@ -288,3 +289,61 @@ def test_convert_smollm2_gguf_to_checkpoint(smollm2_gguf, tmp_path):
     assert ckpt.chat_template.stop == ["<|im_end|>"]
     with torch.no_grad():
         assert int(ckpt.model(torch.tensor([ids]))[0, -1].argmax()) == 504  # "The"
+
+
+def _smollm2_style_hub_dir(smollm2_gguf, directory: Path) -> None:
+    """tokenizer.json + tokenizer_config.json laid out as on the hub (SmolLM2's digit split + ByteLevel),
+    built from the vocabulary in the GGUF file."""
+    from core.tokenizer.gguf import read_gguf_metadata
+
+    meta = read_gguf_metadata(smollm2_gguf)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, t in enumerate(tokens) if types[i] == 3]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    doc = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                 byte_level]},
+        "post_processor": None, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": meta["tokenizer.ggml.merges"]},
+    }
+    (directory / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": meta["tokenizer.chat_template"],
+    }), encoding="utf-8")
+
+
+def test_convert_hf_llama_dir_with_hub_tokenizer(smollm2_gguf, tmp_path):
+    """The hub route for SmolLM2: safetensors + tokenizer.json -> our checkpoint, tokenizing as the GGUF does."""
+    _needs_tokenizer_io()
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    import torch
+
+    from core.checkpoint import load_checkpoint
+    from core.tokenizer.gguf import tokenizer_from_gguf
+
+    raw = tmp_path / "raw"
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=49152, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )).eval()
+    hf.save_pretrained(raw)
+    _smollm2_style_hub_dir(smollm2_gguf, raw)
+    ckpt = load_checkpoint(dl.convert_to_checkpoint(raw, "smollm2-hub", dest=tmp_path / "ckpt"))
+
+    reference = tokenizers.Tokenizer.from_file(str(raw / "tokenizer.json"))
+    from_gguf, _ = tokenizer_from_gguf(smollm2_gguf)
+    for text in ["What is the capital of France?", "a  1", "x = 12345 + 0.5\n\n\tdef f():", "naïve café ²³",
+                 "<|im_start|>user\nhi<|im_end|>\n"]:
+        ids = ckpt.tokenizer.encode(text, allowed_special="all")
+        assert ids == reference.encode(text).ids == from_gguf.encode(text, allowed_special="all"), text
+    assert (ckpt.tokenizer.bos_id, ckpt.tokenizer.eos_id) == (1, 2)
+    assert ckpt.chat_template.stop == ["<|im_end|>"]
+    ids = torch.tensor([ckpt.tokenizer.encode("The capital of France")])
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
