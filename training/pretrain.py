@@ -318,6 +318,12 @@ class Trainer:
             if not cfg.data:
                 raise JobConfigError("--data is required: the text (or token files) to train on")
             self.run_dir = new_run_dir(cfg)
+            # Absolute paths in run.json, so --resume works from any directory.
+            cfg = dataclasses.replace(
+                cfg, data=[p.absolute() for p in cfg.data], val_data=[p.absolute() for p in cfg.val_data],
+                run_dir=self.run_dir.absolute(),
+            )
+            self.run_dir = cfg.run_dir
         self.cfg, self.env = cfg, env
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -539,7 +545,6 @@ class Trainer:
 
         if self.step == 0 and cfg.eval_at_start:
             report_eval()
-        saved_at = self.step if self.step else None
         rate = None
         while self.step < end:
             t0 = time.perf_counter()
@@ -564,11 +569,8 @@ class Trainer:
                 say(f"sample: {self.sample()!r}")
             if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or final:
                 path = self.save()
-                saved_at = self.step
                 if main:
                     say(f"saved {path}")
-        if saved_at != self.step and self.step:
-            self.save()
         if bar is not None:
             bar.close()
         if main:

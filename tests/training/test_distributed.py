@@ -49,7 +49,7 @@ def test_two_cpu_ranks_stay_identical_and_learn(tmp_path: Path) -> None:
         "warmup_steps": 2, "eval_interval": 6, "eval_batches": 2, "sample_interval": 0, "checkpoint_interval": 6,
         "progress": False, "device": "cpu",
     }
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), json.dumps(cfg), str(tmp_path)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

@@ -49,7 +49,7 @@ def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path: Path) -> 
     data = tmp_path / "corpus.txt"
     data.write_text(" ".join(rng.choice(WORDS) for _ in range(2500)))
     run = tmp_path / "run"
-    env = {**os.environ, SAVE_PAUSE_ENV: "10:120", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, SAVE_PAUSE_ENV: "10:120", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "training.pretrain", "--data", str(data), "--run-dir", str(run), "--no-progress", *as_argv(FLAGS)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     pending_state = run / "checkpoints" / "step-000010" / (STATE_FILE + ".tmp")

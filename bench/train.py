@@ -1,0 +1,126 @@
+"""Training speed: our GPT-2 124M against transformers' GPT2LMHeadModel, in one run.
+
+    python bench/train.py                          # batch 4 x context 256, fp32 and bf16 autocast
+    python bench/train.py --steps 10 --warmup 3    # longer, steadier numbers
+    python bench/train.py --profile                # also the top operators of one step of each
+
+One training step = forward, next-token cross-entropy, backward, AdamW step
+(the loop of ``training/pretrain.py``). Both models start from the same
+random weights (transformers' model initialised with a seed, converted with
+our Hugging Face loader), dropout off, the same batches, each with its own
+AdamW. Steps alternate between the two models so that load from other
+processes on a shared machine falls on both alike; the table reports the
+median step time of each and the ratio. The first-step losses are printed
+as a check that both compute the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.model import GPTModel  # noqa: E402
+
+
+def gpt2_pair(seed: int = 0) -> tuple[GPTModel, torch.nn.Module]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from core.hf_weights import convert_gpt2_state_dict, gpt2_config_from_hf
+
+    torch.manual_seed(seed)
+    hf_cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(hf_cfg)
+    cfg = gpt2_config_from_hf(hf.config.to_dict())
+    ours = GPTModel(cfg)
+    ours.load_state_dict(convert_gpt2_state_dict(hf.state_dict(), cfg))
+    return ours.train(), hf.train()
+
+
+def make_step(model: torch.nn.Module, is_hf: bool, precision: str):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        with autocast:
+            logits = model(x).logits if is_hf else model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def profile_step(name: str, step, x: torch.Tensor, y: torch.Tensor, rows: int = 12) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x, y)
+    print(f"\n-- {name}: top operators by self CPU time, one step --")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and precision")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model and precision")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch} x context {args.context}, {args.warmup} warm-up + {args.steps} timed steps"
+    )
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50257, (args.batch, args.context + 1), generator=g) for _ in range(args.warmup + args.steps)]
+    tokens = args.batch * args.context
+    rows = []
+    for precision in args.precisions.split(","):
+        ours, hf = gpt2_pair()
+        n_ours = ours.num_parameters()
+        n_hf = sum(p.numel() for p in hf.parameters())
+        steps = {"ours": make_step(ours, False, precision), "transformers": make_step(hf, True, precision)}
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        first_loss = {}
+        for i, batch in enumerate(batches):
+            x, y = batch[:, :-1], batch[:, 1:]
+            for name, step in steps.items():
+                t = time.perf_counter()
+                loss = step(x, y)
+                dt = time.perf_counter() - t
+                first_loss.setdefault(name, loss)
+                if i >= args.warmup:
+                    times[name].append(dt)
+        if args.profile:
+            x, y = batches[0][:, :-1], batches[0][:, 1:]
+            for name, step in steps.items():
+                profile_step(f"{name} {precision}", step, x, y)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append((precision, med["ours"], med["transformers"], first_loss, n_ours, n_hf))
+        del ours, hf, steps
+
+    print(f"\n{'precision':<10}{'model':<14}{'params':>9}{'step (s)':>10}{'tokens/s':>10}{'first loss':>12}   ours / transformers")
+    for precision, t_ours, t_hf, first, n_ours, n_hf in rows:
+        print(f"{precision:<10}{'ours':<14}{n_ours / 1e6:>8.1f}M{t_ours:>10.3f}{tokens / t_ours:>10.0f}{first['ours']:>12.4f}   {t_hf / t_ours:.2f}x")
+        print(f"{'':<10}{'transformers':<14}{n_hf / 1e6:>8.1f}M{t_hf:>10.3f}{tokens / t_hf:>10.0f}{first['transformers']:>12.4f}")
+
+
+if __name__ == "__main__":
+    main()
