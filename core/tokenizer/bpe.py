@@ -73,6 +73,13 @@ class _Drifted(Exception):
     """Internal signal: this text needs the Unicode-pinned pre-tokenizer."""
 
 
+def _is_token(decoder: dict[int, bytes], token_id: object) -> bool:
+    try:
+        return token_id in decoder
+    except TypeError:  # unhashable
+        return False
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters.
 
@@ -340,8 +347,7 @@ class BPETokenizer:
         try:
             return b"".join([decoder[i] for i in ids])
         except (KeyError, TypeError):
-            bad = next(i for i in ids if i not in decoder)
-            raise UnknownTokenId(bad, self.vocab_size, self.name) from None
+            raise UnknownTokenId(next(i for i in ids if not _is_token(decoder, i)), self.vocab_size, self.name) from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ``ids`` to text; invalid UTF-8 becomes U+FFFD (as tiktoken does)."""

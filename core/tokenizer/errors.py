@@ -34,7 +34,7 @@ class UnknownTokenId(TokenizerError):
     def __init__(self, token_id: int, vocab_size: int, name: str) -> None:
         self.token_id = token_id
         super().__init__(
-            f"token id {token_id} is not in tokenizer {name!r} (vocab_size={vocab_size}); "
+            f"token id {token_id!r} is not in tokenizer {name!r} (vocab_size={vocab_size}); "
             "were these ids produced by a different tokenizer?"
         )
 

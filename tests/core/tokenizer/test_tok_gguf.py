@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.tokenizer import BPETokenizer, TiktokenTokenizer, UnrepresentableBytes, load_tokenizer, save_tokenizer
 from core.tokenizer.bpe import bytes_to_unicode
@@ -36,7 +38,12 @@ def smollm2(path: Path, impl: str):
 
 @pytest.fixture()
 def smollm2_meta(smollm2_gguf_path):
-    return read_gguf_metadata(smollm2_gguf_path)
+    return _read_metadata(smollm2_gguf_path)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_metadata(path: Path) -> dict:
+    return read_gguf_metadata(path)
 
 
 def hf_reference(meta: dict):
@@ -56,6 +63,16 @@ def hf_reference(meta: dict):
     )
     hf.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3])
     return hf
+
+
+_HF_CACHE: dict[int, object] = {}
+
+
+def hf_reference_cached(meta: dict):
+    key = len(meta["tokenizer.ggml.tokens"])
+    if key not in _HF_CACHE:
+        _HF_CACHE[key] = hf_reference(meta)
+    return _HF_CACHE[key]
 
 
 def test_metadata_and_layout(smollm2_gguf_path):
@@ -100,6 +117,21 @@ def test_matches_the_reference_pretokenizer(smollm2_gguf_path, smollm2_meta, var
             assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids, (impl, text)
         special = "<|im_start|>user\n12 apples<|im_end|>\n"
         assert tok.encode(special, allowed_special="all") == hf.encode(special, add_special_tokens=False).ids
+
+
+assigned_text = st.text(alphabet=st.characters(exclude_categories=("Cs", "Cn")), max_size=120)
+digit_heavy_text = st.lists(
+    st.sampled_from(["1", "23", " 4", "  ", "\t", "\n", "a", "'s", "x1", "²", "٣", "Ⅻ", "!", "日", "😀", " "]), max_size=30
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(assigned_text, digit_heavy_text))
+def test_random_text_matches_the_reference(smollm2_gguf_path, smollm2_meta, text):
+    hf = hf_reference_cached(smollm2_meta)
+    expected = hf.encode(text, add_special_tokens=False).ids
+    for impl in ("tiktoken", "bpe"):
+        assert smollm2(smollm2_gguf_path, impl)[0].encode(text) == expected, impl
 
 
 def test_absent_bytes_are_dropped_like_the_reference(smollm2_gguf_path, smollm2_meta):

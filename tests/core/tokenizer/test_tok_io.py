@@ -96,3 +96,13 @@ def test_tokenize_file_errors(tmp_path):
     bad.write_bytes(b"caf\xe9")
     with pytest.raises(TokenizerFileError, match="not UTF-8"):
         tokenize_file(bad)
+
+
+def test_benchmark_runs_and_checks_agreement(tmp_path, capsys):
+    from core.tokenizer.benchmark import main
+
+    path = tmp_path / "bench.txt"
+    path.write_text("The benchmark text, 12 times 😀.\n" * 200, encoding="utf-8")
+    main([str(path), "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "gpt2:" in out and "tiktoken" in out and "bpe" in out and "MB/s" in out
