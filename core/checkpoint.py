@@ -192,7 +192,7 @@ def load_weights(model: torch.nn.Module, weights_file: Path, device: str | torch
     if getattr(backbone, "rope_cos", None) is not None:
         from core.layers import rope_tables
 
-        cos, sin = rope_tables(backbone.cfg.head_dim, backbone.cfg.context_length, backbone.cfg.rope_theta)
+        cos, sin = rope_tables(backbone.cfg)
         backbone.rope_cos, backbone.rope_sin = cos, sin
     return model.to(device).eval()
 

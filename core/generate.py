@@ -79,7 +79,9 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
         seq[row, L - len(prompt):] = torch.tensor(prompt, device=device)
         valid[row, L - len(prompt):] = 1
     padded = bool((valid == 0).any())
-    cache = KVCache(model.cfg, B, C, device, dtype) if cfg.use_cache else None
+    # Size the cache for this request, not the whole context window: a long-context
+    # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
+    cache = KVCache(model.cfg, B, min(C, L + cfg.max_new_tokens), device, dtype) if cfg.use_cache else None
     generator = make_generator(cfg, device)
     stop_ids = torch.tensor(cfg.stop_token_ids or [-1], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)

@@ -85,17 +85,40 @@ def make_feed_forward(cfg: ModelConfig) -> nn.Module:
     return FeedForward(cfg) if cfg.family == "gpt2" else SwiGLU(cfg)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_len, head_dim) for rotary embeddings.
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (context_length, head_dim) for rotary embeddings.
 
     Frequencies follow Su et al. (2021): pair i of a head turns at theta^(-2i/d).
     We use the "rotate half" layout (pairs are (i, i + d/2)) that Hugging Face's
     Llama uses, so its Q/K weights load without reordering.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    head_dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    scaling = cfg.extra.get("rope_scaling")
+    if scaling:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
+    angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's context extension (Meta, 2024): slow down the low frequencies.
+
+    Wavelengths longer than the original context / low_freq_factor are divided
+    by ``factor``; shorter than original / high_freq_factor are kept; those in
+    between are interpolated, so the model sees familiar rotations at short
+    range and stretched ones at long range.
+    """
+    if scaling.get("rope_type", "llama3") != "llama3":
+        raise ValueError(f"unsupported rope scaling {scaling.get('rope_type')!r}; only llama3 is implemented")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    between = (wavelength <= original / low) & (wavelength >= original / high)
+    return torch.where(between, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

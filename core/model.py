@@ -61,7 +61,7 @@ class GPTModel(nn.Module):
         self.final_norm = make_norm(cfg)
         self.out_head = None if cfg.tie_embeddings else nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.family == "llama":
-            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            cos, sin = rope_tables(cfg)
             # Not persistent: derived from the config, so never stored in checkpoints.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)

@@ -315,8 +315,6 @@ def test_openai_errors(hf_gpt2, tmp_path):
             load_openai_gpt2(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="core.layers.rope_tables does not apply config.extra['rope_scaling'] yet; "
-                                       "remove this marker when it does")
 def test_llama3_rope_scaling_parity(tmp_path):
     """Llama 3.1/3.2 checkpoints: logits match only if the model applies the llama3 frequency scaling."""
     torch.manual_seed(5)
