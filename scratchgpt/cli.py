@@ -17,76 +17,28 @@ import dataclasses
 import json
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any, Callable
 
-# -- dataclass fields as flags -------------------------------------------------
+# -- job configs as flags -----------------------------------------------------------
 
 
-def _unwrap_optional(hint: Any) -> Any:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
+def add_job_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``--config FILE`` plus one flag per field of a job's config dataclass."""
+    from training.job_config import add_config_arguments
 
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field. Flags not given stay unset, so a --config file can supply them."""
-    hints = typing.get_type_hints(cls)
-    parser.add_argument("--config", type=Path, default=None, help="YAML or TOML file with any of the settings below")
-    for field in dataclasses.fields(cls):
-        hint = _unwrap_optional(hints[field.name])
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata.get("help", "")
-        if field.default is not dataclasses.MISSING:
-            help_text += f" (default: {field.default})"
-        kwargs: dict[str, Any] = dict(dest=field.name, default=argparse.SUPPRESS, help=help_text)
-        if "choices" in field.metadata:
-            kwargs["choices"] = field.metadata["choices"]
-        origin = typing.get_origin(hint)
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif origin in (list, tuple):
-            item = typing.get_args(hint)[0] if typing.get_args(hint) else str
-            parser.add_argument(flag, nargs="+", type=item, **kwargs)
-        elif hint in (int, float, str, Path):
-            parser.add_argument(flag, type=hint, **kwargs)
-        else:
-            parser.add_argument(flag, type=str, **kwargs)
+    parser.add_argument("--config", type=Path, default=None, help="YAML or TOML file of options; flags override it")
+    add_config_arguments(parser, cls)
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     from training.job_config import load_job_config
 
     names = {f.name for f in dataclasses.fields(cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    return load_job_config(cls, args.config, overrides)
+    return load_job_config(cls, args.config, {k: v for k, v in vars(args).items() if k in names})
 
 
 # -- shared helpers --------------------------------------------------------------
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is available")
-    return name
-
-
-def resolve_dtype(name: str | None):
-    import torch
-
-    table = {None: None, "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"--dtype {name!r} is not one of float32, bfloat16, float16")
-    return table[name]
 
 
 def resolve_checkpoint(name_or_dir: str) -> Path:
@@ -107,6 +59,7 @@ def resolve_checkpoint(name_or_dir: str) -> Path:
 
 def load(args: argparse.Namespace):
     from core.checkpoint import load_checkpoint
+    from core.device import resolve_device, resolve_dtype
 
     return load_checkpoint(resolve_checkpoint(args.checkpoint), resolve_device(args.device), resolve_dtype(args.dtype))
 
@@ -217,7 +170,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from training.pretrain import PrepareConfig, prepare
+    from training.prepare import PrepareConfig, prepare
 
     print_json(prepare(config_from_args(PrepareConfig, args)))
 
@@ -243,13 +196,13 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> None:
 def cmd_evaluate_lm(args: argparse.Namespace) -> None:
     from training.evaluate_lm import evaluate_lm
 
-    print_json(evaluate_lm(resolve_checkpoint(args.checkpoint), Path(args.data), device=resolve_device(args.device)))
+    print_json(evaluate_lm(resolve_checkpoint(args.checkpoint), Path(args.data), device=args.device))
 
 
 def cmd_evaluate_spam(args: argparse.Namespace) -> None:
     from training.evaluate_spam import evaluate_spam
 
-    print_json(evaluate_spam(resolve_checkpoint(args.checkpoint), Path(args.data), device=resolve_device(args.device)))
+    print_json(evaluate_spam(resolve_checkpoint(args.checkpoint), Path(args.data), device=args.device))
 
 
 def cmd_evaluate_instruct(args: argparse.Namespace) -> None:
@@ -257,7 +210,7 @@ def cmd_evaluate_instruct(args: argparse.Namespace) -> None:
 
     print_json(evaluate_instruct(
         resolve_checkpoint(args.checkpoint), Path(args.data), Path(args.out),
-        judge_url=args.judge_url, judge_model=args.judge_model, device=resolve_device(args.device),
+        judge_url=args.judge_url, judge_model=args.judge_model, device=args.device,
     ))
 
 
@@ -280,7 +233,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scratchgpt", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="scratchgpt", description="Build, pretrain, fine-tune and serve GPT-style language models from scratch."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -300,17 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=["bpe", "tiktoken"], default="tiktoken",
                    help="bpe: our from-scratch BPE; tiktoken: OpenAI's library (same ids)")
 
-    from training.pretrain import PrepareConfig, PretrainConfig  # dataclasses only: cheap to import
-
-    add_config_arguments(verb("prepare", cmd_prepare, "tokenize text files into memmapped train/val token files"), PrepareConfig)
-    add_config_arguments(verb("pretrain", cmd_pretrain, "pretrain a model from scratch (works under torchrun)"), PretrainConfig)
-
-    finetune = verb("finetune", None, "fine-tune a base model").add_subparsers(dest="job", required=True, metavar="JOB")
     from training.finetune_instruct import InstructConfig
     from training.finetune_spam import SpamConfig
+    from training.prepare import PrepareConfig
+    from training.pretrain import PretrainConfig
 
-    add_config_arguments(verb("spam", cmd_finetune_spam, "train the SMS spam classifier", finetune), SpamConfig)
-    add_config_arguments(verb("instruct", cmd_finetune_instruct, "instruction fine-tuning (full or LoRA)", finetune), InstructConfig)
+    add_job_arguments(verb("prepare", cmd_prepare, "tokenize text files into memmapped train/val token files"), PrepareConfig)
+    add_job_arguments(verb("pretrain", cmd_pretrain, "pretrain a model from scratch (works under torchrun)"), PretrainConfig)
+
+    finetune = verb("finetune", None, "fine-tune a base model").add_subparsers(dest="job", required=True, metavar="JOB")
+    add_job_arguments(verb("spam", cmd_finetune_spam, "train the SMS spam classifier", finetune), SpamConfig)
+    add_job_arguments(verb("instruct", cmd_finetune_instruct, "instruction fine-tuning (full or LoRA)", finetune), InstructConfig)
 
     evaluate = verb("evaluate", None, "evaluate a checkpoint").add_subparsers(dest="job", required=True, metavar="JOB")
     for name, func, text in (
