@@ -43,7 +43,7 @@ MAX_ATTENTION_TOKENS = 64  # a (heads, T, T) map per request
 MAX_PROMPT_TOKENS = 512  # next-token prompts
 MAX_WORDS = 40  # embeddings: points in one projection
 MAX_WORD_CHARS = 40
-MAX_MERGE_BYTES = 64  # one word's BPE merges
+MAX_MERGE_CHARS = 64  # BPE merges of one word (each step of each pre-token is returned)
 MAX_TOP_K = 50  # next-token choices shown
 DECIMALS = 5  # probabilities and weights are rounded to this many places in answers
 
@@ -122,32 +122,28 @@ def tokenize(tokenizers: Mapping[str, tuple[str, Any]], text: str) -> list[Token
     ]
 
 
-def bpe_merges(tokenizer: Any, word: str) -> tuple[list[list[TokenView | None]], list[list[str]]]:
-    """The merges BPE applies to one pre-token, as parts per step (each part a token, or a byte run)."""
+@dataclass
+class MergePiece:
+    text: str  # one pre-token of the word
+    steps: list[list[tuple[bytes, TokenView | None]]]  # parts per step; each part is a token, or bytes that are not
+
+
+def bpe_merges(tokenizer: Any, word: str) -> list[MergePiece]:
+    """The merges BPE applies to each pre-token of ``word``, step by step (merges never cross pre-tokens)."""
+    word = clean_text(word)
     if not word:
         raise LabInputError("word is empty; type one word")
-    word = clean_text(word)
-    data = word.encode("utf-8")
-    if len(data) > MAX_MERGE_BYTES:
-        raise LabInputError(f"word is {len(data)} bytes long; the limit is {MAX_MERGE_BYTES} bytes")
-    pieces = tokenizer.pretokenize(word)
-    if len(pieces) != 1:
-        shown = ", ".join(repr(p) for p in pieces[:6])
-        raise LabInputError(
-            f"{word!r} is {len(pieces)} pre-tokens ({shown}); BPE never merges across them, so enter one of them"
-        )
-    steps = tokenizer.merge_steps(word)
+    if len(word) > MAX_MERGE_CHARS:
+        raise LabInputError(f"word has {len(word)} characters; the limit is {MAX_MERGE_CHARS}")
     ranks = getattr(tokenizer, "ranks", {})
-    parts: list[list[TokenView | None]] = []
-    hexes: list[list[str]] = []
-    for step in steps:
-        row: list[TokenView | None] = []
-        for part in step:
-            rank = ranks.get(part)
-            row.append(token_view(tokenizer, rank) if rank is not None else None)
-        parts.append(row)
-        hexes.append([p.hex() for p in step])
-    return parts, hexes
+    pieces = []
+    for piece in tokenizer.pretokenize(word):
+        steps = [
+            [(part, token_view(tokenizer, ranks[part]) if part in ranks else None) for part in step]
+            for step in tokenizer.merge_steps(piece)
+        ]
+        pieces.append(MergePiece(piece, steps))
+    return pieces
 
 
 # --- attention ------------------------------------------------------------------------
