@@ -24,7 +24,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import classify, conversations, health, messages, openai_compat, pages
+from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages
 from app.api.routes.openai_compat import OpenAIError
 from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.logs import AccessLogMiddleware
@@ -161,6 +161,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_docs(app)
     for module in (health, classify, conversations, messages, openai_compat, pages):
         app.include_router(module.router)
+    app.include_router(lab.router)
+    app.include_router(lab.pages)  # the Lab's pages (not in the API schema)
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
 
     # add_middleware wraps what is there, so the last one added is the outermost.

@@ -1,6 +1,7 @@
 // The spam-check page: POST /api/v1/classify and show the label and the probability of spam.
 
 import { api } from "./api.js";
+import { explain } from "./lab/explain.js";
 
 const $ = (id) => document.getElementById(id);
 const form = $("spam-form");
@@ -59,6 +60,7 @@ async function check(event) {
   button.textContent = "Checking…";
   try {
     showResult(text, await api("/api/v1/classify", { method: "POST", body: { text } }));
+    explain(result, text); // the Lab's "why": which tokens moved the decision
   } catch (err) {
     result.hidden = true;
     showError(err.detail || String(err));
