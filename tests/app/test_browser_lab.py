@@ -53,6 +53,10 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
+    from playwright.sync_api import expect
+
+    # A forward pass of a real model on a busy CPU can take seconds.
+    expect.set_options(timeout=30_000)
     context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 860})
     page = context.new_page()
     problems: list[str] = []
@@ -127,12 +131,12 @@ def test_attention_heatmap_hover_and_heads(page):
     assert first_bg.startswith("rgba")
     page.hover("#att-strip .tok >> nth=1")
     assert page.locator("#att-strip .tok").last.evaluate("el => el.style.background") == ""
+    page.select_option("#att-layer", "1")
+    expect(page.locator("#att-title")).to_contain_text("Layer 1")
     page.locator("#att-heads .head-thumb").nth(1).click()
     expect(page.locator("#att-title")).to_contain_text("head 0")
     page.locator("#att-strip .tok").nth(n - 1).click()  # pin a row for the screenshot
     shoot(page, "attention")
-    page.select_option("#att-layer", "1")
-    expect(page.locator("#att-title")).to_contain_text("Layer 1")
 
 
 def test_next_token_bars_and_step(page):

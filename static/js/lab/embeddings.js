@@ -18,6 +18,30 @@ function parse(text) {
   return { words, groups };
 }
 
+// Greedy label placement: each label takes the first spot around its point (right, left, above,
+// below, then further out) whose box overlaps no point and no label placed before it.
+function placeLabels(points, W, H) {
+  const charW = 7.6;
+  const boxes = points.map(([x, y]) => [x - 6, y - 6, x + 6, y + 6]);
+  const overlaps = (a) => boxes.some((b) => a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]);
+  return points.map(([x, y, word]) => {
+    const w = word.length * charW;
+    const spots = [];
+    for (const d of [0, 10, 20]) {
+      spots.push([x + 9, y + 4 + d, "start"], [x + 9, y + 4 - d, "start"], [x - 9, y + 4 + d, "end"],
+        [x - 9, y + 4 - d, "end"], [x, y - 10 - d, "middle"], [x, y + 18 + d, "middle"]);
+    }
+    const box = ([lx, ly, anchor]) => {
+      const left = anchor === "start" ? lx : anchor === "end" ? lx - w : lx - w / 2;
+      return [left, ly - 11, left + w, ly + 3];
+    };
+    const inside = (b) => b[0] >= 2 && b[2] <= W - 2 && b[1] >= 2 && b[3] <= H - 2;
+    const spot = spots.find((s) => inside(box(s)) && !overlaps(box(s))) ?? spots[0];
+    boxes.push(box(spot));
+    return spot;
+  });
+}
+
 function draw(data, groups) {
   const plot = $("emb-plot");
   const W = 760;
@@ -47,6 +71,7 @@ function draw(data, groups) {
   plot.append(svg("text", { x: pad / 2, y: pad / 2 - 6, class: "axis-title" },
     `PC 2 · ${(r2 * 100).toFixed(1)}%`));
 
+  const labels = placeLabels(data.points.map((p) => [sx(p.x), sy(p.y), p.word]), W, H);
   data.points.forEach((p, i) => {
     const color = PALETTE[groups[i] % PALETTE.length];
     const g = svg("g", { class: "point" });
@@ -54,7 +79,8 @@ function draw(data, groups) {
     g.append(svg("title", {}, `${p.word}: ${p.tokens.length} token${p.tokens.length > 1 ? "s" : ""} (${tokens}) · (${p.x.toFixed(3)}, ${p.y.toFixed(3)})`));
     g.append(svg("circle", { cx: sx(p.x), cy: sy(p.y), r: p.tokens.length > 1 ? 5 : 6, fill: color,
       stroke: color, "stroke-width": 2, class: p.tokens.length > 1 ? "multi" : "" }));
-    g.append(svg("text", { x: sx(p.x) + 9, y: sy(p.y) + 4, class: "point-label", fill: color }, p.word));
+    const [lx, ly, anchor] = labels[i];
+    g.append(svg("text", { x: lx, y: ly, class: "point-label", fill: color, "text-anchor": anchor }, p.word));
     plot.append(g);
   });
   plot.dataset.points = String(data.points.length);
