@@ -218,8 +218,8 @@ def test_answer_token_probabilities(client):
     ckpt = served(client)
     ids = [t["token"]["id"] for t in body["tokens"]]
     assert ckpt.tokenizer.decode(ids) == answer["content"]
-    prompt = encode_prompt(ckpt, [{"role": "system", "content": "You are a helpful assistant."},
-                                  {"role": "user", "content": "Name a colour."}])
+    system = client.app.state.settings.default_system_prompt
+    prompt = encode_prompt(ckpt, [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}])
     expected = token_probabilities(ckpt.model, prompt, ids)
     got = [t["probability"] for t in body["tokens"]]
     assert all(0 < p <= 1 for p in got)

@@ -341,7 +341,8 @@ async def answer_tokens(
     message = messages[index]
     if message.role != "assistant":
         raise HTTPException(422, detail=f"message {message_id} is a {message.role} message; pick an assistant answer")
-    # The prompt the answer was generated from: the same turns, minus the ones dropped to fit then.
+    # The prompt the answer was generated from: the same turns, minus the ones dropped to fit then,
+    # under the conversation's system prompt as it is now (an edited one changes the measurement).
     turns = [
         {"role": m.role, "content": m.content}
         for m in messages[:index]
