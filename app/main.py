@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 from contextlib import asynccontextmanager
@@ -16,9 +17,10 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
@@ -29,11 +31,13 @@ from app.api.routes.openai_compat import OpenAIError
 from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.logs import AccessLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
+from app.openapi import install_openapi
 from app.registry import ModelRegistry, ModelUnavailable
 from app.schemas import COMMON_RESPONSES
 from app.security import BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
 from app.settings import Settings
 from app.streaming import ActiveGenerations
+from app.workers import WorkerStopped
 
 logger = logging.getLogger("scratchgpt.app")
 
@@ -63,6 +67,8 @@ def _startup_database(app: FastAPI) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(_startup_database, app)
+    if app.state.models.stopped:  # the same app started again (tests, embedding servers)
+        app.state.models = ModelRegistry(app.state.settings, app.state.metrics)
     app.state.models.start_loading()
     logger.info("service started", extra={"database": app.state.engine.url.render_as_string(hide_password=True)})
     try:
@@ -71,6 +77,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.active.cancel_all()
         await run_in_threadpool(app.state.models.stop)
         app.state.engine.dispose()
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> str:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and getattr(route, "methods", None) and regex.match(request.url.path):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
 
 
 def _is_openai_path(request: Request) -> bool:
@@ -86,12 +101,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": exc.detail, "model": exc.role, "state": exc.state}, status_code=503,
                             headers=headers)
 
+    @app.exception_handler(WorkerStopped)
+    async def worker_stopped(request: Request, exc: WorkerStopped) -> JSONResponse:
+        detail = f"the server is shutting down ({exc}); retry shortly"
+        if _is_openai_path(request):
+            return OpenAIError(503, detail, type_="server_error").response()
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # type: ignore[no-untyped-def]
+        if exc.status_code == 405:
+            # Starlette's Allow lists one route's methods; a path served by several routes needs all.
+            exc = StarletteHTTPException(405, exc.detail, headers={"Allow": _allowed_methods(app, request)})
         if _is_openai_path(request):
             kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
             response = OpenAIError(exc.status_code, str(exc.detail), type_=kind).response()
@@ -106,7 +131,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             first = exc.errors()[0] if exc.errors() else {}
             where = ".".join(str(p) for p in first.get("loc", ())[1:])
             return OpenAIError(422, f"{where}: {first.get('msg', 'invalid request')}", param=where or None).response()
-        return await request_validation_exception_handler(request, exc)
+        # ensure_ascii: an echoed input may hold lone surrogates (pydantic rejects them as text),
+        # which cannot be encoded as UTF-8; \u escapes can.
+        body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+        return Response(body, status_code=422, media_type="application/json")
 
 
 def _install_docs(app: FastAPI) -> None:
@@ -159,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     _install_error_handlers(app)
     _install_docs(app)
+    install_openapi(app, settings)
     for module in (health, classify, conversations, messages, openai_compat, pages):
         app.include_router(module.router)
     app.include_router(lab.router)

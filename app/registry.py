@@ -215,6 +215,10 @@ class ModelRegistry:
             on_queue_depth=depth.set,
         )
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopping
+
     def stop(self) -> None:
         with self._lock:
             self._stopping = True

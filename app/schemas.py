@@ -7,10 +7,10 @@ Unknown fields in our own API are rejected (a typo in a setting should not pass 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 
 def _number_only(value: Any) -> Any:
@@ -31,17 +31,31 @@ def _text_only(value: Any) -> Any:
     return value
 
 
+def _as_utc(value: datetime) -> datetime:
+    # The database keeps naive UTC; the API says so explicitly (RFC 3339 with an offset).
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+# Constraints come before the strictness validator: that order keeps them in the JSON Schema
+# (minimum, maxLength...) instead of pydantic-only keys a client cannot read.
 Int = Annotated[int, BeforeValidator(_integer_only)]
-Float = Annotated[float, BeforeValidator(_number_only), Field(allow_inf_nan=False)]
+Float = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_number_only)]
 Text = Annotated[str, BeforeValidator(_text_only)]
 Bool = StrictBool
 
-Temperature = Annotated[Float, Field(ge=0.0, le=2.0, description="0 means greedy decoding")]
-TopK = Annotated[Int, Field(ge=1, le=1000)]
-TopP = Annotated[Float, Field(gt=0.0, le=1.0)]
-MaxNewTokens = Annotated[Int, Field(ge=1, le=32768)]
-Title = Annotated[Text, Field(min_length=1, max_length=200)]
-SystemPrompt = Annotated[Text, Field(max_length=8000)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy decoding"),
+                        BeforeValidator(_number_only)]
+TopK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integer_only)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), BeforeValidator(_number_only)]
+MaxNewTokens = Annotated[int, Field(ge=1, le=32768), BeforeValidator(_integer_only)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Sampling seed, for repeatable answers"),
+                 BeforeValidator(_integer_only)]
+Title = Annotated[str, Field(min_length=1, max_length=200), BeforeValidator(_text_only)]
+SystemPrompt = Annotated[str, Field(max_length=8000), BeforeValidator(_text_only)]
+# Not empty and not only whitespace ("\S" is a search: somewhere a non-space character).
+NonBlank = Annotated[str, Field(min_length=1, pattern=r"\S"), BeforeValidator(_text_only)]
 
 
 class RequestModel(BaseModel):
@@ -52,11 +66,11 @@ class RequestModel(BaseModel):
 
 
 class ClassifyRequest(RequestModel):
-    text: Text = Field(description="The message to classify", examples=["WINNER! Claim your free prize now"])
+    text: NonBlank = Field(description="The message to classify", examples=["WINNER! Claim your free prize now"])
 
 
 class ClassifyBatchRequest(RequestModel):
-    texts: list[Text] = Field(description="Messages to classify, in order")
+    texts: list[NonBlank] = Field(min_length=1, description="Messages to classify, in order")
 
 
 class ClassifyResult(BaseModel):
@@ -104,8 +118,8 @@ class ConversationPublic(BaseModel):
     top_k: int | None
     top_p: float | None
     max_new_tokens: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: UTCDateTime
+    updated_at: UTCDateTime
 
 
 class MessagePublic(BaseModel):
@@ -122,7 +136,7 @@ class MessagePublic(BaseModel):
     tokens_per_second: float | None = None
     finish_reason: str | None = None
     dropped_messages: int = 0
-    created_at: datetime
+    created_at: UTCDateTime
 
 
 class ConversationDetail(ConversationPublic):
@@ -136,12 +150,12 @@ class ConversationList(BaseModel):
 
 
 class MessageCreate(RequestModel):
-    content: Text = Field(min_length=1, description="The user's message")
-    seed: Int | None = Field(default=None, ge=0, le=2**63 - 1, description="Sampling seed, for repeatable answers")
+    content: NonBlank = Field(description="The user's message")
+    seed: Seed | None = None
 
 
 class RegenerateRequest(RequestModel):
-    seed: Int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
 
 
 class StopResult(BaseModel):
@@ -168,6 +182,7 @@ class ErrorBody(BaseModel):
 # Documented on every route: what the middleware and validation can answer.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Malformed request body"},
+    422: {"model": ErrorBody, "description": "Invalid request: a list of field errors, or a message naming the limit"},
     401: {"model": ErrorBody, "description": "Missing or invalid API key, or an expired session"},
     403: {"model": ErrorBody, "description": "Missing or wrong CSRF token on a cookie-authenticated change"},
     413: {"model": ErrorBody, "description": "Request body over the size limit"},

@@ -15,8 +15,6 @@ LIMIT_RESPONSES = {422: {"description": "Empty text, a text over the length limi
 
 
 def _check_text(text: str, max_chars: int, where: str) -> None:
-    if not text.strip():
-        raise HTTPException(422, detail=f"{where} is empty; send some text to classify")
     if len(text) > max_chars:
         raise HTTPException(
             422, detail=f"{where} has {len(text)} characters; the limit is {max_chars} (SCRATCHGPT_MAX_CLASSIFY_CHARS)"
@@ -50,8 +48,6 @@ async def classify_batch(
     body: ClassifyBatchRequest, models: ModelsDep, settings: SettingsDep, owner: OwnerDep
 ) -> ClassifyBatchResult:
     """Label several messages at once; results come back in the order of ``texts``."""
-    if not body.texts:
-        raise HTTPException(422, detail="texts is empty; send at least one text")
     if len(body.texts) > settings.max_classify_batch:
         raise HTTPException(
             422,

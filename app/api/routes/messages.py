@@ -142,8 +142,6 @@ def send_message(
     request: Request,
 ) -> ManagedStream:
     """Add the user's message and stream the assistant's answer as Server-Sent Events."""
-    if not body.content.strip():
-        raise HTTPException(422, detail="the message is empty")
     if len(body.content) > settings.max_message_chars:
         raise HTTPException(
             422,

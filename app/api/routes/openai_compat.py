@@ -15,12 +15,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.api.deps import ModelsDep, SettingsDep, require_api_access
 from app.chat import PromptTooLong, generation_config, plan_prompt
 from app.registry import CHAT
-from app.schemas import Bool, Float, Int, Text
+from app.schemas import Bool, Seed, Temperature, Text, TopK, TopP, _integer_only
 from app.streaming import ManagedStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_access)])
@@ -48,6 +48,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": OpenAIErrorBody, "description": "Missing or invalid API key"},
     404: {"model": OpenAIErrorBody, "description": "Unknown model"},
     422: {"model": OpenAIErrorBody, "description": "Invalid request body"},
+    500: {"model": OpenAIErrorBody, "description": "Generation failed"},
     503: {"model": OpenAIErrorBody, "description": "The chat model is loading or missing"},
 }
 
@@ -85,14 +86,15 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: Text
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: Annotated[Float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[Int, Field(ge=1, le=1000)] | None = Field(None, description="Extension: top-k filtering")
-    max_tokens: Annotated[Int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
-    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end the answer")
-    seed: Annotated[Int, Field(ge=0, le=2**63 - 1)] | None = None
-    n: Annotated[Int, Field(ge=1, le=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = Field(None, description="Extension: top-k filtering")
+    max_tokens: Annotated[int, Field(ge=1), BeforeValidator(_integer_only)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), BeforeValidator(_integer_only)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 strings that end the answer")
+    seed: Seed | None = None
+    n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_integer_only)] | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
 
@@ -147,8 +149,6 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
         raise OpenAIError(404, f"model {body.model!r} not found; this server serves {slot.name!r}", code="model_not_found",
                           param="model")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4:
-        raise OpenAIError(400, "stop takes at most 4 strings", param="stop")
     requested = body.max_completion_tokens or body.max_tokens
     if requested is not None and requested > settings.max_new_tokens_cap:
         raise OpenAIError(
@@ -187,6 +187,8 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
         job = worker.submit(plan.prompt_ids, config)
         try:
             text = "".join([c.text async for c in job.events()])
+        except Exception as exc:
+            raise OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error") from exc
         finally:
             job.cancel()
         return {
