@@ -394,11 +394,13 @@ async function streamAnswer(path, body, userText) {
     scrollToBottom();
   };
   let finished = false;
+  let started = false;
   try {
     await streamEvents(path, body, {
       signal: controller.signal,
       onEvent(event, data) {
         if (event === "start") {
+          started = true;
           article.classList.remove("pending");
           answer.id = data.assistant_message_id;
           answer.dropped_messages = data.dropped_messages;
@@ -428,19 +430,20 @@ async function streamAnswer(path, body, userText) {
     if (err.name === "AbortError") {
       answer.status = "interrupted";
       paint();
-    } else if (err instanceof ApiError && err.status !== 0) {
-      // Rejected before generation started: nothing was stored for this turn.
+    } else if (!started) {
+      // Refused or unreachable before generation started: nothing was stored for this turn.
       article.remove();
       if (userArticle) {
         userArticle.remove();
         el.input.value = userText;
         autoResize();
       }
-      showBanner(err.detail, err.status === 503 ? "warn" : "error");
+      if (!el.messages.querySelector(".message")) el.messages.append(el.empty);
+      showBanner(err.detail || String(err), err.status === 503 ? "warn" : "error");
     } else {
       answer.status = "interrupted";
       paint();
-      showBanner(CONNECTION_LOST, "error");
+      showBanner(`${CONNECTION_LOST} The answer so far was saved.`, "error");
     }
   } finally {
     if (frame) cancelAnimationFrame(frame);

@@ -249,6 +249,19 @@ def test_chat_shows_model_unavailable(browser, tmp_path, classifier_checkpoint):
         context.close()
 
 
+def test_connection_lost_is_reported_and_the_message_given_back(page):
+    from playwright.sync_api import expect
+
+    open_chat(page)
+    page.route("**/messages", lambda route: route.abort("connectionrefused"))
+    page.fill("#msg", "are you there?")
+    page.press("#msg", "Enter")
+    expect(page.locator("#banner-text")).to_contain_text("Connection lost")
+    expect(page.locator("#msg")).to_have_value("are you there?")
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#send")).to_be_visible()
+
+
 def test_spam_page(page):
     from playwright.sync_api import expect
 

@@ -1,0 +1,89 @@
+"""Screenshots of the chat and spam pages for docs/screenshots/, taken in headless Chromium.
+
+    .venv/bin/python tests/app/screenshots.py --chat-checkpoint DIR --classifier-checkpoint DIR
+
+The pages are driven like a user would: real messages to the served chat model, real texts to
+the served classifier, on a throwaway database. Not a test (no test_ prefix); run by hand when
+the UI changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from app_testing import LiveServer  # noqa: E402
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+CHAT_TURNS = [
+    "Give me three short tips for writing clear Python code, as a numbered list.",
+    "Show a tiny example of the first tip in a code block.",
+]
+SPAM_TEXTS = [
+    "Had a great time at dinner, thanks! Are we still on for the hike on Saturday?",
+    "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward! "
+    "To claim call 09061701461. Claim code KL341. Valid 12 hours only.",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chat-checkpoint", type=Path, required=True)
+    parser.add_argument("--classifier-checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    args = parser.parse_args()
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from app.settings import Settings
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="scratchgpt-shots-"))
+    settings = Settings(home=home, chat_checkpoint=args.chat_checkpoint, classifier_checkpoint=args.classifier_checkpoint,
+                        device="cpu", log_json=False, default_temperature=0.0, default_top_k=None, default_top_p=None,
+                        default_max_new_tokens=args.max_new_tokens)
+    with LiveServer(settings) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        for scheme in ("light", "dark"):
+            context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 820},
+                                          device_scale_factor=1, color_scheme=scheme)
+            page = context.new_page()
+            page.goto("/")
+            page.wait_for_selector("body[data-ready='true']")
+            if scheme == "light":
+                for turn in CHAT_TURNS:
+                    page.fill("#msg", turn)
+                    page.press("#msg", "Enter")
+                    expect(page.locator(".message.assistant").last).to_have_attribute(
+                        "data-status", "complete", timeout=180_000)
+                conversation = page.url
+            else:
+                page.goto(conversation)
+                page.wait_for_selector("body[data-ready='true']")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(args.out / f"chat-{scheme}.png"))
+            print("wrote", args.out / f"chat-{scheme}.png")
+
+            page.goto("/spam")
+            page.wait_for_selector("body[data-ready='true']")
+            for text in SPAM_TEXTS:
+                page.fill("#spam-text", text)
+                page.click("#spam-check")
+                expect(page.locator("#spam-check")).to_have_text("Check message", timeout=60_000)
+            page.wait_for_timeout(600)  # the meter's transition
+            page.screenshot(path=str(args.out / f"spam-{scheme}.png"), full_page=True)
+            print("wrote", args.out / f"spam-{scheme}.png")
+            context.close()
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
