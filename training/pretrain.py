@@ -83,6 +83,10 @@ class PretrainConfig:
     drop_rate: float | None = _opt(None, "dropout rate; default: the preset's (0.0)")
     qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection; default: the preset's")
     tie_embeddings: bool | None = _opt(None, "share the token embedding with the output head; default: the preset's")
+    init: str = _opt(
+        "gpt2", "weight init: 'gpt2' (normal, std 0.02, residual projections scaled by 1/sqrt(2 n_layers)) "
+        "or 'torch' (PyTorch's layer defaults, which the book's GPTModel gets)", choices=("gpt2", "torch"),
+    )
     # optimisation
     batch_size: int = _opt(8, "windows per micro-batch on each process")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
@@ -166,6 +170,19 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         return ModelConfig.from_preset(name, vocab_size=vocab_size, **overrides)
     except ValueError as e:
         raise JobConfigError(f"model settings: {e}") from None
+
+
+def reset_to_torch_defaults(model: torch.nn.Module) -> None:
+    """Re-initialise linears and embeddings as PyTorch's constructors do (Kaiming-uniform, N(0, 1)).
+
+    GPTModel uses GPT-2's initialisation; the book's chapter 4 GPTModel does
+    not set one, so its layers keep these defaults. Reproducing the book's
+    chapter 5 curves needs them: N(0, 1) token embeddings barely move at
+    lr 4e-4, which lets the model memorise a 5,000-token story quickly.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.reset_parameters()
 
 
 def make_optimizer(model: GPTModel, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -357,6 +374,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = GPTModel(self.model_cfg)
+        if cfg.init == "torch":
+            reset_to_torch_defaults(self.model)
         self.step = 0
         self.elapsed = 0.0
         state = None

@@ -172,3 +172,19 @@ def test_bad_numbers_are_rejected() -> None:
         load_job_config(PretrainConfig, None, {"val_fraction": 1.5})
     with pytest.raises(JobConfigError, match="precision"):
         load_job_config(PretrainConfig, None, {"precision": "fp8"})
+
+
+def test_torch_default_init_matches_the_books_model() -> None:
+    """--init torch: N(0, 1) embeddings and Kaiming-uniform linears, as the book's GPTModel gets."""
+    from core.config import ModelConfig
+    from core.model import GPTModel
+    from training.pretrain import reset_to_torch_defaults
+
+    cfg = ModelConfig.from_preset("gpt2-small", emb_dim=64, n_layers=2, n_heads=2, context_length=32, tie_embeddings=False)
+    model = GPTModel(cfg)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    reset_to_torch_defaults(model)
+    assert model.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    bound = 1 / 64**0.5  # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    w = model.blocks[0].ff.fc.weight
+    assert w.abs().max().item() <= bound and w.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
