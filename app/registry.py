@@ -180,7 +180,7 @@ class ModelRegistry:
             self._set(slot, "ready")
         logger.info(
             "model loaded",
-            extra={"model": slot.role, "name": checkpoint.name, "path": str(slot.path), "device": str(device),
+            extra={"model": slot.role, "model_name": checkpoint.name, "path": str(slot.path), "device": str(device),
                    "dtype": str(dtype).removeprefix("torch."), "seconds": round(slot.load_seconds, 3)},
         )
 

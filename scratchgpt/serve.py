@@ -52,7 +52,7 @@ def ensure_classifier(chosen: str | None, base: Path, spam_data: Path | None) ->
 
 
 def serve(args: argparse.Namespace) -> None:
-    from app.server import run
+    from app.server import serve as run_server
     from app.settings import Settings
 
     overrides = {}
@@ -67,4 +67,4 @@ def serve(args: argparse.Namespace) -> None:
             overrides["classifier_checkpoint"] = Path(args.classifier_checkpoint)
     settings = Settings(**overrides)
     say(f"serving on http://{args.host}:{args.port}/  (API docs at /docs)")
-    run(settings, host=args.host, port=args.port, workers=args.workers)
+    run_server(settings, host=args.host, port=args.port, workers=args.workers)
