@@ -36,7 +36,20 @@ router = APIRouter(prefix="/api/v1/conversations", tags=["messages"])
 SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "Server-Sent Events: start, delta..., then done (or error)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # itemSchema (OpenAPI 3.2, as FastAPI's own SSE routes write it) describes one event;
+        # a "schema" here would claim the whole stream is a single string.
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {
+                    "type": "object",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": ["start", "delta", "done", "error"]},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                }
+            }
+        },
     },
     409: {"description": "An answer is already being generated in this conversation"},
     422: {"description": "Invalid message, or too long for the model's context window"},

@@ -139,7 +139,13 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
         **ERRORS,
         200: {
             "description": "A chat.completion object, or with stream=true Server-Sent Events of chat.completion.chunk",
-            "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "application/json": {},
+                # One event: a data line holding a chunk's JSON, or the closing "[DONE]".
+                "text/event-stream": {
+                    "itemSchema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+                },
+            },
         },
     },
 )
