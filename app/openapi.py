@@ -2,7 +2,9 @@
 
 The request models are static, but the limits are settings: the document is patched so its
 ``maxLength``/``maxItems``/``maximum`` are the configured ones, and the API-key security
-schemes are listed only when keys are configured (without keys the API is open).
+schemes are listed only when keys are configured (without keys the API is open). The Lab's
+indices (layer, head, token id) are bounded by the loaded chat model, so the document is kept
+only once the models have settled.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ def _limit(schema: dict[str, Any], model: str, field: str, **limits: int) -> Non
         target.update(limits)
 
 
+def _model_limits(schema: dict[str, Any], app: FastAPI) -> None:
+    """What the loaded chat model bounds: the Lab's layer and head indices, token ids and prompt length."""
+    models = getattr(app.state, "models", None)
+    chat = models.slots.get("chat") if models is not None else None
+    if chat is None or chat.checkpoint is None:
+        return
+    config = chat.checkpoint.config
+    _limit(schema, "AttentionRequest", "layer", maximum=config.n_layers - 1)
+    _limit(schema, "AttentionRequest", "head", maximum=config.n_heads - 1)
+    token_ids = _property(schema, "NextTokenRequest", "token_ids")
+    if token_ids is not None:
+        token_ids.get("items", {})["maximum"] = config.vocab_size - 1
+        token_ids["maxItems"] = min(token_ids.get("maxItems", config.context_length), config.context_length)
+
+
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     generate = app.openapi
 
@@ -53,7 +70,10 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
                     if isinstance(operation, dict):
                         operation.pop("security", None)
             schema.get("components", {}).pop("securitySchemes", None)
-        app.openapi_schema = schema
+        _model_limits(schema, app)
+        models = getattr(app.state, "models", None)
+        # While a model loads its limits are unknown: build the document again on the next request.
+        app.openapi_schema = None if models is not None and models.loading else schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
