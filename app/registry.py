@@ -146,6 +146,8 @@ class ModelRegistry:
         return not self.loading
 
     def _load_all(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         for slot in self.slots.values():
             if slot.state != "loading" or self._stopping:
                 continue
@@ -201,7 +203,8 @@ class ModelRegistry:
         depth = self.metrics.queue_depth.labels(role)
         if role == CHAT:
             tokens = self.metrics.tokens_generated.labels(role)
-            return ChatWorker(checkpoint, role, on_tokens=tokens.inc, on_queue_depth=depth.set)
+            return ChatWorker(checkpoint, role, on_tokens=tokens.inc, on_queue_depth=depth.set,
+                              threads=self.settings.torch_threads)
 
         def on_batch(n: int) -> None:
             self.metrics.classify_batch.observe(n)
@@ -213,6 +216,7 @@ class ModelRegistry:
             max_wait_ms=self.settings.classifier_batch_wait_ms,
             on_batch=on_batch,
             on_queue_depth=depth.set,
+            threads=self.settings.torch_threads,
         )
 
     @property

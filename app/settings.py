@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     classifier_enabled: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # CPU threads for torch; None lets torch decide. On a busy or small machine 1-2 avoids
+    # OpenMP threads fighting each other (the chat and classifier workers run side by side).
+    torch_threads: int | None = Field(None, ge=1)
 
     # --- storage ----------------------------------------------------------
     # None means sqlite:///<home>/scratchgpt.db.

@@ -31,6 +31,7 @@ from app.workers import ChatJob
 logger = logging.getLogger("scratchgpt.chat")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KEEPALIVE_SECONDS = 15.0
 
 
 def sse(event: str, data: Any) -> str:
@@ -142,7 +143,10 @@ class AnswerStream:
         self.active.attach(self.conversation_id, self.job)
         last_flush = time.perf_counter()
         try:
-            async for chunk in self.job.events():
+            async for chunk in self.job.events(heartbeat=KEEPALIVE_SECONDS):
+                if chunk is None:
+                    yield ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+                    continue
                 if chunk.text:
                     self.text += chunk.text
                     yield sse("delta", {"text": chunk.text})

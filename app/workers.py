@@ -33,6 +33,13 @@ class WorkerStopped(RuntimeError):
     """The model worker has shut down (the server is stopping)."""
 
 
+def _thread_setup(threads: int | None) -> None:
+    """Per worker thread: no autograd, and the configured torch CPU thread count (a per-thread setting)."""
+    torch.set_grad_enabled(False)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class _End:
     error: BaseException | None = None
@@ -62,10 +69,18 @@ class ChatJob:
         except RuntimeError:  # the request's loop is gone: nobody is listening
             self.cancelled.set()
 
-    async def events(self) -> AsyncIterator[StreamChunk]:
-        """Chunks as the worker produces them; raises the worker's error if generation failed."""
+    async def events(self, heartbeat: float | None = None) -> AsyncIterator[StreamChunk | None]:
+        """Chunks as the worker produces them; raises the worker's error if generation failed.
+
+        With ``heartbeat``, yields None after that many idle seconds (a queued job), so a
+        stream can send a keep-alive instead of going silent behind a proxy's timeout.
+        """
         while True:
-            item = await self.events_queue.get()
+            try:
+                item = await asyncio.wait_for(self.events_queue.get(), heartbeat)
+            except asyncio.TimeoutError:
+                yield None
+                continue
             if isinstance(item, _End):
                 if item.error is not None:
                     raise item.error
@@ -81,9 +96,10 @@ class ChatJob:
 
 class ChatWorker:
     def __init__(self, checkpoint: Any, name: str, on_tokens: Callable[[int], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None) -> None:
+                 on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None) -> None:
         self.checkpoint = checkpoint
         self.name = name
+        self.threads = threads
         self._queue: queue.Queue = queue.Queue()
         self._on_tokens = on_tokens or (lambda n: None)
         self._on_queue_depth = on_queue_depth or (lambda n: None)
@@ -111,7 +127,7 @@ class ChatWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
+        _thread_setup(self.threads)
         while True:
             job = self._queue.get()
             self._on_queue_depth(self._queue.qsize())
@@ -167,9 +183,10 @@ class _ClassifyRequest:
 class ClassifierWorker:
     def __init__(self, checkpoint: Any, name: str, max_batch: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None) -> None:
+                 on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None) -> None:
         self.checkpoint = checkpoint
         self.name = name
+        self.threads = threads
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
@@ -212,7 +229,7 @@ class ClassifierWorker:
         return batch, False
 
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
+        _thread_setup(self.threads)
         stopping = False
         while not stopping:
             first = self._queue.get()

@@ -123,6 +123,13 @@ async function loadConversations() {
   try {
     const data = await api("/api/v1/conversations?limit=200");
     state.conversations = data.conversations;
+    const current = state.current && data.conversations.find((c) => c.id === state.current.id);
+    if (current) {
+      // The server names a chat after its first message.
+      state.current.title = current.title;
+      el.title.textContent = current.title;
+      document.title = `${current.title} · scratchgpt`;
+    }
     renderSidebar();
   } catch (err) {
     showBanner(err.detail || String(err));
@@ -469,7 +476,7 @@ async function sendMessage() {
   el.input.value = "";
   autoResize();
   hideBannerUnlessModel();
-  if (conversation.title === "New chat") el.title.textContent = text.trim().slice(0, 60);
+  if (conversation.title === "New chat") el.title.textContent = text.trim().split(/\s+/).join(" ").slice(0, 60);
   await streamAnswer(`/api/v1/conversations/${conversation.id}/messages`, { content: text }, text);
 }
 

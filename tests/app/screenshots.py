@@ -23,8 +23,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 CHAT_TURNS = [
-    "Give me three short tips for writing clear Python code, as a numbered list.",
-    "Show a tiny example of the first tip in a code block.",
+    "Write a Python function that checks whether a word is a palindrome.",
+    "What are three things to see in Paris? Answer as a short list.",
 ]
 SPAM_TEXTS = [
     "Had a great time at dinner, thanks! Are we still on for the hike on Saturday?",
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--classifier-checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     args = parser.parse_args()
 
     from playwright.sync_api import expect, sync_playwright
@@ -48,13 +49,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="scratchgpt-shots-"))
     settings = Settings(home=home, chat_checkpoint=args.chat_checkpoint, classifier_checkpoint=args.classifier_checkpoint,
-                        device="cpu", log_json=False, default_temperature=0.0, default_top_k=None, default_top_p=None,
-                        default_max_new_tokens=args.max_new_tokens)
+                        device="cpu", log_json=False, default_temperature=0.3, default_top_k=40, default_top_p=0.9,
+                        default_max_new_tokens=args.max_new_tokens, torch_threads=args.threads)
     with LiveServer(settings) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        state = None  # the dark pass reuses the light pass's session: conversations belong to their owner
         for scheme in ("light", "dark"):
             context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 820},
-                                          device_scale_factor=1, color_scheme=scheme)
+                                          device_scale_factor=1, color_scheme=scheme, storage_state=state)
             page = context.new_page()
             page.goto("/")
             page.wait_for_selector("body[data-ready='true']")
@@ -63,8 +65,9 @@ def main() -> None:
                     page.fill("#msg", turn)
                     page.press("#msg", "Enter")
                     expect(page.locator(".message.assistant").last).to_have_attribute(
-                        "data-status", "complete", timeout=180_000)
+                        "data-status", "complete", timeout=600_000)
                 conversation = page.url
+                state = context.storage_state()
             else:
                 page.goto(conversation)
                 page.wait_for_selector("body[data-ready='true']")
@@ -78,6 +81,7 @@ def main() -> None:
                 page.fill("#spam-text", text)
                 page.click("#spam-check")
                 expect(page.locator("#spam-check")).to_have_text("Check message", timeout=60_000)
+            page.wait_for_load_state("networkidle")  # the Lab's explanation of the last result
             page.wait_for_timeout(600)  # the meter's transition
             page.screenshot(path=str(args.out / f"spam-{scheme}.png"), full_page=True)
             print("wrote", args.out / f"spam-{scheme}.png")

@@ -192,7 +192,7 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
     if not body.stream:
         job = worker.submit(plan.prompt_ids, config)
         try:
-            text = "".join([c.text async for c in job.events()])
+            text = "".join([c.text async for c in job.events() if c is not None])
         except Exception as exc:
             raise OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error") from exc
         finally:
@@ -212,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
         yield f"data: {json.dumps(chunk({'role': 'assistant', 'content': ''}, None))}\n\n"
         try:
             async for piece in job.events():
-                if piece.text:
+                if piece is not None and piece.text:
                     yield f"data: {json.dumps(chunk({'content': piece.text}, None), ensure_ascii=False)}\n\n"
         except Exception as exc:
             error = {"error": {"message": f"generation failed: {exc}", "type": "server_error"}}

@@ -1,0 +1,66 @@
+"""The chat worker thread: jobs run one at a time, cancellation frees it, idle streams get heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from app.workers import ChatJob, ChatWorker, WorkerStopped, _End
+
+
+def test_heartbeat_while_a_job_waits():
+    async def main():
+        job = ChatJob([1], config=None, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+        events = job.events(heartbeat=0.02)
+        assert await events.__anext__() is None  # nothing yet: a heartbeat
+        job._post(_End())
+        return [e async for e in events]
+
+    assert asyncio.run(main()) == []
+
+
+def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoint):
+    from core.checkpoint import load_checkpoint
+    from core.generate import GenerationConfig
+
+    checkpoint = load_checkpoint(chat_checkpoint)
+    tokens = []
+    worker = ChatWorker(checkpoint, "chat", on_tokens=tokens.append).start()
+    prompt = checkpoint.tokenizer.encode("Once upon a time")
+
+    async def main():
+        long_job = worker.submit(prompt, GenerationConfig(max_new_tokens=900))
+        short_job = worker.submit(prompt, GenerationConfig(max_new_tokens=5))
+        async for chunk in long_job.events():
+            if long_job.completion_tokens >= 3:
+                long_job.cancel()  # what a stop or a disconnect does
+        start = time.perf_counter()
+        text = "".join([c.text async for c in short_job.events() if c is not None])
+        return long_job, short_job, text, time.perf_counter() - start
+
+    try:
+        long_job, short_job, text, waited = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert long_job.finish_reason == "cancelled" and long_job.completion_tokens < 900
+    assert short_job.completion_tokens == 5 and short_job.finish_reason == "length" and text
+    assert short_job.started_at >= long_job.finished_at  # one job at a time
+    assert waited < 5
+    assert sum(tokens) == long_job.completion_tokens + 5
+
+
+def test_a_stopped_worker_refuses_new_jobs(chat_checkpoint):
+    from core.checkpoint import load_checkpoint
+
+    worker = ChatWorker(load_checkpoint(chat_checkpoint), "chat").start()
+    worker.stop()
+
+    async def main():
+        worker.submit([1], None)  # type: ignore[arg-type]
+
+    try:
+        asyncio.run(main())
+    except WorkerStopped as exc:
+        assert "stopped" in str(exc)
+    else:
+        raise AssertionError("a stopped worker accepted a job")
