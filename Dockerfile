@@ -38,7 +38,8 @@ ENV SCRATCHGPT_HOME=/data \
 VOLUME ["/data/models", "/data/db"]
 EXPOSE 8000
 
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+# The first start may obtain and fine-tune the models before it listens, hence the long start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
 
 CMD ["scratchgpt", "serve", "--host", "0.0.0.0"]
