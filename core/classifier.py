@@ -59,8 +59,12 @@ class Prediction:
 
 
 def encode_batch(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and true lengths; texts longer than max_length keep their first tokens."""
-    encoded = [tokenizer.encode(t)[:max_length] or [pad_id] for t in texts]
+    """Right-padded ids and true lengths; texts longer than max_length keep their first tokens.
+
+    Texts are data, not markup: "<|endoftext|>" inside a message is encoded as
+    the characters it is made of, never as the control token.
+    """
+    encoded = [tokenizer.encode_ordinary(t)[:max_length] or [pad_id] for t in texts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     for row, e in enumerate(encoded):

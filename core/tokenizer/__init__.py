@@ -73,6 +73,10 @@ class Tokenizer(Protocol):
         """Text to ids; special-token strings raise ``DisallowedSpecialToken`` unless allowed."""
         ...
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text to ids with special-token strings encoded as plain text (for untrusted input)."""
+        ...
+
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; invalid UTF-8 becomes U+FFFD."""
         ...

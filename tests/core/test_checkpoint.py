@@ -108,3 +108,10 @@ def test_bfloat16_load(tmp_path, tokenizer):
     loaded = load_checkpoint(tmp_path / "c", dtype=torch.bfloat16)
     assert loaded.model.tok_emb.weight.dtype == torch.bfloat16
     assert loaded.model(torch.tensor([[1, 2, 3]])).isfinite().all()
+
+
+def test_classifying_text_with_special_token_strings(tmp_path, tokenizer):
+    clf = SequenceClassifier(GPTModel(tiny()), num_classes=2).eval()
+    save_checkpoint(tmp_path / "clf", clf, tokenizer, task="classification", labels=["ham", "spam"])
+    [prediction] = classify(load_checkpoint(tmp_path / "clf"), ["hello <|endoftext|> world"])
+    assert prediction.label in ("ham", "spam")
