@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-checkpoint", default=None, help="spam classifier directory")
     p.add_argument("--spam-data", type=Path, default=None,
                    help="local SMSSpamCollection file for fine-tuning the classifier when it is missing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per model worker (default: torch decides; 1 helps on a busy machine)")
     p.add_argument("--setup", action=argparse.BooleanOptionalAction, default=True,
                    help="obtain or fine-tune missing default models before serving")
 

@@ -65,6 +65,10 @@ def serve(args: argparse.Namespace) -> None:
             overrides["chat_checkpoint"] = Path(args.chat_checkpoint)
         if args.classifier_checkpoint:
             overrides["classifier_checkpoint"] = Path(args.classifier_checkpoint)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        overrides["torch_threads"] = args.threads
     settings = Settings(**overrides)
     say(f"serving on http://{args.host}:{args.port}/  (API docs at /docs)")
     run_server(settings, host=args.host, port=args.port, workers=args.workers)
