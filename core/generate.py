@@ -73,35 +73,46 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
         check_prompt(prompt, C)
     device, dtype = _device_dtype(model)
     B, L = len(prompts), max(len(p) for p in prompts)
-    seq = torch.zeros(B, L, dtype=torch.long, device=device)
-    valid = torch.zeros(B, L, dtype=torch.long, device=device)
+    # One buffer for the prompt and every token to come: appending a token is a
+    # write into it, where torch.cat would copy the whole sequence each step.
+    total = L + cfg.max_new_tokens
+    seq = torch.zeros(B, total, dtype=torch.long, device=device)
+    valid = torch.ones(B, total, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
-        seq[row, L - len(prompt):] = torch.tensor(prompt, device=device)
-        valid[row, L - len(prompt):] = 1
-    padded = bool((valid == 0).any())
+        seq[row, L - len(prompt):L] = torch.tensor(prompt, device=device)
+        valid[row, : L - len(prompt)] = 0
+    padded = any(len(p) < L for p in prompts)
     # Size the cache for this request, not the whole context window: a long-context
     # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
-    cache = KVCache(model.cfg, B, min(C, L + cfg.max_new_tokens), device, dtype) if cfg.use_cache else None
+    cache = KVCache(model.cfg, B, min(C, total), device, dtype) if cfg.use_cache else None
     generator = make_generator(cfg, device)
-    stop_ids = torch.tensor(cfg.stop_token_ids or [-1], device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = set(cfg.stop_token_ids)
+    finished = [False] * B
 
+    n = L  # tokens in seq so far
     for _ in range(cfg.max_new_tokens):
-        if cache is not None and seq.shape[1] <= C:
+        if cache is not None and n <= C:
             # Prefill the whole prompt once, then feed one token per step.
-            new = seq if cache.length == 0 else seq[:, cache.length:]
-            logits = model(new, cache=cache, attention_mask=valid if padded else None, last_only=True)
+            logits = model(
+                seq[:, cache.length:n], cache=cache, attention_mask=valid[:, :n] if padded else None,
+                last_only=True, argmax_only=cfg.greedy,
+            )
         else:
             # Past the context window (or without a cache) the model sees the
             # last C tokens afresh each step, as in the book's generate().
-            logits = model(seq[:, -C:], attention_mask=valid[:, -C:] if padded else None, last_only=True)
+            window = slice(max(0, n - C), n)
+            logits = model(
+                seq[:, window], attention_mask=valid[:, window] if padded else None,
+                last_only=True, argmax_only=cfg.greedy,
+            )
         token = sample(logits[:, -1], cfg, generator)
-        yield [None if done else int(t) for t, done in zip(token.tolist(), finished.tolist())]
-        finished |= torch.isin(token, stop_ids)
-        if bool(finished.all()):
+        ids = token.tolist()  # the one host sync per step: callers need the ids
+        yield [None if done else t for t, done in zip(ids, finished)]
+        finished = [done or t in stops for t, done in zip(ids, finished)]
+        if all(finished):
             return
-        seq = torch.cat([seq, token[:, None]], dim=1)
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=valid.dtype, device=device)], dim=1)
+        seq[:, n] = token
+        n += 1
 
 
 def generate(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:

@@ -60,6 +60,11 @@ class GPTModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         self.out_head = None if cfg.tie_embeddings else nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        # Faster equivalents of the output layer that core.fast may install, each
+        # called as head(normed_hidden, head_weight): one for full logits, one for
+        # callers that need only the argmax (greedy decoding). None: the plain matmul.
+        self.fast_head: nn.Module | None = None
+        self.argmax_head: nn.Module | None = None
         if cfg.family == "llama":
             cos, sin = rope_tables(cfg)
             # Not persistent: derived from the config, so never stored in checkpoints.
@@ -156,7 +161,10 @@ class GPTModel(nn.Module):
         return x, attentions
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.final_norm(hidden), self.head_weight)
+        normed = self.final_norm(hidden)
+        if self.fast_head is not None:
+            return self.fast_head(normed, self.head_weight)
+        return nn.functional.linear(normed, self.head_weight)
 
     def forward(
         self,
@@ -167,10 +175,15 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_attention: bool = False,
         last_only: bool = False,
+        argmax_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, T, vocab); with ``last_only`` just the last position's (B, 1, vocab),
         which saves the largest matmul of a decode step. With ``return_attention``
-        also the per-layer attention weights, each (B, heads, T, S)."""
+        also the per-layer attention weights, each (B, heads, T, S).
+
+        ``argmax_only`` says the caller will only take the argmax (greedy decoding):
+        when ``core.fast`` has installed a screened head, logits that cannot be the
+        maximum come back as -inf and only the others are computed exactly."""
         ctx = self.context(
             input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
             return_attention=return_attention,
@@ -178,7 +191,10 @@ class GPTModel(nn.Module):
         hidden, attentions = self.run_blocks(self.embed(input_ids, ctx), ctx)
         if last_only:
             hidden = hidden[:, -1:]
-        logits = self.logits(hidden)
+        if argmax_only and self.argmax_head is not None:
+            logits = self.argmax_head(self.final_norm(hidden), self.head_weight)
+        else:
+            logits = self.logits(hidden)
         return (logits, attentions) if return_attention else logits
 
     def set_attention_path(self, path: str) -> None:

@@ -30,6 +30,17 @@ def test_batched_generation_equals_one_by_one(model):
     assert generate(model, PROMPTS, cfg) == [generate(model, [p], cfg)[0] for p in PROMPTS]
 
 
+def test_batched_generation_past_the_context_window_equals_one_by_one(model):
+    # 24-token context: every row outgrows it, the longest first.
+    cfg = GenerationConfig(max_new_tokens=25)
+    assert generate(model, PROMPTS, cfg) == [generate(model, [p], cfg)[0] for p in PROMPTS]
+
+
+def test_zero_new_tokens_yields_nothing(model):
+    assert list(decode_steps(model, PROMPTS, GenerationConfig(max_new_tokens=0))) == []
+    assert generate(model, PROMPTS, GenerationConfig(max_new_tokens=0)) == [[], [], []]
+
+
 def test_uncached_greedy_matches_the_books_loop(model):
     # The book's generate_text_simple: crop, forward, argmax, append.
     ids = torch.tensor([PROMPTS[0]])

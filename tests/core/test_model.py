@@ -3,6 +3,7 @@ import torch
 
 from core.config import ConfigError, ModelConfig
 from core.kv_cache import KVCache
+from core.layers import GELU
 from core.model import GPTModel
 
 
@@ -96,3 +97,18 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_fused_gelu_equals_the_books_formula():
+    x = torch.linspace(-10, 10, 20001)
+    assert torch.allclose(GELU()(x), GELU.formula(x), atol=1e-6)
+    xb = x.bfloat16()
+    assert torch.allclose(GELU()(xb).float(), GELU.formula(xb.float()), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_argmax_only_without_a_fast_head_is_the_full_logits(family):
+    torch.manual_seed(0)
+    model = GPTModel(tiny(family)).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    assert torch.equal(model(ids, argmax_only=True), model(ids))
