@@ -1,0 +1,309 @@
+"""Serving-speed transforms for a trained model: opt-in, inference only, same tokens.
+
+The model in ``core.model`` is written to be read; this module makes a loaded
+model faster to *serve* without touching its parameters or state-dict names.
+Each transform is a flag of :class:`FastConfig`, and each has a test that the
+greedy tokens (and, where they are computed, the logits) match the plain model.
+
+Decoding one token at batch 1 reads every weight once and does little
+arithmetic with it, so its speed is the memory bandwidth divided by the bytes
+read (Pope et al., 2022, "Efficiently Scaling Transformer Inference"). The
+transforms therefore cut bytes and per-step overhead:
+
+- ``prepack``: linear weights reordered once into oneDNN's blocked layout, so
+  the CPU kernels stop repacking them on every call (what torch.compile's
+  freezing does for CPU linears, without compiling). Same arithmetic, so the
+  same logits up to float summation order. In bf16 this is what lets the AMX
+  units run at all speed; at batch 8 it halves the fp32 matmul time.
+- ``screened_head`` (fp32 models): the output layer (vocabulary x d, a third
+  of GPT-2 small's bytes) is first scored with a bf16 copy of its weight, half
+  the bytes; a rigorous bound on that copy's error names the few tokens that
+  can still be the maximum, and only those are scored in fp32. Greedy decoding
+  gets the argmax of the fp32 logits, not an approximation. It is the
+  screen-then-verify pattern of two-stage retrieval: the cheap pass proposes,
+  the exact one decides.
+- ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
+  that inductor prepacks and folds, pointwise ops fuse). Minutes of
+  compilation on a small CPU, so it is off by default, :func:`make_fast` warms
+  it up and reports the time, and inductor caches what it built under
+  ``$SCRATCHGPT_HOME/inductor`` (unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise).
+
+Cast the model to its serving dtype and device *before* calling :func:`make_fast`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class FastPathError(RuntimeError):
+    """A fast-path transform that cannot apply to this model, device or dtype."""
+
+
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether torch's oneDNN linear kernels run here for ``dtype`` (CPU only)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def _pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    # An opaque oneDNN tensor in the blocked layout its matmul kernel reads fastest
+    # for about ``batch_hint`` rows of input; any number of rows still works.
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# -- prepacked linear layers ----------------------------------------------------
+
+
+class _PackedCopy:
+    """A packed snapshot of a weight, rebuilt when the weight is changed in place or replaced."""
+
+    def __init__(self, batch_hint: int) -> None:
+        self.batch_hint = batch_hint
+        self.packed: torch.Tensor | None = None
+        self.key: tuple | None = None
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+        if key != self.key:
+            self.packed, self.key = _pack(weight, self.batch_hint), key
+        return self.packed
+
+
+def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # The packed kernels are CPU, inference-only and want matching dtypes;
+    # anything else takes plain F.linear. One fp32 row is a matrix-vector product
+    # that only streams the weight, where MKL's gemv measured faster than oneDNN's
+    # packed kernel (docs/performance.md); packing pays once there are rows to reuse it.
+    if x.device.type != "cpu" or x.dtype != weight.dtype or not onednn_available(weight.dtype):
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        return False
+    return weight.dtype != torch.float32 or x.numel() > x.shape[-1]
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is also kept prepacked for oneDNN, for inference.
+
+    It holds the original ``weight`` and ``bias`` parameters (so the state dict
+    keeps its names and values) plus the packed copy, a snapshot that is rebuilt
+    if the weight is changed or cast afterwards. Autograd, other devices and
+    other dtypes take the plain ``F.linear``.
+    """
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed = _PackedCopy(batch_hint)  # a plain attribute: never saved, never cast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _use_packed(x, self.weight):
+            return nn.functional.linear(x, self.weight, self.bias)
+        return _packed_linear(x, self._packed.of(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, prepacked"
+
+
+class PackedHead(nn.Module):
+    """The output layer ``hidden @ weight.T`` with the weight prepacked; the weight
+    (possibly the tied embedding) is passed in on each call."""
+
+    def __init__(self, batch_hint: int = 1) -> None:
+        super().__init__()
+        self._packed = _PackedCopy(batch_hint)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not _use_packed(hidden, weight):
+            return nn.functional.linear(hidden, weight)
+        return _packed_linear(hidden, self._packed.of(weight), None)
+
+
+def prepack_linears(model: nn.Module, batch_hint: int = 1) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by a :class:`PackedLinear`; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear(child, batch_hint))
+                count += 1
+    return count
+
+
+# -- screened output layer ----------------------------------------------------
+
+# Unit roundoff: rounding to bf16 (8 significant bits) or fp32 (24) moves a
+# value by at most this fraction of itself.
+_BF16_UNIT = 2.0**-8
+_FP32_UNIT = 2.0**-24
+
+
+class ScreenedHead(nn.Module):
+    """Exact argmax of the fp32 logits ``hidden @ weight.T`` for half the bytes.
+
+    Stage 1 scores every vocabulary row in bf16 (weights rounded once, prepacked;
+    activations rounded per call; fp32 sums; the result rounded to bf16). For
+    row j the exact logit z_j and the screened score a_j differ by at most
+
+        |z_j - a_j| <= ||h - h~|| ||W_j|| + ||h~|| ||W_j - W~_j||
+                       + K u32 ||h~|| ||W~_j|| + 2 u16 |a_j|
+
+    (activation rounding, weight rounding, the K-term fp32 sum, the bf16
+    result), which we bound by one number beta per input row using the largest
+    row norms. The true argmax then has a_j >= max(a) - 2 beta, so stage 2
+    scores in fp32 only the rows above that threshold: for GPT-2 small a few
+    dozen of 50,257.
+
+    Stage 2 gathers the candidate rows from the model's own weight, passed in on
+    each call, so nothing is copied in fp32 and a tied head stays tied.
+    """
+
+    def __init__(self, weight: torch.Tensor, batch_hint: int = 1) -> None:
+        super().__init__()
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_available(torch.bfloat16):
+            raise FastPathError(
+                f"screened_head needs an fp32 output layer on a CPU with oneDNN bf16 (got {weight.dtype} on "
+                f"{weight.device.type}); build FastConfig(screened_head=False) for this model"
+            )
+        w = weight.detach().float()
+        w_bf16 = w.to(torch.bfloat16)
+        self._screen = _pack(w_bf16, batch_hint)  # plain attribute: never saved, never cast
+        self.max_row_norm = float(w.norm(dim=1).max())
+        self.max_rounding = float((w - w_bf16.float()).norm(dim=1).max())
+        self.vocab_size, self.dim = w.shape
+
+    def screen(self, h: torch.Tensor) -> torch.Tensor:
+        """Stage 1: approximate logits (N, V), as fp32, of fp32 activations (N, d)."""
+        return _packed_linear(h.to(torch.bfloat16), self._screen, None).float()
+
+    def bound(self, h: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+        """beta (N,): no row's screened score is further than this from its exact logit."""
+        h_bf16 = h.to(torch.bfloat16).float()
+        h_norm = h_bf16.norm(dim=-1)
+        beta = (
+            (h - h_bf16).norm(dim=-1) * self.max_row_norm
+            + h_norm * self.max_rounding
+            + self.dim * _FP32_UNIT * h_norm * self.max_row_norm * 1.01
+            + 2 * _BF16_UNIT * approx.abs().amax(dim=-1)
+        )
+        # Headroom for the fp32 rounding of the norms and sums above.
+        return beta * 1.001 + 1e-6
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d), already normalised; weight (V, d), the head this was built from
+        -> logits (..., V): fp32 where a token can be the maximum, -inf elsewhere."""
+        shape = hidden.shape
+        h = hidden.reshape(-1, shape[-1]).float()
+        approx = self.screen(h)
+        threshold = approx.amax(dim=-1) - 2 * self.bound(h, approx)
+        # One candidate set for the whole batch: a superset of every row's own.
+        candidates = (approx >= threshold[:, None]).any(dim=0).nonzero().squeeze(-1)
+        exact = nn.functional.linear(h, weight.index_select(0, candidates).float())
+        out = torch.full_like(approx, float("-inf"))
+        out[:, candidates] = exact
+        return out.reshape(*shape[:-1], self.vocab_size)
+
+
+# -- the transforms together ----------------------------------------------------
+
+
+@dataclass
+class FastConfig:
+    """Which serving transforms :func:`make_fast` applies (see the module docstring)."""
+
+    prepack: bool = True
+    screened_head: bool = True
+    compile: bool = False
+    batch_hint: int = 1  # the decode batch size the packed layouts are chosen for
+
+    def __post_init__(self) -> None:
+        if self.batch_hint < 1:
+            raise ValueError(f"batch_hint must be >= 1, got {self.batch_hint}")
+
+
+@dataclass
+class FastReport:
+    applied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # transform -> why
+    compile_seconds: float | None = None
+
+    def __str__(self) -> str:
+        parts = self.applied + [f"no {k} ({v})" for k, v in self.skipped.items()]
+        if self.compile_seconds is not None:
+            parts.append(f"compiled in {self.compile_seconds:.0f} s")
+        return ", ".join(parts) or "nothing"
+
+
+def make_fast(model: nn.Module, cfg: FastConfig | None = None) -> FastReport:
+    """Apply the transforms of ``cfg`` to a ``GPTModel`` in place, in eval mode.
+
+    Call it last: after loading the weights and casting to the serving dtype
+    and device. A transform that does not fit (no oneDNN, a GPU, a bf16 head
+    for ``screened_head``) is skipped and says why in the returned report.
+    """
+    cfg = cfg or FastConfig()
+    report = FastReport()
+    model.eval()
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise FastPathError("make_fast: this model is already compiled; call make_fast once, on the plain model")
+    weight = model.head_weight
+    if cfg.screened_head:
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available(torch.bfloat16):
+            model.argmax_head = ScreenedHead(weight, cfg.batch_hint)
+            report.applied.append("screened_head")
+        else:
+            reason = "the head is already half precision" if weight.dtype != torch.float32 else "needs a CPU with oneDNN bf16"
+            report.skipped["screened_head"] = reason
+    if cfg.prepack and cfg.compile:
+        report.skipped["prepack"] = "inductor's freezing packs the weights of the compiled model"
+    elif cfg.prepack:
+        if weight.device.type == "cpu" and onednn_available(weight.dtype):
+            n = prepack_linears(model, cfg.batch_hint)
+            model.fast_head = PackedHead(cfg.batch_hint)
+            report.applied.append(f"prepack ({n} linears and the output layer)")
+        else:
+            report.skipped["prepack"] = f"oneDNN does not run {weight.dtype} on {weight.device.type}"
+    if cfg.compile:
+        report.compile_seconds = compile_model(model, cfg.batch_hint)
+        report.applied.append("compile")
+    return report
+
+
+def inductor_cache_dir() -> Path:
+    home = Path(os.environ.get("SCRATCHGPT_HOME", Path.home() / ".cache" / "scratchgpt"))
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", home / "inductor"))
+
+
+def compile_model(model: nn.Module, batch_hint: int = 1) -> float:
+    """``torch.compile`` the model's forward with freezing, in place, and warm it up; returns seconds.
+
+    Shapes are dynamic from the start (prompt length, cache length and batch
+    all vary between requests), so the warm-up compiles each graph the decoding
+    loop uses once: prefill and decode, unpadded and left-padded.
+    """
+    from core.generate import GenerationConfig, decode_steps  # here: core.generate imports the model
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    start = time.perf_counter()
+    model.compile(dynamic=True, options={"freezing": True})
+    warm = GenerationConfig(max_new_tokens=3)
+    rows = max(2, batch_hint)
+    for prompts in ([[1] * 5] * rows, [[1] * 6] + [[1] * 4] * (rows - 1)):
+        for _ in decode_steps(model, prompts, warm):
+            pass
+    return time.perf_counter() - start

@@ -1,0 +1,203 @@
+"""core.fast: every serving transform gives the plain model's tokens and (within float rounding) logits."""
+
+import copy
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from core.fast import FastConfig, FastPathError, PackedLinear, ScreenedHead, make_fast, onednn_available
+from core.generate import GenerationConfig, generate
+from core.kv_cache import KVCache
+from core.model import GPTModel
+
+pytestmark = pytest.mark.skipif(not onednn_available(torch.float32), reason="torch built without oneDNN")
+needs_bf16 = pytest.mark.skipif(not onednn_available(torch.bfloat16), reason="no oneDNN bf16 on this CPU")
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices gain nothing from a second thread, and on a shared two-core
+    # machine an OpenMP team waiting for a busy core made these tests 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(family: str, **kw) -> GPTModel:
+    torch.manual_seed(0)
+    base = dict(family=family, vocab_size=1000, context_length=24, emb_dim=48, n_layers=2, n_heads=4)
+    if family == "llama":
+        base.update(n_kv_heads=2, hidden_dim=96)
+    base.update(kw)
+    model = GPTModel(ModelConfig(**base)).eval()
+    # Trained-looking logits: spread them out so greedy is not a coin toss between near-ties.
+    with torch.no_grad():
+        model.head_weight.mul_(8.0)
+    return model
+
+
+def fast_copy(model: GPTModel, **kw) -> GPTModel:
+    fast = copy.deepcopy(model)
+    make_fast(fast, FastConfig(**kw))
+    return fast
+
+
+# -- prepacked linears --------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_packed_linear_matches_linear_fp32(rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    packed = PackedLinear(linear)
+    x = torch.randn(2, rows, 64)
+    with torch.inference_mode():
+        assert torch.allclose(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_bf16
+def test_packed_linear_matches_linear_bf16():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96).bfloat16()
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 64).bfloat16()
+    with torch.inference_mode():
+        out, ref = packed(x).float(), linear(x).float()
+    assert torch.allclose(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_packed_linear_repacks_after_the_weight_changes_and_trains_through_autograd():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 16)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        before = packed(x)
+    with torch.no_grad():
+        linear.weight.mul_(2.0)  # e.g. load_state_dict after make_fast
+    with torch.inference_mode():
+        assert torch.allclose(packed(x), linear(x), atol=1e-5)
+        assert not torch.allclose(packed(x), before)
+    # With autograd on, it is a plain linear layer: gradients flow to the shared parameters.
+    packed(x).sum().backward()
+    assert linear.weight.grad is not None and linear.weight.grad.shape == (16, 32)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_make_fast_keeps_the_state_dict_and_parameter_count(family):
+    model = tiny(family, tie_embeddings=family == "gpt2")
+    fast = fast_copy(model)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), model.state_dict().values()))
+    assert fast.num_parameters() == model.num_parameters()
+    # ... so a fast model's weights load back into a plain one.
+    GPTModel(model.cfg).load_state_dict(fast.state_dict())
+
+
+# -- screened output layer ----------------------------------------------------
+
+
+def test_screened_head_bound_holds_and_argmax_is_exact():
+    torch.manual_seed(0)
+    V, d = 5000, 72  # d not a multiple of 16, vocabulary not of 64
+    weight = torch.randn(V, d) * 0.05
+    # Near-ties: rows that differ from row 0 by less than bf16 can resolve.
+    weight[1:40] = weight[0] + torch.randn(39, d) * 1e-5
+    head = ScreenedHead(weight)
+    hidden = torch.nn.functional.layer_norm(torch.randn(64, d), (d,))
+    hidden[:8] = weight[0] / weight[0].norm() * d**0.5  # queries aimed at the near-tied rows
+    with torch.inference_mode():
+        exact = torch.nn.functional.linear(hidden, weight)
+        approx = head.screen(hidden)
+        beta = head.bound(hidden, approx)
+        assert ((approx - exact).abs() <= beta[:, None]).all()  # the error bound the screen relies on
+        logits = head(hidden, weight)
+    finite = logits.isfinite()
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    assert torch.allclose(logits[finite], exact[finite], atol=1e-5)
+    assert finite.sum(-1).max() < V // 10  # it does screen: one shared candidate set for all 64 rows
+
+
+def test_screened_head_refuses_a_half_precision_head():
+    with pytest.raises(FastPathError, match="screened_head=False"):
+        ScreenedHead(torch.randn(10, 16).bfloat16())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_argmax_only_logits_have_the_plain_argmax(family):
+    model = tiny(family)
+    fast = fast_copy(model)
+    ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        plain = model(ids)
+        screened = fast(ids, argmax_only=True)
+        full = fast(ids)
+    assert torch.equal(screened.argmax(-1), plain.argmax(-1))
+    assert torch.allclose(full, plain, atol=1e-4)  # without argmax_only: every logit, packed kernels
+
+
+# -- decoding -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_fast_greedy_tokens_equal_plain(family, use_cache):
+    model = tiny(family)
+    fast = fast_copy(model)
+    # 20 new tokens on a 24-token context also exercises the cropped window.
+    cfg = GenerationConfig(max_new_tokens=20, use_cache=use_cache)
+    assert generate(fast, PROMPTS, cfg) == generate(model, PROMPTS, cfg)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fast_sampling_sees_the_plain_distribution(family):
+    model = tiny(family)
+    fast = fast_copy(model)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.inference_mode():
+        cache_a, cache_b = KVCache(model.cfg, 1), KVCache(model.cfg, 1)
+        a, b = model(ids, cache=cache_a, last_only=True), fast(ids, cache=cache_b, last_only=True)
+        assert torch.allclose(a.softmax(-1), b.softmax(-1), atol=1e-6)
+        step = torch.tensor([[3]])
+        assert torch.allclose(model(step, cache=cache_a), fast(step, cache=cache_b), atol=1e-4)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, top_k=50, seed=3)
+    assert generate(fast, PROMPTS, cfg) == generate(model, PROMPTS, cfg)
+
+
+@needs_bf16
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fast_bf16_skips_the_screen_and_stays_close(family):
+    model = tiny(family).bfloat16()
+    fast = copy.deepcopy(model)
+    report = make_fast(fast)
+    assert "screened_head" in report.skipped and fast.argmax_head is None
+    assert any(a.startswith("prepack") for a in report.applied)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        a, b = model(ids).float(), fast(ids).float()
+    # bf16 keeps ~3 significant digits; different kernels round differently.
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_report_and_bad_config():
+    fast = copy.deepcopy(tiny("gpt2"))
+    report = make_fast(fast, FastConfig(prepack=False))
+    assert report.applied == ["screened_head"] and "prepack" not in str(report)
+    with pytest.raises(ValueError, match="batch_hint"):
+        FastConfig(batch_hint=0)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_tokens():
+    """torch.compile with freezing: minutes on two cores the first time, cached after."""
+    model = tiny("gpt2")
+    fast = copy.deepcopy(model)
+    report = make_fast(fast, FastConfig(compile=True, screened_head=False))
+    assert report.compile_seconds is not None and report.compile_seconds > 0
+    cfg = GenerationConfig(max_new_tokens=12)
+    assert generate(fast, PROMPTS, cfg) == generate(model, PROMPTS, cfg)
