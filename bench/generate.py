@@ -1,21 +1,31 @@
 """Decoding speed: our models against transformers on the same weights, in one run.
 
-    python bench/generate.py                      # GPT-2 124M, fp32 and bf16, batch 1 and 8, cache on/off
+    python bench/generate.py                      # GPT-2 124M, fp32 and bf16, batch 1 and 8: plain, fast, cache off
     python bench/generate.py --smollm2            # adds SmolLM2-135M rows (needs its GGUF)
+    python bench/generate.py --compile            # adds torch.compile rows (minutes of compiling)
+    python bench/generate.py --threads 1 --clock cpu   # on a busy shared machine: see docs/performance.md
     python bench/generate.py --quick              # fewer tokens, for a smoke run
 
-Both sides get identical random GPT-2 weights (transformers' GPT2LMHeadModel
-initialised with a seed, converted with our Hugging Face loader), the same
-prompts (random ids, 32 tokens) and greedy decoding with a fixed number of new
-tokens; the table says whether the generated tokens are identical. The
-machine's memory read bandwidth is measured in the same run: batch-1 decoding
-must read every weight once per token, so bandwidth / model bytes bounds
-tokens/s, and the table prints how close we get to that bound.
+Both sides get identical weights (GPT-2: transformers' GPT2LMHeadModel
+initialised with a seed, converted with our Hugging Face loader; SmolLM2: the
+same GGUF file), the same prompts (random ids, 32 tokens) and greedy decoding
+with a fixed number of new tokens. Paths of ours: ``plain`` is the model as
+``core.model`` builds it, ``fast`` adds ``core.fast.make_fast`` (prepacked
+weights, screened output layer), ``compiled`` adds torch.compile with freezing.
+
+Runs of transformers and of each of our paths alternate, and each figure is the
+best of ``--repeats``, so load from other processes falls on all alike. The
+machine's memory read bandwidth is measured in the same run (before and after,
+the better one kept): batch-1 decoding must read every weight once per token,
+so bandwidth / weight bytes bounds tokens/s, and the table prints how close we
+get. "same" says whether our tokens equal transformers' at the same dtype;
+"= fp32" counts the rows whose tokens equal the fp32 reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -25,22 +35,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import ModelConfig  # noqa: E402
+from core.fast import FastConfig, make_fast  # noqa: E402
 from core.generate import GenerationConfig, generate  # noqa: E402
 from core.model import GPTModel  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def read_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+def read_bandwidth_gbs(clock, size_mb: int = 1024, repeats: int = 5) -> float:
     """Best-of-n read bandwidth: summing a buffer larger than any cache touches each byte once."""
     buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
     buf.sum()
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         buf.sum()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return buf.numel() * 4 / best / 1e9
 
 
@@ -48,14 +59,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up (allocations, one-off kernel choices)
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def hf_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) -> list[list[int]]:
@@ -96,27 +104,72 @@ def smollm2_pair(gguf: Path):
     return "SmolLM2-135M", ours, hf
 
 
-def bench_pair(name, ours, hf, args, bound_gbs, rows):
+def interleaved(runs: dict, repeats: int, clock) -> tuple[dict[str, float], dict[str, object]]:
+    """Best time of each run, the runs taken in turn: one warm-up round, then ``repeats`` rounds."""
+    best = {name: float("inf") for name in runs}
+    outputs = {}
+    for round_ in range(repeats + 1):
+        for name, fn in runs.items():
+            t = clock()
+            outputs[name] = fn()
+            if round_ > 0:
+                best[name] = min(best[name], clock() - t)
+    return best, outputs
+
+
+def bench_pair(name, ours, hf, args, clock, rows, bounds, notes):
+    """Append table rows; for batch-1 cached rows also (row index, tokens/s, weight bytes) to ``bounds``."""
     vocab = ours.cfg.vocab_size
     g = torch.Generator().manual_seed(1)
+    prompts = {b: torch.randint(1000, vocab, (b, args.prompt_tokens), generator=g) for b in args.batch}
+    reference: dict[tuple[int, bool], object] = {}  # fp32 transformers tokens, per batch and cache
+    hf_fp32_tps: dict[tuple[int, bool], float] = {}
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        ours_d, hf_d = ours.to(dtype), hf.to(dtype)
+        hf_d, plain = hf.to(dtype), ours.to(dtype)
+        paths = {"plain": plain}
+        if not args.no_fast:
+            paths["fast"] = copy.deepcopy(plain)
+            report = make_fast(paths["fast"], FastConfig(prepack=True, screened_head=True))
+            notes.append(f"{name} {dtype_name} fast: {report}")
+        if args.compile:
+            paths["compiled"] = copy.deepcopy(plain)
+            report = make_fast(paths["compiled"], FastConfig(compile=True))
+            notes.append(f"{name} {dtype_name} compiled: {report} (load {load_average()})")
         for batch in args.batch:
-            prompts = torch.randint(1000, vocab, (batch, args.prompt_tokens), generator=g)
             for use_cache in (True, False):
+                if not use_cache and args.no_uncached:
+                    continue
                 new = args.new_tokens if use_cache else args.new_tokens_uncached
+                x = prompts[batch]
+                # Without the cache only the book's loop is measured: the fast paths are for serving.
+                ours_paths = paths if use_cache else {"plain": plain}
+                runs = {"transformers": lambda: hf_generate(hf_d, x, new, use_cache)}
+                runs.update({p: (lambda m=m: our_generate(m, x, new, use_cache)) for p, m in ours_paths.items()})
                 with torch.inference_mode():
-                    t_hf, out_hf = time_it(lambda: hf_generate(hf_d, prompts, new, use_cache), args.repeats)
-                    t_us, out_us = time_it(lambda: our_generate(ours_d, prompts, new, use_cache), args.repeats)
-                tps_hf, tps_us = batch * new / t_hf, batch * new / t_us
-                bound = bound_gbs * 1e9 / weight_bytes(ours_d)
-                rows.append([
-                    name, dtype_name, batch, "on" if use_cache else "off", f"{tps_us:.1f}", f"{tps_hf:.1f}",
-                    f"{tps_us / tps_hf:.2f}x", "yes" if out_us == out_hf else "NO",
-                    f"{100 * tps_us / bound:.0f}%" if batch == 1 and use_cache else "",
-                ])
-                print("  " + " | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
+                    best, outs = interleaved(runs, args.repeats, clock)
+                tps = {k: batch * new / t for k, t in best.items()}
+                key = (batch, use_cache)
+                if dtype_name == "fp32":
+                    reference[key], hf_fp32_tps[key] = outs["transformers"], tps["transformers"]
+                ref = reference.get(key)
+                for path in ours_paths:
+                    out = outs[path]
+                    rows.append([
+                        name, dtype_name, batch, "on" if use_cache else "off", path,
+                        f"{tps[path]:.1f}", f"{tps['transformers']:.1f}",
+                        f"{tps[path] / tps['transformers']:.2f}x",
+                        f"{tps[path] / hf_fp32_tps[key]:.2f}x" if key in hf_fp32_tps else "",
+                        "yes" if out == outs["transformers"] else "NO",
+                        f"{sum(a == b for a, b in zip(out, ref))}/{batch}" if ref is not None else "",
+                        "",  # of the bandwidth bound: filled in at the end, with the final bandwidth
+                    ])
+                    if batch == 1 and use_cache:
+                        bounds.append((len(rows) - 1, tps[path], weight_bytes(plain)))
+                    print("  " + " | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
+        del paths
+    hf.float()
+    ours.float()
 
 
 def print_table(header, rows):
@@ -135,7 +188,13 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--new-tokens-uncached", type=int, default=32, help="uncached decoding is quadratic: fewer tokens")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-uncached", action="store_true", help="skip the cache-off rows")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds after one warm-up round; best kept")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: this thread's CPU time, steadier under load (use with --threads 1)")
+    p.add_argument("--no-fast", action="store_true", help="skip the core.fast rows")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles for minutes, then cached)")
     p.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M rows")
     p.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (default: the model cache)")
     p.add_argument("--no-gpt2", action="store_true")
@@ -143,16 +202,26 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.new_tokens, args.new_tokens_uncached, args.repeats = 16, 8, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        sys.exit("--clock cpu counts only the calling thread: use it with --threads 1")
+    clock = CLOCKS[args.clock]
 
     import transformers
 
-    bandwidth = read_bandwidth_gbs()
+    load_before = load_average()
+    bandwidth = read_bandwidth_gbs(clock)
+    bandwidth_before = bandwidth
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"read bandwidth {bandwidth:.1f} GB/s; greedy, prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens ({args.new_tokens_uncached} without cache)", flush=True)
+          f"{args.clock} clock; greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
+          f"({args.new_tokens_uncached} without cache), best of {args.repeats}; load average {load_before}", flush=True)
     rows: list[list] = []
+    bounds: list[tuple[int, float, int]] = []
+    notes: list[str] = []
+    started = time.perf_counter()
     if not args.no_gpt2:
-        bench_pair(*gpt2_pair(), args, bandwidth, rows)
+        bench_pair(*gpt2_pair(), args, clock, rows, bounds, notes)
     if args.smollm2:
         gguf = args.gguf
         if gguf is None:
@@ -161,9 +230,18 @@ def main() -> None:
             gguf = downloads_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not gguf.is_file():
             sys.exit(f"--smollm2: {gguf} not found; run `scratchgpt download smollm2-135m-instruct`")
-        bench_pair(*smollm2_pair(gguf), args, bandwidth, rows)
-    print_table(["model", "dtype", "batch", "cache", "ours tok/s", "transformers tok/s", "ratio", "same tokens",
-                 "of bandwidth bound"], rows)
+        bench_pair(*smollm2_pair(gguf), args, clock, rows, bounds, notes)
+    bandwidth_after = read_bandwidth_gbs(clock)
+    bandwidth = max(bandwidth_before, bandwidth_after)
+    for i, tps, nbytes in bounds:
+        rows[i][-1] = f"{100 * tps * nbytes / (bandwidth * 1e9):.0f}%"
+    print_table(["model", "dtype", "batch", "cache", "ours", "ours tok/s", "transformers tok/s", "ratio",
+                 "vs transformers fp32", "same", "= fp32", "of bandwidth bound"], rows)
+    for note in notes:
+        print(f"- {note}")
+    print(f"- read bandwidth {bandwidth_before:.1f} GB/s before, {bandwidth_after:.1f} after ({args.clock} clock); "
+          f"bound = the better one / weight bytes; load average before {load_before}, "
+          f"after {load_average()}; {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
