@@ -125,9 +125,16 @@ def make_target() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def served():
-    make_target()
-    yield
-    _RUNNING.close()
+    # Tiny models gain nothing from a second torch thread, and on a busy machine the hand-offs
+    # between threads cost many times the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        make_target()
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _RUNNING.close()
 
 
 def test_schema_states_the_loaded_models_limits():
