@@ -12,12 +12,23 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
+import torch
 
 from app_testing import LiveServer, parse_sse
 
 CONVERSATIONS = 16
 TURNS = 3
 TOKENS = 12
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread; on a busy machine the hand-offs cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def chat(url: str, index: int) -> tuple[str, list[tuple[str, str]]]:
