@@ -126,6 +126,12 @@ def generate(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -
     return outputs
 
 
+def _first_stop(text: str, stop_strings: tuple[str, ...]) -> int:
+    """Where the earliest stop string starts in text, or -1."""
+    found = [at for at in (text.find(stop) for stop in stop_strings) if at >= 0]
+    return min(found, default=-1)
+
+
 def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that could still grow into a stop string."""
     longest = 0
@@ -156,19 +162,16 @@ def stream(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationCon
             yield StreamChunk(pending + decoder.flush(), [token], "stop")
             return
         pending += decoder.push(token)
-        for stop in cfg.stop_strings:
-            at = pending.find(stop)
-            if at >= 0:
-                yield StreamChunk(pending[:at], [token], "stop")
-                return
+        at = _first_stop(pending, cfg.stop_strings)
+        if at >= 0:
+            yield StreamChunk(pending[:at], [token], "stop")
+            return
         keep = _held_back(pending, cfg.stop_strings)
         ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
         yield StreamChunk(ready, [token])
     tail = pending + decoder.flush()
-    for stop in cfg.stop_strings:
-        if stop in tail:
-            tail = tail[: tail.find(stop)]
-    yield StreamChunk(tail, [], "length")
+    at = _first_stop(tail, cfg.stop_strings)
+    yield StreamChunk(tail if at < 0 else tail[:at], [], "length")
 
 
 def generate_text(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> str:

@@ -8,6 +8,7 @@ Holtzman et al., 2020), and draws from what is left.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,11 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # also refuses nan
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
@@ -45,6 +46,7 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         # Drop a token when the tokens before it already reach top_p; the most
         # likely token always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop_sorted[..., 0] = False  # even a top_p that rounds to 0 in float32 keeps one token
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
