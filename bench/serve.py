@@ -1,0 +1,440 @@
+"""Service speed: classification with micro-batching against one text at a time, and chat time to first token.
+
+    python bench/serve.py                        # 32 clients, 20 s a phase, GPT-2 124M random weights
+    python bench/serve.py --duration 10 --ttft-samples 10
+    python bench/serve.py --classifier ~/.cache/scratchgpt/models/spam-classifier --chat ~/.cache/scratchgpt/models/smollm2-135m-instruct
+
+What runs: the real service (uvicorn in a subprocess, started as production starts it) on
+127.0.0.1, and clients in this process (asyncio + httpx, one event loop). Two servers in turn:
+one with the classifier's dynamic micro-batching as configured (``SCRATCHGPT_CLASSIFIER_BATCH_SIZE``
+texts or ``..._BATCH_WAIT_MS``, whichever first), one with a batch size of 1. Each faces
+``--clients`` clients that post single SMS messages (``../shared/data/sms_spam`` when present,
+else a built-in handful) back to back for ``--duration`` seconds. The first server then answers
+``--ttft-samples`` chats, one at a time, each a new conversation whose prompt is exactly
+``--prompt-tokens`` tokens through the chat template: time to first token is measured at the
+client, from sending the request to the first ``delta`` event.
+
+By default both models are GPT-2 124M with random weights, saved with core's
+``save_checkpoint`` (the classifier is the book's chapter 6 model: the backbone with a 2-class
+head). Everything is bounded: each phase by its duration and ``--max-requests``, each request
+by a timeout, the servers by a start timeout. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+HOST = "127.0.0.1"  # loopback only, always
+SMS_FILE = REPO.parent / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
+FALLBACK_TEXTS = [
+    "Ok lar... Joking wif u oni...",
+    "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward!",
+    "I'm gonna be home soon and i don't want to talk about this stuff anymore tonight, k?",
+    "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121 to receive entry",
+    "Even my brother is not like to speak with me. They treat me like aids patent.",
+    "Had your mobile 11 months or more? U R entitled to Update to the latest colour mobiles with camera for Free!",
+    "Nah I don't think he goes to usf, he lives around here though",
+    "SIX chances to win CASH! From 100 to 20,000 pounds txt> CSH11 and send to 87575.",
+]
+PASSAGE = (
+    "The lighthouse stood at the end of a long spit of sand, and every evening the keeper climbed its hundred and "
+    "twelve steps to light the lamp. Ships passing in the night saw the beam sweep across the water and knew where "
+    "the rocks were. One winter a storm came that lasted nine days, and the keeper did not sleep, because the lamp "
+    "had to turn and the glass had to be kept clean of salt. Tell me what the keeper thought about during those "
+    "long nights, and whether he was afraid."
+)
+
+
+# --- the server ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+class ServerProcess:
+    """The service under uvicorn in its own process, as ``scratchgpt serve`` runs a worker process."""
+
+    def __init__(self, workdir: Path, name: str, start_timeout: float = 180, threads: int | None = None,
+                 **settings: object) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log = workdir / f"{name}.log"
+        self.start_timeout = start_timeout
+        home = workdir / f"{name}-home"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCRATCHGPT_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env.update(SCRATCHGPT_HOME=str(home), SCRATCHGPT_DATABASE_URL=f"sqlite:///{workdir / (name + '.db')}",
+                   SCRATCHGPT_DEVICE="cpu", SCRATCHGPT_LOG_LEVEL="WARNING", SCRATCHGPT_LOG_JSON="false")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        for key, value in settings.items():
+            env[f"SCRATCHGPT_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.server:app_from_environment", "--factory",
+             "--host", HOST, "--port", str(self.port), "--no-access-log"],
+            cwd=home, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> "ServerProcess":
+        import httpx
+
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                ready = httpx.get(f"{self.url}/ready", timeout=5)
+                if ready.status_code == 200:
+                    states = {role: m["state"] for role, m in ready.json()["models"].items()}
+                    if "error" in states.values():
+                        raise RuntimeError(f"a model failed to load: {ready.json()['models']}")
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise RuntimeError(f"server not ready after {self.start_timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process, from /proc (Linux)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log_file.close()
+
+
+def metric(url: str, name: str) -> float:
+    """One unlabelled sample of the server's Prometheus metrics (0 when absent)."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, flags=re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def build_checkpoints(folder: Path, chat: Path | None, classifier: Path | None) -> tuple[Path, Path]:
+    """GPT-2 124M with random weights as a chat model and as a 2-class classifier, unless given."""
+    import torch
+
+    from core.chat_template import ALPACA
+    from core.checkpoint import save_checkpoint
+    from core.classifier import SequenceClassifier
+    from core.config import ModelConfig
+    from core.model import GPTModel
+    from core.tokenizer.gpt2 import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    if chat is None:
+        chat = save_checkpoint(folder / "gpt2-124m-random-chat", GPTModel(ModelConfig.from_preset("gpt2-small")),
+                               tokenizer, chat_template=ALPACA, metadata={"name": "gpt2-124m-random"})
+    if classifier is None:
+        model = SequenceClassifier(GPTModel(ModelConfig.from_preset("gpt2-small")), num_classes=2)
+        classifier = save_checkpoint(folder / "gpt2-124m-random-spam", model, tokenizer, task="classification",
+                                     labels=["ham", "spam"], metadata={"name": "gpt2-124m-random-spam"})
+    return chat, classifier
+
+
+def sms_texts() -> tuple[list[str], str]:
+    if SMS_FILE.is_file():
+        lines = SMS_FILE.read_text(encoding="utf-8", errors="replace").splitlines()
+        texts = [line.split("\t", 1)[1] for line in lines if "\t" in line]
+        return texts, f"{len(texts)} SMS messages from {SMS_FILE}"
+    return FALLBACK_TEXTS, f"{len(FALLBACK_TEXTS)} built-in SMS-like texts ({SMS_FILE} not present)"
+
+
+def prompt_of_length(chat_checkpoint: Path, tokens: int) -> str:
+    """User text that makes the chat prompt (template included, no system prompt) exactly ``tokens`` long."""
+    from types import SimpleNamespace
+
+    from app.chat import encode_prompt
+    from core.checkpoint import read_config
+    from core.chat_template import ChatTemplate
+    from core.tokenizer import load_tokenizer
+
+    config = read_config(chat_checkpoint)
+    template = ChatTemplate.from_dict(config["chat_template"]) if config.get("chat_template") else None
+    checkpoint = SimpleNamespace(tokenizer=load_tokenizer(config.get("tokenizer"), chat_checkpoint), chat_template=template)
+    words = (PASSAGE + " ") * 20
+    words = words.split()
+    for n in range(1, len(words)):
+        text = " ".join(words[:n])
+        length = len(encode_prompt(checkpoint, [{"role": "user", "content": text}]))
+        if length == tokens:
+            return text
+        if length > tokens:
+            break
+    raise SystemExit(f"could not make a prompt of exactly {tokens} tokens")
+
+
+# --- clients --------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+async def classify_flood(url: str, clients: int, duration: float, max_requests: int, texts: list[str],
+                         timeout: float, name: str) -> Phase:
+    """``clients`` tasks posting one text each, back to back, until ``duration`` s or ``max_requests`` in all."""
+    import httpx
+
+    phase = Phase(name)
+    budget = [max_requests]
+    rng = random.Random(0)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        # Warm up: the first forward passes (allocations, lazy inits) are not timed.
+        for text in texts[:2]:
+            await client.post("/api/v1/classify", json={"text": text})
+        start = time.perf_counter()
+        deadline = start + duration
+
+        async def one_client() -> None:
+            while time.perf_counter() < deadline and budget[0] > 0:
+                budget[0] -= 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/api/v1/classify", json={"text": rng.choice(texts)})
+                    if r.status_code != 200:
+                        phase.errors.append(f"{r.status_code} {r.text[:120]}")
+                        continue
+                    assert r.json()["label"] in ("spam", "ham")
+                    phase.latencies.append(time.perf_counter() - t0)
+                except (httpx.HTTPError, AssertionError) as exc:
+                    phase.errors.append(f"{type(exc).__name__}: {exc}")
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        phase.seconds = time.perf_counter() - start
+    return phase
+
+
+def parse_events(buffer: str) -> tuple[list[tuple[str, dict]], str]:
+    """Complete SSE events in ``buffer`` and what is left of it."""
+    events = []
+    while "\n\n" in buffer:
+        raw, buffer = buffer.split("\n\n", 1)
+        event, data = "message", []
+        for line in raw.splitlines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        if data:
+            events.append((event, json.loads("\n".join(data))))
+    return events, buffer
+
+
+async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, float, dict, dict]:
+    """One new conversation, one message: (seconds to the first delta, to the end, start event, done event)."""
+    created = await client.post("/api/v1/conversations",
+                                json={"system_prompt": "", "temperature": 0.0, "max_new_tokens": max_new_tokens})
+    created.raise_for_status()
+    cid = created.json()["id"]
+    t0 = time.perf_counter()
+    first = None
+    start_event: dict = {}
+    done: dict = {}
+    buffer = ""
+    async with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": content}) as r:
+        r.raise_for_status()
+        async for text in r.aiter_text():
+            events, buffer = parse_events(buffer + text)
+            for event, data in events:
+                if event == "start":
+                    start_event = data
+                elif event == "delta" and first is None:
+                    first = time.perf_counter() - t0
+                elif event == "done":
+                    done = data
+                elif event == "error":
+                    raise RuntimeError(data["detail"])
+    if not done:
+        raise RuntimeError("the stream ended without a done event")
+    return (first if first is not None else float("nan")), time.perf_counter() - t0, start_event, done
+
+
+async def time_to_first_token(url: str, content: str, samples: int, max_new_tokens: int, timeout: float) -> Phase:
+    import httpx
+
+    phase = Phase("chat time to first token")
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+        await chat_once(client, content, max_new_tokens)  # warm-up
+        start = time.perf_counter()
+        for _ in range(samples):
+            try:
+                first, _, start_event, _ = await chat_once(client, content, max_new_tokens)
+                phase.latencies.append(first)
+                phase.prompt_tokens = start_event.get("prompt_tokens")  # type: ignore[attr-defined]
+            except (httpx.HTTPError, RuntimeError) as exc:
+                phase.errors.append(f"{type(exc).__name__}: {exc}")
+        phase.seconds = time.perf_counter() - start
+    return phase
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return "n/a" if seconds != seconds else f"{seconds * 1000:.0f}"
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of each classification phase")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="cap on requests in each phase")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="micro-batch size of the batched server (default: the service's setting)")
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="its wait (default: the service's setting)")
+    parser.add_argument("--ttft-samples", type=int, default=20)
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per chat sample")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before one request counts as failed")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (OMP_NUM_THREADS)")
+    parser.add_argument("--chat", type=Path, default=None, help="a chat checkpoint (default: GPT-2 124M random)")
+    parser.add_argument("--classifier", type=Path, default=None, help="a classifier checkpoint (default: random)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server logs)")
+    args = parser.parse_args(argv)
+
+    from app.settings import Settings
+
+    defaults = Settings(home=Path(tempfile.gettempdir()))
+    batch_size = args.batch_size or defaults.classifier_batch_size
+    batch_wait = defaults.classifier_batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
+    texts, source = sms_texts()
+    workdir = Path(tempfile.mkdtemp(prefix="scratchgpt-bench-serve-"))
+    try:
+        load_before = load_average()
+        t0 = time.perf_counter()
+        chat, classifier = build_checkpoints(workdir, args.chat, args.classifier)
+        content = prompt_of_length(chat, args.prompt_tokens)
+        print(f"machine: {os.cpu_count()} CPUs, load average {load_before}; texts: {source}")
+        print(f"chat model {chat}; classifier {classifier} (made in {time.perf_counter() - t0:.1f} s)")
+
+        common = dict(threads=args.threads, chat_checkpoint=chat, classifier_checkpoint=classifier)
+        with ServerProcess(workdir, "batched", classifier_batch_size=batch_size,
+                           classifier_batch_wait_ms=batch_wait, **common) as server:
+            batched = asyncio.run(classify_flood(server.url, args.clients, args.duration, args.max_requests, texts,
+                                                 args.timeout, "micro-batched"))
+            texts_done, passes = metric(server.url, "scratchgpt_classifier_batch_size_sum"), metric(
+                server.url, "scratchgpt_classifier_batch_size_count")
+            mean_batch = texts_done / passes if passes else float("nan")
+            ttft = asyncio.run(time_to_first_token(server.url, content, args.ttft_samples, args.new_tokens,
+                                                   args.timeout))
+        with ServerProcess(workdir, "single", classifier_batch_size=1, chat_enabled=False, **common) as server:
+            single = asyncio.run(classify_flood(server.url, args.clients, args.duration, args.max_requests, texts,
+                                                args.timeout, "one at a time"))
+        load_after = load_average()
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b and a == a and b == b else "n/a"
+
+    print()
+    print(f"Service bench: {args.clients} concurrent clients, {args.duration:.0f} s a phase; "
+          f"micro-batching: up to {batch_size} texts or {batch_wait:g} ms")
+    rows = [
+        ("measure", "micro-batched", "one at a time", "ratio", "target"),
+        ("classify requests/s", f"{batched.rate:.1f}", f"{single.rate:.1f}", ratio(batched.rate, single.rate), ">= 5x"),
+        ("classify p50 latency (ms)", ms(percentile(batched.latencies, 0.5)), ms(percentile(single.latencies, 0.5)),
+         ratio(percentile(single.latencies, 0.5), percentile(batched.latencies, 0.5)), ""),
+        ("classify p99 latency (ms)", ms(percentile(batched.latencies, 0.99)), ms(percentile(single.latencies, 0.99)),
+         ratio(percentile(single.latencies, 0.99), percentile(batched.latencies, 0.99)), ""),
+        ("texts per forward pass (mean)", f"{mean_batch:.1f}", "1", "", ""),
+        ("requests (errors)", f"{len(batched.latencies)} ({len(batched.errors)})",
+         f"{len(single.latencies)} ({len(single.errors)})", "", "0 errors"),
+        (f"chat TTFT p50, {getattr(ttft, 'prompt_tokens', '?')}-token prompt (ms)",
+         ms(percentile(ttft.latencies, 0.5)), "", "", "< 300"),
+        ("chat TTFT p99 (ms)", ms(percentile(ttft.latencies, 0.99)), "", "", ""),
+        ("chat samples (errors)", f"{len(ttft.latencies)} ({len(ttft.errors)})", "", "", ""),
+    ]
+    print_table(rows)
+    print(f"load average before {load_before}, after {load_after}; torch threads in the server: "
+          f"{args.threads or 'torch default'}")
+    for phase in (batched, single, ttft):
+        for error in phase.errors[:5]:
+            print(f"  {phase.name} error: {error}")
+    return 1 if batched.errors or single.errors or ttft.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
