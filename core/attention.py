@@ -50,22 +50,19 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, d). mask: bool (B or 1, 1, T, S), True where a query may attend;
         None means plain causal attention over x alone (no cache, no padding)."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): heads become a batch dimension.
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim)  # the heads, side by side
         if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # Queries and keys turn by the same angles: rotate both in one pass.
+            cos, sin = (t.transpose(1, 2) for t in rope)  # (B, T, 1, head_dim), one angle set per token
+            q, k = apply_rope(qkv[:, :, : H + KV], cos, sin).split([H, KV], dim=2)
+        else:
+            q, k = qkv[:, :, :H], qkv[:, :, H : H + KV]
+        v = qkv[:, :, H + KV :]
+        # (B, T, heads, head_dim) -> (B, heads, T, head_dim): heads become a batch dimension.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.n_kv_heads != self.n_heads:
-            # Each key/value head serves a group of consecutive query heads.
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
 
         weights = None
         if self.path == "explicit" or return_weights:
@@ -76,6 +73,8 @@ class CausalSelfAttention(nn.Module):
                 attn_mask=mask,
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=mask is None and T > 1,
+                # Grouped-query heads read their shared key/value head in place, no copies.
+                enable_gqa=KV != H,
             )
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.proj(out), weights
@@ -83,6 +82,10 @@ class CausalSelfAttention(nn.Module):
     def _explicit(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n_kv_heads != self.n_heads:
+            # Each key/value head serves a group of consecutive query heads.
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         T, S = q.shape[2], k.shape[2]
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, S)
         if mask is None:

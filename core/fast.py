@@ -33,6 +33,7 @@ Cast the model to its serving dtype and device *before* calling :func:`make_fast
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class FastPathError(RuntimeError):
     """A fast-path transform that cannot apply to this model, device or dtype."""
 
 
+@functools.cache
 def onednn_available(dtype: torch.dtype) -> bool:
     """Whether torch's oneDNN linear kernels run here for ``dtype`` (CPU only)."""
     if not torch.backends.mkldnn.is_available():
@@ -77,10 +79,21 @@ class _PackedCopy:
         self.key: tuple | None = None
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+        key = _weight_key(weight)
         if key != self.key:
             self.packed, self.key = _pack(weight, self.batch_hint), key
         return self.packed
+
+    def __getstate__(self) -> dict:
+        # A packed tensor is opaque (no storage to copy or pickle): copies repack on first use.
+        return {"batch_hint": self.batch_hint, "packed": None, "key": None}
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    # Changes when the weight is modified in place (version), replaced or cast. Tensors
+    # made under inference_mode keep no version counter; they are taken as unchanged.
+    version = 0 if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, weight.dtype, weight.shape)
 
 
 def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -180,12 +193,25 @@ class ScreenedHead(nn.Module):
                 f"screened_head needs an fp32 output layer on a CPU with oneDNN bf16 (got {weight.dtype} on "
                 f"{weight.device.type}); build FastConfig(screened_head=False) for this model"
             )
+        self.batch_hint = batch_hint
+        self.vocab_size, self.dim = weight.shape
+        self._key: tuple | None = None
+        self._prepare(weight)
+
+    def _prepare(self, weight: torch.Tensor) -> None:
+        """The packed bf16 screen and the norms the bound uses, rebuilt if the weight changed."""
+        if _weight_key(weight) == self._key:
+            return
         w = weight.detach().float()
         w_bf16 = w.to(torch.bfloat16)
-        self._screen = _pack(w_bf16, batch_hint)  # plain attribute: never saved, never cast
+        self._screen = _pack(w_bf16, self.batch_hint)  # plain attribute: never saved, never cast
         self.max_row_norm = float(w.norm(dim=1).max())
         self.max_rounding = float((w - w_bf16.float()).norm(dim=1).max())
-        self.vocab_size, self.dim = w.shape
+        self._key = _weight_key(weight)
+
+    def __getstate__(self) -> dict:
+        # The packed screen is opaque (no storage to copy or pickle): copies rebuild it on first use.
+        return {**self.__dict__, "_screen": None, "_key": None}
 
     def screen(self, h: torch.Tensor) -> torch.Tensor:
         """Stage 1: approximate logits (N, V), as fp32, of fp32 activations (N, d)."""
@@ -207,6 +233,7 @@ class ScreenedHead(nn.Module):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden (..., d), already normalised; weight (V, d), the head this was built from
         -> logits (..., V): fp32 where a token can be the maximum, -inf elsewhere."""
+        self._prepare(weight)
         shape = hidden.shape
         h = hidden.reshape(-1, shape[-1]).float()
         approx = self.screen(h)

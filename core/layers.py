@@ -133,9 +133,10 @@ def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, heads, T, head_dim) by per-position angles.
+    """Rotate the last dimension of x, e.g. (B, heads, T, head_dim), by per-position angles.
 
-    cos and sin are (B, 1, T, head_dim), already gathered at each token's position.
+    cos and sin are gathered at each token's position and broadcast against x:
+    (B, 1, T, head_dim) for that layout, (B, T, 1, head_dim) for (B, T, heads, head_dim).
     """
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
