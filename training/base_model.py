@@ -51,13 +51,9 @@ def resolve_base(base: str | Path) -> Path:
     target = download.models_dir() / source.name
     if (target / "config.json").is_file():
         return target
-    obtain = getattr(download, "ensure_checkpoint", None)
-    if obtain is None:
-        raise BaseModelError(
-            f"--base {text}: {target} does not exist yet; run `scratchgpt download {source.name}` first"
-        )
-    log.info("base model %s is not in the cache; obtaining it", source.name)
-    return Path(obtain(source.name))
+    log.info("base model %s is not in %s; obtaining it as `scratchgpt download %s` does", source.name, target, source.name)
+    raw = download.download_model(source.name)
+    return Path(download.convert_to_checkpoint(raw, source.name))
 
 
 def resolve_device(name: str) -> str:
