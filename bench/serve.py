@@ -14,6 +14,10 @@ else a built-in handful) back to back for ``--duration`` seconds. The first serv
 ``--prompt-tokens`` tokens through the chat template: time to first token is measured at the
 client, from sending the request to the first ``delta`` event.
 
+On a shared machine wall-clock rates follow the neighbours' load, so the table also gives
+classifications per CPU-second of the server process (user + system time from /proc), and
+``--threads 1`` keeps torch's thread hand-offs from burning that time in spin-waits.
+
 By default both models are GPT-2 124M with random weights, saved with core's
 ``save_checkpoint`` (the classifier is the book's chapter 6 model: the backbone with a 2-class
 head). Everything is bounded: each phase by its duration and ``--max-requests``, each request
@@ -137,6 +141,14 @@ class ServerProcess:
             pass
         return float("nan")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far, all threads (Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -224,10 +236,16 @@ class Phase:
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    server_cpu: float = float("nan")  # CPU seconds the server spent during the timed part
 
     @property
     def rate(self) -> float:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    @property
+    def per_cpu_second(self) -> float:
+        """Requests per CPU second of the server: what a busy shared machine cannot blur."""
+        return len(self.latencies) / self.server_cpu if self.server_cpu else float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -240,11 +258,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-async def classify_flood(url: str, clients: int, duration: float, max_requests: int, texts: list[str],
+async def classify_flood(server: ServerProcess, clients: int, duration: float, max_requests: int, texts: list[str],
                          timeout: float, name: str) -> Phase:
     """``clients`` tasks posting one text each, back to back, until ``duration`` s or ``max_requests`` in all."""
     import httpx
 
+    url = server.url
     phase = Phase(name)
     budget = [max_requests]
     rng = random.Random(0)
@@ -254,6 +273,7 @@ async def classify_flood(url: str, clients: int, duration: float, max_requests: 
         for text in texts[:2]:
             await client.post("/api/v1/classify", json={"text": text})
         start = time.perf_counter()
+        cpu_start = server.cpu_seconds()
         deadline = start + duration
 
         async def one_client() -> None:
@@ -272,6 +292,7 @@ async def classify_flood(url: str, clients: int, duration: float, max_requests: 
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
         phase.seconds = time.perf_counter() - start
+        phase.server_cpu = server.cpu_seconds() - cpu_start
     return phase
 
 
@@ -313,6 +334,8 @@ async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, f
                     first = time.perf_counter() - t0
                 elif event == "done":
                     done = data
+                    if first is None:  # the one token's text was held back to the end (a partial character)
+                        first = time.perf_counter() - t0
                 elif event == "error":
                     raise RuntimeError(data["detail"])
     if not done:
@@ -320,13 +343,15 @@ async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, f
     return (first if first is not None else float("nan")), time.perf_counter() - t0, start_event, done
 
 
-async def time_to_first_token(url: str, content: str, samples: int, max_new_tokens: int, timeout: float) -> Phase:
+async def time_to_first_token(server: ServerProcess, content: str, samples: int, max_new_tokens: int,
+                              timeout: float) -> Phase:
     import httpx
 
     phase = Phase("chat time to first token")
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=timeout) as client:
         await chat_once(client, content, max_new_tokens)  # warm-up
         start = time.perf_counter()
+        cpu_start = server.cpu_seconds()
         for _ in range(samples):
             try:
                 first, _, start_event, _ = await chat_once(client, content, max_new_tokens)
@@ -335,7 +360,24 @@ async def time_to_first_token(url: str, content: str, samples: int, max_new_toke
             except (httpx.HTTPError, RuntimeError) as exc:
                 phase.errors.append(f"{type(exc).__name__}: {exc}")
         phase.seconds = time.perf_counter() - start
+        phase.server_cpu = server.cpu_seconds() - cpu_start
     return phase
+
+
+def padding_overhead(classifier: Path, texts: list[str], batch: float, draws: int = 2000) -> float:
+    """Tokens a padded batch of this size computes per real token (each row is padded to the longest)."""
+    from core.checkpoint import read_config
+    from core.tokenizer import load_tokenizer
+
+    size = max(1, round(batch))
+    tokenizer = load_tokenizer(read_config(classifier).get("tokenizer"), classifier)
+    lengths = [len(tokenizer.encode(t)) or 1 for t in texts[:3000]]
+    rng = random.Random(0)
+    real = padded = 0
+    for _ in range(draws):
+        sample = rng.sample(lengths, min(size, len(lengths)))
+        real, padded = real + sum(sample), padded + max(sample) * len(sample)
+    return padded / real
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -363,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="its wait (default: the service's setting)")
     parser.add_argument("--ttft-samples", type=int, default=20)
     parser.add_argument("--prompt-tokens", type=int, default=100)
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per chat sample")
+    parser.add_argument("--new-tokens", type=int, default=1,
+                        help="tokens generated per chat sample (1: the server's CPU time per chat is the first token's)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before one request counts as failed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (OMP_NUM_THREADS)")
     parser.add_argument("--chat", type=Path, default=None, help="a chat checkpoint (default: GPT-2 124M random)")
@@ -389,17 +432,18 @@ def main(argv: list[str] | None = None) -> int:
         common = dict(threads=args.threads, chat_checkpoint=chat, classifier_checkpoint=classifier)
         with ServerProcess(workdir, "batched", classifier_batch_size=batch_size,
                            classifier_batch_wait_ms=batch_wait, **common) as server:
-            batched = asyncio.run(classify_flood(server.url, args.clients, args.duration, args.max_requests, texts,
+            batched = asyncio.run(classify_flood(server, args.clients, args.duration, args.max_requests, texts,
                                                  args.timeout, "micro-batched"))
             texts_done, passes = metric(server.url, "scratchgpt_classifier_batch_size_sum"), metric(
                 server.url, "scratchgpt_classifier_batch_size_count")
             mean_batch = texts_done / passes if passes else float("nan")
-            ttft = asyncio.run(time_to_first_token(server.url, content, args.ttft_samples, args.new_tokens,
+            ttft = asyncio.run(time_to_first_token(server, content, args.ttft_samples, args.new_tokens,
                                                    args.timeout))
         with ServerProcess(workdir, "single", classifier_batch_size=1, chat_enabled=False, **common) as server:
-            single = asyncio.run(classify_flood(server.url, args.clients, args.duration, args.max_requests, texts,
+            single = asyncio.run(classify_flood(server, args.clients, args.duration, args.max_requests, texts,
                                                 args.timeout, "one at a time"))
         load_after = load_average()
+        padding = padding_overhead(classifier, texts, mean_batch) if mean_batch == mean_batch else float("nan")
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -415,16 +459,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("measure", "micro-batched", "one at a time", "ratio", "target"),
         ("classify requests/s", f"{batched.rate:.1f}", f"{single.rate:.1f}", ratio(batched.rate, single.rate), ">= 5x"),
+        ("classify requests per server CPU-second", f"{batched.per_cpu_second:.2f}", f"{single.per_cpu_second:.2f}",
+         ratio(batched.per_cpu_second, single.per_cpu_second), ""),
         ("classify p50 latency (ms)", ms(percentile(batched.latencies, 0.5)), ms(percentile(single.latencies, 0.5)),
          ratio(percentile(single.latencies, 0.5), percentile(batched.latencies, 0.5)), ""),
         ("classify p99 latency (ms)", ms(percentile(batched.latencies, 0.99)), ms(percentile(single.latencies, 0.99)),
          ratio(percentile(single.latencies, 0.99), percentile(batched.latencies, 0.99)), ""),
         ("texts per forward pass (mean)", f"{mean_batch:.1f}", "1", "", ""),
+        ("tokens computed per real token (padding)", f"{padding:.2f}", "1.00", "", ""),
         ("requests (errors)", f"{len(batched.latencies)} ({len(batched.errors)})",
          f"{len(single.latencies)} ({len(single.errors)})", "", "0 errors"),
         (f"chat TTFT p50, {getattr(ttft, 'prompt_tokens', '?')}-token prompt (ms)",
          ms(percentile(ttft.latencies, 0.5)), "", "", "< 300"),
         ("chat TTFT p99 (ms)", ms(percentile(ttft.latencies, 0.99)), "", "", ""),
+        (f"server CPU-s per chat (prefill + {args.new_tokens} token{'s' if args.new_tokens > 1 else ''})",
+         f"{ttft.server_cpu / max(len(ttft.latencies), 1):.2f}", "", "", ""),
         ("chat samples (errors)", f"{len(ttft.latencies)} ({len(ttft.errors)})", "", "", ""),
     ]
     print_table(rows)
