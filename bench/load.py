@@ -301,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         ("errors", str(len(tally.errors))),
         ("database audit problems", str(len(problems))),
         ("server RSS start / end (MB)", f"{rss_start:.0f} / {rss_end:.0f} ({rss_end - rss_start:+.0f})"),
-        ("server RSS during (s: MB)", ", ".join(f"{t:.0f}: {m:.0f}" for t, m in memory)),
         ("server alive after", "yes" if alive else "NO"),
         ("wall time (s)", f"{seconds:.1f}"),
     ]
     print_table(rows)
+    print("server RSS during the run (s: MB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in memory))
     print(f"load average before {load_before}, after {load_after}")
     for line in (tally.errors + problems)[:20]:
         print(f"  problem: {line}")
