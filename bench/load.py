@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens of each answer")
     parser.add_argument("--max-requests", type=int, default=50_000, help="cap on requests started, all clients")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before one request counts as failed")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (SCRATCHGPT_TORCH_THREADS)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models instead of GPT-2 124M")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server log)")
     args = parser.parse_args(argv)

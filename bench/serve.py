@@ -97,8 +97,8 @@ class ServerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env.update(SCRATCHGPT_HOME=str(home), SCRATCHGPT_DATABASE_URL=f"sqlite:///{workdir / (name + '.db')}",
                    SCRATCHGPT_DEVICE="cpu", SCRATCHGPT_LOG_LEVEL="WARNING", SCRATCHGPT_LOG_JSON="false")
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+        if threads:  # the service's own setting, and OMP's for anything torch starts before it applies
+            env["OMP_NUM_THREADS"] = env["SCRATCHGPT_TORCH_THREADS"] = str(threads)
         for key, value in settings.items():
             env[f"SCRATCHGPT_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         self._log_file = open(self.log, "wb")
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=1,
                         help="tokens generated per chat sample (1: the server's CPU time per chat is the first token's)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before one request counts as failed")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (SCRATCHGPT_TORCH_THREADS)")
     parser.add_argument("--chat", type=Path, default=None, help="a chat checkpoint (default: GPT-2 124M random)")
     parser.add_argument("--classifier", type=Path, default=None, help="a classifier checkpoint (default: random)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server logs)")
