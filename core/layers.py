@@ -30,17 +30,28 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Scale by the root mean square only: no mean subtraction, no bias."""
+    """Scale by the root mean square only: no mean subtraction, no bias.
+
+        rmsnorm(x) = weight * x / sqrt(mean(x^2) + eps)
+
+    ``formula`` writes it out; ``forward`` uses torch's ``rms_norm``, the same
+    computation in one call instead of five (it matters in a 30-layer model's
+    decoding step; the tests check they agree).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: the mean of squares loses too much precision in bf16.
+    def formula(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: the mean of squares loses too much precision in bf16.
+        normed = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 

@@ -3,7 +3,7 @@ import torch
 
 from core.config import ConfigError, ModelConfig
 from core.kv_cache import KVCache
-from core.layers import GELU
+from core.layers import GELU, RMSNorm
 from core.model import GPTModel
 
 
@@ -112,3 +112,14 @@ def test_argmax_only_without_a_fast_head_is_the_full_logits(family):
     model = GPTModel(tiny(family)).eval()
     ids = torch.randint(0, 97, (2, 7))
     assert torch.equal(model(ids, argmax_only=True), model(ids))
+
+
+def test_fused_rmsnorm_equals_the_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 64) * 7
+    assert torch.allclose(norm(x), norm.formula(x), atol=1e-5)
+    xb = x.bfloat16()
+    assert torch.equal(norm.bfloat16()(xb), norm.formula(xb))  # both normalise in fp32, round once
