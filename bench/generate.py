@@ -67,6 +67,8 @@ def load_average() -> str:
 
 
 def hf_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) -> list[list[int]]:
+    # The model's end-of-text token is unset (see no_eos), so transformers neither stops
+    # at it nor, for min_new_tokens, masks it out: it decodes exactly as our loop does.
     out = model.generate(
         prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, use_cache=use_cache, pad_token_id=0,
@@ -76,6 +78,11 @@ def hf_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) 
 
 def our_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) -> list[list[int]]:
     return generate(model, prompts.tolist(), GenerationConfig(max_new_tokens=new_tokens, use_cache=use_cache))
+
+
+def no_eos(hf):
+    hf.generation_config.eos_token_id = None
+    return hf
 
 
 def gpt2_pair(seed: int = 0):
@@ -88,7 +95,7 @@ def gpt2_pair(seed: int = 0):
     cfg = gpt2_config_from_hf(hf.config.to_dict())
     ours = GPTModel(cfg).eval()
     ours.load_state_dict(convert_gpt2_state_dict(hf.state_dict(), cfg))
-    return "GPT-2 124M", ours, hf
+    return "GPT-2 124M", ours, no_eos(hf)
 
 
 def smollm2_pair(gguf: Path):
@@ -101,7 +108,7 @@ def smollm2_pair(gguf: Path):
     ours = GPTModel(cfg).eval()
     ours.load_state_dict(state)
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    return "SmolLM2-135M", ours, hf
+    return "SmolLM2-135M", ours, no_eos(hf)
 
 
 def interleaved(runs: dict, repeats: int, clock) -> tuple[dict[str, float], dict[str, object]]:
@@ -168,8 +175,6 @@ def bench_pair(name, ours, hf, args, clock, rows, bounds, notes):
                         bounds.append((len(rows) - 1, tps[path], weight_bytes(plain)))
                     print("  " + " | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
         del paths
-    hf.float()
-    ours.float()
 
 
 def print_table(header, rows):
