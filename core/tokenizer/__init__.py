@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from core.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, read_tokenizer_json, write_tokenizer_json
+from core.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
 from core.tokenizer.errors import (
     DisallowedSpecialToken,
     TokenizerError,
@@ -33,6 +33,7 @@ from core.tokenizer.gpt2 import GPT2_EOT_ID, gpt2_tokenizer, is_gpt2
 from core.tokenizer.specials import AllowedSpecial
 from core.tokenizer.streaming import StreamDecoder
 from core.tokenizer.tiktoken_backend import TiktokenTokenizer
+from core.tokenizer.tokenizer_json import read_tokenizer_json, write_tokenizer_json
 
 __all__ = [
     "ENDOFTEXT",

@@ -14,17 +14,16 @@ reference implementations; the placeholders therefore never reach the caller.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any
 
 import tiktoken
 
-from core.tokenizer.bpe import BPETokenizer, UnknownBytes, read_tokenizer_json, tokenizer_document, write_tokenizer_json
+from core.tokenizer.bpe import BPETokenizer, UnknownBytes
 from core.tokenizer.errors import UnknownTokenId
 from core.tokenizer.specials import AllowedSpecial, check_disallowed, repair_surrogates, resolve_allowed
+from core.tokenizer.tokenizer_json import TokenizerJson
 
 
-class TiktokenTokenizer:
+class TiktokenTokenizer(TokenizerJson):
     """A ``Tokenizer`` whose encode/decode run in tiktoken."""
 
     def __init__(
@@ -115,27 +114,6 @@ class TiktokenTokenizer:
     def pretokenize(self, text: str) -> list[str]:
         """The pre-tokenizer's pieces of ``text``."""
         return self._bpe.pretokenize(text)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``tokenizer.json`` document; loading it with either backend gives this tokenizer."""
-        return tokenizer_document(
-            name=self.name,
-            pattern=self.pattern,
-            ranks=self.ranks,
-            special_tokens=self.special_tokens,
-            eos_id=self.eos_id,
-            bos_id=self.bos_id,
-            unknown_bytes=self.unknown_bytes,
-        )
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``tokenizer.json`` to ``path``; ``BPETokenizer.load`` or ``TiktokenTokenizer.load`` read it."""
-        return write_tokenizer_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> TiktokenTokenizer:
-        """Read a ``tokenizer.json`` written by either backend."""
-        return cls(**read_tokenizer_json(path))
 
     def as_bpe(self) -> BPETokenizer:
         """The from-scratch tokenizer with the same vocabulary."""
