@@ -1,4 +1,4 @@
-"""Choosing where a model runs: ``auto`` means CUDA when present, else the CPU."""
+"""Choosing where a model runs: ``--device`` and ``--dtype`` names to torch objects, one place for every job."""
 
 from __future__ import annotations
 
@@ -11,15 +11,36 @@ DTYPES = {
 }
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+class DeviceError(ValueError):
+    """A ``--device`` that torch does not know or this machine does not have."""
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str = "auto", *, allow_mps: bool = False) -> torch.device:
+    """The device ``--device NAME`` means; ``auto`` is CUDA when present, else the CPU.
+
+    ``allow_mps`` lets ``auto`` pick Apple's MPS before the CPU: the training
+    jobs ask for it (a laptop GPU still beats its CPU at a training step), the
+    inference paths keep CUDA-or-CPU. Any other name goes to ``torch.device``,
+    and one this machine lacks fails here, naming the flag, not deep in a kernel.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if allow_mps and _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+        raise DeviceError(f"--device {name!r} is not a device torch knows; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but no CUDA device is available")
+        raise DeviceError(f"--device {name} asks for CUDA, but this torch build or machine has no CUDA device")
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError(f"--device {name} asks for Apple MPS, but this torch build or machine has none")
     return device
 
 

@@ -13,7 +13,10 @@ import hashlib
 import logging
 from pathlib import Path
 
+import torch
+
 from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config
+from core.device import resolve_device  # noqa: F401  (the fine-tuning and evaluation jobs import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +59,8 @@ def resolve_base(base: str | Path) -> Path:
     return Path(download.convert_to_checkpoint(raw, source.name))
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` means CUDA when present, else CPU."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BaseModelError(f"--device {name} was given but no CUDA device is available")
-    return name
-
-
-def load_base(base: str | Path, device: str = "cpu") -> Checkpoint:
+def load_base(base: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load ``--base`` as a causal language model checkpoint (float32: what training needs)."""
-    import torch
-
     path = resolve_base(base)
     checkpoint = load_checkpoint(path, device, torch.float32)
     if checkpoint.task != "causal-lm":

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from core.device import resolve_device
+
 
 class DistributedError(RuntimeError):
     """A torchrun environment that cannot be used (bad variables, device mismatch)."""
@@ -37,23 +39,6 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" is CUDA when present, else Apple MPS, else CPU; anything else is passed to torch."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise DistributedError(f"--device {name!r} is not a device torch knows: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DistributedError(f"--device {name} asked for CUDA, but this torch build or machine has no CUDA device")
-    return device
-
-
 def torchrun_env() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when started by torchrun, else None."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -69,7 +54,7 @@ def torchrun_env() -> tuple[int, int, int] | None:
 
 def setup(device_name: str) -> DistEnv:
     """Join the process group when under torchrun; pick this process's device."""
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, allow_mps=True)
     found = torchrun_env()
     if found is None or found[1] == 1:
         return DistEnv(device=device)

@@ -96,9 +96,9 @@ def evaluate_lm(
 ) -> dict[str, Any]:
     """Mean loss and perplexity of ``checkpoint`` on ``data``: {"tokens", "loss", "perplexity", ...}."""
     from core.checkpoint import load_checkpoint
-    from training.distributed import resolve_device
+    from core.device import resolve_device
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, allow_mps=True)
     ckpt = load_checkpoint(checkpoint, device=dev)
     if ckpt.task != "causal-lm":
         raise DataError(f"{checkpoint} is a {ckpt.task} checkpoint; language-model evaluation needs a causal-lm checkpoint")
