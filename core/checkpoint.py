@@ -12,13 +12,15 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -64,6 +66,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for writing so that a crash leaves the old file or the new one, never half of one.
+
+    The bytes go to ``<name>.tmp`` beside it; on leaving the block they are
+    fsynced, renamed over ``path``, and the directory is fsynced so that the
+    rename itself survives a power cut. An exception removes the temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace the file at ``path`` with ``data`` atomically (see ``atomic_file``)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

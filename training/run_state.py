@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.checkpoint import atomic_file, atomic_write_bytes
+
 RUN_FORMAT = "scratchgpt-pretrain-run"
 STATE_FILE = "training_state.pt"
 STATE_VERSION = 1
@@ -123,29 +125,11 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
 # -- atomic files ----------------------------------------------------------------
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_state(path: Path, state: dict[str, Any], step: int | None = None) -> None:
-    """``torch.save`` to a temporary name, fsync, rename (with the test pause in between)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """``torch.save`` to a temporary name, fsync, rename (with the test pause before the rename)."""
+    with atomic_file(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _maybe_pause(step)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        _maybe_pause(step)
 
 
 def _maybe_pause(step: int | None) -> None:
