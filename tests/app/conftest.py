@@ -96,3 +96,19 @@ def client(make_settings) -> Iterator[TestClient]:
         yield c
 
 
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for a browser test file (test_browser*.py mark themselves and skip without it).
+
+    Per module, not per session, so the browser and its event loop are gone
+    before the tests that follow in the same run.
+    """
+    from browser_testing import CHROMIUM, CHROMIUM_ARGS
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()

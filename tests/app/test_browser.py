@@ -6,19 +6,11 @@ Skipped where /usr/bin/chromium or Playwright is missing (`apt-get install chrom
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from app_testing import LiveServer
+from browser_testing import BROWSER_MARKS, browser_server, open_ready, watched_page
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
-]
+pytestmark = BROWSER_MARKS
 
 XSS_PAYLOADS = [
     "<script>window.__xss = 'script'</script>",
@@ -33,41 +25,17 @@ XSS_PAYLOADS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, chat_checkpoint, classifier_checkpoint):
-    from app.settings import Settings
-
-    home = tmp_path_factory.mktemp("browser-home")
-    settings = Settings(home=home, chat_checkpoint=chat_checkpoint, classifier_checkpoint=classifier_checkpoint,
-                        database_url=f"sqlite:///{home / 'app.db'}", device="cpu", log_json=False,
-                        default_temperature=0.0, default_max_new_tokens=40, stream_flush_seconds=0.1)
-    with LiveServer(settings) as live:
+    with browser_server(tmp_path_factory.mktemp("browser-home"), chat_checkpoint, classifier_checkpoint,
+                        default_max_new_tokens=40) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.csp_violations = []  # type: ignore[attr-defined]
-    page.on("console", lambda msg: page.csp_violations.append(msg.text) if "Content Security Policy" in msg.text else None)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
+    with watched_page(browser, server, height=800) as page:
+        yield page
+    errors = page.reports.errors
     assert not errors, f"JavaScript errors on the page: {errors}"
-
-
-def open_chat(page, path="/"):
-    page.goto(path)
-    page.wait_for_selector("body[data-ready='true']")
 
 
 def last_answer(page):
@@ -77,7 +45,7 @@ def last_answer(page):
 def test_chat_stream_reload_history_and_stop(page, server):
     from playwright.sync_api import expect
 
-    open_chat(page)
+    open_ready(page, "/")
     expect(page.locator("#model-status")).to_have_text("tiny-chat")
 
     page.fill("#msg", "Hello there, model")
@@ -132,13 +100,13 @@ def test_chat_stream_reload_history_and_stop(page, server):
     page.keyboard.type("line two")
     assert page.input_value("#msg") == "line one\nline two"
     assert page.locator(".message.user").count() == 2
-    assert not page.csp_violations
+    assert not page.reports.csp_violations()
 
 
 def test_sidebar_new_rename_delete(page):
     from playwright.sync_api import expect
 
-    open_chat(page)
+    open_ready(page, "/")
     page.fill("#msg", "first chat")
     page.press("#msg", "Enter")
     expect(last_answer(page)).to_have_attribute("data-status", "complete", timeout=20_000)
@@ -171,7 +139,7 @@ def test_sidebar_new_rename_delete(page):
 def test_xss_in_messages_and_answers_stays_inert(page, server):
     from playwright.sync_api import expect
 
-    open_chat(page)
+    open_ready(page, "/")
     # A user message with every payload, sent through the UI.
     payload = "\n\n".join(XSS_PAYLOADS)
     page.fill("#msg", payload)
@@ -204,11 +172,11 @@ def test_xss_in_messages_and_answers_stays_inert(page, server):
     expect(page.locator(".message.user .content")).to_contain_text("<script>window.__xss = 'script'</script>")
     expect(page.locator(".message.assistant .content").nth(1)).to_contain_text("<script>")
     expect(page.locator(".message.assistant strong").first).to_have_text("bold")
-    assert not page.csp_violations  # nothing even tried to run
+    assert not page.reports.csp_violations()  # nothing even tried to run
 
 
 def test_markdown_renderer_output(page):
-    open_chat(page)
+    open_ready(page, "/")
     html = page.evaluate(
         """async () => {
             const { renderMarkdown } = await import('/static/js/markdown.js');
@@ -232,27 +200,21 @@ def test_markdown_renderer_output(page):
 def test_chat_shows_model_unavailable(browser, tmp_path, classifier_checkpoint):
     from playwright.sync_api import expect
 
-    from app.settings import Settings
-
-    settings = Settings(home=tmp_path, chat_checkpoint=tmp_path / "missing", classifier_checkpoint=classifier_checkpoint,
-                        device="cpu", log_json=False)
-    with LiveServer(settings) as live:
-        context = browser.new_context(base_url=live.url)
-        page = context.new_page()
-        open_chat(page)
+    with browser_server(tmp_path, tmp_path / "missing", classifier_checkpoint) as live, \
+            watched_page(browser, live, height=720) as page:
+        open_ready(page, "/")
         expect(page.locator("#model-status")).to_have_text("model unavailable")
         expect(page.locator("#banner-text")).to_contain_text("scratchgpt download smollm2-135m-instruct")
         page.fill("#msg", "hello?")
         page.press("#msg", "Enter")
         expect(page.locator("#banner-text")).to_contain_text("not available")
         expect(page.locator("#msg")).to_have_value("hello?")  # the text is given back, nothing lost
-        context.close()
 
 
 def test_connection_lost_is_reported_and_the_message_given_back(page):
     from playwright.sync_api import expect
 
-    open_chat(page)
+    open_ready(page, "/")
     page.route("**/messages", lambda route: route.abort("connectionrefused"))
     page.fill("#msg", "are you there?")
     page.press("#msg", "Enter")

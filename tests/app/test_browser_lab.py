@@ -13,42 +13,22 @@ import os
 from pathlib import Path
 
 import pytest
-from app_testing import LiveServer
+from browser_testing import BROWSER_MARKS, browser_server, open_ready, watched_page
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = os.environ.get("SCRATCHGPT_LAB_SCREENSHOTS")
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
-]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, chat_checkpoint, classifier_checkpoint):
-    from app.settings import Settings
-
-    home = tmp_path_factory.mktemp("lab-browser-home")
-    settings = Settings(
-        home=home,
-        chat_checkpoint=os.environ.get("SCRATCHGPT_LAB_CHAT_CHECKPOINT") or chat_checkpoint,
-        classifier_checkpoint=os.environ.get("SCRATCHGPT_LAB_CLASSIFIER_CHECKPOINT") or classifier_checkpoint,
-        database_url=f"sqlite:///{home / 'app.db'}", device="cpu", log_json=False,
-        default_temperature=0.0, default_max_new_tokens=24, stream_flush_seconds=0.1,
-    )
-    with LiveServer(settings) as live:
+    with browser_server(
+        tmp_path_factory.mktemp("lab-browser-home"),
+        os.environ.get("SCRATCHGPT_LAB_CHAT_CHECKPOINT") or chat_checkpoint,
+        os.environ.get("SCRATCHGPT_LAB_CLASSIFIER_CHECKPOINT") or classifier_checkpoint,
+        default_max_new_tokens=24,
+    ) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
@@ -57,21 +37,12 @@ def page(browser, server):
 
     # A forward pass of a real model on a busy CPU can take seconds.
     expect.set_options(timeout=30_000)
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 860})
-    page = context.new_page()
-    problems: list[str] = []
+    with watched_page(browser, server, height=860) as page:
+        yield page
     # Console errors count, except the browser's note on a 4xx the page asked for on purpose.
-    page.on("console", lambda msg: problems.append(msg.text)
-            if msg.type == "error" and "responded with a status of 4" not in msg.text else None)
-    page.on("pageerror", lambda exc: problems.append(str(exc)))
-    yield page
-    context.close()
+    problems = [text for text in page.reports.console_errors() if "responded with a status of 4" not in text]
+    problems += page.reports.errors
     assert not problems, f"errors in the browser console (CSP violations included): {problems}"
-
-
-def open_lab(page, path: str) -> None:
-    page.goto(path)
-    page.wait_for_selector("body[data-ready='true']", timeout=30_000)
 
 
 def shoot(page, name: str) -> None:
@@ -93,7 +64,7 @@ def test_overview_links_every_tool(page):
 def test_tokenizer_chips_columns_and_merges(page):
     from playwright.sync_api import expect
 
-    open_lab(page, "/lab/tokens")
+    open_ready(page, "/lab/tokens")
     columns = page.locator(".tok-column")
     expect(columns).to_have_count(2)
     for i in range(2):
@@ -117,7 +88,7 @@ def test_tokenizer_chips_columns_and_merges(page):
 def test_attention_heatmap_hover_and_heads(page):
     from playwright.sync_api import expect
 
-    open_lab(page, "/lab/attention")
+    open_ready(page, "/lab/attention")
     n = page.locator("#att-strip .tok").count()
     assert n > 5
     cells = page.locator("#att-heatmap rect.cell")
@@ -142,7 +113,7 @@ def test_attention_heatmap_hover_and_heads(page):
 def test_next_token_bars_and_step(page):
     from playwright.sync_api import expect
 
-    open_lab(page, "/lab/next-token")
+    open_ready(page, "/lab/next-token")
     bars = page.locator("#nt-bars .bar-row")
     expect(bars).to_have_count(12)
     before = page.locator("#nt-prompt .tok").count()
@@ -160,7 +131,7 @@ def test_next_token_bars_and_step(page):
 def test_stored_answer_coloured_by_confidence(page):
     from playwright.sync_api import expect
 
-    open_lab(page, "/lab/next-token")
+    open_ready(page, "/lab/next-token")
     # Chat like the chat page does (this browser session owns the conversation), then look at the answer.
     cid = page.evaluate(
         """async () => {
@@ -174,7 +145,7 @@ def test_stored_answer_coloured_by_confidence(page):
             return c.id;
         }"""
     )
-    open_lab(page, f"/lab/next-token?conversation={cid}")
+    open_ready(page, f"/lab/next-token?conversation={cid}")
     chips = page.locator("#cv-answers .conf-chips .tok")
     expect(chips.first).to_be_visible()
     assert chips.count() > 3
@@ -186,7 +157,7 @@ def test_stored_answer_coloured_by_confidence(page):
 def test_embeddings_scatter(page):
     from playwright.sync_api import expect
 
-    open_lab(page, "/lab/embeddings")
+    open_ready(page, "/lab/embeddings")
     expect(page.locator("#emb-plot circle")).to_have_count(16)
     labels = page.locator("#emb-plot .point-label").all_text_contents()
     assert {"king", "Paris", "dog", "four"} <= set(labels)

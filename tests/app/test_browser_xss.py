@@ -14,20 +14,11 @@ javascript:/data:/vbscript: URL anywhere in the document).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
 from app_testing import LiveServer
+from browser_testing import BROWSER_MARKS, CSP, browser_server, open_ready, watched_page
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
-]
+pytestmark = BROWSER_MARKS
 
 # Short enough for a title (200 characters) and an embedding word (40).
 PAYLOADS = [
@@ -78,23 +69,9 @@ INJECTION_REPORT = """() => {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, chat_checkpoint, classifier_checkpoint):
-    from app.settings import Settings
-
-    home = tmp_path_factory.mktemp("xss-home")
-    settings = Settings(home=home, chat_checkpoint=chat_checkpoint, classifier_checkpoint=classifier_checkpoint,
-                        database_url=f"sqlite:///{home / 'app.db'}", device="cpu", log_json=False,
-                        default_temperature=0.0, default_max_new_tokens=8, stream_flush_seconds=0.1)
-    with LiveServer(settings) as live:
+    with browser_server(tmp_path_factory.mktemp("xss-home"), chat_checkpoint, classifier_checkpoint,
+                        default_max_new_tokens=8) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
@@ -102,31 +79,21 @@ def page(browser, server):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=30_000)  # a forward pass on a busy CPU can take seconds
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text else None)
-    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    with watched_page(browser, server, height=900) as page:
+        yield page
 
-    def on_dialog(dialog) -> None:
-        problems.append(f"dialog: {dialog.message}")
-        dialog.dismiss()
 
-    page.on("dialog", on_dialog)
-    page.problems = problems  # type: ignore[attr-defined]
-    yield page
-    context.close()
+def problems(page) -> list[str]:
+    """CSP violations, page errors and dialogs so far: each means something ran, or tried to."""
+    reports = page.reports
+    return [*reports.csp_violations(), *(f"page error: {e}" for e in reports.errors),
+            *(f"dialog: {d}" for d in reports.dialogs)]
 
 
 def assert_inert(page, where: str) -> None:
     page.wait_for_timeout(200)  # let any injected handler fire
     assert page.evaluate(INJECTION_REPORT) == [], where
-    assert page.problems == [], where
-
-
-def ready(page, path: str) -> None:
-    page.goto(path)
-    page.wait_for_selector("body[data-ready='true']", timeout=30_000)
+    assert problems(page) == [], where
 
 
 def api(page, method: str, path: str, body: dict | None = None):
@@ -155,13 +122,13 @@ def add_answer(server: LiveServer, cid: str, text: str) -> None:
 def test_conversation_titles_stay_inert(page):
     from playwright.sync_api import expect
 
-    ready(page, "/")
+    open_ready(page, "/")
     ids = []
     for payload in PAYLOADS:
         created = api(page, "POST", "/api/v1/conversations", {"title": payload})
         assert created["status"] == 201 and created["json"]["title"] == payload
         ids.append(created["json"]["id"])
-    ready(page, "/")
+    open_ready(page, "/")
     links = page.locator(".conversation-link")
     expect(links).to_have_count(len(PAYLOADS))
     assert sorted(links.all_text_contents()) == sorted(PAYLOADS)  # shown as the text typed
@@ -169,7 +136,7 @@ def test_conversation_titles_stay_inert(page):
         links.nth(i).hover()
     assert_inert(page, "sidebar")
     for cid, payload in zip(ids, PAYLOADS):
-        ready(page, f"/c/{cid}")
+        open_ready(page, f"/c/{cid}")
         expect(page.locator("#chat-title")).to_have_text(payload)
         assert page.title().startswith(payload)
         assert_inert(page, f"conversation titled {payload!r}")
@@ -178,11 +145,11 @@ def test_conversation_titles_stay_inert(page):
 def test_markdown_edge_cases_in_answers_stay_inert(page, server):
     from playwright.sync_api import expect
 
-    ready(page, "/")
+    open_ready(page, "/")
     cid = api(page, "POST", "/api/v1/conversations", {"title": "markdown"})["json"]["id"]
     for payload in MARKDOWN_PAYLOADS:
         add_answer(server, cid, f"Answer:\n\n{payload}\n\n- in a list: {payload}")
-    ready(page, f"/c/{cid}")
+    open_ready(page, f"/c/{cid}")
     expect(page.locator(".message.assistant")).to_have_count(len(MARKDOWN_PAYLOADS))
     for i in range(page.locator("#messages a").count()):
         page.locator("#messages a").nth(i).hover()
@@ -201,7 +168,7 @@ def test_markdown_edge_cases_in_answers_stay_inert(page, server):
 def test_spam_page_history_and_explanation_stay_inert(page):
     from playwright.sync_api import expect
 
-    ready(page, "/spam")
+    open_ready(page, "/spam")
     payload = " ".join(PAYLOADS[:4])
     page.fill("#spam-text", payload)
     page.click("#spam-check")
@@ -217,7 +184,7 @@ def test_lab_pages_stay_inert(page, server):
     from playwright.sync_api import expect
 
     text = " ".join(PAYLOADS[:3])
-    ready(page, "/lab/tokens")
+    open_ready(page, "/lab/tokens")
     page.fill("#tok-text", " ".join(PAYLOADS))
     page.click("#tok-run")
     # The page shows a default text at first: wait for the payload's chips.
@@ -229,7 +196,7 @@ def test_lab_pages_stay_inert(page, server):
     expect(page.locator("#merge-steps")).to_contain_text("onerror")
     assert_inert(page, "tokenizer")
 
-    ready(page, "/lab/attention")
+    open_ready(page, "/lab/attention")
     page.fill("#att-text", text)
     page.click("#att-run")
     expect(page.locator("#att-strip .tok").first).to_be_visible()
@@ -237,14 +204,14 @@ def test_lab_pages_stay_inert(page, server):
     page.locator("#att-strip .tok").last.hover()
     assert_inert(page, "attention")
 
-    ready(page, "/lab/next-token")
+    open_ready(page, "/lab/next-token")
     page.fill("#nt-text", text)
     page.click("#nt-run")
     expect(page.locator("#nt-prompt")).to_contain_text("script")
     expect(page.locator("#nt-bars .bar-row").first).to_be_visible()
     assert_inert(page, "next token")
 
-    ready(page, "/lab/embeddings")
+    open_ready(page, "/lab/embeddings")
     words = ["<b>bold</b>", "<img src=x onerror=alert(1)>", "<script>y</script>"]
     page.fill("#emb-words", ", ".join(words))
     page.click("#emb-run")
@@ -254,7 +221,7 @@ def test_lab_pages_stay_inert(page, server):
 
     cid = api(page, "POST", "/api/v1/conversations", {"title": "tokens"})["json"]["id"]
     add_answer(server, cid, " ".join(PAYLOADS))
-    ready(page, f"/lab/next-token?conversation={cid}")
+    open_ready(page, f"/lab/next-token?conversation={cid}")
     expect(page.locator("#cv-answers .conf-chips .tok").first).to_be_visible()
     expect(page.locator("#cv-answers")).to_contain_text("script")
     assert_inert(page, "stored answer's tokens")
@@ -262,8 +229,8 @@ def test_lab_pages_stay_inert(page, server):
 
 def test_the_checks_see_an_injection(page):
     """The checks above can fail: HTML put in with innerHTML is reported, and the CSP blocks its handler."""
-    ready(page, "/spam")
+    open_ready(page, "/spam")
     page.evaluate("""document.querySelector('#spam-history').innerHTML = '<img src=x onerror="window.__xss=1">'""")
     page.wait_for_timeout(300)
     assert page.evaluate(INJECTION_REPORT) == ["IMG onerror"]  # and window.__xss unset: the CSP held
-    assert any("Content Security Policy" in p for p in page.problems)
+    assert any(CSP in p for p in problems(page))
