@@ -19,17 +19,25 @@ function safeUrl(url) {
 }
 
 // Inline markup on one escaped line: code spans, links, bold, italics, strikethrough.
+// Finished pieces are held behind NUL-delimited placeholders (renderMarkdown strips NULs from
+// the source, so only ours exist) to keep later passes out of them.
+const PLACEHOLDER = /\u0000(\d+)\u0000/g;
+
 function inline(escaped) {
   const held = [];
   const hold = (html) => `\u0000${held.push(html) - 1}\u0000`;
   let text = escaped.replace(/`([^`\n]+)`/g, (_, code) => hold(`<code>${code}</code>`));
   text = text.replace(/\[([^\]\n]+)\]\(([^)\s]+)\)/g, (whole, label, url) => {
-    const href = safeUrl(url);
+    // A code span inside the URL makes it no link: its markup must never land in href.
+    const href = url.includes("\u0000") ? null : safeUrl(url);
     if (!href) return whole;
     return hold(`<a href="${href}" target="_blank" rel="noopener noreferrer nofollow">${emphasis(label)}</a>`);
   });
   text = emphasis(text);
-  return text.replace(/\u0000(\d+)\u0000/g, (_, i) => held[Number(i)]);
+  // A held link may hold a code span ("[`x`](https://...)"), so restoring recurses; a piece
+  // only ever holds pieces made before it, so this ends.
+  const restore = (html) => html.replace(PLACEHOLDER, (_, i) => restore(held[Number(i)]));
+  return restore(text);
 }
 
 function emphasis(text) {

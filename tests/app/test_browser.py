@@ -197,6 +197,47 @@ def test_markdown_renderer_output(page):
     assert "javascript:" in html and 'href="javascript' not in html  # shown as text, not linked
 
 
+def test_markdown_code_inside_a_link_label(page, server):
+    """A code span in a link's label renders as <code> inside <a>, never as a placeholder or in href."""
+    from playwright.sync_api import expect
+
+    open_ready(page, "/")
+    link = 'target="_blank" rel="noopener noreferrer nofollow"'
+    html = page.evaluate(
+        """async (sources) => {
+            const { renderMarkdown } = await import('/static/js/markdown.js');
+            return sources.map((s) => renderMarkdown(s));
+        }""",
+        ["[`x`](https://a.b)", "[**`code`** here](https://a.b/?q=1&r=2) and `y`", "[a](https://x/`y`)",
+         "[`<img src=x onerror=alert(1)>`](https://a.b)"],
+    )
+    assert html[0] == f'<p><a href="https://a.b" {link}><code>x</code></a></p>'
+    assert html[1] == f'<p><a href="https://a.b/?q=1&amp;r=2" {link}><strong><code>code</code></strong> here</a> and <code>y</code></p>'
+    assert html[2] == "<p>[a](https://x/<code>y</code>)</p>"  # markup in a URL: no link, shown as text
+    assert html[3] == f'<p><a href="https://a.b" {link}><code>&lt;img src=x onerror=alert(1)&gt;</code></a></p>'
+    assert not any("\u0000" in h for h in html)
+
+    # The same in a stored answer, as the chat page shows it.
+    cid = page.evaluate(
+        """async () => {
+            const csrf = document.querySelector('meta[name="csrf-token"]').content;
+            const r = await fetch("/api/v1/conversations", {method: "POST", body: JSON.stringify({title: "links"}),
+                headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf}});
+            return (await r.json()).id;
+        }"""
+    )
+    with server.app.state.sessions() as session:
+        from app.db import crud
+
+        crud.add_message(session, cid, "user", "a link please")
+        crud.add_message(session, cid, "assistant", "See [`pip install`](https://pip.pypa.io/) for more.")
+    open_ready(page, f"/c/{cid}")
+    anchor = page.locator(".message.assistant .content a")
+    expect(anchor).to_have_attribute("href", "https://pip.pypa.io/")
+    expect(anchor.locator("code")).to_have_text("pip install")
+    expect(page.locator(".message.assistant .content")).to_have_text("See pip install for more.")
+
+
 def test_chat_shows_model_unavailable(browser, tmp_path, classifier_checkpoint):
     from playwright.sync_api import expect
 
