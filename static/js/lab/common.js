@@ -61,7 +61,11 @@ export function percent(p, digits = 1) {
 
 // Disable a button while `work` runs; errors go to the banner.
 export async function busy(button, label, work) {
-  const old = button.textContent;
+  // Calls can overlap (typing starts a new request before the last one answers): the idle
+  // label is kept on the button, and only the last call to finish restores it.
+  const running = Number(button.dataset.busy || 0);
+  if (!running) button.dataset.idleLabel = button.textContent;
+  button.dataset.busy = String(running + 1);
   button.disabled = true;
   button.textContent = label;
   try {
@@ -71,8 +75,14 @@ export async function busy(button, label, work) {
     setBanner(err.detail || String(err));
     return undefined;
   } finally {
-    button.disabled = false;
-    button.textContent = old;
+    const left = Number(button.dataset.busy) - 1;
+    if (left) {
+      button.dataset.busy = String(left);
+    } else {
+      delete button.dataset.busy;
+      button.disabled = false;
+      button.textContent = button.dataset.idleLabel;
+    }
   }
 }
 

@@ -85,15 +85,19 @@ function mergePiece(piece, many) {
   return item;
 }
 
+let mergeSeq = 0;
+
 async function merges(event) {
   event?.preventDefault();
   const word = $("merge-word").value;
-  const button = $("merge-form").querySelector("button");
-  await busy(button, "Merging…", async () => {
+  // A newer word wins: an older answer arriving last must not overwrite it.
+  const mine = ++mergeSeq;
+  const load = async () => {
     const data = await api("/api/v1/lab/merges", {
       method: "POST",
       body: { word, tokenizer: $("merge-tokenizer").value },
     });
+    if (mine !== mergeSeq) return;
     const list = $("merge-steps");
     const many = data.pieces.length > 1;
     list.replaceChildren(...data.pieces.map((piece) => mergePiece(piece, many)));
@@ -101,7 +105,14 @@ async function merges(event) {
       list.prepend(el("li", "muted small", `The pre-tokenizer first splits this into ${data.pieces.length} pieces; BPE merges inside each piece only.`));
     }
     list.dataset.steps = String(data.pieces.reduce((n, p) => n + p.steps.length, 0));
-  });
+  };
+  if (event) {
+    await busy($("merge-form").querySelector("button"), "Merging…", load);
+  } else {
+    // The default word, when the panel opens: the button stays enabled, because a disabled
+    // default button blocks the Enter of a word typed while this is on its way.
+    await load().catch((err) => setBanner(err.detail || String(err)));
+  }
 }
 
 form.addEventListener("submit", (event) => {
