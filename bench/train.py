@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.model import GPTModel  # noqa: E402
+from training.pretrain import PretrainConfig, autocast_context, lm_loss, make_optimizer  # noqa: E402
 
 
 def gpt2_pair(seed: int = 0) -> tuple[GPTModel, torch.nn.Module]:
@@ -45,13 +46,20 @@ def gpt2_pair(seed: int = 0) -> tuple[GPTModel, torch.nn.Module]:
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, precision: str):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    """One training step as each side runs it: ours through ``training.pretrain``'s own pieces
+    (its AdamW, autocast and loss), transformers' model with the same AdamW settings and loss."""
+    device = torch.device("cpu")
+    cfg = PretrainConfig(lr=1e-4, weight_decay=0.1, weight_decay_scope="all", precision=precision)
+    # Both sides get the optimizer our job builds (fused AdamW), so the ratio is the models'.
+    optimizer = make_optimizer(model, cfg, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        with autocast:
-            logits = model(x).logits if is_hf else model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        with autocast_context(precision, device):
+            if is_hf:
+                logits = model(x).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            else:
+                loss = lm_loss(model, x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -202,9 +202,10 @@ def make_optimizer(model: GPTModel, cfg: PretrainConfig, device: torch.device) -
         decay = [p for p in model.parameters() if id(p) in linear_weights]
         no_decay = [p for p in model.parameters() if id(p) not in linear_weights]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is CUDA-only; elsewhere torch's default (foreach) is used.
-    fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+    # The fused kernel updates each parameter in one pass over its four tensors
+    # (CUDA and, since torch 2.4, CPU); the default foreach path makes several.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
