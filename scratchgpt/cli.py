@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -318,9 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_job_progress() -> None:
+    """The jobs in ``training`` and ``core`` report progress through ``logging``; print it.
+
+    Only their loggers get the handler: the service configures its own (JSON lines).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    for name in ("training", "core"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    show_job_progress()
     try:
         args.func(args)
     except KeyboardInterrupt:
