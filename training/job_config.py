@@ -178,7 +178,8 @@ def load_job_config(cls: type[T], path: Path | None = None, overrides: dict[str,
             if key not in fields:
                 known = ", ".join(sorted(fields))
                 raise JobConfigError(f"{source}: unknown option {raw_key!r}. Known options: {known}")
-            where = f"{source}: option {raw_key!r}"
+            # On the command line the user typed a flag: name it as typed.
+            where = f"--{key.replace('_', '-')}" if source == "command line" else f"{source}: option {raw_key!r}"
             value = coerce(value, types_[key], where)
             choices = fields[key].metadata.get("choices")
             if choices is not None and value is not None and value not in choices:

@@ -1,0 +1,138 @@
+"""The `scratchgpt` command: each verb end to end on tiny real checkpoints, and bad input as
+`scratchgpt VERB: error: ...` naming the flag, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import save_checkpoint
+from core.classifier import SequenceClassifier
+from core.config import ModelConfig
+from core.model import GPTModel
+from core.tokenizer.gpt2 import gpt2_tokenizer
+from scratchgpt.cli import main
+
+TINY = dict(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2)
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n" * 8
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm_checkpoint(tmp_path_factory, tok) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("cli") / "lm", GPTModel(ModelConfig(**TINY)), tok)
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory, tok) -> Path:
+    torch.manual_seed(1)
+    model = SequenceClassifier(GPTModel(ModelConfig(**TINY)), num_classes=2)
+    return save_checkpoint(tmp_path_factory.mktemp("cli") / "clf", model, tok, task="classification", labels=["ham", "spam"])
+
+
+def fails(argv: list[str], capsys) -> str:
+    """Run the command, expect the CLI's error exit, return its message."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"scratchgpt {argv[0]}: error: "), err
+    return err
+
+
+def test_generate_continues_a_prompt(lm_checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(lm_checkpoint), "--prompt", "Every effort moves you", "--max-new-tokens", "5"]) == 0
+    continuation = capsys.readouterr().out
+    assert continuation.endswith("\n") and continuation.strip()
+
+
+def test_evaluate_lm_prints_loss_and_its_perplexity(lm_checkpoint, tmp_path, capsys):
+    data = tmp_path / "held-out.txt"
+    data.write_text(TEXT)
+    assert main(["evaluate", "lm", "--checkpoint", str(lm_checkpoint), "--data", str(data)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] > 0
+    assert math.isclose(report["perplexity"], math.exp(report["loss"]), rel_tol=1e-6)
+    assert report["loss"] > math.log(50257) - 1.0  # random weights: near the uniform loss
+
+
+def test_classify_prints_a_label_and_probabilities_per_text(classifier_checkpoint, capsys):
+    texts = ["WINNER!! claim your prize now", "see you at lunch"]
+    assert main(["classify", "--checkpoint", str(classifier_checkpoint), *texts]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in results] == texts
+    for r in results:
+        assert r["label"] in ("ham", "spam")
+        assert math.isclose(sum(r["probabilities"].values()), 1.0, rel_tol=1e-5)
+
+
+def test_a_missing_checkpoint_names_the_flag(tmp_path, capsys):
+    err = fails(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    assert "--checkpoint" in err and "nope" in err
+
+
+def test_a_classifier_is_refused_by_generate(classifier_checkpoint, capsys):
+    err = fails(["generate", "--checkpoint", str(classifier_checkpoint), "--prompt", "hi"], capsys)
+    assert "scratchgpt classify" in err
+
+
+def test_a_language_model_is_refused_by_classify(lm_checkpoint, capsys):
+    assert "not a classifier" in fails(["classify", "--checkpoint", str(lm_checkpoint), "hello"], capsys)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(lm_checkpoint, capsys):
+    err = fails(["generate", "--checkpoint", str(lm_checkpoint), "--prompt", "word " * 200, "--max-new-tokens", "4"], capsys)
+    assert "context" in err
+
+
+def test_tokenize_names_a_missing_file(tmp_path, capsys):
+    assert "--file" in fails(["tokenize", "--file", str(tmp_path / "absent.txt")], capsys)
+
+
+def test_pretrain_refuses_an_empty_data_file_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    run_dir = tmp_path / "run"
+    err = fails(["pretrain", "--data", str(empty), "--n-layers", "1", "--emb-dim", "16", "--n-heads", "2",
+                 "--context-length", "16", "--run-dir", str(run_dir), "--no-progress"], capsys)
+    assert "empty.txt" in err
+    assert not run_dir.exists()
+
+
+def test_pretrain_refuses_data_shorter_than_one_window(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    err = fails(["pretrain", "--data", str(short), "--n-layers", "1", "--emb-dim", "16", "--n-heads", "2",
+                 "--context-length", "64", "--run-dir", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert "short.txt" in err or "window" in err
+
+
+def test_a_config_file_with_an_unknown_key_names_it(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("lr: 0.001\nlearning_rat: 0.1\n")
+    err = fails(["pretrain", "--config", str(config)], capsys)
+    assert "learning_rat" in err
+
+
+def test_resume_from_a_directory_that_is_not_a_run_changes_nothing(tmp_path, capsys):
+    not_a_run = tmp_path / "photos"
+    not_a_run.mkdir()
+    (not_a_run / "cat.jpg").write_bytes(b"\xff\xd8\xff")
+    fails(["pretrain", "--resume", str(not_a_run), "--no-progress"], capsys)
+    assert sorted(p.name for p in not_a_run.iterdir()) == ["cat.jpg"]
+
+
+def test_a_bad_flag_value_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--batch-size", "many"])
+    assert exc.value.code == 2
+    assert "--batch-size: expected an integer, got 'many'" in capsys.readouterr().err
