@@ -4,6 +4,15 @@ The output head over the vocabulary is replaced by a small head over the
 classes, read at the last real token: with causal attention it is the only
 position that has seen the whole text. Right padding after it changes
 nothing, because no earlier position attends to later ones.
+
+Serving many short texts at once, padding every row to the longest text
+wastes most of the arithmetic (SMS messages: 2.4 tokens computed per real
+token in batches of ten). :func:`classify` therefore *packs* texts: several
+texts share one row, back to back, and a block-diagonal causal mask keeps
+each text from seeing its neighbours, with positions restarting at 0 for each
+text. This is sequence packing as used to pre-train on mixed-length
+documents (Krell et al., 2021, "Efficient Sequence Packing without
+Cross-contamination"); every text computes exactly what it would alone.
 """
 
 from __future__ import annotations
@@ -44,6 +53,16 @@ class SequenceClassifier(nn.Module):
         hidden, _ = self.backbone.run_blocks(self.backbone.embed(input_ids, ctx), ctx)
         return self.classify_hidden(hidden, lengths)
 
+    def forward_packed(self, batch: "PackedBatch") -> torch.Tensor:
+        """Class logits (N, classes) of the N texts packed in ``batch``, in their original order."""
+        backbone = self.backbone
+        # The context computes the positions' embeddings or rotary tables; the mask is the packing's.
+        ctx = backbone.context(batch.ids, position_ids=batch.positions)
+        ctx.mask = batch.mask()
+        hidden, _ = backbone.run_blocks(backbone.embed(batch.ids, ctx), ctx)
+        picked = hidden[batch.last_row, batch.last_col]
+        return self.head(backbone.final_norm(picked))
+
     def forward_from(self, hidden: torch.Tensor, start_block: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Run blocks[start_block:] on a cached prefix activation (frozen-prefix fine-tuning)."""
         # The context only needs the shape and device of the token ids.
@@ -58,13 +77,18 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def encode_batch(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and true lengths; texts longer than max_length keep their first tokens.
+def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int) -> list[list[int]]:
+    """Token ids of each text, cut to its first ``max_length`` tokens; an empty text becomes ``[pad_id]``.
 
     Texts are data, not markup: "<|endoftext|>" inside a message is encoded as
     the characters it is made of, never as the control token.
     """
-    encoded = [tokenizer.encode_ordinary(t)[:max_length] or [pad_id] for t in texts]
+    return [tokenizer.encode_ordinary(t)[:max_length] or [pad_id] for t in texts]
+
+
+def encode_batch(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and true lengths; texts longer than max_length keep their first tokens."""
+    encoded = encode_texts(tokenizer, texts, max_length, pad_id)
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     for row, e in enumerate(encoded):
@@ -72,18 +96,115 @@ def encode_batch(tokenizer, texts: list[str], max_length: int, pad_id: int) -> t
     return ids, torch.tensor([len(e) for e in encoded])
 
 
+@dataclass
+class PackedBatch:
+    """Texts laid back to back in rows of at most ``capacity`` tokens (a longer text gets a row of its own).
+
+    ``segments`` numbers the texts within each row (-1 for the padding that
+    evens out the rows); text i ends at ``ids[last_row[i], last_col[i]]``.
+    """
+
+    ids: torch.Tensor  # (R, T)
+    positions: torch.Tensor  # (R, T), restarting at 0 for each text
+    segments: torch.Tensor  # (R, T)
+    last_row: torch.Tensor  # (N,)
+    last_col: torch.Tensor  # (N,)
+
+    def mask(self) -> torch.Tensor:
+        """(R, 1, T, T) bool: a token sees the earlier tokens of its own text, and itself.
+
+        Padding forms one segment of its own, so a padded query still sees
+        itself (a query with no key would give a NaN softmax) and no real token
+        sees it."""
+        T = self.ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.ids.device).tril()
+        same_text = self.segments[:, :, None] == self.segments[:, None, :]
+        return (same_text & causal)[:, None]
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segments >= 0).sum())
+
+
+def pack_texts(encoded: list[list[int]], capacity: int, pad_id: int) -> PackedBatch:
+    """First-fit decreasing: each text, longest first, goes into the first row with room for it.
+
+    Rows come out nearly full, so padding is at most the last row's slack
+    spread over the others; ``capacity`` bounds the row length, which keeps the
+    attention's T x T work small next to the linear layers'.
+    """
+    if not encoded:
+        raise ValueError("pack_texts: no texts to pack")
+    if capacity < 1:
+        raise ValueError(f"pack_texts: capacity must be at least 1 token, got {capacity}")
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(encoded[i])
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max(capacity, n) - n)
+    width = max(sum(len(encoded[i]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    last_row = torch.empty(len(encoded), dtype=torch.long)
+    last_col = torch.empty(len(encoded), dtype=torch.long)
+    for r, row in enumerate(rows):
+        col = 0
+        for s, i in enumerate(row):
+            n = len(encoded[i])
+            ids[r, col : col + n] = torch.tensor(encoded[i])
+            positions[r, col : col + n] = torch.arange(n)
+            segments[r, col : col + n] = s
+            last_row[i], last_col[i] = r, col + n - 1
+            col += n
+    return PackedBatch(ids, positions, segments, last_row, last_col)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
-def classify(checkpoint, texts: list[str], batch_size: int = 32) -> list[Prediction]:
-    """Label and class probabilities for each text, with a checkpoint of task "classification"."""
+def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: int | None = 512) -> list[Prediction]:
+    """Label and class probabilities for each text, with a checkpoint of task "classification".
+
+    Texts go through the model ``batch_size`` at a time. With ``pack_tokens``
+    (the default) each group is packed into rows of at most that many tokens
+    (:func:`pack_texts`), so no padding is computed; ``None`` pads each text to
+    the group's longest instead (the book's way). Both give the same results up
+    to float rounding.
+    """
     model: SequenceClassifier = checkpoint.model
     labels = checkpoint.labels
     max_length = int(checkpoint.metadata.get("max_length") or model.cfg.context_length)
-    device = next(model.parameters()).device
+    pad_id = checkpoint.tokenizer.eos_id
+    device = _device_of(model)
+    # A packed row is one sequence to the model, so it must fit the context window.
+    capacity = min(pack_tokens, model.cfg.context_length) if pack_tokens is not None else None
     predictions = []
     for i in range(0, len(texts), batch_size):
-        ids, lengths = encode_batch(checkpoint.tokenizer, texts[i : i + batch_size], max_length, checkpoint.tokenizer.eos_id)
-        probs = model(ids.to(device), lengths.to(device)).float().softmax(-1).cpu()
-        for row in probs.tolist():
+        group = texts[i : i + batch_size]
+        if capacity is None:
+            ids, lengths = encode_batch(checkpoint.tokenizer, group, max_length, pad_id)
+            logits = model(ids.to(device), lengths.to(device))
+        else:
+            batch = pack_texts(encode_texts(checkpoint.tokenizer, group, max_length, pad_id), capacity, pad_id)
+            logits = model.forward_packed(_to(batch, device))
+        for row in logits.float().softmax(-1).cpu().tolist():
             best = max(range(len(labels)), key=row.__getitem__)
             predictions.append(Prediction(labels[best], dict(zip(labels, row))))
     return predictions
+
+
+def _to(batch: PackedBatch, device: torch.device) -> PackedBatch:
+    if batch.ids.device == device:
+        return batch
+    return PackedBatch(*(t.to(device) for t in (batch.ids, batch.positions, batch.segments, batch.last_row, batch.last_col)))
