@@ -168,7 +168,7 @@ class ModelRegistry:
             )
             return
         device = resolve_device(self.settings.device)
-        dtype = resolve_dtype(self.settings.dtype, device)
+        dtype = resolve_dtype(self.settings.dtype_for(slot.role), device)
         start = time.perf_counter()
         checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
         self._validate(slot.role, checkpoint)
@@ -214,6 +214,7 @@ class ModelRegistry:
             checkpoint, role,
             max_batch=self.settings.classifier_batch_size,
             max_wait_ms=self.settings.classifier_batch_wait_ms,
+            pack_tokens=self.settings.classifier_pack_tokens or None,
             on_batch=on_batch,
             on_queue_depth=depth.set,
             threads=self.settings.torch_threads,

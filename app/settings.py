@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     classifier_enabled: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # One model's dtype when it should differ from SCRATCHGPT_DTYPE (None: that setting). On a
+    # CPU with AMX, bfloat16 runs the classifier's micro-batches about 3x faster than float32
+    # but can move a probability by a few hundredths (docs/performance.md, "Service").
+    chat_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    classifier_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     # CPU threads for torch; None lets torch decide. On a busy or small machine 1-2 avoids
     # OpenMP threads fighting each other (the chat and classifier workers run side by side).
     torch_threads: int | None = Field(None, ge=1)
@@ -53,6 +58,9 @@ class Settings(BaseSettings):
     # texts or after this many milliseconds, whichever comes first.
     classifier_batch_size: int = Field(16, ge=1)
     classifier_batch_wait_ms: float = Field(5.0, ge=0)
+    # A micro-batch's texts are packed back to back into rows of at most this many tokens
+    # (core.classifier.pack_texts), so no padding is computed; 0 pads each text to the longest.
+    classifier_pack_tokens: int = Field(512, ge=0)
     # How often a streaming answer is written to the database.
     stream_flush_seconds: float = Field(0.5, gt=0)
 
@@ -125,6 +133,11 @@ class Settings(BaseSettings):
         self.chat_checkpoint = Path(self.chat_checkpoint).expanduser()
         self.classifier_checkpoint = Path(self.classifier_checkpoint).expanduser()
         return self
+
+    def dtype_for(self, role: str) -> str:
+        """The dtype setting for the ``chat`` or ``classifier`` model: its own, else SCRATCHGPT_DTYPE."""
+        own = {"chat": self.chat_dtype, "classifier": self.classifier_dtype}[role]
+        return own or self.dtype
 
     @property
     def resolved_chat_checkpoint(self) -> Path:

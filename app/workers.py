@@ -5,7 +5,8 @@
   tokens, so the worker moves on to the next job within one decoding step.
 - :class:`ClassifierWorker` does dynamic micro-batching: it waits for the first request,
   then keeps collecting until it holds ``max_batch`` texts or ``max_wait_ms`` have passed,
-  and classifies them in one forward pass (the batching idea of Clipper, Crankshaw et al., 2017).
+  and classifies them in one forward pass (the batching idea of Clipper, Crankshaw et al., 2017),
+  packed back to back without padding (``core.classifier.pack_texts``).
 """
 
 from __future__ import annotations
@@ -183,11 +184,13 @@ class _ClassifyRequest:
 class ClassifierWorker:
     def __init__(self, checkpoint: Any, name: str, max_batch: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None) -> None:
+                 on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None,
+                 pack_tokens: int | None = 512) -> None:
         self.checkpoint = checkpoint
         self.name = name
         self.threads = threads
         self.max_batch = max_batch
+        self.pack_tokens = pack_tokens  # None: pad each text to the batch's longest (see core.classifier)
         self.max_wait = max_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
         self._on_batch = on_batch or (lambda n: None)
@@ -239,7 +242,7 @@ class ClassifierWorker:
             self._on_queue_depth(self._queue.qsize())
             texts = [t for request in batch for t in request.texts]
             try:
-                predictions = classify(self.checkpoint, texts, batch_size=self.max_batch)
+                predictions = classify(self.checkpoint, texts, batch_size=self.max_batch, pack_tokens=self.pack_tokens)
                 self._on_batch(len(texts))
             except Exception as exc:
                 logger.exception("classification failed", extra={"model": self.name})

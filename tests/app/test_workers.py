@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from app.workers import ChatJob, ChatWorker, WorkerStopped, _End
+from app.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
 
 
 def test_heartbeat_while_a_job_waits():
@@ -64,3 +64,30 @@ def test_a_stopped_worker_refuses_new_jobs(chat_checkpoint):
         assert "stopped" in str(exc)
     else:
         raise AssertionError("a stopped worker accepted a job")
+
+
+def test_micro_batches_pack_texts_and_answer_as_one_at_a_time(classifier_checkpoint):
+    """The worker's packed micro-batches give each caller what its text alone gives."""
+    from core.checkpoint import load_checkpoint
+    from core.classifier import classify
+
+    checkpoint = load_checkpoint(classifier_checkpoint)
+    batches: list[int] = []
+    worker = ClassifierWorker(checkpoint, "classifier", max_batch=16, max_wait_ms=200, on_batch=batches.append,
+                              pack_tokens=64).start()
+    texts = [("free prize " * (i % 7)) + f"message {i}" + (" see you soon" * (i % 5)) for i in range(24)] + [""]
+
+    async def main():
+        return await asyncio.gather(*(worker.classify([t]) for t in texts))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert max(batches) > 1 and sum(batches) == len(texts)  # requests were grouped
+    alone = [classify(checkpoint, [t], batch_size=1, pack_tokens=None)[0] for t in texts]
+    spams = [a.probabilities["spam"] for a in alone]
+    assert max(spams) - min(spams) > 1e-3  # different texts, different answers: a mix-up would show
+    for [got], want in zip(results, alone):
+        assert got.label == want.label
+        assert abs(got.probabilities["spam"] - want.probabilities["spam"]) < 1e-5
