@@ -17,6 +17,7 @@ as a check that both compute the same thing.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -63,7 +64,7 @@ def make_step(model: torch.nn.Module, is_hf: bool, precision: str):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -77,6 +78,13 @@ def profile_step(name: str, step, x: torch.Tensor, y: torch.Tensor, rows: int = 
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -85,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model and precision")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="add our model under torch.compile (its first step compiles; that time is reported apart)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -94,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-        f"batch {args.batch} x context {args.context}, {args.warmup} warm-up + {args.steps} timed steps"
+        f"batch {args.batch} x context {args.context}, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"load average {load_average()}"
     )
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50257, (args.batch, args.context + 1), generator=g) for _ in range(args.warmup + args.steps)]
@@ -102,11 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for precision in args.precisions.split(","):
         ours, hf = gpt2_pair()
-        n_ours = ours.num_parameters()
-        n_hf = sum(p.numel() for p in hf.parameters())
-        steps = {"ours": make_step(ours, False, precision), "transformers": make_step(hf, True, precision)}
+        models = {"ours": (ours, False)}
+        if args.compile:
+            models["ours, compiled"] = (torch.compile(copy.deepcopy(ours)), False)
+        models["transformers"] = (hf, True)
+        steps = {name: make_step(model, is_hf, precision) for name, (model, is_hf) in models.items()}
         times: dict[str, list[float]] = {k: [] for k in steps}
-        first_loss = {}
+        first_step: dict[str, float] = {}
+        first_loss: dict[str, float] = {}
         for i, batch in enumerate(batches):
             x, y = batch[:, :-1], batch[:, 1:]
             for name, step in steps.items():
@@ -114,20 +128,25 @@ def main(argv: list[str] | None = None) -> None:
                 loss = step(x, y)
                 dt = time.perf_counter() - t
                 first_loss.setdefault(name, loss)
+                first_step.setdefault(name, dt)
                 if i >= args.warmup:
                     times[name].append(dt)
         if args.profile:
             x, y = batches[0][:, :-1], batches[0][:, 1:]
             for name, step in steps.items():
                 profile_step(f"{name} {precision}", step, x, y)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append((precision, med["ours"], med["transformers"], first_loss, n_ours, n_hf))
-        del ours, hf, steps
+        median = {k: statistics.median(v) for k, v in times.items()}
+        for name, (model, _) in models.items():
+            n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+            rows.append((precision, name, n_params, median[name], median["transformers"], first_loss[name], first_step[name]))
+        del ours, hf, models, steps
 
-    print(f"\n{'precision':<10}{'model':<14}{'params':>9}{'step (s)':>10}{'tokens/s':>10}{'first loss':>12}   ours / transformers")
-    for precision, t_ours, t_hf, first, n_ours, n_hf in rows:
-        print(f"{precision:<10}{'ours':<14}{n_ours / 1e6:>8.1f}M{t_ours:>10.3f}{tokens / t_ours:>10.0f}{first['ours']:>12.4f}   {t_hf / t_ours:.2f}x")
-        print(f"{'':<10}{'transformers':<14}{n_hf / 1e6:>8.1f}M{t_hf:>10.3f}{tokens / t_hf:>10.0f}{first['transformers']:>12.4f}")
+    print(f"\n{'precision':<10}{'model':<16}{'params':>9}{'step (s)':>10}{'tokens/s':>10}{'first loss':>12}"
+          f"{'first step (s)':>16}   vs transformers")
+    for precision, name, n_params, t, t_hf, loss, first in rows:
+        ratio = "" if name == "transformers" else f"{t_hf / t:.2f}x"
+        print(f"{precision:<10}{name:<16}{n_params / 1e6:>8.1f}M{t:>10.3f}{tokens / t:>10.0f}{loss:>12.4f}{first:>16.1f}   {ratio}")
+    print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":
