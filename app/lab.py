@@ -6,9 +6,11 @@ lives in ``core.introspection`` (attention through the explicit attention path, 
 distributions, teacher-forced token probabilities, PCA, gradient x input); this module turns
 requests into calls of it and results into plain, JSON-ready values.
 
-The functions here are blocking: :class:`LabRunner` runs them in a worker thread, one at a
-time per app, so a Lab request never runs a forward pass on the event loop and several Lab
-users cannot pile up forward passes on a small machine.
+The functions here are blocking. :class:`LabRunner` runs a measurement of a served model on
+that model's worker (``worker.call``), in turn with its chat answers or classification
+batches, so a Lab request never runs a forward pass on the event loop and never computes on
+a model at the same time as the model's own worker. Work that reads no model (tokenizing)
+runs in a thread, one at a time per app.
 """
 
 from __future__ import annotations
@@ -359,12 +361,25 @@ def explain_classification(checkpoint: Any, text: str, max_chars: int) -> Explan
 
 
 class LabRunner:
-    """Runs blocking Lab measurements in a worker thread, one at a time."""
+    """Runs blocking Lab measurements off the event loop: on the worker of the model they read
+    (a served checkpoint among their arguments), else in a thread, one at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: Any = None) -> None:
+        self._state = state  # the app's state; its registry is looked up per call (a restart replaces it)
         self._limiter: anyio.CapacityLimiter | None = None
 
+    def worker_for(self, args: Sequence[Any]) -> Any:
+        """The worker serving a checkpoint passed in ``args``, or None."""
+        models = getattr(self._state, "models", None)
+        for slot in getattr(models, "slots", {}).values():
+            if slot.worker is not None and any(arg is slot.checkpoint for arg in args):
+                return slot.worker
+        return None
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        worker = self.worker_for(args)
+        if worker is not None:
+            return await worker.call(fn, *args)
         if self._limiter is None:  # created on first use, inside the app's event loop
             self._limiter = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -374,5 +389,5 @@ def lab_runner(state: Any) -> LabRunner:
     """The app's runner (``app.state.lab``), made on first use."""
     runner = getattr(state, "lab", None)
     if runner is None:
-        runner = state.lab = LabRunner()
+        runner = state.lab = LabRunner(state)
     return runner

@@ -7,6 +7,10 @@
   then keeps collecting until it holds ``max_batch`` texts or ``max_wait_ms`` have passed,
   and classifies them in one forward pass (the batching idea of Clipper, Crankshaw et al., 2017),
   packed back to back without padding (``core.classifier.pack_texts``).
+
+Both also run other work on their model in turn with the jobs (``await worker.call(fn, *args)``):
+the Lab's measurements go through it, so a Lab request and a chat answer never compute on the
+same model at the same time and the worker's thread settings apply to both.
 """
 
 from __future__ import annotations
@@ -95,7 +99,42 @@ class ChatJob:
         return (self.finished_at or time.perf_counter()) - self.started_at
 
 
-class ChatWorker:
+@dataclass
+class _Call:
+    """A function to run on the worker's thread, between jobs; its result settles ``future``."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def run(self) -> None:
+        try:
+            result = self.fn(*self.args)
+        except Exception as exc:  # reported to the caller; the worker carries on
+            _settle(self.loop, self.future, error=exc)
+        else:
+            _settle(self.loop, self.future, result=result)
+
+
+class _Callable:
+    """``call``: what both workers offer besides their own jobs."""
+
+    name: str
+    _queue: queue.Queue
+    _closed: bool
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on this worker's thread, in turn with its jobs, and return its result."""
+        if self._closed:
+            raise WorkerStopped(f"the {self.name} worker has stopped")
+        loop = asyncio.get_running_loop()
+        item = _Call(fn, args, loop, loop.create_future())
+        self._queue.put(item)
+        return await item.future
+
+
+class ChatWorker(_Callable):
     def __init__(self, checkpoint: Any, name: str, on_tokens: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None) -> None:
         self.checkpoint = checkpoint
@@ -134,6 +173,9 @@ class ChatWorker:
             self._on_queue_depth(self._queue.qsize())
             if job is _STOP:
                 break
+            if isinstance(job, _Call):
+                job.run()
+                continue
             self.current = job
             try:
                 self._generate(job)
@@ -142,8 +184,11 @@ class ChatWorker:
         # Anything still queued at shutdown ends with an error instead of waiting forever.
         while not self._queue.empty():
             job = self._queue.get_nowait()
+            stopped = WorkerStopped(f"the {self.name} worker stopped before this request ran")
             if isinstance(job, ChatJob):
-                job._post(_End(WorkerStopped(f"the {self.name} worker stopped before this request ran")))
+                job._post(_End(stopped))
+            elif isinstance(job, _Call):
+                _settle(job.loop, job.future, error=stopped)
 
     def _generate(self, job: ChatJob) -> None:
         job.started_at = time.perf_counter()
@@ -181,7 +226,7 @@ class _ClassifyRequest:
     future: asyncio.Future
 
 
-class ClassifierWorker:
+class ClassifierWorker(_Callable):
     def __init__(self, checkpoint: Any, name: str, max_batch: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None,
@@ -216,7 +261,8 @@ class ClassifierWorker:
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
-    def _collect(self, first: _ClassifyRequest) -> tuple[list[_ClassifyRequest], bool]:
+    def _collect(self, first: _ClassifyRequest, calls: list[_Call]) -> tuple[list[_ClassifyRequest], bool]:
+        """The micro-batch that ``first`` opens; calls that arrive meanwhile go to ``calls``, to run after it."""
         batch, count = [first], len(first.texts)
         deadline = time.perf_counter() + self.max_wait
         while count < self.max_batch:
@@ -227,6 +273,9 @@ class ClassifierWorker:
                 break
             if item is _STOP:
                 return batch, True
+            if isinstance(item, _Call):
+                calls.append(item)
+                continue
             batch.append(item)
             count += len(item.texts)
         return batch, False
@@ -234,11 +283,18 @@ class ClassifierWorker:
     def _run(self) -> None:
         _thread_setup(self.threads)
         stopping = False
+        calls: list[_Call] = []
         while not stopping:
+            for call in calls:
+                call.run()
+            calls.clear()
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch, stopping = self._collect(first)
+            if isinstance(first, _Call):
+                first.run()
+                continue
+            batch, stopping = self._collect(first, calls)
             self._on_queue_depth(self._queue.qsize())
             texts = [t for request in batch for t in request.texts]
             try:
@@ -253,22 +309,32 @@ class ClassifierWorker:
             for request in batch:
                 _resolve(request, result=predictions[start : start + len(request.texts)])
                 start += len(request.texts)
+        stopped = WorkerStopped(f"the {self.name} worker stopped before this request ran")
+        for call in calls:
+            _settle(call.loop, call.future, error=stopped)
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if isinstance(item, _ClassifyRequest):
-                _resolve(item, error=WorkerStopped(f"the {self.name} worker stopped before this request ran"))
+            if isinstance(item, (_ClassifyRequest, _Call)):
+                _settle(item.loop, item.future, error=stopped)
 
 
 def _resolve(request: _ClassifyRequest, result: Any = None, error: BaseException | None = None) -> None:
+    _settle(request.loop, request.future, result, error)
+
+
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any = None,
+            error: BaseException | None = None) -> None:
+    """Set a future of another thread's event loop from this thread."""
+
     def settle() -> None:
-        if request.future.done():  # the caller went away (cancelled)
+        if future.done():  # the caller went away (cancelled)
             return
         if error is not None:
-            request.future.set_exception(error)
+            future.set_exception(error)
         else:
-            request.future.set_result(result)
+            future.set_result(result)
 
     try:
-        request.loop.call_soon_threadsafe(settle)
-    except RuntimeError:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # that loop is closed: nobody is waiting
         pass

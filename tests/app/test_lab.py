@@ -362,3 +362,25 @@ def test_measurements_run_off_the_event_loop():
 
     loop_thread, worker_thread = anyio.run(main)
     assert worker_thread is not loop_thread
+
+
+def test_measurements_of_a_served_model_run_on_its_worker(client):
+    """Issue 7: the Lab's heavy work runs in the model worker, in turn with chat and classification."""
+    from app.lab import lab_runner
+
+    runner = lab_runner(client.app.state)
+    chat, classifier = served(client), served(client, "classifier")
+
+    def where(checkpoint) -> str:
+        return threading.current_thread().name
+
+    async def main() -> tuple[str, str, str]:
+        plain = await runner.run(lambda: threading.current_thread().name)
+        return await runner.run(where, chat), await runner.run(where, classifier), plain
+
+    on_chat, on_classifier, plain = anyio.run(main)
+    assert on_chat == "chat-worker-chat" and on_classifier == "classifier-worker-classifier"
+    assert not plain.startswith(("chat-worker", "classifier-worker"))  # no model read: a plain thread
+    # An endpoint's measurement goes the same way and still answers.
+    response = client.post(f"{LAB}/attention", json={"text": "Hello there", "layer": 0})
+    assert response.status_code == 200, response.text

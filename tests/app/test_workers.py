@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+import torch
+
 from app.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
 
 
@@ -91,3 +94,69 @@ def test_micro_batches_pack_texts_and_answer_as_one_at_a_time(classifier_checkpo
     for [got], want in zip(results, alone):
         assert got.label == want.label
         assert abs(got.probabilities["spam"] - want.probabilities["spam"]) < 1e-5
+
+
+def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
+    """worker.call(fn): fn runs on the worker's own thread, after the job in front of it, and
+    its result or error comes back to the caller."""
+    import threading
+
+    from core.checkpoint import load_checkpoint
+    from core.generate import GenerationConfig
+
+    checkpoint = load_checkpoint(chat_checkpoint)
+    worker = ChatWorker(checkpoint, "chat").start()
+    prompt = checkpoint.tokenizer.encode("Once upon a time")
+
+    def measure() -> tuple[str, float, bool]:
+        return threading.current_thread().name, time.perf_counter(), torch.is_grad_enabled()
+
+    def fail() -> None:
+        raise ValueError("bad measurement")
+
+    async def main():
+        job = worker.submit(prompt, GenerationConfig(max_new_tokens=20))
+        result = await worker.call(measure)
+        async for _ in job.events():
+            pass
+        try:
+            await worker.call(fail)
+        except ValueError as exc:
+            error = exc
+        return job, result, error, await worker.call(sum, [1, 2, 3])
+
+    try:
+        job, (thread, ran_at, grad), error, total = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert thread == "chat-worker-chat" and not grad  # the worker's thread and its settings
+    assert ran_at >= job.finished_at  # queued behind the answer, never beside it
+    assert str(error) == "bad measurement" and total == 6  # an error reached the caller; the worker went on
+
+    async def after_stop():
+        await worker.call(sum, [1])
+
+    with pytest.raises(WorkerStopped):
+        asyncio.run(after_stop())
+
+
+def test_classifier_worker_runs_calls_between_batches(classifier_checkpoint):
+    import threading
+
+    from core.checkpoint import load_checkpoint
+
+    worker = ClassifierWorker(load_checkpoint(classifier_checkpoint), "classifier", max_batch=8,
+                              max_wait_ms=100).start()
+
+    async def main():
+        texts = [worker.classify([f"text {i}"]) for i in range(6)]
+        name = worker.call(lambda: threading.current_thread().name)  # arrives while the batch collects
+        results = await asyncio.gather(*texts, name)
+        return results[:-1], results[-1]
+
+    try:
+        predictions, name = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert name == "classifier-worker-classifier"
+    assert all(p[0].label in ("ham", "spam") for p in predictions)
