@@ -237,6 +237,7 @@ class Phase:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     server_cpu: float = float("nan")  # CPU seconds the server spent during the timed part
+    to_start: list[float] = field(default_factory=list)  # chats: seconds to the stream's start event
 
     @property
     def rate(self) -> float:
@@ -312,14 +313,15 @@ def parse_events(buffer: str) -> tuple[list[tuple[str, dict]], str]:
     return events, buffer
 
 
-async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, float, dict, dict]:
-    """One new conversation, one message: (seconds to the first delta, to the end, start event, done event)."""
+async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, float, float, dict, dict]:
+    """One new conversation, one message: seconds to the ``start`` event (the request's database
+    writes, template and tokenization are done), to the first delta and to the end; start and done events."""
     created = await client.post("/api/v1/conversations",
                                 json={"system_prompt": "", "temperature": 0.0, "max_new_tokens": max_new_tokens})
     created.raise_for_status()
     cid = created.json()["id"]
     t0 = time.perf_counter()
-    first = None
+    first = started = None
     start_event: dict = {}
     done: dict = {}
     buffer = ""
@@ -329,7 +331,7 @@ async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, f
             events, buffer = parse_events(buffer + text)
             for event, data in events:
                 if event == "start":
-                    start_event = data
+                    start_event, started = data, time.perf_counter() - t0
                 elif event == "delta" and first is None:
                     first = time.perf_counter() - t0
                 elif event == "done":
@@ -340,7 +342,9 @@ async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, f
                     raise RuntimeError(data["detail"])
     if not done:
         raise RuntimeError("the stream ended without a done event")
-    return (first if first is not None else float("nan")), time.perf_counter() - t0, start_event, done
+    nan = float("nan")
+    return (started if started is not None else nan), (first if first is not None else nan), \
+        time.perf_counter() - t0, start_event, done
 
 
 async def time_to_first_token(server: ServerProcess, content: str, samples: int, max_new_tokens: int,
@@ -354,8 +358,9 @@ async def time_to_first_token(server: ServerProcess, content: str, samples: int,
         cpu_start = server.cpu_seconds()
         for _ in range(samples):
             try:
-                first, _, start_event, _ = await chat_once(client, content, max_new_tokens)
+                started, first, _, start_event, _ = await chat_once(client, content, max_new_tokens)
                 phase.latencies.append(first)
+                phase.to_start.append(started)
                 phase.prompt_tokens = start_event.get("prompt_tokens")  # type: ignore[attr-defined]
             except (httpx.HTTPError, RuntimeError) as exc:
                 phase.errors.append(f"{type(exc).__name__}: {exc}")
@@ -364,20 +369,27 @@ async def time_to_first_token(server: ServerProcess, content: str, samples: int,
     return phase
 
 
-def padding_overhead(classifier: Path, texts: list[str], batch: float, draws: int = 2000) -> float:
-    """Tokens a padded batch of this size computes per real token (each row is padded to the longest)."""
+def padding_overhead(classifier: Path, texts: list[str], batch: float, pack_tokens: int,
+                     draws: int = 2000) -> float:
+    """Tokens a batch of this size computes per real token: each text padded to the longest
+    (``pack_tokens`` 0), or packed back to back into rows of ``pack_tokens`` as the service does."""
     from core.checkpoint import read_config
+    from core.classifier import pack_texts
     from core.tokenizer import load_tokenizer
 
     size = max(1, round(batch))
     tokenizer = load_tokenizer(read_config(classifier).get("tokenizer"), classifier)
     lengths = [len(tokenizer.encode(t)) or 1 for t in texts[:3000]]
     rng = random.Random(0)
-    real = padded = 0
+    real = computed = 0
     for _ in range(draws):
         sample = rng.sample(lengths, min(size, len(lengths)))
-        real, padded = real + sum(sample), padded + max(sample) * len(sample)
-    return padded / real
+        real += sum(sample)
+        if pack_tokens:
+            computed += pack_texts([[0] * n for n in sample], pack_tokens, 0).ids.numel()
+        else:
+            computed += max(sample) * len(sample)
+    return computed / real
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -409,8 +421,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens generated per chat sample (1: the server's CPU time per chat is the first token's)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before one request counts as failed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (SCRATCHGPT_TORCH_THREADS)")
+    parser.add_argument("--pack-tokens", type=int, default=None,
+                        help="row length of packed micro-batches, 0 to pad instead (default: the service's setting)")
+    parser.add_argument("--classifier-dtype", default=None, help="SCRATCHGPT_CLASSIFIER_DTYPE of both servers")
+    parser.add_argument("--chat-dtype", default=None, help="SCRATCHGPT_CHAT_DTYPE of the server that answers chats")
     parser.add_argument("--chat", type=Path, default=None, help="a chat checkpoint (default: GPT-2 124M random)")
     parser.add_argument("--classifier", type=Path, default=None, help="a classifier checkpoint (default: random)")
+    parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds a server may take to load its models")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server logs)")
     args = parser.parse_args(argv)
 
@@ -419,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings(home=Path(tempfile.gettempdir()))
     batch_size = args.batch_size or defaults.classifier_batch_size
     batch_wait = defaults.classifier_batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
+    pack_tokens = defaults.classifier_pack_tokens if args.pack_tokens is None else args.pack_tokens
     texts, source = sms_texts()
     workdir = Path(tempfile.mkdtemp(prefix="scratchgpt-bench-serve-"))
     try:
@@ -429,9 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {os.cpu_count()} CPUs, load average {load_before}; texts: {source}")
         print(f"chat model {chat}; classifier {classifier} (made in {time.perf_counter() - t0:.1f} s)")
 
-        common = dict(threads=args.threads, chat_checkpoint=chat, classifier_checkpoint=classifier)
-        with ServerProcess(workdir, "batched", classifier_batch_size=batch_size,
-                           classifier_batch_wait_ms=batch_wait, **common) as server:
+        common: dict = dict(threads=args.threads, start_timeout=args.start_timeout, chat_checkpoint=chat, classifier_checkpoint=classifier)
+        if args.classifier_dtype:
+            common["classifier_dtype"] = args.classifier_dtype
+        chat_settings = {"chat_dtype": args.chat_dtype} if args.chat_dtype else {}
+        with ServerProcess(workdir, "batched", classifier_batch_size=batch_size, classifier_batch_wait_ms=batch_wait,
+                           classifier_pack_tokens=pack_tokens, **chat_settings, **common) as server:
             batched = asyncio.run(classify_flood(server, args.clients, args.duration, args.max_requests, texts,
                                                  args.timeout, "micro-batched"))
             texts_done, passes = metric(server.url, "scratchgpt_classifier_batch_size_sum"), metric(
@@ -443,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             single = asyncio.run(classify_flood(server, args.clients, args.duration, args.max_requests, texts,
                                                 args.timeout, "one at a time"))
         load_after = load_average()
-        padding = padding_overhead(classifier, texts, mean_batch) if mean_batch == mean_batch else float("nan")
+        padding = padding_overhead(classifier, texts, mean_batch, pack_tokens) if mean_batch == mean_batch else float("nan")
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -455,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"Service bench: {args.clients} concurrent clients, {args.duration:.0f} s a phase; "
-          f"micro-batching: up to {batch_size} texts or {batch_wait:g} ms")
+          f"micro-batching: up to {batch_size} texts or {batch_wait:g} ms, "
+          + (f"packed into rows of {pack_tokens} tokens" if pack_tokens else "padded to the longest"))
+    print(f"dtypes: classifier {args.classifier_dtype or 'the service default'}, "
+          f"chat {args.chat_dtype or 'the service default'}")
     rows = [
         ("measure", "micro-batched", "one at a time", "ratio", "target"),
         ("classify requests/s", f"{batched.rate:.1f}", f"{single.rate:.1f}", ratio(batched.rate, single.rate), ">= 5x"),
@@ -466,12 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         ("classify p99 latency (ms)", ms(percentile(batched.latencies, 0.99)), ms(percentile(single.latencies, 0.99)),
          ratio(percentile(single.latencies, 0.99), percentile(batched.latencies, 0.99)), ""),
         ("texts per forward pass (mean)", f"{mean_batch:.1f}", "1", "", ""),
-        ("tokens computed per real token (padding)", f"{padding:.2f}", "1.00", "", ""),
+        ("tokens computed per real token", f"{padding:.2f}", "1.00", "", ""),
         ("requests (errors)", f"{len(batched.latencies)} ({len(batched.errors)})",
          f"{len(single.latencies)} ({len(single.errors)})", "", "0 errors"),
         (f"chat TTFT p50, {getattr(ttft, 'prompt_tokens', '?')}-token prompt (ms)",
          ms(percentile(ttft.latencies, 0.5)), "", "", "< 300"),
         ("chat TTFT p99 (ms)", ms(percentile(ttft.latencies, 0.99)), "", "", ""),
+        ("  of which request to start event, p50 (ms)", ms(percentile(ttft.to_start, 0.5)), "", "", ""),
+        ("  of which start event to first token, p50 (ms)",
+         ms(percentile([f - s for f, s in zip(ttft.latencies, ttft.to_start)], 0.5)), "", "", ""),
         (f"server CPU-s per chat (prefill + {args.new_tokens} token{'s' if args.new_tokens > 1 else ''})",
          f"{ttft.server_cpu / max(len(ttft.latencies), 1):.2f}", "", "", ""),
         ("chat samples (errors)", f"{len(ttft.latencies)} ({len(ttft.errors)})", "", "", ""),
