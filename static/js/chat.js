@@ -136,6 +136,18 @@ async function loadConversations() {
   }
 }
 
+// A sidebar action: a glyph for the eye, "<action> <title>" for a screen reader.
+function iconButton(kind, action, title, glyph, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = `icon-btn ${kind}`;
+  button.title = action;
+  button.setAttribute("aria-label", `${action} ${title}`);
+  button.textContent = glyph;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
 function renderSidebar() {
   el.list.replaceChildren();
   if (!state.conversations.length) {
@@ -161,22 +173,8 @@ function renderSidebar() {
       openConversation(c.id, true);
     });
 
-    const rename = document.createElement("button");
-    rename.type = "button";
-    rename.className = "icon-btn rename";
-    rename.title = "Rename";
-    rename.setAttribute("aria-label", `Rename ${c.title}`);
-    rename.textContent = "✎";
-    rename.addEventListener("click", () => startRename(item, c));
-
-    const del = document.createElement("button");
-    del.type = "button";
-    del.className = "icon-btn delete";
-    del.title = "Delete";
-    del.setAttribute("aria-label", `Delete ${c.title}`);
-    del.textContent = "🗑";
-    del.addEventListener("click", () => deleteConversation(c));
-
+    const rename = iconButton("rename", "Rename", c.title, "✎", () => startRename(item, c));
+    const del = iconButton("delete", "Delete", c.title, "🗑", () => deleteConversation(c));
     item.append(link, rename, del);
     el.list.append(item);
   }
