@@ -13,8 +13,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The source tree keeps templates/, static/ and migrations/ beside app/.
+# The source tree keeps templates/, static/ and migrations/ beside app/; an installed wheel
+# carries them inside the app package (pyproject.toml maps them there).
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def asset_dir(name: str) -> Path:
+    """``templates``, ``static`` or ``migrations``: the installed package's copy, else the source tree's."""
+    packaged = Path(__file__).resolve().parent / name
+    return packaged if packaged.is_dir() else REPO_ROOT / name
 
 
 def scratchgpt_home() -> Path:
@@ -84,9 +91,9 @@ class Settings(BaseSettings):
     # --- operations -------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True
-    templates_dir: Path = REPO_ROOT / "templates"
-    static_dir: Path = REPO_ROOT / "static"
-    migrations_dir: Path = REPO_ROOT / "migrations"
+    templates_dir: Path = asset_dir("templates")
+    static_dir: Path = asset_dir("static")
+    migrations_dir: Path = asset_dir("migrations")
 
     @field_validator("api_keys", mode="before")
     @classmethod

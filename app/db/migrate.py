@@ -12,9 +12,9 @@ from alembic import command
 from alembic.config import Config
 
 from app.db.engine import make_engine
-from app.settings import REPO_ROOT
+from app.settings import asset_dir
 
-DEFAULT_MIGRATIONS_DIR = REPO_ROOT / "migrations"
+DEFAULT_MIGRATIONS_DIR = asset_dir("migrations")
 
 
 class MigrationError(RuntimeError):
