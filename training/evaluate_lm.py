@@ -131,14 +131,9 @@ def run_evaluate_lm(cfg: EvaluateLMConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.job_config import parse_job_args
+    from training.job_config import run_job_main
 
-    try:
-        run_evaluate_lm(parse_job_args(EvaluateLMConfig, argv, prog="python -m training.evaluate_lm", description=__doc__.splitlines()[0]))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job_main(EvaluateLMConfig, run_evaluate_lm, argv, "python -m training.evaluate_lm", __doc__)
 
 
 if __name__ == "__main__":

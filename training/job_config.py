@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -248,3 +250,24 @@ def parse_job_args(cls: type[T], argv: list[str] | None = None, prog: str | None
     ns = vars(parser.parse_args(argv))
     config_path = ns.pop("config")
     return load_job_config(cls, config_path, ns)
+
+
+def run_job_main(
+    cls: type[T],
+    job: Callable[[T], Any],
+    argv: list[str] | None,
+    prog: str,
+    doc: str | None,
+    errors: tuple[type[BaseException], ...] = (ValueError,),
+) -> int:
+    """A job's ``main``: flags into ``cls``, run ``job``; one of ``errors`` prints as ``error: ...`` and exits 2.
+
+    Our jobs' errors subclass ValueError (bad flags, data, checkpoints), so a
+    user sees one line that says what to fix, not a traceback.
+    """
+    try:
+        job(parse_job_args(cls, argv, prog=prog, description=doc.splitlines()[0] if doc else None))
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -69,14 +69,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.job_config import parse_job_args
+    from training.job_config import run_job_main
 
-    try:
-        prepare(parse_job_args(PrepareConfig, argv, prog="python -m training.prepare", description=__doc__.splitlines()[0]))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job_main(PrepareConfig, prepare, argv, "python -m training.prepare", __doc__)
 
 
 if __name__ == "__main__":

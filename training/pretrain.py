@@ -602,15 +602,11 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.pretrain [flags]``: the same flags as ``scratchgpt pretrain``."""
-    from training.job_config import parse_job_args
+    from training.job_config import run_job_main
 
-    try:
-        cfg = parse_job_args(PretrainConfig, argv, prog="python -m training.pretrain", description=__doc__.splitlines()[0])
-        pretrain(cfg)
-    except (ValueError, dist_utils.DistributedError) as e:  # our errors all subclass these
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # Our errors all subclass these two.
+    return run_job_main(PretrainConfig, pretrain, argv, "python -m training.pretrain", __doc__,
+                        errors=(ValueError, dist_utils.DistributedError))
 
 
 if __name__ == "__main__":
