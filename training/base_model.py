@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config
-from core.device import resolve_device  # noqa: F401  (the fine-tuning and evaluation jobs import it from here)
 
 log = logging.getLogger(__name__)
 

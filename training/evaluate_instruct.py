@@ -29,7 +29,7 @@ import torch
 from core.chat_template import ALPACA, ChatTemplate
 from core.checkpoint import load_checkpoint
 from core.generate import GenerationConfig, generate
-from training.base_model import resolve_device
+from core.device import resolve_device
 from training.instruct_data import InstructExample, encode_prompt, read_instruct_file
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 
 from core.checkpoint import load_checkpoint
 from core.classifier import classify
-from training.base_model import resolve_device
+from core.device import resolve_device
 from training.classification_metrics import classification_report
 from training.spam_data import LABELS, read_spam_file
 

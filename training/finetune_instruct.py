@@ -34,7 +34,8 @@ from torch import nn
 from core.chat_template import ALPACA, BUILTIN, ChatTemplate
 from core.checkpoint import save_checkpoint, write_json
 from core.download import sha256_file
-from training.base_model import load_base, resolve_base, resolve_device, weights_sha256
+from core.device import resolve_device
+from training.base_model import load_base, resolve_base, weights_sha256
 from training.evaluate_instruct import generate_responses, response_record, rouge_l
 from training.instruct_data import (
     IGNORE_INDEX, EncodedExample, InstructDataError, collate, encode_example, read_instruct_file, split_instruct,

@@ -38,7 +38,8 @@ from core.checkpoint import save_checkpoint, write_json
 from core.classifier import SequenceClassifier
 from core.model import GPTModel
 from core.download import sha256_file
-from training.base_model import load_base, resolve_base, resolve_device, weights_sha256
+from core.device import resolve_device
+from training.base_model import load_base, resolve_base, weights_sha256
 from training.classification_metrics import classification_report
 from training.job_config import config_to_dict
 from training.plots import plot_curves
