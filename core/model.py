@@ -19,6 +19,7 @@ from core.attention import CausalSelfAttention
 from core.config import ModelConfig
 from core.kv_cache import KVCache
 from core.layers import make_feed_forward, make_norm, rope_tables
+from core.loss import linear_cross_entropy
 
 
 class TransformerBlock(nn.Module):
@@ -176,6 +177,7 @@ class GPTModel(nn.Module):
         return_attention: bool = False,
         last_only: bool = False,
         argmax_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, T, vocab); with ``last_only`` just the last position's (B, 1, vocab),
         which saves the largest matmul of a decode step. With ``return_attention``
@@ -183,12 +185,17 @@ class GPTModel(nn.Module):
 
         ``argmax_only`` says the caller will only take the argmax (greedy decoding):
         when ``core.fast`` has installed a screened head, logits that cannot be the
-        maximum come back as -inf and only the others are computed exactly."""
+        maximum come back as -inf and only the others are computed exactly.
+
+        With ``targets`` (B, T), the mean next-token cross-entropy instead of the
+        logits, computed by ``core.loss`` without materialising them (training)."""
         ctx = self.context(
             input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
             return_attention=return_attention,
         )
         hidden, attentions = self.run_blocks(self.embed(input_ids, ctx), ctx)
+        if targets is not None:
+            return linear_cross_entropy(self.final_norm(hidden), self.head_weight, targets)
         if last_only:
             hidden = hidden[:, -1:]
         if argmax_only and self.argmax_head is not None:
