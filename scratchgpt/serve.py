@@ -38,8 +38,13 @@ def ensure_chat_model(chosen: str | None) -> Path:
     return path
 
 
-def ensure_classifier(chosen: str | None, base: Path, spam_data: Path | None) -> Path:
-    from core.download import cache_dir
+def ensure_classifier(chosen: str | None, base: Path, spam_data: Path | None) -> Path | None:
+    """The classifier to serve, fine-tuned first when missing; None when its data cannot be had.
+
+    Without the SMS data (offline, no --spam-data) the chat still serves: the spam page and
+    API then answer that the classifier is missing and how to make it.
+    """
+    from core.download import DownloadError, cache_dir
 
     if chosen:
         return Path(chosen)
@@ -51,7 +56,12 @@ def ensure_classifier(chosen: str | None, base: Path, spam_data: Path | None) ->
     data = spam_data or (SHARED_SPAM if SHARED_SPAM.is_file() else None)
     say(f"spam classifier missing: fine-tuning it on {base.name} (about 4 minutes on one CPU core)")
     config = SpamConfig(base=str(base), out=str(path), **CLASSIFIER_RECIPE, **({"data": str(data)} if data else {}))
-    return Path(finetune_spam(config))
+    try:
+        return Path(finetune_spam(config))
+    except DownloadError as e:
+        say(f"could not obtain the SMS Spam Collection ({e.__cause__ or 'offline'}); serving without the "
+            "spam classifier. Give the SMSSpamCollection file (or its UCI zip) with --spam-data FILE to make it.")
+        return None
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -62,7 +72,9 @@ def serve(args: argparse.Namespace) -> None:
     if args.setup:
         chat = ensure_chat_model(args.chat_checkpoint)
         classifier = ensure_classifier(args.classifier_checkpoint, chat, args.spam_data)
-        overrides = {"chat_checkpoint": chat, "classifier_checkpoint": classifier}
+        overrides = {"chat_checkpoint": chat}
+        if classifier is not None:
+            overrides["classifier_checkpoint"] = classifier
     else:
         if args.chat_checkpoint:
             overrides["chat_checkpoint"] = Path(args.chat_checkpoint)
