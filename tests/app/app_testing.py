@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -15,6 +16,18 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+
+
+def classify_concurrently(worker: Any, texts: list[str]) -> list[Any]:
+    """Each text from its own concurrent caller of a started ClassifierWorker, which is stopped after."""
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(worker.classify([t]) for t in texts))
+
+    try:
+        return asyncio.run(main())
+    finally:
+        worker.stop()
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from app_testing import classify_concurrently
+
 from app.workers import ClassifierWorker
 
 
@@ -78,14 +80,7 @@ def test_micro_batching_groups_concurrent_requests(classifier_checkpoint):
     batches: list[int] = []
     worker = ClassifierWorker(checkpoint, "classifier", max_batch=8, max_wait_ms=50, on_batch=batches.append).start()
     texts = [f"message number {i} {'free prize' if i % 3 == 0 else 'see you'}" for i in range(20)]
-
-    async def main():
-        return await asyncio.gather(*(worker.classify([t]) for t in texts))
-
-    try:
-        results = asyncio.run(main())
-    finally:
-        worker.stop()
+    results = classify_concurrently(worker, texts)
     assert sum(batches) == 20
     assert len(batches) < 20 and max(batches) <= 8  # requests were grouped, never past the cap
     expected = classify(checkpoint, texts)

@@ -8,6 +8,8 @@ import time
 import pytest
 import torch
 
+from app_testing import classify_concurrently
+
 from app.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
 
 
@@ -79,14 +81,7 @@ def test_micro_batches_pack_texts_and_answer_as_one_at_a_time(classifier_checkpo
     worker = ClassifierWorker(checkpoint, "classifier", max_batch=16, max_wait_ms=200, on_batch=batches.append,
                               pack_tokens=64).start()
     texts = [("free prize " * (i % 7)) + f"message {i}" + (" see you soon" * (i % 5)) for i in range(24)] + [""]
-
-    async def main():
-        return await asyncio.gather(*(worker.classify([t]) for t in texts))
-
-    try:
-        results = asyncio.run(main())
-    finally:
-        worker.stop()
+    results = classify_concurrently(worker, texts)
     assert max(batches) > 1 and sum(batches) == len(texts)  # requests were grouped
     alone = [classify(checkpoint, [t], batch_size=1, pack_tokens=None)[0] for t in texts]
     spams = [a.probabilities["spam"] for a in alone]
