@@ -169,9 +169,11 @@ def stream(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationCon
         keep = _held_back(pending, cfg.stop_strings)
         ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
         yield StreamChunk(ready, [token])
+    # Bytes of an unfinished character are only decoded (as U+FFFD) now, and a stop string
+    # may end in them: then the answer was cut by that stop, not by the length limit.
     tail = pending + decoder.flush()
     at = _first_stop(tail, cfg.stop_strings)
-    yield StreamChunk(tail if at < 0 else tail[:at], [], "length")
+    yield StreamChunk(tail if at < 0 else tail[:at], [], "length" if at < 0 else "stop")
 
 
 def generate_text(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> str:

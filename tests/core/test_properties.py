@@ -107,6 +107,19 @@ def test_a_stop_string_cuts_the_text_where_it_first_occurs(model, tok, data, tex
     assert reasons[-1] == ("stop" if stop in full else "length")
 
 
+def test_a_stop_string_completed_by_the_last_bytes_is_a_stop(model, tok):
+    """This prompt's 8 tokens end in bytes of an unfinished character, decoded as U+FFFD only
+    when the stream flushes: a stop string ending there still cuts the answer as a stop."""
+    ids = [28826, 46178]
+    full = unstopped(model, tok, ids, 8)
+    assert full.endswith("\ufffd")
+    # The shortest ending of the answer found nowhere earlier in it.
+    stop = next(full[-k:] for k in range(1, len(full) + 1) if full.find(full[-k:]) == len(full) - k)
+    text_out, _, reasons = streamed(model, tok, ids, GenerationConfig(max_new_tokens=8, stop_strings=(stop,)))
+    assert text_out == full[: len(full) - len(stop)]
+    assert reasons[-1] == "stop"
+
+
 def test_several_stop_strings_cut_at_the_earliest(model, tok):
     ids = tok.encode("The lighthouse keeper said")
     first_token = unstopped(model, tok, ids, 1)  # " Digest" for this model
