@@ -224,6 +224,7 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return model(x, targets=y)
 
 
+@torch.no_grad()
 def evaluate_windows(model: torch.nn.Module, dataset, indices: torch.Tensor, batch_size: int, env: DistEnv, precision: str) -> float:
     """Mean loss over the given windows, shared across ranks (each takes every world_size-th batch)."""
     total, count = 0.0, 0
