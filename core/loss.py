@@ -33,11 +33,12 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad_enabled: bool) -> torch.Tensor:
         dtype = _compute_dtype(hidden)
         device = hidden.device.type
         h, w = hidden.to(dtype), weight.to(dtype)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad is set even under torch.no_grad(), hence the caller's grad mode too.
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         with torch.autocast(device, enabled=False):
             logits = h @ w.t()  # (N, V); becomes dL/dlogits in place below
         counted = targets != IGNORE_INDEX
@@ -73,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden = (grad_logits @ w).mul_(scale).to(hidden_dtype)
             if ctx.needs_input_grad[1]:
                 grad_weight = (grad_logits.t() @ h).mul_(scale).to(weight_dtype)
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,4 +83,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden: (..., D); weight: (V, D); targets: (...) token ids, ``-100`` for positions not counted.
     Runs in the autocast dtype when autocast is on (the softmax always in fp32).
     """
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1))
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), torch.is_grad_enabled())

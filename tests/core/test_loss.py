@@ -53,10 +53,12 @@ def test_under_bf16_autocast_it_matches_autocast_cross_entropy():
 
 
 def test_without_gradients_it_only_measures():
-    hidden, weight = torch.randn(10, 8), torch.randn(50, 8)
+    hidden, weight = torch.randn(10, 8), torch.randn(50, 8, requires_grad=True)  # a parameter, as in evaluation
     targets = torch.randint(0, 50, (10,))
     with torch.no_grad():
-        assert torch.allclose(linear_cross_entropy(hidden, weight, targets), reference(hidden, weight, targets))
+        loss = linear_cross_entropy(hidden, weight, targets)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, reference(hidden, weight, targets))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
