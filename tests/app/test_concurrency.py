@@ -13,22 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from app_testing import LiveServer, parse_sse
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 CONVERSATIONS = 16
 TURNS = 3
 TOKENS = 12
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread; on a busy machine the hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def chat(url: str, index: int) -> tuple[str, list[tuple[str, str]]]:

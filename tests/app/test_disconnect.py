@@ -15,20 +15,12 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from app_testing import LiveServer, parse_sse
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
+
 LONG = 900  # tokens asked for; the tiny model would need seconds to write them all
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread; on a busy machine the hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

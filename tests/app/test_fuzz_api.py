@@ -124,16 +124,11 @@ def make_target() -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def served():
-    # Tiny models gain nothing from a second torch thread, and on a busy machine the hand-offs
-    # between threads cost many times the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def served(one_torch_thread):
     try:
         make_target()
         yield
     finally:
-        torch.set_num_threads(threads)
         _RUNNING.close()
 
 

@@ -12,20 +12,13 @@ from core.generate import GenerationConfig, generate
 from core.kv_cache import KVCache
 from core.model import GPTModel
 
-pytestmark = pytest.mark.skipif(not onednn_available(torch.float32), reason="torch built without oneDNN")
+pytestmark = [
+    pytest.mark.skipif(not onednn_available(torch.float32), reason="torch built without oneDNN"),
+    pytest.mark.usefixtures("one_torch_thread"),  # tiny matrices: see tests/conftest.py
+]
 needs_bf16 = pytest.mark.skipif(not onednn_available(torch.bfloat16), reason="no oneDNN bf16 on this CPU")
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices gain nothing from a second thread, and on a shared two-core
-    # machine an OpenMP team waiting for a busy core made these tests 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(family: str, **kw) -> GPTModel:

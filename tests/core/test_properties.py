@@ -27,6 +27,7 @@ from core.tokenizer.errors import DisallowedSpecialToken
 from core.tokenizer.specials import repair_surrogates
 
 CONTEXT = 32
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Any code point, surrogates and control characters included, or text built from the pieces
@@ -35,16 +36,6 @@ any_text = st.text(alphabet=st.characters(exclude_categories=()), max_size=80)
 pieces = st.sampled_from(["\x00", "\x1b[31m", "\r\n", "\t", "\u200b", "\ufeff", "\ud800", "\udfff", "😀", "é", "e\u0301",
                           "<|endoftext|>", "<|im_end|>", "### Response:", "{{ 7*7 }}", "{% raw %}", " ", "a", "日本"])
 tricky_text = st.one_of(any_text, st.lists(pieces, max_size=30).map("".join))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a busy machine the threads'
-    hand-offs cost far more than the work (measured here: 45 ms a step with two, 1 ms with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
