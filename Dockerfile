@@ -15,6 +15,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0
 
+# A C++ compiler: the chat model's GGUF kernels (core/csrc) are compiled on first start.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/scratchgpt
 COPY pyproject.toml README.md alembic.ini ./
 COPY core/ core/

@@ -172,6 +172,8 @@ class ModelRegistry:
         start = time.perf_counter()
         checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
         self._validate(slot.role, checkpoint)
+        if slot.role == CHAT and self.settings.gguf_kernels:
+            self._decode_from_gguf_blocks(checkpoint)
         with self._lock:
             if self._stopping:
                 return
@@ -185,6 +187,18 @@ class ModelRegistry:
             extra={"model": slot.role, "model_name": checkpoint.name, "path": str(slot.path), "device": str(device),
                    "dtype": str(dtype).removeprefix("torch."), "seconds": round(slot.load_seconds, 3)},
         )
+
+    @staticmethod
+    def _decode_from_gguf_blocks(checkpoint: Any) -> None:
+        """Let the chat model decode from the GGUF blocks its checkpoint carries, if any (core.gguf_matvec)."""
+        from core.fast import FastConfig, make_fast
+        from core.gguf_matvec import checkpoint_blocks
+
+        blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata)
+        if not blocks:
+            return
+        report = make_fast(checkpoint.model, FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)
+        logger.info("chat model fast path", extra={"model": CHAT, "report": str(report)})
 
     @staticmethod
     def _validate(role: str, checkpoint: Any) -> None:

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # CPU threads for torch; None lets torch decide. On a busy or small machine 1-2 avoids
     # OpenMP threads fighting each other (the chat and classifier workers run side by side).
     torch_threads: int | None = Field(None, ge=1)
+    # A chat checkpoint converted from a GGUF file keeps the file's quantized blocks; in fp32 on
+    # a CPU with AVX-512 the chat model then decodes from them (core.gguf_matvec: the same
+    # weights, a fifth of the bytes). The kernels compile on first use (about 30 s).
+    gguf_kernels: bool = True
 
     # --- storage ----------------------------------------------------------
     # None means sqlite:///<home>/scratchgpt.db.

@@ -125,8 +125,12 @@ def save_checkpoint(
     labels: list[str] | None = None,
     metadata: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    gguf_blocks: dict[str, tuple[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write model weights and everything needed to use them, atomically."""
+    """Write model weights and everything needed to use them, atomically.
+
+    ``gguf_blocks``: the quantized blocks of a GGUF file the weights came from,
+    kept beside them for decoding (``core.gguf_matvec``)."""
     from core.tokenizer import save_tokenizer
 
     if task not in TASKS:
@@ -141,6 +145,12 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         with open(tmp / "model.safetensors", "rb+") as f:
             os.fsync(f.fileno())
+        if gguf_blocks:
+            from core.gguf_matvec import BLOCKS_FILE, save_blocks
+
+            save_blocks(tmp, gguf_blocks)
+            with open(tmp / BLOCKS_FILE, "rb+") as f:
+                os.fsync(f.fileno())
         config = {
             "format": FORMAT,
             "version": VERSION,

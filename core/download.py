@@ -521,15 +521,20 @@ def convert_to_checkpoint(raw: str | Path, name: str, dest: str | Path | None = 
             raise DownloadError(f"{raw} is already a scratchgpt checkpoint; copy it to {dest} if you want it there")
         return raw  # download_model already converted it
     metadata: dict[str, Any] = {"name": name, "source": str(raw)}
+    blocks = None
     if raw.is_file() and raw.suffix == ".gguf":
+        from core.gguf_weights import read_gguf_blocks
+
         cfg, sd, tokenizer, template = _from_gguf(raw)
+        blocks = read_gguf_blocks(raw)  # kept for decoding from them (core.gguf_matvec)
     elif raw.is_dir():
         cfg, sd, tokenizer, template = _from_hf_dir(raw)
     else:
         raise DownloadError(f"{raw}: expected a .gguf file or a Hugging Face checkpoint directory")
     with torch.device("meta"):
         model = GPTModel(cfg)  # only its config is used; the weights come from sd
-    return save_checkpoint(dest, model, tokenizer, chat_template=template, metadata=metadata, state_dict=sd)
+    return save_checkpoint(dest, model, tokenizer, chat_template=template, metadata=metadata, state_dict=sd,
+                           gguf_blocks=blocks)
 
 
 def _is_our_checkpoint(path: Path) -> bool:

@@ -79,7 +79,7 @@ class _PackedCopy:
         self.key: tuple | None = None
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
-        key = _weight_key(weight)
+        key = weight_key(weight)
         if key != self.key:
             self.packed, self.key = _pack(weight, self.batch_hint), key
         return self.packed
@@ -89,7 +89,7 @@ class _PackedCopy:
         return {"batch_hint": self.batch_hint, "packed": None, "key": None}
 
 
-def _weight_key(weight: torch.Tensor) -> tuple:
+def weight_key(weight: torch.Tensor) -> tuple:
     # Changes when the weight is modified in place (version), replaced or cast. Tensors
     # made under inference_mode keep no version counter; they are taken as unchanged.
     version = 0 if weight.is_inference() else weight._version
@@ -200,14 +200,14 @@ class ScreenedHead(nn.Module):
 
     def _prepare(self, weight: torch.Tensor) -> None:
         """The packed bf16 screen and the norms the bound uses, rebuilt if the weight changed."""
-        if _weight_key(weight) == self._key:
+        if weight_key(weight) == self._key:
             return
         w = weight.detach().float()
         w_bf16 = w.to(torch.bfloat16)
         self._screen = _pack(w_bf16, self.batch_hint)  # plain attribute: never saved, never cast
         self.max_row_norm = float(w.norm(dim=1).max())
         self.max_rounding = float((w - w_bf16.float()).norm(dim=1).max())
-        self._key = _weight_key(weight)
+        self._key = weight_key(weight)
 
     def __getstate__(self) -> dict:
         # The packed screen is opaque (no storage to copy or pickle): copies rebuild it on first use.
@@ -276,20 +276,29 @@ class FastReport:
         return ", ".join(parts) or "nothing"
 
 
-def make_fast(model: nn.Module, cfg: FastConfig | None = None) -> FastReport:
+def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict | None = None) -> FastReport:
     """Apply the transforms of ``cfg`` to a ``GPTModel`` in place, in eval mode.
 
     Call it last: after loading the weights and casting to the serving dtype
     and device. A transform that does not fit (no oneDNN, a GPU, a bf16 head
     for ``screened_head``) is skipped and says why in the returned report.
+
+    ``gguf_blocks`` (from ``core.gguf_weights.read_gguf_blocks`` or a
+    checkpoint's ``core.gguf_matvec.load_blocks``): the quantized blocks the
+    model's weights were read from; the layers they hold then decode from them
+    (``core.gguf_matvec``), and the other transforms apply to the rest.
     """
     cfg = cfg or FastConfig()
     report = FastReport()
     model.eval()
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise FastPathError("make_fast: this model is already compiled; call make_fast once, on the plain model")
+    if gguf_blocks:
+        _use_gguf_blocks(model, gguf_blocks, report)
     weight = model.head_weight
-    if cfg.screened_head:
+    if cfg.screened_head and model.argmax_head is not None:
+        report.skipped["screened_head"] = "the output layer decodes from GGUF blocks"
+    elif cfg.screened_head:
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available(torch.bfloat16):
             model.argmax_head = ScreenedHead(weight, cfg.batch_hint)
             report.applied.append("screened_head")
@@ -301,14 +310,32 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None) -> FastReport:
     elif cfg.prepack:
         if weight.device.type == "cpu" and onednn_available(weight.dtype):
             n = prepack_linears(model, cfg.batch_hint)
-            model.fast_head = PackedHead(cfg.batch_hint)
-            report.applied.append(f"prepack ({n} linears and the output layer)")
+            packed = [f"{n} linears"] if n else []
+            if model.fast_head is None:
+                model.fast_head = PackedHead(cfg.batch_hint)
+                packed.append("the output layer")
+            if packed:
+                report.applied.append(f"prepack ({' and '.join(packed)})")
         else:
             report.skipped["prepack"] = f"oneDNN does not run {weight.dtype} on {weight.device.type}"
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
         report.applied.append("compile")
     return report
+
+
+def _use_gguf_blocks(model: nn.Module, blocks: dict, report: FastReport) -> None:
+    from core.gguf_matvec import attach_gguf_blocks
+
+    try:
+        skipped = attach_gguf_blocks(model, blocks)
+    except FastPathError as err:
+        report.skipped["gguf_blocks"] = str(err)
+        return
+    types = sorted({t for t, _ in blocks.values()})
+    report.applied.append(f"gguf_blocks ({len(blocks) - len(skipped)} of {len(blocks)} weights, {'/'.join(types)})")
+    if skipped:
+        report.skipped["gguf_blocks for"] = "; ".join(skipped[:3]) + (f"; {len(skipped) - 3} more" if len(skipped) > 3 else "")
 
 
 def inductor_cache_dir() -> Path:

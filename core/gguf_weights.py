@@ -159,6 +159,46 @@ _BLOCK_MAP = {
 }
 
 
+def read_gguf_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """The file's block-quantized weights as stored, under our parameter names, for ``core.gguf_matvec``.
+
+    Only the types its kernels read (Q4_1, Q8_0) are returned, each as its
+    ``(out_features, bytes per row)`` uint8 rows: the Q/K rows are unpermuted
+    and Q, K, V stacked like ``load_gguf`` does with the dense weights (a row
+    permutation moves whole rows of blocks), and a tied output layer is
+    ``tok_emb.weight``.
+    """
+    from core.gguf_matvec import BLOCK_BYTES
+
+    path = Path(path)
+    reader, meta = _read(path)
+    cfg = config_from_gguf_metadata(meta, path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def raw(name: str) -> tuple[str, torch.Tensor] | None:
+        t = tensors.get(name)
+        if t is None or t.tensor_type.name not in BLOCK_BYTES:
+            return None
+        return t.tensor_type.name, torch.from_numpy(np.array(t.data, dtype=np.uint8))
+
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
+    # The output layer; the embedding only when it is the (tied) output layer too, since
+    # looking up a token's row is no matrix product.
+    head = ("out_head.weight", "output.weight") if "output.weight" in tensors else ("tok_emb.weight", "token_embd.weight")
+    if (found := raw(head[1])) is not None:
+        blocks[head[0]] = found
+    for i in range(cfg.n_layers):
+        g, p = f"blk.{i}.", f"blocks.{i}."
+        q, k, v = raw(g + "attn_q.weight"), raw(g + "attn_k.weight"), raw(g + "attn_v.weight")
+        if q and k and v and q[0] == k[0] == v[0]:
+            rows = [unpermute_qk(q[1], cfg.n_heads), unpermute_qk(k[1], cfg.kv_heads), v[1]]
+            blocks[p + "attn.qkv.weight"] = (q[0], torch.cat(rows, dim=0))
+        for src, dst in _BLOCK_MAP.items():
+            if (found := raw(g + src)) is not None:
+                blocks[p + dst] = found
+    return blocks
+
+
 def load_gguf(path: str | Path) -> tuple[ModelConfig, StateDict, dict[str, Any]]:
     """Read a llama-architecture GGUF file into ``(ModelConfig, our state dict in fp32, metadata)``.
 

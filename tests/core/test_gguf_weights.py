@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from core.generate import GenerationConfig, generate
 from core.gguf_weights import GGUFError, load_gguf, permute_qk, unpermute_qk
 from core.model import GPTModel
+from gguf_files import D, FF, LAYERS, N_HEADS, N_KV, VOCAB, Q, hf_llama, write_gguf
 
-gguf = pytest.importorskip("gguf")
-Q = gguf.GGMLQuantizationType
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -34,84 +31,8 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 # ---------------------------------------------------------------------------
-# Tiny GGUF files written here
+# Tiny GGUF files written here (tests/core/gguf_files.py)
 # ---------------------------------------------------------------------------
-
-D, N_HEADS, N_KV, FF, VOCAB, LAYERS = 64, 4, 2, 160, 320, 2
-
-
-def _hf_llama(tied: bool):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(7)
-    cfg = transformers.LlamaConfig(
-        hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=N_HEADS,
-        num_key_value_heads=N_KV, vocab_size=VOCAB, max_position_embeddings=96, rope_theta=100000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # wider than HF's init so greedy decoding has no near-ties
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
-                    else 0.15 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _write_gguf(path: Path, hf_model, types: dict[str, Q], arch: str = "llama") -> dict:
-    """Write ``hf_model`` as llama.cpp would; returns the fp32 weights a reader should get back (GGUF names)."""
-    from gguf.quants import dequantize, quantize
-
-    sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf_model.state_dict().items()}
-    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
-    if "lm_head.weight" in sd and not hf_model.config.tie_word_embeddings:
-        tensors["output.weight"] = sd["lm_head.weight"]
-    for i in range(LAYERS):
-        h = f"model.layers.{i}."
-        q = permute_qk(torch.from_numpy(sd[h + "self_attn.q_proj.weight"]), N_HEADS).numpy()
-        k = permute_qk(torch.from_numpy(sd[h + "self_attn.k_proj.weight"]), N_KV).numpy()
-        tensors.update({
-            f"blk.{i}.attn_norm.weight": sd[h + "input_layernorm.weight"],
-            f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k,
-            f"blk.{i}.attn_v.weight": sd[h + "self_attn.v_proj.weight"],
-            f"blk.{i}.attn_output.weight": sd[h + "self_attn.o_proj.weight"],
-            f"blk.{i}.ffn_norm.weight": sd[h + "post_attention_layernorm.weight"],
-            f"blk.{i}.ffn_gate.weight": sd[h + "mlp.gate_proj.weight"],
-            f"blk.{i}.ffn_up.weight": sd[h + "mlp.up_proj.weight"],
-            f"blk.{i}.ffn_down.weight": sd[h + "mlp.down_proj.weight"],
-        })
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(LAYERS)
-    w.add_context_length(96)
-    w.add_embedding_length(D)
-    w.add_feed_forward_length(FF)
-    w.add_head_count(N_HEADS)
-    w.add_head_count_kv(N_KV)
-    w.add_rope_freq_base(100000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(D // N_HEADS)
-    w.add_token_list([f"t{i}" for i in range(VOCAB)])
-    w.add_chat_template("{{ messages }}")
-    expected = {}
-    for name, arr in tensors.items():
-        kind = Q.F32 if arr.ndim == 1 else types.get(name.split(".")[-2], Q.F32)
-        if kind == Q.I32:
-            w.add_tensor(name, arr.astype(np.int32))
-        elif kind == Q.F32:
-            w.add_tensor(name, arr)
-            expected[name] = arr
-        elif kind == Q.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-            expected[name] = arr.astype(np.float16).astype(np.float32)
-        else:
-            raw = quantize(arr, kind)
-            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
-            expected[name] = dequantize(raw, kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return expected
-
 
 MIXED = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q8_0, "attn_v": Q.F16, "attn_output": Q.BF16,
          "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_0, "ffn_down": Q.Q8_0, "output": Q.F16}
@@ -119,8 +40,8 @@ MIXED = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q8_0, "attn_v": Q.F
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_f32_gguf_matches_transformers(tied, tmp_path):
-    hf = _hf_llama(tied)
-    _write_gguf(tmp_path / "m.gguf", hf, types={})
+    hf = hf_llama(tied)
+    write_gguf(tmp_path / "m.gguf", hf, types={})
     cfg, sd, meta = load_gguf(tmp_path / "m.gguf")
     assert (cfg.family, cfg.emb_dim, cfg.n_heads, cfg.kv_heads, cfg.ff_dim, cfg.vocab_size, cfg.context_length) == (
         "llama", D, N_HEADS, N_KV, FF, VOCAB, 96)
@@ -142,7 +63,7 @@ def test_f32_gguf_matches_transformers(tied, tmp_path):
 
 def test_quantized_types_dequantize_exactly(tmp_path):
     """Q4_0, Q4_1, Q8_0, F16 and BF16 tensors come back as gguf's dequantization, unpermuted and fused."""
-    expected = _write_gguf(tmp_path / "q.gguf", _hf_llama(False), types=MIXED)
+    expected = write_gguf(tmp_path / "q.gguf", hf_llama(False), types=MIXED)
     cfg, sd, _ = load_gguf(tmp_path / "q.gguf")
     assert torch.equal(sd["tok_emb.weight"], torch.from_numpy(expected["token_embd.weight"]))
     assert torch.equal(sd["out_head.weight"], torch.from_numpy(expected["output.weight"]))
@@ -161,19 +82,19 @@ def test_quantized_types_dequantize_exactly(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    _write_gguf(tmp_path / "g.gguf", _hf_llama(True), types={}, arch="gpt2")
+    write_gguf(tmp_path / "g.gguf", hf_llama(True), types={}, arch="gpt2")
     with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported"):
         load_gguf(tmp_path / "g.gguf")
 
 
 def test_unsupported_tensor_type(tmp_path):
-    _write_gguf(tmp_path / "i.gguf", _hf_llama(True), types={"ffn_down": Q.I32})
+    write_gguf(tmp_path / "i.gguf", hf_llama(True), types={"ffn_down": Q.I32})
     with pytest.raises(GGUFError, match="blk.0.ffn_down.weight has type I32"):
         load_gguf(tmp_path / "i.gguf")
 
 
 def test_truncated_and_corrupt_files(tmp_path):
-    _write_gguf(tmp_path / "m.gguf", _hf_llama(True), types=MIXED)
+    write_gguf(tmp_path / "m.gguf", hf_llama(True), types=MIXED)
     data = (tmp_path / "m.gguf").read_bytes()
     for cut in (len(data) - 1000, len(data) // 2, 200):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
