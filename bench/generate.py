@@ -71,7 +71,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, (GGUFLinear, GGUFHead)):
             dense = module.weight if isinstance(module, GGUFLinear) else model.head_weight
-            total += module._blocks.data.numel() - dense.numel() * dense.element_size()
+            total += module._blocks.matrix.nbytes - dense.numel() * dense.element_size()
     return total
 
 

@@ -42,9 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class FastPathError(RuntimeError):
-    """A fast-path transform that cannot apply to this model, device or dtype."""
+from core.kernels import FastPathError
 
 
 @functools.cache

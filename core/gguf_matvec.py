@@ -9,74 +9,43 @@ dequantizes in registers reads 4-6x fewer bytes for the *same* weights: this is
 how llama.cpp's ggml decodes, and since batch-1 decoding is bound by memory
 bandwidth (Pope et al., 2022), it is where the time goes.
 
-The kernel (``core/csrc/gguf_matvec.cpp``) rebuilds each weight as gguf's own
-dequantizer does, bit for bit (see the comment there), so its products differ
-from the dense fp32 ones only in summation order. Its model-side wrappers keep
-the dense fp32 parameters untouched beside the blocks and use the blocks only
-for what they are good at: a few rows of fp32 activations on the CPU, no
-autograd, and weights still equal to the ones the blocks came from. Anything
-else (prefill of a long prompt, training, a fine-tuned weight, another dtype or
-device) takes the plain ``F.linear``.
+The kernel (``core/csrc/gguf_matvec.cpp``) uses the weights gguf's own
+dequantizer produces (for a one-hot input its output is exactly those weights)
+and differs from the dense fp32 product only in fp32 rounding, as any other
+summation order would. Its model-side wrappers keep the dense fp32 parameters
+untouched beside the blocks and use the blocks only for what they are good at:
+a few rows of fp32 activations on the CPU, no autograd, and weights still equal
+to the ones the blocks came from. Anything else (prefill of a long prompt,
+training, a fine-tuned weight, another dtype or device) takes the plain
+``F.linear``.
 
-The C++ is compiled once per machine and torch version by
-``torch.utils.cpp_extension`` under ``$SCRATCHGPT_HOME/extensions`` (about 30 s);
-:func:`kernels` raises :class:`~core.fast.FastPathError` saying why when it
-cannot be (no C++ compiler, no AVX-512).
+The C++ is compiled on first use (``core.kernels``); :func:`kernels` raises
+:class:`~core.kernels.FastPathError` saying why when it cannot be (no C++
+compiler, no AVX-512).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import shutil
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from core.fast import FastPathError, weight_key
+from core.fast import weight_key
+from core.kernels import load_kernels
 
 # GGUF tensor types the kernel reads, with the bytes of one 32-weight block.
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 BLOCK = 32
+MAX_ROWS = 8  # rows of x one kernel call takes (kMaxRows in the C++)
 BLOCKS_FILE = "gguf_blocks.safetensors"
-_SOURCE = Path(__file__).with_name("csrc") / "gguf_matvec.cpp"
-logger = logging.getLogger(__name__)
 
 Blocks = dict[str, tuple[str, torch.Tensor]]  # parameter name -> (GGUF type, (out, bytes per row) uint8)
 
 
-def extensions_dir() -> Path:
-    from core.download import cache_dir
-
-    return cache_dir() / "extensions" / f"torch-{torch.__version__.replace('+', '-')}"
-
-
-@functools.cache
 def kernels():
-    """The compiled kernel module (``q4_1``, ``q8_0``), built on first use and cached on disk."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        raise FastPathError(f"the GGUF kernels need AVX-512; this CPU offers {torch.backends.cpu.get_cpu_capability()}")
-    # torch builds with ninja: pip's ninja lives beside this interpreter, which may not be on PATH.
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise FastPathError("the GGUF kernels are compiled on first use and need a C++ compiler and ninja on PATH")
-    from torch.utils.cpp_extension import load
-
-    build = extensions_dir() / "gguf_matvec"
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        logger.info("compiling the GGUF kernels into %s (once per machine, about 30 s)", build)
-    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mf16c", "-mfma", "-fopenmp"]
-    try:
-        return load(
-            "scratchgpt_gguf_matvec", [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-            build_directory=str(build), verbose=False,
-        )
-    except (RuntimeError, OSError) as err:  # a failed compile or link
-        raise FastPathError(f"the GGUF kernels did not build: {str(err).strip().splitlines()[-1]}") from err
+    """The compiled GGUF kernels (``q4_1``, ``q8_0``); raises FastPathError saying why they cannot be had."""
+    return load_kernels("gguf_matvec")
 
 
 def check_blocks(gguf_type: str, data: torch.Tensor, in_features: int, name: str = "tensor") -> None:
@@ -87,25 +56,56 @@ def check_blocks(gguf_type: str, data: torch.Tensor, in_features: int, name: str
         raise ValueError(f"{name}: {tuple(data.shape)} {data.dtype} is not {gguf_type} rows of {in_features} weights")
 
 
+class BlockMatrix:
+    """A weight matrix (out, in) held as GGUF blocks, split into the streams the kernel reads:
+    the integers ``qs``, the fp16 scales ``d`` and, for Q4_1, the fp16 offsets ``m``."""
+
+    def __init__(self, gguf_type: str, data: torch.Tensor, in_features: int) -> None:
+        check_blocks(gguf_type, data, in_features)
+        self.gguf_type, self.in_features, self.out_features = gguf_type, in_features, data.shape[0]
+        blocks = data.view(self.out_features, in_features // BLOCK, BLOCK_BYTES[gguf_type])
+
+        def field(start: int, stop: int) -> torch.Tensor:
+            return blocks[:, :, start:stop].contiguous()
+
+        if gguf_type == "Q4_1":  # fp16 d, fp16 m, 16 bytes of nibbles
+            self.d, self.m = field(0, 2).view(torch.float16)[..., 0], field(2, 4).view(torch.float16)[..., 0]
+            self.qs = field(4, 20).view(self.out_features, -1)
+        else:  # Q8_0: fp16 d, 32 int8
+            self.d, self.m = field(0, 2).view(torch.float16)[..., 0], None
+            self.qs = field(2, 34).view(self.out_features, -1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) fp32 with at most ``MAX_ROWS`` rows -> x @ W.T (..., out)."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        kernel = kernels().q4_1 if self.m is not None else kernels().q8_0
+        return kernel(rows, self.qs, self.d, self.m).view(*x.shape[:-1], self.out_features)
+
+
 def block_matvec(x: torch.Tensor, gguf_type: str, data: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (..., K) fp32 with at most the kernel's ``max_rows`` rows -> x @ W.T (..., N) from W's blocks."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = getattr(kernels(), gguf_type.lower())(rows, data)
-    return out.reshape(*x.shape[:-1], out_features)
+    """x (..., K) fp32, a few rows -> x @ W.T (..., N), W given as GGUF's ``data`` (N, bytes per row)."""
+    matrix = BlockMatrix(gguf_type, data, x.shape[-1])
+    if matrix.out_features != out_features:
+        raise ValueError(f"the blocks hold {matrix.out_features} rows, not {out_features}")
+    return matrix.matvec(x)
 
 
 class _BlockWeight:
     """The blocks of one weight, and the dense weight they were checked against."""
 
     def __init__(self, gguf_type: str, data: torch.Tensor, weight: torch.Tensor) -> None:
-        self.gguf_type, self.data, self.key = gguf_type, data, weight_key(weight)
+        self.matrix, self.key = BlockMatrix(gguf_type, data, weight.shape[1]), weight_key(weight)
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         # Few rows (the kernel reads the weights once per call whatever the rows, so
         # a long prefill is better served by the dense matrix product), fp32, CPU,
         # inference, and the weight still the one the blocks were checked against.
         return (
-            x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= kernels().max_rows * x.shape[-1]
+            x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and weight_key(weight) == self.key
         )
@@ -118,17 +118,17 @@ class GGUFLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        check_blocks(gguf_type, data, self.in_features)
         self._blocks = _BlockWeight(gguf_type, data, self.weight)  # a plain attribute: never saved, never cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._blocks.applies(x, self.weight):
             return nn.functional.linear(x, self.weight, self.bias)
-        out = block_matvec(x, self._blocks.gguf_type, self._blocks.data, self.out_features)
+        out = self._blocks.matrix.matvec(x)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self._blocks.gguf_type} blocks"
+        kind = self._blocks.matrix.gguf_type
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} blocks"
 
 
 class GGUFHead(nn.Module):
@@ -136,14 +136,12 @@ class GGUFHead(nn.Module):
 
     def __init__(self, gguf_type: str, data: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__()
-        check_blocks(gguf_type, data, weight.shape[1], "output layer")
-        self.out_features = weight.shape[0]
         self._blocks = _BlockWeight(gguf_type, data, weight)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self._blocks.applies(hidden, weight):
             return nn.functional.linear(hidden, weight)
-        return block_matvec(hidden, self._blocks.gguf_type, self._blocks.data, self.out_features)
+        return self._blocks.matrix.matvec(hidden)
 
 
 def _agrees(gguf_type: str, data: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -2,117 +2,166 @@
 // stored (the weight-only kernels of llama.cpp's ggml, written again for
 // torch's CPU tensors; see core/gguf_matvec.py for why and how it is used).
 //
-//   out[m, n] = sum_k x[m, k] * w[n, k]
+//   out[i, n] = sum_k x[i, k] * w[n, k]
 //
-// x: (M, K) fp32 with M small (decoding: one to a few rows); w: (N, bytes per
-// row) uint8, each row K / 32 blocks:
-//   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles (low nibbles are elements 0..15
-//         of the block, high nibbles 16..31); w = d * q + m
-//   Q8_0: fp16 d, 32 int8;                                    w = d * q
-// d * q is exact in fp32 (an 11-bit mantissa times a small integer), and a
-// fused multiply-add rounds d * q + m once, as the dequantizer's separate
-// multiply and add do when the product is exact: the weights used here are
-// bit for bit the fp32 weights gguf's numpy dequantizer produces. Only the
-// order of the sums differs from a dense fp32 matrix product.
+// x: (M, K) fp32 with M small (decoding: one to a few rows). Each weight row
+// is K / 32 blocks; a block is a scale d (and for Q4_1 an offset m), fp16,
+// and 32 small integers q:
+//   Q4_1: w = d * q + m, q in 0..15, two per byte (low nibbles are elements
+//         0..15 of the block, high nibbles 16..31)
+//   Q8_0: w = d * q,     q in -128..127
+// The caller splits GGUF's interleaved blocks into the integers (qs), the
+// scales (d) and the offsets (m), so each is read as one contiguous stream.
 //
-// The weights are read once per call whatever M is (each dequantized block
-// serves every row of x), in 16-lane AVX-512 registers, rows split across
-// torch's threads.
+// A block's contribution is d * (x . q) + m * sum(x): the integers are turned
+// into floats and multiplied by x first, and the block's scale is applied once
+// to that partial sum; the sums of x per block are computed once per call.
+// That is half the vector instructions of dequantizing every weight, which is
+// what the CPU's two vector ports, not memory, limited before. The products
+// are those of the dense fp32 weights gguf's dequantizer produces up to fp32
+// rounding in another order (for a one-hot x, exactly those weights).
+//
+// The weights are read once per call whatever M is, rows split across torch's
+// threads.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include <cstring>
-
 namespace {
 
 constexpr int kBlock = 32;
 constexpr int kMaxRows = 8;
+constexpr int64_t kMaxBlocks = 1024;  // per weight row: K up to 32768
 
-inline float half_to_float(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
+// n fp16 values to fp32, 16 at a time.
+inline void halves_to_floats(const at::Half* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m256i h = _mm256_maskz_loadu_epi16(live, src + i);
+    _mm512_mask_storeu_ps(dst + i, live, _mm512_cvtph_ps(h));
+  }
 }
 
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, a + i), _mm512_maskz_loadu_ps(live, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// The 32 integers of one block as two registers of 16 floats.
 struct Q4_1 {
-  static constexpr int kBytes = 20;
-  // The block's 32 weights as two registers of 16 fp32.
-  static inline void load(const uint8_t* block, __m512& lo, __m512& hi) {
-    const __m512 d = _mm512_set1_ps(half_to_float(block));
-    const __m512 m = _mm512_set1_ps(half_to_float(block + 2));
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m512 q_lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
-    const __m512 q_hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask)));
-    lo = _mm512_fmadd_ps(q_lo, d, m);
-    hi = _mm512_fmadd_ps(q_hi, d, m);
+  static constexpr int kQBytes = 16;
+  static inline void ints(const uint8_t* q, __m512& lo, __m512& hi) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
   }
 };
 
 struct Q8_0 {
-  static constexpr int kBytes = 34;
-  static inline void load(const uint8_t* block, __m512& lo, __m512& hi) {
-    const __m512 d = _mm512_set1_ps(half_to_float(block));
-    const __m128i q_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2));
-    const __m128i q_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 18));
-    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_lo)), d);
-    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_hi)), d);
+  static constexpr int kQBytes = 32;
+  static inline void ints(const uint8_t* q, __m512& lo, __m512& hi) {
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
   }
 };
 
-template <typename Format, int M>
-void rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* out,
-          int64_t N) {
-  const int64_t blocks = K / kBlock;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    __m512 acc_lo[M], acc_hi[M];
-    for (int i = 0; i < M; ++i) acc_lo[i] = acc_hi[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      // The next rows are where the hardware prefetcher is slow to follow us.
-      _mm_prefetch(reinterpret_cast<const char*>(row + b * Format::kBytes) + 2 * row_bytes, _MM_HINT_T0);
-      __m512 lo, hi;
-      Format::load(row + b * Format::kBytes, lo, hi);
+// Rows n0..n1 of the output, R weight rows at a time: each row's sum is a chain
+// of fused multiply-adds, and R independent chains keep the vector units busy
+// while each waits on its last result.
+template <typename Format, int M, int R>
+void rows(const float* x, const float* xsum, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m,
+          int64_t n0, int64_t n1, float* out, int64_t N) {
+  const int64_t nb = K / kBlock, row_bytes = nb * Format::kQBytes;
+  alignas(64) float scale[R][kMaxBlocks], offset[kMaxBlocks];
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    for (int r = 0; r < R; ++r) halves_to_floats(d + (n + r) * nb, nb, scale[r]);
+    __m512 acc[M][R];
+    for (int i = 0; i < M; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512 lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* q = qs + (n + r) * row_bytes + b * Format::kQBytes;
+        // The hardware prefetcher is slow to follow many short rows: ask for the next ones.
+        _mm_prefetch(reinterpret_cast<const char*>(q) + R * row_bytes, _MM_HINT_T0);
+        Format::ints(q, lo[r], hi[r]);
+      }
       for (int i = 0; i < M; ++i) {
         const float* xb = x + i * K + b * kBlock;
-        acc_lo[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xb), lo, acc_lo[i]);
-        acc_hi[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 16), hi, acc_hi[i]);
+        const __m512 x_lo = _mm512_loadu_ps(xb), x_hi = _mm512_loadu_ps(xb + 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 t = _mm512_fmadd_ps(x_hi, hi[r], _mm512_mul_ps(x_lo, lo[r]));
+          acc[i][r] = _mm512_fmadd_ps(t, _mm512_set1_ps(scale[r][b]), acc[i][r]);
+        }
       }
     }
-    for (int i = 0; i < M; ++i) out[i * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[i], acc_hi[i]));
+    for (int r = 0; r < R; ++r) {
+      if (m != nullptr) halves_to_floats(m + (n + r) * nb, nb, offset);
+      for (int i = 0; i < M; ++i) {
+        const float sum = _mm512_reduce_add_ps(acc[i][r]);
+        out[i * N + n + r] = m != nullptr ? sum + dot(offset, xsum + i * nb, nb) : sum;
+      }
+    }
+  }
+  if constexpr (R > 1) {
+    if (n < n1) rows<Format, M, 1>(x, xsum, K, qs, d, m, n, n1, out, N);
   }
 }
 
 template <typename Format, int M>
-void run(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t N, float* out) {
+void run(const float* x, const float* xsum, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m,
+         int64_t N, float* out) {
+  // Four chains in flight whatever M: four weight rows for one row of x, two for two, one from four up.
+  constexpr int R = M == 1 ? 4 : M < 4 ? 2 : 1;
   // 16 rows per task at least: a row of a small model is well under a page.
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows<Format, M>(x, K, w, row_bytes, n0, n1, out, N); });
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows<Format, M, R>(x, xsum, K, qs, d, m, n0, n1, out, N); });
 }
 
 template <typename Format>
-torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w) {
+torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
+                     const c10::optional<torch::Tensor>& m) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous (M, K) fp32 tensor");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be a contiguous (N, bytes) uint8 tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "x must have 1 to ", kMaxRows, " rows, got ", M);
-  TORCH_CHECK(K % kBlock == 0 && w.size(1) == K / kBlock * Format::kBytes,
-              "w has ", w.size(1), " bytes per row, which does not hold ", K, " weights in this format");
+  TORCH_CHECK(K % kBlock == 0 && nb <= kMaxBlocks, "x has ", K, " columns; the kernels take multiples of 32 up to ",
+              kMaxBlocks * kBlock);
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == nb * Format::kQBytes,
+              "qs must be contiguous uint8 (N, ", nb * Format::kQBytes, ") for ", K, " weights per row, got ", qs.sizes());
+  auto check_scales = [&](const torch::Tensor& t, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == N && t.size(1) == nb,
+                what, " must be contiguous fp16 (", N, ", ", nb, "), got ", t.sizes());
+  };
+  check_scales(d, "d");
+  if (m.has_value()) check_scales(*m, "m");
+  TORCH_CHECK(m.has_value() == (Format::kQBytes == 16), "Q4_1 blocks need their offsets m, Q8_0 blocks have none");
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  // The sums of x per block, for the offsets: a few hundred floats, summed here rather
+  // than by a torch op whose dispatch would cost more than the sums.
+  alignas(64) float sp[kMaxRows * kMaxBlocks];
+  if (m.has_value()) {
+    for (int64_t i = 0; i < M * nb; ++i) sp[i] = _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_loadu_ps(xp + i * kBlock), _mm512_loadu_ps(xp + i * kBlock + 16)));
+  }
+  const uint8_t* qp = qs.data_ptr<uint8_t>();
+  const at::Half* dp = d.data_ptr<at::Half>();
+  const at::Half* mp = m.has_value() ? m->data_ptr<at::Half>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t rb = w.size(1);
   switch (M) {
-    case 1: run<Format, 1>(xp, K, wp, rb, N, op); break;
-    case 2: run<Format, 2>(xp, K, wp, rb, N, op); break;
-    case 3: run<Format, 3>(xp, K, wp, rb, N, op); break;
-    case 4: run<Format, 4>(xp, K, wp, rb, N, op); break;
-    case 5: run<Format, 5>(xp, K, wp, rb, N, op); break;
-    case 6: run<Format, 6>(xp, K, wp, rb, N, op); break;
-    case 7: run<Format, 7>(xp, K, wp, rb, N, op); break;
-    default: run<Format, 8>(xp, K, wp, rb, N, op); break;
+    case 1: run<Format, 1>(xp, sp, K, qp, dp, mp, N, op); break;
+    case 2: run<Format, 2>(xp, sp, K, qp, dp, mp, N, op); break;
+    case 3: run<Format, 3>(xp, sp, K, qp, dp, mp, N, op); break;
+    case 4: run<Format, 4>(xp, sp, K, qp, dp, mp, N, op); break;
+    case 5: run<Format, 5>(xp, sp, K, qp, dp, mp, N, op); break;
+    case 6: run<Format, 6>(xp, sp, K, qp, dp, mp, N, op); break;
+    case 7: run<Format, 7>(xp, sp, K, qp, dp, mp, N, op); break;
+    default: run<Format, 8>(xp, sp, K, qp, dp, mp, N, op); break;
   }
   return out;
 }
@@ -120,7 +169,7 @@ torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_1", &matvec<Q4_1>, "x (M, K) fp32 times the transpose of Q4_1 rows w (N, K / 32 * 20 bytes)");
-  m.def("q8_0", &matvec<Q8_0>, "x (M, K) fp32 times the transpose of Q8_0 rows w (N, K / 32 * 34 bytes)");
+  m.def("q4_1", &matvec<Q4_1>, "x (M, K) fp32 times the transpose of Q4_1 rows: qs (N, K / 2) uint8, d and m (N, K / 32) fp16");
+  m.def("q8_0", &matvec<Q8_0>, "x (M, K) fp32 times the transpose of Q8_0 rows: qs (N, K) int8 as uint8, d (N, K / 32) fp16");
   m.attr("max_rows") = kMaxRows;
 }

@@ -16,6 +16,7 @@ from core.fast import FastConfig, FastPathError, make_fast
 from core.generate import GenerationConfig, generate
 from core.gguf_matvec import (
     GGUFHead,
+    MAX_ROWS,
     GGUFLinear,
     attach_gguf_blocks,
     block_matvec,
@@ -66,11 +67,12 @@ def test_products_match_dense(kind, rows):
     assert float((got - exact).abs().max()) <= 4 * float((dense_fp32 - exact).abs().max()) + 1e-6
     # Leading dimensions are kept.
     assert block_matvec(x.float().view(rows, 1, 576), kind.name, data, 100).shape == (rows, 1, 100)
+    assert kernels().max_rows == MAX_ROWS
 
 
 def test_bad_blocks_are_refused():
     data, _ = quantized(8, 64, Q.Q4_1)
-    with pytest.raises(RuntimeError, match="bytes per row"):
+    with pytest.raises(ValueError, match="is not Q4_1 rows of 96 weights"):
         block_matvec(torch.randn(1, 96), "Q4_1", data, 8)
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         block_matvec(torch.randn(9, 64), "Q4_1", data, 8)

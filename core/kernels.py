@@ -1,0 +1,58 @@
+"""Our C++ CPU kernels (``core/csrc``), compiled on first use and cached.
+
+Some serving arithmetic has no torch CPU kernel: products straight from GGUF's
+quantized blocks (``core.gguf_matvec``) are the one so far. Each such kernel
+is one C++ file that ``torch.utils.cpp_extension`` compiles with the machine's
+compiler the first time it is asked for (about 30 s), into
+``$SCRATCHGPT_HOME/extensions/torch-<version>/``, where later processes find
+it. :func:`load_kernels` raises :class:`FastPathError`
+saying why when it cannot (no AVX-512, no compiler); callers then keep torch's
+own kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+SOURCES = Path(__file__).with_name("csrc")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mf16c", "-mfma", "-fopenmp"]
+
+
+class FastPathError(RuntimeError):
+    """A fast-path transform or kernel that cannot apply to this model, device, dtype or machine."""
+
+
+def extensions_dir() -> Path:
+    from core.download import cache_dir
+
+    return cache_dir() / "extensions" / f"torch-{torch.__version__.replace('+', '-')}"
+
+
+@functools.cache
+def load_kernels(name: str):
+    """The compiled module of ``core/csrc/<name>.cpp``, built on first use."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        raise FastPathError(f"our CPU kernels need AVX-512; this CPU offers {torch.backends.cpu.get_cpu_capability()}")
+    # torch builds with ninja: pip's ninja lives beside this interpreter, which may not be on PATH.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise FastPathError("our CPU kernels are compiled on first use and need a C++ compiler and ninja on PATH")
+    from torch.utils.cpp_extension import load
+
+    build = extensions_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        logger.info("compiling core/csrc/%s.cpp into %s (once per machine, about 30 s)", name, build)
+    try:
+        return load(f"scratchgpt_{name}", [str(SOURCES / f"{name}.cpp")], extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    except (RuntimeError, OSError) as err:  # a failed compile or link
+        raise FastPathError(f"core/csrc/{name}.cpp did not build: {str(err).strip().splitlines()[-1]}") from err
