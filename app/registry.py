@@ -190,15 +190,11 @@ class ModelRegistry:
 
     @staticmethod
     def _decode_from_gguf_blocks(checkpoint: Any) -> None:
-        """Let the chat model decode from the GGUF blocks its checkpoint carries, if any (core.gguf_matvec)."""
-        from core.fast import FastConfig, make_fast
-        from core.gguf_matvec import checkpoint_blocks
+        from core.gguf_matvec import use_checkpoint_blocks
 
-        blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata)
-        if not blocks:
-            return
-        report = make_fast(checkpoint.model, FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)
-        logger.info("chat model fast path", extra={"model": CHAT, "report": str(report)})
+        report = use_checkpoint_blocks(checkpoint)
+        if report is not None:
+            logger.info("chat model fast path", extra={"model": CHAT, "report": str(report)})
 
     @staticmethod
     def _validate(role: str, checkpoint: Any) -> None:

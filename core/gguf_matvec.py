@@ -227,3 +227,14 @@ def checkpoint_blocks(directory: str | Path, metadata: dict | None = None) -> Bl
 
         blocks = read_gguf_blocks(source)
     return blocks
+
+
+def use_checkpoint_blocks(checkpoint):
+    """Let a loaded checkpoint's model decode from the GGUF blocks it carries; the
+    ``core.fast`` report of what applied, or None when it carries none."""
+    blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata)
+    if not blocks:
+        return None
+    from core.fast import FastConfig, make_fast
+
+    return make_fast(checkpoint.model, FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)

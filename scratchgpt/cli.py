@@ -65,6 +65,18 @@ def load(args: argparse.Namespace):
     return load_checkpoint(resolve_checkpoint(args.checkpoint), resolve_device(args.device), resolve_dtype(args.dtype))
 
 
+def load_for_decoding(args: argparse.Namespace):
+    """``load``, then decoding from the checkpoint's GGUF blocks when it has them (as the service does)."""
+    from core.gguf_matvec import use_checkpoint_blocks
+
+    ckpt = load(args)
+    if not args.no_gguf_kernels and ckpt.task == "causal-lm":
+        report = use_checkpoint_blocks(ckpt)
+        if report is not None:
+            print(f"fast path: {report}", file=sys.stderr)
+    return ckpt
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a downloaded model's name")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -77,6 +89,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-gguf-kernels", action="store_true",
+                   help="decode with the dense fp32 weights even when the checkpoint keeps GGUF blocks")
 
 
 def generation_config(args: argparse.Namespace, ckpt) -> Any:
@@ -107,7 +121,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from core.generate import stream
 
-    ckpt = load(args)
+    ckpt = load_for_decoding(args)
     if ckpt.task != "causal-lm":
         raise ValueError(f"--checkpoint {ckpt.path} is a {ckpt.task} model; use `scratchgpt classify`")
     prompt = args.prompt
@@ -123,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from core.generate import stream
 
-    ckpt = load(args)
+    ckpt = load_for_decoding(args)
     template = ckpt.chat_template
     if template is None:
         raise ValueError(f"--checkpoint {ckpt.path} has no chat template; it is not a chat model")

@@ -46,3 +46,40 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def gguf_chat_checkpoint(tmp_path_factory) -> Path:
+    """A tiny GPT-2 chat checkpoint whose weights are Q8_0 numbers, saved with their blocks as a
+    GGUF conversion saves them; skips where the GGUF kernels cannot be built."""
+    from core.kernels import FastPathError
+
+    try:
+        from core.gguf_matvec import kernels
+
+        kernels()
+    except FastPathError as err:
+        pytest.skip(f"GGUF kernels unavailable: {err}")
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from core.chat_template import ALPACA
+    from core.checkpoint import save_checkpoint
+    from core.config import ModelConfig
+    from core.model import GPTModel
+    from core.tokenizer.gpt2 import gpt2_tokenizer
+
+    torch.manual_seed(3)
+    model = GPTModel(ModelConfig(vocab_size=50257, emb_dim=32, n_layers=2, n_heads=2, context_length=256)).eval()
+    blocks = {}
+    with torch.no_grad():
+        model.head_weight.mul_(20.0)  # peaked logits: greedy answers without near-ties
+        linears = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        for name, weight in {**linears, "tok_emb.weight": model.head_weight}.items():
+            raw = quantize(weight.numpy(), GGMLQuantizationType.Q8_0)
+            weight.copy_(torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0)))
+            blocks[name] = ("Q8_0", torch.from_numpy(np.array(raw)))
+    path = tmp_path_factory.mktemp("ckpt") / "gguf-chat"
+    return save_checkpoint(path, model, gpt2_tokenizer(), chat_template=ALPACA, metadata={"name": "gguf-chat"},
+                           gguf_blocks=blocks)

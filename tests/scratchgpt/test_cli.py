@@ -55,6 +55,17 @@ def test_generate_continues_a_prompt(lm_checkpoint, capsys):
     assert continuation.endswith("\n") and continuation.strip()
 
 
+def test_generate_decodes_from_gguf_blocks_with_the_dense_text(gguf_chat_checkpoint, capsys):
+    argv = ["generate", "--checkpoint", str(gguf_chat_checkpoint), "--prompt", "Every effort moves you",
+            "--template", "none", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    fast = capsys.readouterr()
+    assert main(argv + ["--no-gguf-kernels"]) == 0
+    dense = capsys.readouterr()
+    assert "fast path: gguf_blocks (9 of 9 weights, Q8_0)" in fast.err and "fast path" not in dense.err
+    assert fast.out.strip() and fast.out == dense.out
+
+
 def test_evaluate_lm_prints_loss_and_its_perplexity(lm_checkpoint, tmp_path, capsys):
     data = tmp_path / "held-out.txt"
     data.write_text(TEXT)
