@@ -36,15 +36,22 @@ def extensions_dir() -> Path:
     return cache_dir() / "extensions" / f"torch-{torch.__version__.replace('+', '-')}"
 
 
-@functools.cache
 def load_kernels(name: str):
-    """The compiled module of ``core/csrc/<name>.cpp``, built on first use."""
+    """The compiled module of ``core/csrc/<name>.cpp``, built on first use; FastPathError says why not."""
+    module, why_not = _build(name)
+    if module is None:
+        raise FastPathError(why_not)
+    return module
+
+
+@functools.cache  # a failure is remembered too: a build that failed once is not retried for every layer
+def _build(name: str) -> tuple[object | None, str]:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        raise FastPathError(f"our CPU kernels need AVX-512; this CPU offers {torch.backends.cpu.get_cpu_capability()}")
+        return None, f"our CPU kernels need AVX-512; this CPU offers {torch.backends.cpu.get_cpu_capability()}"
     # torch builds with ninja: pip's ninja lives beside this interpreter, which may not be on PATH.
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise FastPathError("our CPU kernels are compiled on first use and need a C++ compiler and ninja on PATH")
+        return None, "our CPU kernels are compiled on first use and need a C++ compiler and ninja on PATH"
     from torch.utils.cpp_extension import load
 
     build = extensions_dir() / name
@@ -53,6 +60,7 @@ def load_kernels(name: str):
         logger.info("compiling core/csrc/%s.cpp into %s (once per machine, about 30 s)", name, build)
     try:
         return load(f"scratchgpt_{name}", [str(SOURCES / f"{name}.cpp")], extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except (RuntimeError, OSError) as err:  # a failed compile or link
-        raise FastPathError(f"core/csrc/{name}.cpp did not build: {str(err).strip().splitlines()[-1]}") from err
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False), ""
+    except (RuntimeError, OSError, ImportError) as err:  # a failed compile or link, or a stale library
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        return None, f"core/csrc/{name}.cpp did not build: {lines[-1]}"

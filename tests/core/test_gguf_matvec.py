@@ -169,3 +169,21 @@ def test_checkpoints_keep_the_blocks_and_old_ones_find_their_file(gguf_model, tm
     path = tmp_path / "m.gguf"
     write_gguf(path, hf_llama(model.cfg.tie_embeddings), types=TYPES)
     assert checkpoint_blocks(ckpt, {"source": str(path)}).keys() == blocks.keys()
+
+
+def test_a_machine_without_a_compiler_keeps_the_dense_path_and_is_told_why(gguf_model, monkeypatch):
+    from core import kernels as kernels_module
+
+    model, blocks = gguf_model
+    kernels_module._build.cache_clear()
+    monkeypatch.setattr(kernels_module.shutil, "which", lambda name: None)
+    try:
+        with pytest.raises(FastPathError, match="need a C\\+\\+ compiler and ninja"):
+            kernels_module.load_kernels("gguf_matvec")
+        fast = copy.deepcopy(model)
+        report = make_fast(fast, FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)
+        assert "C++ compiler" in report.skipped["gguf_blocks"]
+        assert type(fast.blocks[0].attn.qkv) is torch.nn.Linear
+        assert kernels_module._build.cache_info().hits >= 1  # the failure was not rebuilt for every call
+    finally:
+        kernels_module._build.cache_clear()
