@@ -192,7 +192,12 @@ class ModelRegistry:
     def _decode_from_gguf_blocks(checkpoint: Any) -> None:
         from core.gguf_matvec import use_checkpoint_blocks
 
-        report = use_checkpoint_blocks(checkpoint)
+        try:
+            report = use_checkpoint_blocks(checkpoint)
+        except Exception:  # a damaged blocks file costs speed, not the chat model
+            logger.exception("GGUF blocks unusable; the chat model decodes with its dense weights",
+                             extra={"model": CHAT, "path": str(checkpoint.path)})
+            return
         if report is not None:
             logger.info("chat model fast path", extra={"model": CHAT, "report": str(report)})
 

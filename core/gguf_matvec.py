@@ -86,19 +86,11 @@ class BlockMatrix:
         return kernel(rows, self.qs, self.d, self.m).view(*x.shape[:-1], self.out_features)
 
 
-def block_matvec(x: torch.Tensor, gguf_type: str, data: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (..., K) fp32, a few rows -> x @ W.T (..., N), W given as GGUF's ``data`` (N, bytes per row)."""
-    matrix = BlockMatrix(gguf_type, data, x.shape[-1])
-    if matrix.out_features != out_features:
-        raise ValueError(f"the blocks hold {matrix.out_features} rows, not {out_features}")
-    return matrix.matvec(x)
-
-
 class _BlockWeight:
     """The blocks of one weight, and the dense weight they were checked against."""
 
-    def __init__(self, gguf_type: str, data: torch.Tensor, weight: torch.Tensor) -> None:
-        self.matrix, self.key = BlockMatrix(gguf_type, data, weight.shape[1]), weight_key(weight)
+    def __init__(self, matrix: BlockMatrix, weight: torch.Tensor) -> None:
+        self.matrix, self.key = matrix, weight_key(weight)
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         # Few rows (the kernel reads the weights once per call whatever the rows, so
@@ -114,11 +106,11 @@ class _BlockWeight:
 class GGUFLinear(nn.Module):
     """An ``nn.Linear`` that decodes from its weight's GGUF blocks; parameters and names unchanged."""
 
-    def __init__(self, linear: nn.Linear, gguf_type: str, data: torch.Tensor) -> None:
+    def __init__(self, linear: nn.Linear, matrix: BlockMatrix) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self._blocks = _BlockWeight(gguf_type, data, self.weight)  # a plain attribute: never saved, never cast
+        self._blocks = _BlockWeight(matrix, self.weight)  # a plain attribute: never saved, never cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._blocks.applies(x, self.weight):
@@ -134,9 +126,9 @@ class GGUFLinear(nn.Module):
 class GGUFHead(nn.Module):
     """The output layer ``hidden @ weight.T`` (weight passed in: possibly the tied embedding) from GGUF blocks."""
 
-    def __init__(self, gguf_type: str, data: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(self, matrix: BlockMatrix, weight: torch.Tensor) -> None:
         super().__init__()
-        self._blocks = _BlockWeight(gguf_type, data, weight)
+        self._blocks = _BlockWeight(matrix, weight)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self._blocks.applies(hidden, weight):
@@ -144,15 +136,16 @@ class GGUFHead(nn.Module):
         return self._blocks.matrix.matvec(hidden)
 
 
-def _agrees(gguf_type: str, data: torch.Tensor, weight: torch.Tensor) -> bool:
+def _agrees(matrix: BlockMatrix, weight: torch.Tensor) -> bool:
     """Whether the blocks hold ``weight``: one product with a random vector, against the dense one.
 
     A different weight (fine-tuned, another file) is off by far more than the
-    summation-order differences of equal weights."""
+    rounding differences of equal weights."""
+    if (matrix.out_features, matrix.in_features) != tuple(weight.shape):
+        return False
     x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = block_matvec(x, gguf_type, data, weight.shape[0])
-        dense = nn.functional.linear(x, weight.detach())
+        ours, dense = matrix.matvec(x), nn.functional.linear(x, weight.detach())
     return bool(torch.allclose(ours, dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max()) + 1e-6))
 
 
@@ -182,15 +175,19 @@ def attach_gguf_blocks(model: nn.Module, blocks: Blocks) -> list[str]:
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             skipped.append(f"{name} (the model is {weight.dtype} on {weight.device.type}, the kernels fp32 on the CPU)")
             continue
-        check_blocks(gguf_type, data, weight.shape[1], name)
-        if data.shape[0] != weight.shape[0] or not _agrees(gguf_type, data, weight):
+        try:
+            matrix = BlockMatrix(gguf_type, data, weight.shape[1])
+        except ValueError as err:
+            skipped.append(f"{name} ({err})")
+            continue
+        if not _agrees(matrix, weight):
             skipped.append(f"{name} (the weight is not the one the blocks hold)")
             continue
         if name == head_name:
-            model.fast_head = model.argmax_head = GGUFHead(gguf_type, data, weight)
+            model.fast_head = model.argmax_head = GGUFHead(matrix, weight)
         else:
             parent, attr, linear = linears[name]
-            setattr(parent, attr, GGUFLinear(linear, gguf_type, data))
+            setattr(parent, attr, GGUFLinear(linear, matrix))
     return skipped
 
 
@@ -206,15 +203,18 @@ def save_blocks(directory: Path, blocks: Blocks) -> None:
 
 
 def load_blocks(directory: Path) -> Blocks:
-    """The blocks a checkpoint directory carries; empty when it carries none."""
-    from safetensors import safe_open
+    """The blocks a checkpoint directory carries; empty when it carries none; ValueError when damaged."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(directory) / BLOCKS_FILE
     if not path.is_file():
         return {}
-    with safe_open(str(path), framework="pt") as f:
-        types = f.metadata() or {}
-        return {name: (types[name], f.get_tensor(name)) for name in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            types = f.metadata() or {}
+            return {name: (types[name], f.get_tensor(name)) for name in f.keys()}
+    except (SafetensorError, OSError, KeyError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete it to decode densely") from None
 
 
 def checkpoint_blocks(directory: str | Path, metadata: dict | None = None) -> Blocks:
@@ -230,8 +230,11 @@ def checkpoint_blocks(directory: str | Path, metadata: dict | None = None) -> Bl
 
 
 def use_checkpoint_blocks(checkpoint):
-    """Let a loaded checkpoint's model decode from the GGUF blocks it carries; the
-    ``core.fast`` report of what applied, or None when it carries none."""
+    """Let a loaded causal-LM checkpoint's model (fp32, CPU) decode from the GGUF blocks it carries;
+    the ``core.fast`` report of what applied, or None when there is nothing to do."""
+    weight = checkpoint.model.head_weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None  # the kernels are for fp32 on the CPU: no need to build them
     blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata)
     if not blocks:
         return None

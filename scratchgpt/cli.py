@@ -71,7 +71,11 @@ def load_for_decoding(args: argparse.Namespace):
 
     ckpt = load(args)
     if not args.no_gguf_kernels and ckpt.task == "causal-lm":
-        report = use_checkpoint_blocks(ckpt)
+        try:
+            report = use_checkpoint_blocks(ckpt)
+        except ValueError as err:  # a damaged blocks file costs speed only
+            print(f"fast path: none ({type(err).__name__}: {err}); decoding with the dense weights", file=sys.stderr)
+            return ckpt
         if report is not None:
             print(f"fast path: {report}", file=sys.stderr)
     return ckpt

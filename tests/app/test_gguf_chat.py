@@ -26,3 +26,17 @@ def test_chat_decodes_from_blocks_with_the_dense_answers(make_settings, gguf_cha
             assert isinstance(model.fast_head, GGUFHead) is enabled
             answers[enabled] = _answer(client)
     assert answers[True] and answers[True] == answers[False]
+
+
+def test_a_damaged_blocks_file_costs_speed_not_the_chat_model(make_settings, gguf_chat_checkpoint, tmp_path):
+    import shutil
+
+    from core.gguf_matvec import BLOCKS_FILE
+
+    damaged = shutil.copytree(gguf_chat_checkpoint, tmp_path / "damaged")
+    (damaged / BLOCKS_FILE).write_bytes(b"not safetensors")
+    with running_client(make_settings(chat_checkpoint=damaged, classifier_enabled=False)) as client:
+        assert client.get("/ready").json()["models"]["chat"]["state"] == "ready"
+        assert not isinstance(client.app.state.models.slots["chat"].checkpoint.model.fast_head, GGUFHead)
+        assert _answer(client)
+

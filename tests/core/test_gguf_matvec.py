@@ -17,9 +17,9 @@ from core.generate import GenerationConfig, generate
 from core.gguf_matvec import (
     GGUFHead,
     MAX_ROWS,
+    BlockMatrix,
     GGUFLinear,
     attach_gguf_blocks,
-    block_matvec,
     kernels,
     load_blocks,
     save_blocks,
@@ -52,7 +52,7 @@ def test_weights_are_gguf_dequantization_bit_for_bit(kind):
     for k0 in range(0, 96, 8):
         x = torch.zeros(8, 96)
         x[torch.arange(8), torch.arange(k0, k0 + 8)] = 1.0
-        assert torch.equal(block_matvec(x, kind.name, data, 40), dense[:, k0:k0 + 8].T)
+        assert torch.equal(BlockMatrix(kind.name, data, 96).matvec(x), dense[:, k0:k0 + 8].T)
 
 
 @pytest.mark.parametrize("kind", [Q.Q4_1, Q.Q8_0])
@@ -61,23 +61,24 @@ def test_products_match_dense(kind, rows):
     data, dense = quantized(100, 576, kind, seed=rows)  # 100 rows: uneven across threads
     x = torch.randn(rows, 576, dtype=torch.float64)
     exact = x @ dense.double().T
-    got = block_matvec(x.float(), kind.name, data, 100)
+    matrix = BlockMatrix(kind.name, data, 576)
+    got = matrix.matvec(x.float())
     dense_fp32 = x.float() @ dense.T
     # As close to the exact product as torch's own fp32 product is.
     assert float((got - exact).abs().max()) <= 4 * float((dense_fp32 - exact).abs().max()) + 1e-6
     # Leading dimensions are kept.
-    assert block_matvec(x.float().view(rows, 1, 576), kind.name, data, 100).shape == (rows, 1, 100)
+    assert matrix.matvec(x.float().view(rows, 1, 576)).shape == (rows, 1, 100)
     assert kernels().max_rows == MAX_ROWS
 
 
 def test_bad_blocks_are_refused():
     data, _ = quantized(8, 64, Q.Q4_1)
     with pytest.raises(ValueError, match="is not Q4_1 rows of 96 weights"):
-        block_matvec(torch.randn(1, 96), "Q4_1", data, 8)
+        BlockMatrix("Q4_1", data, 96)
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
-        block_matvec(torch.randn(9, 64), "Q4_1", data, 8)
+        BlockMatrix("Q4_1", data, 64).matvec(torch.randn(9, 64))
     with pytest.raises(ValueError, match="Q4_0 has no kernel"):
-        GGUFLinear(torch.nn.Linear(64, 8), "Q4_0", data)
+        BlockMatrix("Q4_0", data, 64)
 
 
 # -- a whole model from a GGUF file ----------------------------------------------------

@@ -66,6 +66,18 @@ def test_generate_decodes_from_gguf_blocks_with_the_dense_text(gguf_chat_checkpo
     assert fast.out.strip() and fast.out == dense.out
 
 
+def test_generate_with_a_damaged_blocks_file_decodes_densely(gguf_chat_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from core.gguf_matvec import BLOCKS_FILE
+
+    damaged = shutil.copytree(gguf_chat_checkpoint, tmp_path / "damaged")
+    (damaged / BLOCKS_FILE).write_bytes(b"not safetensors")
+    assert main(["generate", "--checkpoint", str(damaged), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "gguf_blocks.safetensors is damaged" in err and "decoding with the dense weights" in err
+
+
 def test_evaluate_lm_prints_loss_and_its_perplexity(lm_checkpoint, tmp_path, capsys):
     data = tmp_path / "held-out.txt"
     data.write_text(TEXT)
