@@ -15,9 +15,9 @@ transforms therefore cut bytes and per-step overhead:
   freezing does for CPU linears, without compiling). Same arithmetic, so the
   same logits up to float summation order. In bf16 this is what lets the AMX
   units run at all speed; at batch 8 it halves the fp32 matmul time.
-- ``screened_head`` (fp32 models): the output layer (vocabulary x d, a third
-  of GPT-2 small's bytes) is first scored with a bf16 copy of its weight, half
-  the bytes; a rigorous bound on that copy's error names the few tokens that
+- ``screened_head`` (fp32 models, from two rows up): the output layer (vocabulary
+  x d, a third of GPT-2 small's bytes) is first scored with a bf16 copy of its
+  weight, half the bytes; a rigorous bound on that copy's error names the few tokens that
   can still be the maximum, and only those are scored in fp32. Greedy decoding
   gets the argmax of the fp32 logits, not an approximation. It is the
   screen-then-verify pattern of two-stage retrieval: the cheap pass proposes,
@@ -231,8 +231,13 @@ class ScreenedHead(nn.Module):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden (..., d), already normalised; weight (V, d), the head this was built from
         -> logits (..., V): fp32 where a token can be the maximum, -inf elsewhere."""
-        self._prepare(weight)
         shape = hidden.shape
+        if hidden.numel() == shape[-1]:
+            # One row: MKL's fp32 matrix-vector product streams the whole head about as fast
+            # as oneDNN's bf16 kernel streams the half-size screen (docs/performance.md), so
+            # screening saves nothing and its extra passes cost a little.
+            return nn.functional.linear(hidden, weight)
+        self._prepare(weight)
         h = hidden.reshape(-1, shape[-1]).float()
         approx = self.screen(h)
         threshold = approx.amax(dim=-1) - 2 * self.bound(h, approx)

@@ -134,6 +134,13 @@ def test_screened_head_bound_holds_and_argmax_is_exact():
     assert finite.sum(-1).max() < V // 10  # it does screen: one shared candidate set for all 64 rows
 
 
+def test_screened_head_leaves_one_row_to_the_plain_product():
+    weight = torch.randn(300, 32)
+    hidden = torch.randn(1, 1, 32)
+    with torch.inference_mode():
+        assert torch.equal(ScreenedHead(weight)(hidden, weight), torch.nn.functional.linear(hidden, weight))
+
+
 def test_screened_head_refuses_a_half_precision_head():
     with pytest.raises(FastPathError, match="screened_head=False"):
         ScreenedHead(torch.randn(10, 16).bfloat16())
