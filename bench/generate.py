@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import gpt2_pair, load_average, print_table  # also puts the repository on sys.path
 
 from core.fast import FastConfig, make_fast  # noqa: E402
 from core.generate import GenerationConfig, generate  # noqa: E402
@@ -75,13 +75,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def hf_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) -> list[list[int]]:
     # The model's end-of-text token is unset (see no_eos), so transformers neither stops
     # at it nor, for min_new_tokens, masks it out: it decodes exactly as our loop does.
@@ -101,17 +94,9 @@ def no_eos(hf):
     return hf
 
 
-def gpt2_pair(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from core.hf_weights import convert_gpt2_state_dict, gpt2_config_from_hf
-
-    torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
-    cfg = gpt2_config_from_hf(hf.config.to_dict())
-    ours = GPTModel(cfg).eval()
-    ours.load_state_dict(convert_gpt2_state_dict(hf.state_dict(), cfg))
-    return "GPT-2 124M", ours, no_eos(hf), None
+def gpt2_models():
+    ours, hf = gpt2_pair()
+    return "GPT-2 124M", ours.eval(), no_eos(hf.eval()), None
 
 
 def smollm2_pair(gguf: Path):
@@ -195,15 +180,6 @@ def bench_pair(name, ours, hf, blocks, args, clock, rows, bounds, notes):
         del paths
 
 
-def print_table(header, rows):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
@@ -244,7 +220,7 @@ def main() -> None:
     notes: list[str] = []
     started = time.perf_counter()
     if not args.no_gpt2:
-        bench_pair(*gpt2_pair(), args, clock, rows, bounds, notes)
+        bench_pair(*gpt2_models(), args, clock, rows, bounds, notes)
     if args.smollm2:
         gguf = args.gguf
         if gguf is None:
@@ -258,8 +234,8 @@ def main() -> None:
     bandwidth = max(bandwidth_before, bandwidth_after)
     for i, tps, nbytes in bounds:
         rows[i][-1] = f"{100 * tps * nbytes / (bandwidth * 1e9):.0f}%"
-    print_table(["model", "dtype", "batch", "cache", "ours", "ours tok/s", "transformers tok/s", "ratio",
-                 "vs transformers fp32", "same", "= fp32", "of bandwidth bound"], rows)
+    print_table([["model", "dtype", "batch", "cache", "ours", "ours tok/s", "transformers tok/s", "ratio",
+                  "vs transformers fp32", "same", "= fp32", "of bandwidth bound"], *rows])
     for note in notes:
         print(f"- {note}")
     print(f"- read bandwidth {bandwidth_before:.1f} GB/s before, {bandwidth_after:.1f} after ({args.clock} clock); "

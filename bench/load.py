@@ -38,13 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve import (  # noqa: E402
     ServerProcess,
     build_checkpoints,
-    load_average,
     ms,
     parse_events,
     percentile,
-    print_table,
     sms_texts,
 )
+from harness import load_average, print_table  # noqa: E402
 
 
 @dataclass

@@ -42,8 +42,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import load_average, print_table  # also puts the repository on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 HOST = "127.0.0.1"  # loopback only, always
 SMS_FILE = REPO.parent / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
@@ -73,13 +74,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 class ServerProcess:
@@ -397,14 +391,6 @@ def padding_overhead(classifier: Path, texts: list[str], batch: float, pack_toke
 
 def ms(seconds: float) -> str:
     return "n/a" if seconds != seconds else f"{seconds * 1000:.0f}"
-
-
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
-        if n == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,30 +19,20 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import gpt2_pair, load_average  # also puts the repository on sys.path
 
 from core.model import GPTModel  # noqa: E402
 from training.pretrain import PretrainConfig, autocast_context, lm_loss, make_optimizer  # noqa: E402
 
 
-def gpt2_pair(seed: int = 0) -> tuple[GPTModel, torch.nn.Module]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from core.hf_weights import convert_gpt2_state_dict, gpt2_config_from_hf
-
-    torch.manual_seed(seed)
-    hf_cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = GPT2LMHeadModel(hf_cfg)
-    cfg = gpt2_config_from_hf(hf.config.to_dict())
-    ours = GPTModel(cfg)
-    ours.load_state_dict(convert_gpt2_state_dict(hf.state_dict(), cfg))
+def training_pair() -> tuple[GPTModel, torch.nn.Module]:
+    """Both GPT-2s in training mode, dropout off so their steps compute the same thing."""
+    ours, hf = gpt2_pair(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return ours.train(), hf.train()
 
 
@@ -78,13 +68,6 @@ def profile_step(name: str, step, x: torch.Tensor, y: torch.Tensor, rows: int = 
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -112,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.batch * args.context
     rows = []
     for precision in args.precisions.split(","):
-        ours, hf = gpt2_pair()
+        ours, hf = training_pair()
         models = {"ours": (ours, False)}
         if args.compile:
             models["ours, compiled"] = (torch.compile(copy.deepcopy(ours)), False)

@@ -1,0 +1,50 @@
+"""What the bench scripts share: the machine's load, the tables they print, and the GPT-2 pair.
+
+Each bench runs as a script (``python bench/<name>.py``), which puts this
+folder on ``sys.path``; the repository root is added here for ``core``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, printed beside every figure taken on a shared machine."""
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def print_table(rows: list[list] | list[tuple]) -> None:
+    """A Markdown table; the first row is the header."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def gpt2_pair(seed: int = 0, **hf_config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, transformers') GPT-2 124M with the same random weights: transformers' own
+    initialisation, seeded, converted with our Hugging Face loader. ``hf_config`` overrides
+    ``GPT2Config`` fields (dropout, for training)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from core.hf_weights import convert_gpt2_state_dict, gpt2_config_from_hf
+    from core.model import GPTModel
+
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config))
+    cfg = gpt2_config_from_hf(hf.config.to_dict())
+    ours = GPTModel(cfg)
+    ours.load_state_dict(convert_gpt2_state_dict(hf.state_dict(), cfg))
+    return ours, hf
