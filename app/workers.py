@@ -303,11 +303,11 @@ class ClassifierWorker(_Callable):
             except Exception as exc:
                 logger.exception("classification failed", extra={"model": self.name})
                 for request in batch:
-                    _resolve(request, error=exc)
+                    _settle(request.loop, request.future, error=exc)
                 continue
             start = 0
             for request in batch:
-                _resolve(request, result=predictions[start : start + len(request.texts)])
+                _settle(request.loop, request.future, result=predictions[start : start + len(request.texts)])
                 start += len(request.texts)
         stopped = WorkerStopped(f"the {self.name} worker stopped before this request ran")
         for call in calls:
@@ -316,10 +316,6 @@ class ClassifierWorker(_Callable):
             item = self._queue.get_nowait()
             if isinstance(item, (_ClassifyRequest, _Call)):
                 _settle(item.loop, item.future, error=stopped)
-
-
-def _resolve(request: _ClassifyRequest, result: Any = None, error: BaseException | None = None) -> None:
-    _settle(request.loop, request.future, result, error)
 
 
 def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any = None,

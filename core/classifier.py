@@ -168,10 +168,6 @@ def pack_texts(encoded: list[list[int]], capacity: int, pad_id: int) -> PackedBa
     return PackedBatch(ids, positions, segments, last_row, last_col)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: int | None = 512) -> list[Prediction]:
     """Label and class probabilities for each text, with a checkpoint of task "classification".
@@ -186,7 +182,7 @@ def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: in
     labels = checkpoint.labels
     max_length = int(checkpoint.metadata.get("max_length") or model.cfg.context_length)
     pad_id = checkpoint.tokenizer.eos_id
-    device = _device_of(model)
+    device = next(model.parameters()).device
     # A packed row is one sequence to the model, so it must fit the context window.
     capacity = min(pack_tokens, model.cfg.context_length) if pack_tokens is not None else None
     predictions = []

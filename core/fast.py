@@ -342,8 +342,9 @@ def _use_gguf_blocks(model: nn.Module, blocks: dict, report: FastReport) -> None
 
 
 def inductor_cache_dir() -> Path:
-    home = Path(os.environ.get("SCRATCHGPT_HOME", Path.home() / ".cache" / "scratchgpt"))
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", home / "inductor"))
+    from core.download import cache_dir
+
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", cache_dir() / "inductor"))
 
 
 def compile_model(model: nn.Module, batch_hint: int = 1) -> float:

@@ -48,32 +48,30 @@ def kernels():
     return load_kernels("gguf_matvec")
 
 
-def check_blocks(gguf_type: str, data: torch.Tensor, in_features: int, name: str = "tensor") -> None:
-    if gguf_type not in BLOCK_BYTES:
-        raise ValueError(f"{name}: GGUF type {gguf_type} has no kernel (only {', '.join(BLOCK_BYTES)})")
-    row_bytes = in_features // BLOCK * BLOCK_BYTES[gguf_type]
-    if data.dtype != torch.uint8 or data.dim() != 2 or in_features % BLOCK or data.shape[1] != row_bytes:
-        raise ValueError(f"{name}: {tuple(data.shape)} {data.dtype} is not {gguf_type} rows of {in_features} weights")
-
-
 class BlockMatrix:
     """A weight matrix (out, in) held as GGUF blocks, split into the streams the kernel reads:
     the integers ``qs``, the fp16 scales ``d`` and, for Q4_1, the fp16 offsets ``m``."""
 
     def __init__(self, gguf_type: str, data: torch.Tensor, in_features: int) -> None:
-        check_blocks(gguf_type, data, in_features)
+        if gguf_type not in BLOCK_BYTES:
+            raise ValueError(f"GGUF type {gguf_type} has no kernel (only {', '.join(BLOCK_BYTES)})")
+        row_bytes = in_features // BLOCK * BLOCK_BYTES[gguf_type]
+        if data.dtype != torch.uint8 or data.dim() != 2 or in_features % BLOCK or data.shape[1] != row_bytes:
+            raise ValueError(f"{tuple(data.shape)} {data.dtype} is not {gguf_type} rows of {in_features} weights")
         self.gguf_type, self.in_features, self.out_features = gguf_type, in_features, data.shape[0]
         blocks = data.view(self.out_features, in_features // BLOCK, BLOCK_BYTES[gguf_type])
 
         def field(start: int, stop: int) -> torch.Tensor:
             return blocks[:, :, start:stop].contiguous()
 
-        if gguf_type == "Q4_1":  # fp16 d, fp16 m, 16 bytes of nibbles
-            self.d, self.m = field(0, 2).view(torch.float16)[..., 0], field(2, 4).view(torch.float16)[..., 0]
-            self.qs = field(4, 20).view(self.out_features, -1)
-        else:  # Q8_0: fp16 d, 32 int8
-            self.d, self.m = field(0, 2).view(torch.float16)[..., 0], None
-            self.qs = field(2, 34).view(self.out_features, -1)
+        def halves(start: int) -> torch.Tensor:
+            return field(start, start + 2).view(torch.float16)[..., 0]
+
+        # Q4_1: fp16 d, fp16 m, 16 bytes of nibbles. Q8_0: fp16 d, 32 int8.
+        self.d = halves(0)
+        self.m = halves(2) if gguf_type == "Q4_1" else None
+        self.qs = field(4 if self.m is not None else 2, BLOCK_BYTES[gguf_type]).view(self.out_features, -1)
+        self._kernel = None
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +79,10 @@ class BlockMatrix:
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) fp32 with at most ``MAX_ROWS`` rows -> x @ W.T (..., out)."""
+        if self._kernel is None:  # looked up once: matvec runs for every layer of every decoding step
+            self._kernel = getattr(kernels(), self.gguf_type.lower())
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        kernel = kernels().q4_1 if self.m is not None else kernels().q8_0
-        return kernel(rows, self.qs, self.d, self.m).view(*x.shape[:-1], self.out_features)
+        return self._kernel(rows, self.qs, self.d, self.m).view(*x.shape[:-1], self.out_features)
 
 
 class _BlockWeight:

@@ -10,7 +10,6 @@ meet, which is why it lives in the CLI package and not in ``app``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

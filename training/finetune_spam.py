@@ -23,7 +23,6 @@ recall, F1 and confusion matrix per split; data and base hashes; wall time),
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
