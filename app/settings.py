@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)
     # A chat checkpoint converted from a GGUF file keeps the file's quantized blocks; in fp32 on
     # a CPU with AVX-512 the chat model then decodes from them (core.gguf_matvec: the same
-    # weights, a fifth of the bytes). The kernels compile on first use (about 30 s).
+    # weights, a fifth of the bytes) and runs its RMSNorms and rotary embeddings as one
+    # kernel call each (core.fused_ops). The kernels compile on first use (about 30 s each).
     gguf_kernels: bool = True
 
     # --- storage ----------------------------------------------------------

@@ -36,6 +36,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.drop_rate
         self.attn_drop = nn.Dropout(cfg.drop_rate)
         self.use_rope = cfg.family == "llama"
+        # How queries and keys are rotated; core.fast may swap in one fused kernel call (core.fused_ops).
+        self.rotate = apply_rope
         self.path = "sdpa"  # or "explicit"; see module docstring
 
     def forward(
@@ -55,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         if self.use_rope:
             # Queries and keys turn by the same angles: rotate both in one pass.
             cos, sin = (t.transpose(1, 2) for t in rope)  # (B, T, 1, head_dim), one angle set per token
-            q, k = apply_rope(qkv[:, :, : H + KV], cos, sin).split([H, KV], dim=2)
+            q, k = self.rotate(qkv[:, :, : H + KV], cos, sin).split([H, KV], dim=2)
         else:
             q, k = qkv[:, :, :H], qkv[:, :, H : H + KV]
         v = qkv[:, :, H + KV :]

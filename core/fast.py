@@ -22,6 +22,9 @@ transforms therefore cut bytes and per-step overhead:
   gets the argmax of the fp32 logits, not an approximation. It is the
   screen-then-verify pattern of two-stage retrieval: the cheap pass proposes,
   the exact one decides.
+- ``fused_ops`` (fp32 models on the CPU): each RMSNorm and rotary
+  embedding becomes one call of our C++ kernel (``core.fused_ops``) instead of
+  a chain of small torch kernels whose dispatch dominates at one token.
 - ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
   that inductor prepacks and folds, pointwise ops fuse). Minutes of
   compilation on a small CPU, so it is off by default, :func:`make_fast` warms
@@ -258,6 +261,7 @@ class FastConfig:
 
     prepack: bool = True
     screened_head: bool = True
+    fused_ops: bool = True
     compile: bool = False
     batch_hint: int = 1  # the decode batch size the packed layouts are chosen for
 
@@ -321,6 +325,8 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
                 report.applied.append(f"prepack ({' and '.join(packed)})")
         else:
             report.skipped["prepack"] = f"oneDNN does not run {weight.dtype} on {weight.device.type}"
+    if cfg.fused_ops:
+        _use_fused_ops(model, cfg, report)
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
         report.applied.append("compile")
@@ -339,6 +345,26 @@ def _use_gguf_blocks(model: nn.Module, blocks: dict, report: FastReport) -> None
     report.applied.append(f"gguf_blocks ({len(blocks) - len(skipped)} of {len(blocks)} weights, {'/'.join(types)})")
     if skipped:
         report.skipped["gguf_blocks for"] = "; ".join(skipped[:3]) + (f"; {len(skipped) - 3} more" if len(skipped) > 3 else "")
+
+
+def _use_fused_ops(model: nn.Module, cfg: FastConfig, report: FastReport) -> None:
+    from core.fused_ops import fusable, use_fused_ops
+
+    weight = model.head_weight
+    if not any(fusable(model)):
+        return
+    if cfg.compile:
+        report.skipped["fused_ops"] = "inductor fuses these operations in the compiled model"
+    elif weight.device.type != "cpu" or weight.dtype != torch.float32:
+        report.skipped["fused_ops"] = f"the kernels are fp32 CPU only, this model is {weight.dtype} on {weight.device.type}"
+    else:
+        try:
+            count = use_fused_ops(model)
+        except FastPathError as err:
+            report.skipped["fused_ops"] = str(err)
+            return
+        if count:
+            report.applied.append(f"fused_ops ({count} RMSNorms and rotary embeddings)")
 
 
 def inductor_cache_dir() -> Path:
