@@ -356,7 +356,8 @@ def _use_fused_ops(model: nn.Module, cfg: FastConfig, report: FastReport) -> Non
     if cfg.compile:
         report.skipped["fused_ops"] = "inductor fuses these operations in the compiled model"
     elif weight.device.type != "cpu" or weight.dtype != torch.float32:
-        report.skipped["fused_ops"] = f"the kernels are fp32 CPU only, this model is {weight.dtype} on {weight.device.type}"
+        dtype = str(weight.dtype).removeprefix("torch.")
+        report.skipped["fused_ops"] = f"the kernels are fp32 CPU only, this model is {dtype} on {weight.device.type}"
     else:
         try:
             count = use_fused_ops(model)

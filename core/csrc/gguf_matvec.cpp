@@ -13,11 +13,13 @@
 // The caller splits GGUF's interleaved blocks into the integers (qs), the
 // scales (d) and the offsets (m), so each is read as one contiguous stream.
 //
-// A block's contribution is d * (x . q) + m * sum(x): the integers are turned
-// into floats and multiplied by x first, and the block's scale is applied once
-// to that partial sum; the sums of x per block are computed once per call.
-// That is half the vector instructions of dequantizing every weight, which is
-// what the CPU's two vector ports, not memory, limited before. The products
+// A block's contribution is d * (x . q) + m * sum(x); the sums of x per block
+// are computed once per call. For one row of x the integers are turned into
+// floats and multiplied by x first, and the block's scale is applied once to
+// that partial sum: half the vector instructions of dequantizing every weight,
+// which is what the CPU's two vector ports, not memory, limited before. From
+// two rows up the block is scaled once (d * q) and shared by the rows, two
+// fused multiply-adds each: a third fewer instructions at eight rows. The products
 // are those of the dense fp32 weights gguf's dequantizer produces up to fp32
 // rounding in another order (for a one-hot x, exactly those weights).
 //
@@ -92,12 +94,25 @@ void rows(const float* x, const float* xsum, int64_t K, const uint8_t* qs, const
         _mm_prefetch(reinterpret_cast<const char*>(q) + R * row_bytes, _MM_HINT_T0);
         Format::ints(q, lo[r], hi[r]);
       }
-      for (int i = 0; i < M; ++i) {
-        const float* xb = x + i * K + b * kBlock;
-        const __m512 x_lo = _mm512_loadu_ps(xb), x_hi = _mm512_loadu_ps(xb + 16);
+      if constexpr (M == 1) {
+        // One row of x: x . q first, the scale once on that partial sum (3 vector operations).
+        const __m512 x_lo = _mm512_loadu_ps(x + b * kBlock), x_hi = _mm512_loadu_ps(x + b * kBlock + 16);
         for (int r = 0; r < R; ++r) {
           const __m512 t = _mm512_fmadd_ps(x_hi, hi[r], _mm512_mul_ps(x_lo, lo[r]));
-          acc[i][r] = _mm512_fmadd_ps(t, _mm512_set1_ps(scale[r][b]), acc[i][r]);
+          acc[0][r] = _mm512_fmadd_ps(t, _mm512_set1_ps(scale[r][b]), acc[0][r]);
+        }
+      } else {
+        // Several rows share the block: scale it once (d * q, gguf's own fp32 product),
+        // then two fused multiply-adds per row of x instead of three operations.
+        for (int r = 0; r < R; ++r) {
+          const __m512 dr = _mm512_set1_ps(scale[r][b]);
+          lo[r] = _mm512_mul_ps(lo[r], dr);
+          hi[r] = _mm512_mul_ps(hi[r], dr);
+        }
+        for (int i = 0; i < M; ++i) {
+          const float* xb = x + i * K + b * kBlock;
+          const __m512 x_lo = _mm512_loadu_ps(xb), x_hi = _mm512_loadu_ps(xb + 16);
+          for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(x_hi, hi[r], _mm512_fmadd_ps(x_lo, lo[r], acc[i][r]));
         }
       }
     }
