@@ -11,18 +11,14 @@ import copy
 import pytest
 import torch
 
-from core.fast import FastConfig, FastPathError, make_fast
+from core.fast import FastConfig, make_fast
 from core.fused_ops import FusedRMSNorm, fused_rope, kernels, use_fused_ops
 from core.generate import GenerationConfig, generate
 from core.layers import RMSNorm, apply_rope
+from kernel_marks import needs_kernels
 from test_fast import PROMPTS, tiny
 
-try:
-    kernels()
-    _unavailable = None
-except FastPathError as err:
-    _unavailable = str(err)
-pytestmark = pytest.mark.skipif(_unavailable is not None, reason=f"fused kernels unavailable: {_unavailable}")
+pytestmark = needs_kernels(kernels, "fused kernels")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (3, 7, 64), (40, 50), (2, 17)])

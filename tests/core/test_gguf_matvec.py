@@ -27,13 +27,9 @@ from core.gguf_matvec import (
 from core.gguf_weights import load_gguf, read_gguf_blocks
 from core.model import GPTModel
 from gguf_files import Q, hf_llama, write_gguf
+from kernel_marks import needs_kernels
 
-try:
-    kernels()
-    _unavailable = None
-except FastPathError as err:
-    _unavailable = str(err)
-pytestmark = pytest.mark.skipif(_unavailable is not None, reason=f"GGUF kernels unavailable: {_unavailable}")
+pytestmark = needs_kernels(kernels, "GGUF kernels")
 
 
 def quantized(rows: int, cols: int, kind, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
