@@ -40,7 +40,7 @@ class FusedRMSNorm(RMSNorm):
     """An :class:`~core.layers.RMSNorm` (the same ``weight`` parameter) computed by one kernel call."""
 
     def __init__(self, norm: RMSNorm) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not RMSNorm's: it would make a new weight instead of sharing this one
         self.eps = norm.eps
         self.weight = norm.weight
 
