@@ -97,6 +97,12 @@ def weight_key(weight: torch.Tensor) -> tuple:
     return (weight.data_ptr(), version, weight.dtype, weight.shape)
 
 
+def needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of ``x`` and ``weight`` must be recorded for backward: the
+    fast paths' kernels have none, so such calls take torch's own code."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # The packed kernels are CPU, inference-only and want matching dtypes;
     # anything else takes plain F.linear. One fp32 row is a matrix-vector product
@@ -104,7 +110,7 @@ def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # packed kernel (docs/performance.md); packing pays once there are rows to reuse it.
     if x.device.type != "cpu" or x.dtype != weight.dtype or not onednn_available(weight.dtype):
         return False
-    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+    if needs_autograd(x, weight):
         return False
     return weight.dtype != torch.float32 or x.numel() > x.shape[-1]
 

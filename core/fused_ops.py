@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.fast import needs_autograd
 from core.kernels import load_kernels
 from core.layers import RMSNorm, apply_rope
 
@@ -33,7 +34,7 @@ def _fused(x: torch.Tensor, param: torch.Tensor) -> bool:
     # Checked on every call of every layer, so kept to a few attribute reads.
     if x.dtype != torch.float32 or param.dtype != torch.float32 or x.device.type != "cpu":
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or param.requires_grad))
+    return not needs_autograd(x, param)
 
 
 class FusedRMSNorm(RMSNorm):

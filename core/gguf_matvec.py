@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.fast import weight_key
+from core.fast import needs_autograd, weight_key
 from core.kernels import load_kernels
 
 # GGUF tensor types the kernel reads, with the bytes of one 32-weight block.
@@ -97,7 +97,7 @@ class _BlockWeight:
         # inference, and the weight still the one the blocks were checked against.
         return (
             x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            and not needs_autograd(x, weight)
             and weight_key(weight) == self.key
         )
 

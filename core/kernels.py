@@ -1,13 +1,13 @@
 """Our C++ CPU kernels (``core/csrc``), compiled on first use and cached.
 
-Some serving arithmetic has no torch CPU kernel: products straight from GGUF's
-quantized blocks (``core.gguf_matvec``) are the one so far. Each such kernel
-is one C++ file that ``torch.utils.cpp_extension`` compiles with the machine's
-compiler the first time it is asked for (about 30 s), into
+Some serving arithmetic has no good torch CPU kernel: products straight from
+GGUF's quantized blocks (``core.gguf_matvec``), and the RMSNorm and rotary
+embedding of a one-token decoding step in one call each (``core.fused_ops``).
+Each is one C++ file that ``torch.utils.cpp_extension`` compiles with the
+machine's compiler the first time it is asked for (about 30 s), into
 ``$SCRATCHGPT_HOME/extensions/torch-<version>/``, where later processes find
-it. :func:`load_kernels` raises :class:`FastPathError`
-saying why when it cannot (no AVX-512, no compiler); callers then keep torch's
-own kernels.
+it. :func:`load_kernels` raises :class:`FastPathError` saying why when it
+cannot (no AVX-512, no compiler); callers then keep torch's own kernels.
 """
 
 from __future__ import annotations
