@@ -64,10 +64,14 @@ def read_bandwidth_gbs(clock, size_mb: int = 1024, repeats: int = 5) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decoding step reads: every parameter, or a layer's GGUF blocks where it decodes from them."""
+    """Bytes a greedy decoding step reads: every parameter, a layer's GGUF blocks where it decodes
+    from them, and the bf16 screen of a screened output layer that screens one row (core.fast)."""
+    from core.fast import ScreenedHead
     from core.gguf_matvec import GGUFHead, GGUFLinear
 
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if isinstance(model.argmax_head, ScreenedHead) and model.argmax_head._panels is not None:
+        total -= model.head_weight.numel() * 2  # fp32 -> bf16; the fp32 candidates are a few rows
     for module in model.modules():
         if isinstance(module, (GGUFLinear, GGUFHead)):
             dense = module.weight if isinstance(module, GGUFLinear) else model.head_weight

@@ -22,6 +22,15 @@ transforms therefore cut bytes and per-step overhead:
   gets the argmax of the fp32 logits, not an approximation. It is the
   screen-then-verify pattern of two-stage retrieval: the cheap pass proposes,
   the exact one decides.
+- ``panels`` (fp32 and bf16 models on a CPU with AVX-512): the linear layers
+  and output layer of a decoding step (up to eight rows) read their weights
+  from a copy in 16-column panels through our C++ kernel
+  (``core.panel_linear``), which streams them at about this machine's read
+  bandwidth, 1.2x MKL's fp32 matrix-vector product at one row and 2-3x
+  oneDNN's packed kernels at eight rows and in bf16. Summed in fp32: the same
+  products up to summation order. The screened output layer scores its bf16
+  screen through it too, from one row up. Longer inputs (prefill) keep the
+  other paths.
 - ``fused_ops`` (fp32 models on the CPU): each RMSNorm and rotary
   embedding becomes one call of our C++ kernel (``core.fused_ops``) instead of
   a chain of small torch kernels whose dispatch dominates at one token.
@@ -46,6 +55,7 @@ import torch
 from torch import nn
 
 from core.kernels import FastPathError
+from core.panel_linear import Panels
 
 
 @functools.cache
@@ -116,51 +126,60 @@ def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An ``nn.Linear`` whose weight is also kept prepacked for oneDNN, for inference.
+    """An ``nn.Linear`` whose weight is also kept in the layouts fast kernels read, for inference.
 
     It holds the original ``weight`` and ``bias`` parameters (so the state dict
-    keeps its names and values) plus the packed copy, a snapshot that is rebuilt
-    if the weight is changed or cast afterwards. Autograd, other devices and
-    other dtypes take the plain ``F.linear``.
+    keeps its names and values) plus packed copies, snapshots rebuilt if the
+    weight is changed or cast afterwards: ``panels`` (``core.panel_linear``) for
+    up to eight rows, and with ``onednn`` a oneDNN-packed copy for the rest.
+    Autograd, other devices and other dtypes take the plain ``F.linear``.
     """
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1, onednn: bool = True, panels: Panels | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._packed = _PackedCopy(batch_hint)  # a plain attribute: never saved, never cast
+        # Plain attributes: never saved, never cast.
+        self._packed = _PackedCopy(batch_hint) if onednn else None
+        self._panels = panels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_packed(x, self.weight):
+        if self._panels is not None and self._panels.applies(x, self.weight):
+            return self._panels.linear(x, self.weight, self.bias)
+        if self._packed is None or not _use_packed(x, self.weight):
             return nn.functional.linear(x, self.weight, self.bias)
         return _packed_linear(x, self._packed.of(self.weight), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, prepacked"
+        layouts = " and ".join(name for name, copy in (("oneDNN", self._packed), ("panels", self._panels)) if copy)
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {layouts}"
 
 
 class PackedHead(nn.Module):
-    """The output layer ``hidden @ weight.T`` with the weight prepacked; the weight
-    (possibly the tied embedding) is passed in on each call."""
+    """The output layer ``hidden @ weight.T`` with the weight packed as :class:`PackedLinear`'s;
+    the weight (possibly the tied embedding) is passed in on each call."""
 
-    def __init__(self, batch_hint: int = 1) -> None:
+    def __init__(self, batch_hint: int = 1, onednn: bool = True, panels: Panels | None = None) -> None:
         super().__init__()
-        self._packed = _PackedCopy(batch_hint)
+        self._packed = _PackedCopy(batch_hint) if onednn else None
+        self._panels = panels
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if not _use_packed(hidden, weight):
+        if self._panels is not None and self._panels.applies(hidden, weight):
+            return self._panels.linear(hidden, weight)
+        if self._packed is None or not _use_packed(hidden, weight):
             return nn.functional.linear(hidden, weight)
         return _packed_linear(hidden, self._packed.of(weight), None)
 
 
-def prepack_linears(model: nn.Module, batch_hint: int = 1) -> int:
-    """Replace every ``nn.Linear`` in ``model`` by a :class:`PackedLinear`; returns how many."""
+def pack_linears(model: nn.Module, batch_hint: int = 1, onednn: bool = True, panels: bool = False) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by a :class:`PackedLinear` with the copies asked for; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child, batch_hint))
+                setattr(parent, name, PackedLinear(child, batch_hint, onednn, Panels() if panels else None))
                 count += 1
     return count
 
@@ -176,24 +195,25 @@ _FP32_UNIT = 2.0**-24
 class ScreenedHead(nn.Module):
     """Exact argmax of the fp32 logits ``hidden @ weight.T`` for half the bytes.
 
-    Stage 1 scores every vocabulary row in bf16 (weights rounded once, prepacked;
-    activations rounded per call; fp32 sums; the result rounded to bf16). For
-    row j the exact logit z_j and the screened score a_j differ by at most
+    Stage 1 scores every vocabulary row in bf16 (weights rounded once and packed,
+    as panels for up to eight rows, for oneDNN beyond; activations rounded per
+    call; fp32 sums; the result rounded to bf16). For row j the exact logit z_j
+    and the screened score a_j differ by at most
 
         |z_j - a_j| <= ||h - h~|| ||W_j|| + ||h~|| ||W_j - W~_j||
                        + K u32 ||h~|| ||W~_j|| + 2 u16 |a_j|
 
-    (activation rounding, weight rounding, the K-term fp32 sum, the bf16
-    result), which we bound by one number beta per input row using the largest
-    row norms. The true argmax then has a_j >= max(a) - 2 beta, so stage 2
-    scores in fp32 only the rows above that threshold: for GPT-2 small a few
-    dozen of 50,257.
+    (activation rounding, weight rounding, the K-term fp32 sum in any order,
+    the bf16 result), which we bound by one number beta per input row using the
+    largest row norms. The true argmax then has a_j >= max(a) - 2 beta, so
+    stage 2 scores in fp32 only the rows above that threshold: for GPT-2 small
+    a few dozen of 50,257.
 
     Stage 2 gathers the candidate rows from the model's own weight, passed in on
     each call, so nothing is copied in fp32 and a tied head stays tied.
     """
 
-    def __init__(self, weight: torch.Tensor, batch_hint: int = 1) -> None:
+    def __init__(self, weight: torch.Tensor, batch_hint: int = 1, panels: bool = False) -> None:
         super().__init__()
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_available(torch.bfloat16):
             raise FastPathError(
@@ -202,16 +222,17 @@ class ScreenedHead(nn.Module):
             )
         self.batch_hint = batch_hint
         self.vocab_size, self.dim = weight.shape
+        self._panels = Panels(torch.bfloat16) if panels else None  # plain attribute: never saved, never cast
         self._key: tuple | None = None
         self._prepare(weight)
 
     def _prepare(self, weight: torch.Tensor) -> None:
-        """The packed bf16 screen and the norms the bound uses, rebuilt if the weight changed."""
+        """The norms the bound uses, recomputed (and the screen dropped) if the weight changed."""
         if weight_key(weight) == self._key:
             return
         w = weight.detach().float()
         w_bf16 = w.to(torch.bfloat16)
-        self._screen = _pack(w_bf16, self.batch_hint)  # plain attribute: never saved, never cast
+        self._screen = None  # oneDNN's packed bf16 screen, built when first needed
         self.max_row_norm = float(w.norm(dim=1).max())
         self.max_rounding = float((w - w_bf16.float()).norm(dim=1).max())
         self._key = weight_key(weight)
@@ -220,9 +241,15 @@ class ScreenedHead(nn.Module):
         # The packed screen is opaque (no storage to copy or pickle): copies rebuild it on first use.
         return {**self.__dict__, "_screen": None, "_key": None}
 
-    def screen(self, h: torch.Tensor) -> torch.Tensor:
+    def screen(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Stage 1: approximate logits (N, V), as fp32, of fp32 activations (N, d)."""
-        return _packed_linear(h.to(torch.bfloat16), self._screen, None).float()
+        self._prepare(weight)
+        h_bf16 = h.to(torch.bfloat16)
+        if self._panels is not None and self._panels.applies(h_bf16, weight):
+            return self._panels.linear(h_bf16, weight).float()
+        if self._screen is None:
+            self._screen = _pack(weight.detach().to(torch.bfloat16), self.batch_hint)
+        return _packed_linear(h_bf16, self._screen, None).float()
 
     def bound(self, h: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
         """beta (N,): no row's screened score is further than this from its exact logit."""
@@ -241,14 +268,14 @@ class ScreenedHead(nn.Module):
         """hidden (..., d), already normalised; weight (V, d), the head this was built from
         -> logits (..., V): fp32 where a token can be the maximum, -inf elsewhere."""
         shape = hidden.shape
-        if hidden.numel() == shape[-1]:
+        if hidden.numel() == shape[-1] and self._panels is None:
             # One row: MKL's fp32 matrix-vector product streams the whole head about as fast
             # as oneDNN's bf16 kernel streams the half-size screen (docs/performance.md), so
-            # screening saves nothing and its extra passes cost a little.
+            # screening saves nothing and its extra passes cost a little. The panel kernel
+            # streams the screen at twice that speed, so with it one row is screened too.
             return nn.functional.linear(hidden, weight)
-        self._prepare(weight)
         h = hidden.reshape(-1, shape[-1]).float()
-        approx = self.screen(h)
+        approx = self.screen(h, weight)
         threshold = approx.amax(dim=-1) - 2 * self.bound(h, approx)
         # One candidate set for the whole batch: a superset of every row's own.
         candidates = (approx >= threshold[:, None]).any(dim=0).nonzero().squeeze(-1)
@@ -266,6 +293,7 @@ class FastConfig:
     """Which serving transforms :func:`make_fast` applies (see the module docstring)."""
 
     prepack: bool = True
+    panels: bool = True
     screened_head: bool = True
     fused_ops: bool = True
     compile: bool = False
@@ -309,34 +337,85 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
     if gguf_blocks:
         _use_gguf_blocks(model, gguf_blocks, report)
     weight = model.head_weight
+    panels = _panels_fit(model, cfg, report)
     if cfg.screened_head and model.argmax_head is not None:
         report.skipped["screened_head"] = "the output layer decodes from GGUF blocks"
     elif cfg.screened_head:
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available(torch.bfloat16):
-            model.argmax_head = ScreenedHead(weight, cfg.batch_hint)
+            model.argmax_head = ScreenedHead(weight, cfg.batch_hint, panels=panels)
             report.applied.append("screened_head")
         else:
             reason = "the head is already half precision" if weight.dtype != torch.float32 else "needs a CPU with oneDNN bf16"
             report.skipped["screened_head"] = reason
+    onednn = False
     if cfg.prepack and cfg.compile:
         report.skipped["prepack"] = "inductor's freezing packs the weights of the compiled model"
-    elif cfg.prepack:
-        if weight.device.type == "cpu" and onednn_available(weight.dtype):
-            n = prepack_linears(model, cfg.batch_hint)
-            packed = [f"{n} linears"] if n else []
-            if model.fast_head is None:
-                model.fast_head = PackedHead(cfg.batch_hint)
-                packed.append("the output layer")
-            if packed:
-                report.applied.append(f"prepack ({' and '.join(packed)})")
-        else:
-            report.skipped["prepack"] = f"oneDNN does not run {weight.dtype} on {weight.device.type}"
+    elif cfg.prepack and (weight.device.type != "cpu" or not onednn_available(weight.dtype)):
+        report.skipped["prepack"] = f"oneDNN does not run {weight.dtype} on {weight.device.type}"
+    elif cfg.prepack and panels and weight.dtype == torch.float32:
+        # Decoding's few rows take the panels; from about 32 rows (a prompt) MKL's product of
+        # the plain weight is as fast as oneDNN's packed one, so a third copy would buy nothing.
+        report.skipped["prepack"] = "fp32 decoding reads the panels, and prompts are as fast unpacked"
+    else:
+        onednn = cfg.prepack
+    if onednn or panels:
+        n = pack_linears(model, cfg.batch_hint, onednn, panels)
+        packed = [f"{n} linears"] if n else []
+        if model.fast_head is None:
+            model.fast_head = PackedHead(cfg.batch_hint, onednn, Panels() if panels else None)
+            packed.append("the output layer")
+        for name, used in (("prepack", onednn), ("panels", panels)):
+            if used and packed:
+                report.applied.append(f"{name} ({' and '.join(packed)})")
     if cfg.fused_ops:
         _use_fused_ops(model, cfg, report)
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
         report.applied.append("compile")
     return report
+
+
+def fast_for_serving(checkpoint) -> FastReport | None:
+    """The fast path the service and the CLI decode with, applied to a loaded causal-LM checkpoint.
+
+    On the CPU: a checkpoint that carries GGUF blocks decodes from them in fp32
+    (``core.gguf_matvec``: the same weights in a fifth of the bytes); any other
+    fp32 or bf16 model takes :func:`make_fast`'s defaults (panels, the screened
+    output layer, oneDNN copies where they pay). None when nothing applies (a
+    GPU, fp16). A damaged blocks file raises ValueError.
+    """
+    model = checkpoint.model
+    weight = model.head_weight
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from core.gguf_matvec import checkpoint_blocks
+
+    blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata) if weight.dtype == torch.float32 else {}
+    if blocks:
+        # Every layer decodes from its blocks: packed copies would hold the weights twice more for nothing.
+        return make_fast(model, FastConfig(prepack=False, panels=False, screened_head=False), gguf_blocks=blocks)
+    return make_fast(model, FastConfig())
+
+
+def _panels_fit(model: nn.Module, cfg: FastConfig, report: FastReport) -> bool:
+    """Whether decoding's linear layers can read panels (``core.panel_linear``); if not, why is reported."""
+    weight = model.head_weight
+    if not cfg.panels:
+        return False
+    if model.fast_head is not None and not any(type(m) is nn.Linear for m in model.modules()):
+        return False  # every layer already has its fast path (GGUF blocks): nothing to build the kernel for
+    if cfg.compile:
+        report.skipped["panels"] = "inductor's freezing packs the weights of the compiled model"
+    elif weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        dtype = str(weight.dtype).removeprefix("torch.")
+        report.skipped["panels"] = f"the kernel is for fp32 and bf16 on the CPU, this model is {dtype} on {weight.device.type}"
+    else:
+        try:
+            Panels()  # builds the kernel, or says why it cannot
+            return True
+        except FastPathError as err:
+            report.skipped["panels"] = str(err)
+    return False
 
 
 def _use_gguf_blocks(model: nn.Module, blocks: dict, report: FastReport) -> None:

@@ -11,12 +11,15 @@ from core.fast import FastConfig, FastPathError, PackedLinear, ScreenedHead, mak
 from core.generate import GenerationConfig, generate
 from core.kv_cache import KVCache
 from core.model import GPTModel
+from core.panel_linear import kernels as panel_kernels
+from kernel_marks import needs_kernels
 
 pytestmark = [
     pytest.mark.skipif(not onednn_available(torch.float32), reason="torch built without oneDNN"),
     pytest.mark.usefixtures("one_torch_thread"),  # tiny matrices: see tests/conftest.py
 ]
 needs_bf16 = pytest.mark.skipif(not onednn_available(torch.bfloat16), reason="no oneDNN bf16 on this CPU")
+needs_panels = needs_kernels(panel_kernels, "panel kernel")
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]
 
@@ -113,32 +116,47 @@ def test_a_fast_model_can_be_copied_and_follows_new_weights():
 # -- screened output layer ----------------------------------------------------
 
 
-def test_screened_head_bound_holds_and_argmax_is_exact():
+@pytest.mark.parametrize("panels", [False, pytest.param(True, marks=needs_panels)])
+def test_screened_head_bound_holds_and_argmax_is_exact(panels):
     torch.manual_seed(0)
     V, d = 5000, 72  # d not a multiple of 16, vocabulary not of 64
+    rows = 8 if panels else 64  # the panel kernel screens decoding's up to eight rows, oneDNN more
     weight = torch.randn(V, d) * 0.05
     # Near-ties: rows that differ from row 0 by less than bf16 can resolve.
     weight[1:40] = weight[0] + torch.randn(39, d) * 1e-5
-    head = ScreenedHead(weight)
-    hidden = torch.nn.functional.layer_norm(torch.randn(64, d), (d,))
-    hidden[:8] = weight[0] / weight[0].norm() * d**0.5  # queries aimed at the near-tied rows
+    head = ScreenedHead(weight, panels=panels)
+    hidden = torch.nn.functional.layer_norm(torch.randn(rows, d), (d,))
+    hidden[:4] = weight[0] / weight[0].norm() * d**0.5  # queries aimed at the near-tied rows
     with torch.inference_mode():
         exact = torch.nn.functional.linear(hidden, weight)
-        approx = head.screen(hidden)
+        approx = head.screen(hidden, weight)
         beta = head.bound(hidden, approx)
         assert ((approx - exact).abs() <= beta[:, None]).all()  # the error bound the screen relies on
+        assert (approx - exact).abs().max() > 0  # (it is the bf16 screen, not an exact product)
         logits = head(hidden, weight)
     finite = logits.isfinite()
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     assert torch.allclose(logits[finite], exact[finite], atol=1e-5)
-    assert finite.sum(-1).max() < V // 10  # it does screen: one shared candidate set for all 64 rows
+    assert finite.sum(-1).max() < V // 10  # it does screen: one shared candidate set for all rows
 
 
-def test_screened_head_leaves_one_row_to_the_plain_product():
+def test_screened_head_leaves_one_row_to_the_plain_product_without_panels():
     weight = torch.randn(300, 32)
     hidden = torch.randn(1, 1, 32)
     with torch.inference_mode():
         assert torch.equal(ScreenedHead(weight)(hidden, weight), torch.nn.functional.linear(hidden, weight))
+
+
+@needs_panels
+def test_screened_head_screens_one_row_with_panels():
+    torch.manual_seed(0)
+    weight = torch.randn(3000, 64)
+    hidden = torch.randn(1, 1, 64) * 3
+    with torch.inference_mode():
+        logits = ScreenedHead(weight, panels=True)(hidden, weight)
+        exact = torch.nn.functional.linear(hidden, weight)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    assert logits.isfinite().sum() < 300  # screened: most rows never scored in fp32
 
 
 def test_screened_head_refuses_a_half_precision_head():
@@ -198,14 +216,36 @@ def test_fast_bf16_skips_the_screen_and_stays_close(family):
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         a, b = model(ids).float(), fast(ids).float()
+        # A decoding step's two rows: the panel kernel where it builds.
+        a1, b1 = model(ids[:, :1]).float(), fast(ids[:, :1]).float()
     # bf16 keeps ~3 significant digits; different kernels round differently.
-    assert (a - b).abs().max() < 0.05 * a.abs().max()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    for plain, ours in ((a, b), (a1, b1)):
+        assert (plain - ours).abs().max() < 0.05 * plain.abs().max()
+        assert (plain.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
+
+
+@needs_panels
+def test_fp32_decoding_reads_panels_and_keeps_no_onednn_copy():
+    fast = copy.deepcopy(tiny("gpt2"))
+    report = make_fast(fast)
+    assert "panels (8 linears and the output layer)" in report.applied
+    assert "prompts are as fast unpacked" in report.skipped["prepack"]
+    linear = fast.blocks[0].attn.qkv
+    assert linear._packed is None and linear._panels is not None and "panels" in repr(linear)
+    # Nothing is built for a model whose layers all decode from GGUF blocks (core.gguf_matvec).
+    plain = tiny("gpt2")
+    plain.fast_head = plain.argmax_head = torch.nn.Identity()
+    for block in plain.blocks:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, torch.nn.Identity())
+    assert "panels" not in str(make_fast(plain, FastConfig(screened_head=False)))
 
 
 def test_report_and_bad_config():
     fast = copy.deepcopy(tiny("gpt2"))
-    report = make_fast(fast, FastConfig(prepack=False))
+    report = make_fast(fast, FastConfig(prepack=False, panels=False))
     assert report.applied == ["screened_head"] and "prepack" not in str(report)
     with pytest.raises(ValueError, match="batch_hint"):
         FastConfig(batch_hint=0)

@@ -1,0 +1,97 @@
+"""The linear layers of a decoding step from column panels: every weight read once, at full speed.
+
+A decoding step multiplies each weight matrix by one row of activations per
+sequence, one to eight rows. That product reads the whole matrix and does
+little arithmetic with it, so its speed is the speed at which the weights
+stream from memory (Pope et al., 2022). torch's CPU kernels are tuned for
+large matrix products and read small-batch weights at half this machine's
+bandwidth or less: MKL's fp32 matrix-vector product 19 GB/s, oneDNN's packed
+kernels 8-11 GB/s at two to eight rows and in bf16 (docs/performance.md).
+
+``core/csrc/panel_linear.cpp`` reads a weight stored as panels of 16 output
+columns, ``(N / 16, K, 16)``: each panel is one contiguous stream with one
+cache line per input column, several panels stream at once, and each cache
+line is multiplied with every row of activations while it is in a register.
+That is the layout of a GEMM micro-kernel (Goto and van de Geijn, 2008) cut
+to decoding's few rows. It reads fp32 or bf16 weights (bf16 widened in
+registers, exactly) and sums in fp32, so an fp32 layer gives the fp32 product
+up to summation order and a bf16 layer what torch's bf16 kernels give.
+
+:class:`Panels` holds one weight's panel copy beside the parameter, which stays
+as it is (state-dict names and values unchanged); the copy is rebuilt if the
+weight is changed or cast. ``core.fast.make_fast`` attaches panels to a
+model's linear layers and output layer; anything the kernel does not take
+(more than eight rows, autograd, another device or dtype) keeps the other
+paths. The C++ is compiled on first use (``core.kernels``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.kernels import load_kernels
+
+MAX_ROWS = 8  # rows of activations one kernel call takes (kMaxRows in the C++)
+WIDTH = 16  # output columns per panel: one AVX-512 register of fp32
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernels():
+    """The compiled ``linear``; raises FastPathError saying why it cannot be had."""
+    return load_kernels("panel_linear")
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) -> panels (ceil(N / 16), K, 16), ``panels[p, k, j] = weight[16 p + j, k]``, zero-padded."""
+    n, k = weight.shape
+    padded = -(-n // WIDTH) * WIDTH
+    if padded != n:
+        weight = torch.cat([weight, weight.new_zeros(padded - n, k)])
+    return weight.reshape(padded // WIDTH, WIDTH, k).transpose(1, 2).contiguous()
+
+
+class Panels:
+    """The panel copy of one weight, rebuilt when the weight is changed in place, replaced or cast.
+
+    ``dtype``: the dtype the panels are kept in (default: the weight's own);
+    the screened output layer keeps a bf16 copy of an fp32 head.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self._kernel = kernels().linear  # fail here, with the reason, rather than on the first step
+        self.panels: torch.Tensor | None = None
+        self.key: tuple | None = None
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        from core.fast import weight_key  # here: core.fast imports this module
+
+        key = weight_key(weight)
+        if key != self.key:
+            self.panels, self.key = to_panels(weight.detach().to(self.dtype or weight.dtype)), key
+        return self.panels
+
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether the kernel takes ``x @ weight.T``: at most eight rows, CPU, inference, a
+        weight dtype it reads and activations in the panels' dtype. Checked on every call
+        of every layer, so kept to a few attribute reads."""
+        from core.fast import needs_autograd
+
+        return (
+            x.numel() <= MAX_ROWS * x.shape[-1] and x.device.type == "cpu"
+            and x.dtype == (self.dtype or weight.dtype) and weight.dtype in DTYPES
+            and not needs_autograd(x, weight)
+        )
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) with at most eight rows -> x @ weight.T + bias (..., N), in x's dtype."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = self._kernel(rows, self.of(weight), bias, weight.shape[0])
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickling) rebuilds its panels on first use and looks the kernel up again.
+        return {"dtype": self.dtype}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["dtype"])
