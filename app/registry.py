@@ -172,8 +172,8 @@ class ModelRegistry:
         start = time.perf_counter()
         checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
         self._validate(slot.role, checkpoint)
-        if slot.role == CHAT and self.settings.gguf_kernels:
-            self._decode_from_gguf_blocks(checkpoint)
+        if slot.role == CHAT and self.settings.fast_kernels:
+            self._use_fast_path(checkpoint)
         with self._lock:
             if self._stopping:
                 return
@@ -189,13 +189,13 @@ class ModelRegistry:
         )
 
     @staticmethod
-    def _decode_from_gguf_blocks(checkpoint: Any) -> None:
-        from core.gguf_matvec import use_checkpoint_blocks
+    def _use_fast_path(checkpoint: Any) -> None:
+        from core.fast import fast_for_serving
 
         try:
-            report = use_checkpoint_blocks(checkpoint)
+            report = fast_for_serving(checkpoint)
         except Exception:  # a damaged blocks file costs speed, not the chat model
-            logger.exception("GGUF blocks unusable; the chat model decodes with its dense weights",
+            logger.exception("fast path unusable; the chat model decodes with torch's kernels",
                              extra={"model": CHAT, "path": str(checkpoint.path)})
             return
         if report is not None:

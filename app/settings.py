@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The source tree keeps templates/, static/ and migrations/ beside app/; an installed wheel
@@ -30,7 +30,7 @@ def scratchgpt_home() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SCRATCHGPT_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SCRATCHGPT_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # --- models -----------------------------------------------------------
     home: Path = Field(default_factory=scratchgpt_home)  # SCRATCHGPT_HOME, shared with the CLI's cache
@@ -49,11 +49,15 @@ class Settings(BaseSettings):
     # CPU threads for torch; None lets torch decide. On a busy or small machine 1-2 avoids
     # OpenMP threads fighting each other (the chat and classifier workers run side by side).
     torch_threads: int | None = Field(None, ge=1)
-    # A chat checkpoint converted from a GGUF file keeps the file's quantized blocks; in fp32 on
-    # a CPU with AVX-512 the chat model then decodes from them (core.gguf_matvec: the same
-    # weights, a fifth of the bytes) and runs its RMSNorms and rotary embeddings as one
-    # kernel call each (core.fused_ops). The kernels compile on first use (about 30 s each).
-    gguf_kernels: bool = True
+    # The chat model decodes through our CPU kernels (core.fast.fast_for_serving; AVX-512, a C++
+    # compiler, about 30 s to compile each kernel on first use). A checkpoint converted from a
+    # GGUF file keeps the file's quantized blocks and, in fp32, decodes from them
+    # (core.gguf_matvec: the same weights, a fifth of the bytes) with its RMSNorms and rotary
+    # embeddings one kernel call each (core.fused_ops); any other fp32 or bf16 chat model reads
+    # its weights as panels (core.panel_linear). SCRATCHGPT_GGUF_KERNELS, its name before it
+    # covered dense models too, is still read.
+    fast_kernels: bool = Field(True, validation_alias=AliasChoices(
+        "fast_kernels", "SCRATCHGPT_FAST_KERNELS", "gguf_kernels", "SCRATCHGPT_GGUF_KERNELS"))
 
     # --- storage ----------------------------------------------------------
     # None means sqlite:///<home>/scratchgpt.db.

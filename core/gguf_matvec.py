@@ -226,17 +226,3 @@ def checkpoint_blocks(directory: str | Path, metadata: dict | None = None) -> Bl
 
         blocks = read_gguf_blocks(source)
     return blocks
-
-
-def use_checkpoint_blocks(checkpoint):
-    """Let a loaded causal-LM checkpoint's model (fp32, CPU) decode from the GGUF blocks it carries;
-    the ``core.fast`` report of what applied, or None when there is nothing to do."""
-    weight = checkpoint.model.head_weight
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return None  # the kernels are for fp32 on the CPU: no need to build them
-    blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata)
-    if not blocks:
-        return None
-    from core.fast import FastConfig, make_fast
-
-    return make_fast(checkpoint.model, FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)

@@ -66,15 +66,15 @@ def load(args: argparse.Namespace):
 
 
 def load_for_decoding(args: argparse.Namespace):
-    """``load``, then decoding from the checkpoint's GGUF blocks when it has them (as the service does)."""
-    from core.gguf_matvec import use_checkpoint_blocks
+    """``load``, then the fast path the service decodes with (``core.fast.fast_for_serving``)."""
+    from core.fast import fast_for_serving
 
     ckpt = load(args)
-    if not args.no_gguf_kernels and ckpt.task == "causal-lm":
+    if not args.no_fast_kernels and ckpt.task == "causal-lm":
         try:
-            report = use_checkpoint_blocks(ckpt)
+            report = fast_for_serving(ckpt)
         except ValueError as err:  # a damaged blocks file costs speed only
-            print(f"fast path: none ({type(err).__name__}: {err}); decoding with the dense weights", file=sys.stderr)
+            print(f"fast path: none ({type(err).__name__}: {err}); decoding with torch's kernels", file=sys.stderr)
             return ckpt
         if report is not None:
             print(f"fast path: {report}", file=sys.stderr)
@@ -93,8 +93,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-gguf-kernels", action="store_true",
-                   help="decode with the dense fp32 weights even when the checkpoint keeps GGUF blocks")
+    # --no-gguf-kernels: the flag's name before the kernels covered dense checkpoints too.
+    p.add_argument("--no-fast-kernels", "--no-gguf-kernels", dest="no_fast_kernels", action="store_true",
+                   help="decode with torch's own kernels: no GGUF blocks, panels or screened output layer")
 
 
 def generation_config(args: argparse.Namespace, ckpt) -> Any:

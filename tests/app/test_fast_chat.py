@@ -1,15 +1,22 @@
-"""A chat checkpoint that keeps GGUF blocks (tests/conftest.py) is served from them, with the dense model's answers."""
+"""The chat model decodes through our CPU kernels (core.fast.fast_for_serving) with torch's answers:
+from the GGUF blocks a converted checkpoint keeps (tests/conftest.py), or from panels for a dense one."""
 
 from __future__ import annotations
 
+import pytest
+
+from app.settings import Settings
+from core.fast import PackedLinear, ScreenedHead
 from core.gguf_matvec import GGUFHead, GGUFLinear
+from core.panel_linear import kernels as panel_kernels
+from kernel_marks import needs_kernels
 
 from app_testing import running_client
 
 
-def _answer(client) -> str:
+def _answer(client, model: str = "gguf-chat") -> str:
     reply = client.post("/v1/chat/completions", json={
-        "model": "gguf-chat", "temperature": 0, "max_tokens": 24,
+        "model": model, "temperature": 0, "max_tokens": 24,
         "messages": [{"role": "user", "content": "Name three colours."}],
     })
     assert reply.status_code == 200, reply.text
@@ -19,7 +26,7 @@ def _answer(client) -> str:
 def test_chat_decodes_from_blocks_with_the_dense_answers(make_settings, gguf_chat_checkpoint):
     answers = {}
     for enabled in (True, False):
-        settings = make_settings(chat_checkpoint=gguf_chat_checkpoint, classifier_enabled=False, gguf_kernels=enabled)
+        settings = make_settings(chat_checkpoint=gguf_chat_checkpoint, classifier_enabled=False, fast_kernels=enabled)
         with running_client(settings) as client:
             model = client.app.state.models.slots["chat"].checkpoint.model
             assert isinstance(model.blocks[0].attn.qkv, GGUFLinear) is enabled
@@ -40,3 +47,24 @@ def test_a_damaged_blocks_file_costs_speed_not_the_chat_model(make_settings, ggu
         assert not isinstance(client.app.state.models.slots["chat"].checkpoint.model.fast_head, GGUFHead)
         assert _answer(client)
 
+
+
+@needs_kernels(panel_kernels, "panel kernel")
+def test_a_dense_chat_model_decodes_from_panels_with_the_same_answers(make_settings, chat_checkpoint):
+    answers = {}
+    for enabled in (True, False):
+        settings = make_settings(chat_checkpoint=chat_checkpoint, classifier_enabled=False, fast_kernels=enabled)
+        with running_client(settings) as client:
+            model = client.app.state.models.slots["chat"].checkpoint.model
+            qkv = model.blocks[0].attn.qkv
+            assert (isinstance(qkv, PackedLinear) and qkv._panels is not None) is enabled
+            assert isinstance(model.argmax_head, ScreenedHead) is enabled
+            answers[enabled] = _answer(client, "tiny-chat")
+    assert answers[True] and answers[True] == answers[False]
+
+
+@pytest.mark.parametrize("name", ["SCRATCHGPT_FAST_KERNELS", "SCRATCHGPT_GGUF_KERNELS"])
+def test_the_setting_is_read_under_its_old_name_too(monkeypatch, name):
+    monkeypatch.setenv(name, "false")
+    assert Settings().fast_kernels is False
+    assert Settings(fast_kernels=True).fast_kernels is True
