@@ -34,6 +34,11 @@ transforms therefore cut bytes and per-step overhead:
 - ``fused_ops`` (fp32 models on the CPU): each RMSNorm and rotary
   embedding becomes one call of our C++ kernel (``core.fused_ops``) instead of
   a chain of small torch kernels whose dispatch dominates at one token.
+- ``fused_layers`` (fp32 GPT-2 models with panels): each layer of a decoding
+  step is one call of our C++ kernel (``core.decode_layer``): LayerNorms,
+  attention over the cache, GELU and residuals around the panel products,
+  instead of twenty-odd torch calls whose dispatch costs more than their
+  arithmetic at one token. Within fp32 rounding of the block's own code.
 - ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
   that inductor prepacks and folds, pointwise ops fuse). Minutes of
   compilation on a small CPU, so it is off by default, :func:`make_fast` warms
@@ -296,6 +301,7 @@ class FastConfig:
     panels: bool = True
     screened_head: bool = True
     fused_ops: bool = True
+    fused_layers: bool = True
     compile: bool = False
     batch_hint: int = 1  # the decode batch size the packed layouts are chosen for
 
@@ -369,6 +375,8 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
                 report.applied.append(f"{name} ({' and '.join(packed)})")
     if cfg.fused_ops:
         _use_fused_ops(model, cfg, report)
+    if cfg.fused_layers and panels and weight.dtype == torch.float32:
+        _use_fused_layers(model, report)
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
         report.applied.append("compile")
@@ -451,6 +459,19 @@ def _use_fused_ops(model: nn.Module, cfg: FastConfig, report: FastReport) -> Non
             return
         if count:
             report.applied.append(f"fused_ops ({count} RMSNorms and rotary embeddings)")
+
+
+def _use_fused_layers(model: nn.Module, report: FastReport) -> None:
+    from core.decode_layer import fusable, use_fused_layers
+
+    if not any(fusable(block) for block in model.blocks):
+        return  # not GPT-2, or its layers decode from GGUF blocks
+    try:
+        count = use_fused_layers(model)
+    except FastPathError as err:
+        report.skipped["fused_layers"] = str(err)
+        return
+    report.applied.append(f"fused_layers ({count} GPT-2 layers, one kernel call each when decoding)")
 
 
 def inductor_cache_dir() -> Path:

@@ -1,0 +1,198 @@
+// One GPT-2 transformer layer of a decoding step in one call (see
+// core/decode_layer.py for where it is used and why):
+//
+//   h  = LayerNorm1(x)
+//   q, k, v = split(h @ Wqkv.T + bqkv)           k, v written into the cache
+//   a  = softmax(q . K / sqrt(head_dim), masked) . V   per sequence and head
+//   x1 = x + a @ Wproj.T + bproj
+//   x2 = x1 + GELU(LayerNorm2(x1) @ Wfc.T + bfc) @ Wfc2.T + bfc2
+//
+// for one new token per sequence (B rows, B <= 8). The four products are the
+// panel product of panels.h; the rest is a few thousand numbers per layer,
+// done here in plain loops instead of twenty-odd torch calls whose dispatch,
+// at one token, costs more than their arithmetic.
+//
+// Rounding: LayerNorm's mean and variance are summed in double, the softmax
+// and GELU use an exponential accurate to a few units in the last place, so
+// the layer agrees with torch's modules to fp32 rounding (tested), not bit for bit.
+
+#include "panels.h"
+
+#include <cmath>
+
+namespace {
+
+using namespace panel_kernels;
+
+// exp(x) for x <= 0 (softmax and the GELU below only need that range): x = n ln 2 + r with
+// |r| <= ln 2 / 2, exp(r) by its Taylor polynomial to degree 7 (relative error
+// below 2e-8), times 2^n by scalef. Below -87 the result is 0, as fp32's exp underflows.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+inline __mmask16 live_lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+void layer_norm(const float* x, const float* w, const float* b, double eps, int64_t d, float* out) {
+  double sum = 0, sq = 0;
+  for (int64_t i = 0; i < d; ++i) sum += x[i];
+  const double mean = sum / d;
+  for (int64_t i = 0; i < d; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(sq / d + eps));
+  for (int64_t i = 0; i < d; ++i) out[i] = (x[i] - m) * rstd * w[i] + b[i];
+}
+
+// GELU, tanh form: 0.5 x (1 + tanh(y)) = x * sigmoid(2 y) = x / (1 + exp(-2 y)),
+// y = sqrt(2 / pi) (x + 0.044715 x^3); written so exp only sees non-positive arguments.
+void gelu(float* x, int64_t n) {
+  const __m512 c = _mm512_set1_ps(0.7978845608028654f), k = _mm512_set1_ps(0.044715f);
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = live_lanes(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(live, x + i);
+    const __m512 y2 = _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, v), _mm512_mul_ps(v, v), v)));
+    // sigmoid(t) = 1 / (1 + exp(-t)) for t >= 0, exp(t) / (1 + exp(t)) for t < 0.
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(zero, _mm512_abs_ps(y2)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(y2, zero, _CMP_LT_OQ);
+    const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(neg, one, e), _mm512_add_ps(one, e));
+    _mm512_mask_storeu_ps(x + i, live, _mm512_mul_ps(v, sig));
+  }
+}
+
+// One query against the cached keys and values of one sequence and head.
+void attend(const float* q, const float* keys, const float* values, int64_t S, int64_t D, const bool* mask,
+            float* scores, float* out) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  float top = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) {
+    if (mask != nullptr && !mask[j]) {
+      scores[j] = -INFINITY;
+      continue;
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 live = live_lanes(D - i);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + i), _mm512_maskz_loadu_ps(live, keys + j * D + i), acc);
+    }
+    scores[j] = _mm512_reduce_add_ps(acc) * scale;
+    top = std::max(top, scores[j]);
+  }
+  float total = 0;
+  for (int64_t j = 0; j < S; j += 16) {
+    const __mmask16 live = live_lanes(S - j);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(scores + j, live, e);
+    total += _mm512_mask_reduce_add_ps(live, e);
+  }
+  const float inv = 1.0f / total;
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 live = live_lanes(D - i);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_maskz_loadu_ps(live, values + j * D + i), acc);
+    _mm512_mask_storeu_ps(out + i, live, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  }
+}
+
+const float* data_or_null(const c10::optional<torch::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, what, " must be ", n,
+              " contiguous fp32 values");
+  return t->data_ptr<float>();
+}
+
+const float* fp32_vector(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what, " must be ", n,
+              " contiguous fp32 values");
+  return t.data_ptr<float>();
+}
+
+torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, const torch::Tensor& ln1_b, double eps1,
+                         const torch::Tensor& qkv, const c10::optional<torch::Tensor>& qkv_b,
+                         const torch::Tensor& proj, const c10::optional<torch::Tensor>& proj_b,
+                         const torch::Tensor& ln2_w, const torch::Tensor& ln2_b, double eps2,
+                         const torch::Tensor& fc, const c10::optional<torch::Tensor>& fc_b,
+                         const torch::Tensor& fc2, const c10::optional<torch::Tensor>& fc2_b,
+                         torch::Tensor keys, torch::Tensor values, int64_t length, int64_t n_heads,
+                         const c10::optional<torch::Tensor>& key_mask) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous (B, 1, d) fp32 tensor");
+  const int64_t B = x.size(0), d = x.size(2);
+  TORCH_CHECK(B >= 1 && B <= kMaxRows, "x must have 1 to ", kMaxRows, " sequences, got ", B);
+  TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, "d = ", d, " is not a multiple of ", n_heads, " heads");
+  const int64_t D = d / n_heads;
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous() &&
+              keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.size(0) == B &&
+              keys.size(1) == n_heads && keys.size(3) == D,
+              "keys and values must be contiguous fp32 (B, heads, capacity, head_dim) caches, got ", keys.sizes());
+  const int64_t capacity = keys.size(2), S = length + 1;
+  TORCH_CHECK(length >= 0 && S <= capacity, "KV cache overflow: ", S, " tokens > capacity ", capacity);
+  check_panels(qkv, d, 3 * d, "qkv");
+  check_panels(proj, d, d, "proj");
+  const int64_t ff_dim = fc2.size(1);
+  check_panels(fc, d, ff_dim, "fc");
+  check_panels(fc2, ff_dim, d, "fc2");
+  const bool* mp = nullptr;
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->is_contiguous() && key_mask->dim() == 2 &&
+                key_mask->size(0) == B && key_mask->size(1) == S, "key_mask must be a contiguous bool (B, ", S, ") tensor");
+    mp = key_mask->data_ptr<bool>();
+  }
+
+  const float* xp = x.data_ptr<float>();
+  auto out = torch::empty_like(x);
+  float* op = out.data_ptr<float>();
+  std::vector<float> h(B * d), q(B * 3 * d), a(B * d), f(B * ff_dim);
+  for (int64_t r = 0; r < B; ++r)
+    layer_norm(xp + r * d, fp32_vector(ln1_w, d, "ln1 weight"), fp32_vector(ln1_b, d, "ln1 bias"), eps1, d, h.data() + r * d);
+  product(h.data(), B, d, qkv, data_or_null(qkv_b, 3 * d, "qkv bias"), q.data(), 3 * d);
+
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  at::parallel_for(0, B * n_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / n_heads, head = job % n_heads;
+      const float* row = q.data() + r * 3 * d;
+      float* k_cache = kp + (r * n_heads + head) * capacity * D;
+      float* v_cache = vp + (r * n_heads + head) * capacity * D;
+      std::copy_n(row + d + head * D, D, k_cache + length * D);
+      std::copy_n(row + 2 * d + head * D, D, v_cache + length * D);
+      attend(row + head * D, k_cache, v_cache, S, D, mp == nullptr ? nullptr : mp + r * S, scores.data(),
+             a.data() + r * d + head * D);
+    }
+  });
+
+  product(a.data(), B, d, proj, data_or_null(proj_b, d, "proj bias"), op, d);
+  for (int64_t i = 0; i < B * d; ++i) op[i] += xp[i];  // x1, in out
+  for (int64_t r = 0; r < B; ++r)
+    layer_norm(op + r * d, fp32_vector(ln2_w, d, "ln2 weight"), fp32_vector(ln2_b, d, "ln2 bias"), eps2, d, h.data() + r * d);
+  product(h.data(), B, d, fc, data_or_null(fc_b, ff_dim, "fc bias"), f.data(), ff_dim);
+  gelu(f.data(), B * ff_dim);
+  product(f.data(), B, ff_dim, fc2, data_or_null(fc2_b, d, "fc2 bias"), a.data(), d);
+  for (int64_t i = 0; i < B * d; ++i) op[i] += a[i];  // x2
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gpt2_layer", &gpt2_layer, "one GPT-2 layer for one new token per sequence (B <= 8), fp32 panels, KV cache written in place");
+  m.attr("max_rows") = kMaxRows;
+}

@@ -1,0 +1,106 @@
+"""core.decode_layer: a GPT-2 layer of a decoding step as one kernel call gives the block's own results."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core import decode_layer
+from core.config import ModelConfig
+from core.decode_layer import FusedGPT2Block, kernels
+from core.fast import FastConfig, make_fast
+from core.generate import GenerationConfig, generate
+from core.kv_cache import KVCache
+from core.model import GPTModel
+from kernel_marks import needs_kernels
+
+pytestmark = [needs_kernels(kernels, "decode-layer kernel"), pytest.mark.usefixtures("one_torch_thread")]
+
+
+def tiny(**kw) -> GPTModel:
+    torch.manual_seed(0)
+    # head_dim 12 and ff_dim 200: neither a multiple of 16, so the kernels' partial vectors are exercised.
+    base = dict(family="gpt2", vocab_size=500, context_length=40, emb_dim=48, n_layers=2, n_heads=4, hidden_dim=200,
+                qkv_bias=True)
+    base.update(kw)
+    model = GPTModel(ModelConfig(**base)).eval()
+    with torch.no_grad():
+        model.head_weight.mul_(8.0)  # trained-looking logits: greedy is not a coin toss between near-ties
+    return model
+
+
+def fused_copy(model: GPTModel) -> GPTModel:
+    fast = copy.deepcopy(model)
+    report = make_fast(fast)
+    assert "fused_layers (2 GPT-2 layers, one kernel call each when decoding)" in report.applied
+    assert all(isinstance(block, FusedGPT2Block) for block in fast.blocks)
+    return fast
+
+
+def test_a_decoding_step_matches_the_block_to_fp32_rounding(monkeypatch):
+    model = tiny()
+    fast = fused_copy(model)
+    calls = []  # (that the kernel ran, not the block's code)
+    real = kernels()
+    monkeypatch.setattr(decode_layer, "kernels", lambda: SimpleNamespace(
+        gpt2_layer=lambda *args: calls.append(args[0].shape) or real.gpt2_layer(*args)))
+    with torch.no_grad():  # larger activations: GELU's tails and a peaked softmax are exercised
+        for p in model.parameters():
+            p.mul_(3.0)
+        fast.load_state_dict(model.state_dict())
+    prompt = torch.randint(0, 500, (3, 9), generator=torch.Generator().manual_seed(1))
+    caches = [KVCache(model.cfg, 3) for _ in range(2)]
+    with torch.inference_mode():
+        for m, cache in zip((model, fast), caches):
+            m(prompt, cache=cache)  # prefill: the block's own code in both
+        step = torch.tensor([[3], [4], [5]])
+        plain, fused = model(step, cache=caches[0]), fast(step, cache=caches[1])
+        assert calls == [(3, 1, 48)] * 2
+        assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+        # The new token's keys and values went into the cache, where the block's code puts them.
+        assert torch.allclose(caches[1].keys, caches[0].keys, atol=1e-5) and caches[1].length == caches[0].length == 10
+        assert torch.allclose(caches[1].values, caches[0].values, atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_greedy_tokens_equal_the_plain_model_with_padding_and_eight_rows(qkv_bias):
+    model = tiny(qkv_bias=qkv_bias)
+    fast = fused_copy(model)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20]] + [[21 + i] * (i + 1) for i in range(5)]
+    cfg = GenerationConfig(max_new_tokens=24)  # past the 40-token window: the uncached fallback too
+    assert generate(fast, prompts, cfg) == generate(model, prompts, cfg)
+    assert generate(fast, prompts[:1], cfg) == generate(model, prompts[:1], cfg)
+
+
+def test_what_the_kernel_does_not_take_runs_the_blocks_own_code():
+    model = tiny()
+    fast = fused_copy(model)
+    ids = torch.randint(0, 500, (9, 4), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        # Nine rows (more than the kernel's eight) and a returned attention map: the block's code.
+        caches = [KVCache(model.cfg, 9) for _ in range(2)]
+        for m, cache in zip((model, fast), caches):
+            m(ids, cache=cache)
+        step = ids[:, :1]
+        assert torch.allclose(fast(step, cache=caches[1]), model(step, cache=caches[0]), atol=1e-4)
+        _, attentions = fast(ids[:1], return_attention=True)
+        assert len(attentions) == 2
+    # Training: the block's code, and gradients reach the shared parameters.
+    fast.train()
+    fast(ids[:1]).sum().backward()
+    assert fast.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_state_dict_copies_and_other_families_are_kept():
+    model = tiny()
+    fast = fused_copy(model)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    twin = copy.deepcopy(fast)
+    cfg = GenerationConfig(max_new_tokens=6)
+    assert generate(twin, [[1, 2, 3]], cfg) == generate(model, [[1, 2, 3]], cfg)
+    llama = GPTModel(ModelConfig(family="llama", vocab_size=500, context_length=40, emb_dim=48, n_layers=2,
+                                 n_heads=4, n_kv_heads=2, hidden_dim=96)).eval()
+    assert "fused_layers" not in str(make_fast(llama))
+    assert "fused_layers" not in str(make_fast(tiny(), FastConfig(panels=False)))
+    assert "fused_layers" not in str(make_fast(tiny().bfloat16()))
