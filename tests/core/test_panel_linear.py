@@ -17,6 +17,12 @@ def test_panels_hold_the_weight_column_by_column():
     assert panels.shape == (2, 3, 16)
     assert torch.equal(panels[0, :, 5], weight[5]) and torch.equal(panels[1, :, 3], weight[19])
     assert torch.equal(panels[1, :, 4:], torch.zeros(3, 12))  # padding rows
+    # bf16: each cache line holds two consecutive k, interleaved per column.
+    weight = torch.arange(20 * 4, dtype=torch.float32).view(20, 4).bfloat16()
+    pairs = to_panels(weight).view(2, 2, 16, 2)
+    assert torch.equal(pairs[0, 1, 5], weight[5, 2:4]) and torch.equal(pairs[1, 0, 3], weight[19, 0:2])
+    with pytest.raises(ValueError, match="even"):
+        to_panels(torch.ones(4, 3, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows", range(1, MAX_ROWS + 1))
@@ -43,18 +49,19 @@ def test_sums_are_exact_where_fp32_is_exact():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_bf16_weights_are_widened_exactly_and_outputs_round_to_nearest_even(rows):
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_weights_are_read_exactly_and_outputs_round_to_nearest_even(rows, x_dtype):
     torch.manual_seed(0)
     weight = torch.randn(70, 48).bfloat16()
     bias = torch.randn(70).bfloat16()
-    x = torch.randn(rows, 48).bfloat16()
+    x = torch.randn(rows, 48).to(x_dtype)
     with torch.inference_mode():
-        out = Panels().linear(x, weight, bias)
-        # The same sums in fp64 (no rounding but the last), then rounded once to bf16.
+        out = Panels(torch.bfloat16 if x_dtype == torch.float32 else None).linear(x, weight, bias)
+        # The same sums in fp64 (no rounding but the last).
         ref = (x.double() @ weight.double().T + bias.double()).float()
-    assert out.dtype == torch.bfloat16
-    # fp32 sums, one rounding to bf16 (half a unit of 2^-8, relative).
-    assert torch.allclose(out.float(), ref, rtol=2**-8, atol=1e-5)
+    assert out.dtype == x_dtype
+    # fp32 sums, then for a bf16 output one rounding to bf16 (half a unit of 2^-8, relative).
+    assert torch.allclose(out.float(), ref, rtol=2**-8 if x_dtype == torch.bfloat16 else 1e-5, atol=1e-5)
     # The rounding itself: fp32 sums exactly halfway between two bf16 neighbours go to the even one,
     # as torch's own conversion does: 1 + 2^-8 -> 1, (1 + 2^-7) + 2^-8 -> 1 + 2^-6.
     x = torch.tensor([[1.0, 2**-8], [1.0 + 2**-7, 2**-8]]).bfloat16()
