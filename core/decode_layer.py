@@ -1,22 +1,25 @@
-"""A GPT-2 layer of a decoding step as one C++ call.
+"""A transformer layer of a decoding step as one C++ call.
 
-At one token per sequence, a GPT-2 layer is four matrix products and some
-twenty small operations around them (two LayerNorms, the split into heads, the
-cache write, attention over the cache, GELU, two residual additions), each a
-torch call and most a Python module call too. Once the products read their
-weights at memory speed (``core.panel_linear``), those small calls are a
-quarter of GPT-2 small's decoding step on this machine's CPU: dispatch, not
-arithmetic. ``core/csrc/decode_layer.cpp`` does the whole layer, products
-included, in one call.
+At one token per sequence, a layer is a few matrix products and some twenty
+small operations around them (two norms, the split into heads, rotary
+embedding, the cache write, attention over the cache, the activation, two
+residual additions), each a torch call and most a Python module call too.
+Once the products read their weights at memory speed, those small calls are a
+quarter of GPT-2 small's decoding step and two fifths of SmolLM2's on this
+machine's CPU: dispatch, not arithmetic. ``core/csrc/decode_layer.cpp`` does
+the whole layer, products included, in one call:
 
-:class:`FusedGPT2Block` is the model's own ``TransformerBlock`` (the same
-submodules, parameters and state-dict names) whose forward takes that call
-when it applies: fp32 on the CPU, inference, one new token for up to eight
-sequences, a KV cache, and linear layers that carry panels (``core.fast``
-attaches them first). Everything else (prefill, training, returned attention
-weights, the book's explicit attention path, another dtype) runs the block's
-own code. The fused layer agrees with it to fp32 rounding (tested), not bit
-for bit: its LayerNorm, softmax and GELU round in their own order.
+- GPT-2 layers whose linear layers carry panels (``core.panel_linear``),
+- Llama layers whose linear layers decode from GGUF blocks (``core.gguf_matvec``).
+
+:class:`FusedGPT2Block` and :class:`FusedLlamaBlock` are the model's own
+``TransformerBlock`` (the same submodules, parameters and state-dict names)
+whose forward takes that call when it applies: fp32 on the CPU, inference,
+one new token for up to eight sequences, a KV cache, and the weights still the
+ones the panels or blocks hold. Everything else (prefill, training, returned
+attention weights, the book's explicit attention path, another dtype) runs the
+block's own code. A fused layer agrees with it to fp32 rounding (tested), not
+bit for bit: its norms, softmax and activations round in their own order.
 """
 
 from __future__ import annotations
@@ -30,26 +33,12 @@ from core.panel_linear import MAX_ROWS
 
 
 def kernels():
-    """The compiled ``gpt2_layer``; raises FastPathError saying why it cannot be had."""
+    """The compiled ``gpt2_layer`` and ``llama_layer``; raises FastPathError saying why they cannot be had."""
     return load_kernels("decode_layer")
 
 
-def fusable(block: nn.Module) -> bool:
-    """Whether ``block`` is a GPT-2 block whose linear layers carry panels (``core.fast.make_fast``)."""
-    from core.fast import PackedLinear
-    from core.layers import FeedForward, LayerNorm
-
-    if type(block) is not TransformerBlock or not isinstance(block.ff, FeedForward):
-        return False
-    if not (isinstance(block.norm1, LayerNorm) and isinstance(block.norm2, LayerNorm)) or block.attn.use_rope:
-        return False
-    linears = (block.attn.qkv, block.attn.proj, block.ff.fc, block.ff.proj)
-    return block.attn.n_kv_heads == block.attn.n_heads and all(
-        isinstance(m, PackedLinear) and m._panels is not None for m in linears)
-
-
-class FusedGPT2Block(TransformerBlock):
-    """A GPT-2 ``TransformerBlock`` (the same submodules) whose decoding steps run as one kernel call."""
+class _FusedBlock(TransformerBlock):
+    """What both fused blocks share: the wrapped block's submodules, and when the kernel applies."""
 
     def __init__(self, block: TransformerBlock) -> None:
         nn.Module.__init__(self)  # not TransformerBlock's: it would build new layers instead of sharing these
@@ -68,29 +57,104 @@ class FusedGPT2Block(TransformerBlock):
             and not (torch.is_grad_enabled() and (x.requires_grad or self.norm1.weight.requires_grad))
         )
 
+    @staticmethod
+    def _key_mask(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        # Left-padded prompts: (B or 1, 1, 1, S), True where a key may be seen, as (B, S).
+        if ctx.mask is None:
+            return None
+        return ctx.mask.reshape(-1, ctx.mask.shape[-1]).expand(x.shape[0], -1).contiguous()
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self._applies(x, ctx):
             return super().forward(x, ctx)
-        attn, ff, cache = self.attn, self.ff, ctx.cache
-        key_mask = None
-        if ctx.mask is not None:  # left-padded prompts: (B or 1, 1, 1, S), True where a key may be seen
-            key_mask = ctx.mask.reshape(-1, ctx.mask.shape[-1]).expand(x.shape[0], -1).contiguous()
-        qkv, proj, fc, fc2 = attn.qkv, attn.proj, ff.fc, ff.proj
-        out = kernels().gpt2_layer(
-            x.contiguous(), self.norm1.weight, self.norm1.bias, self.norm1.eps,
+        return self._fused(x.contiguous(), ctx, self._key_mask(x, ctx)), None
+
+
+class FusedGPT2Block(_FusedBlock):
+    """A GPT-2 ``TransformerBlock`` whose linear layers carry panels, one kernel call per decoding step."""
+
+    @staticmethod
+    def fits(block: nn.Module) -> bool:
+        from core.fast import PackedLinear
+        from core.layers import FeedForward, LayerNorm
+
+        if type(block) is not TransformerBlock or not isinstance(block.ff, FeedForward) or block.attn.use_rope:
+            return False
+        if not (isinstance(block.norm1, LayerNorm) and isinstance(block.norm2, LayerNorm)):
+            return False
+        linears = (block.attn.qkv, block.attn.proj, block.ff.fc, block.ff.proj)
+        return block.attn.n_kv_heads == block.attn.n_heads and all(
+            isinstance(m, PackedLinear) and m._panels is not None for m in linears)
+
+    def _fused(self, x: torch.Tensor, ctx: ForwardContext, key_mask: torch.Tensor | None) -> torch.Tensor:
+        attn, cache = self.attn, ctx.cache
+        qkv, proj, fc, fc2 = attn.qkv, attn.proj, self.ff.fc, self.ff.proj
+        return kernels().gpt2_layer(
+            x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
             qkv._panels.of(qkv.weight), qkv.bias, proj._panels.of(proj.weight), proj.bias,
             self.norm2.weight, self.norm2.bias, self.norm2.eps,
             fc._panels.of(fc.weight), fc.bias, fc2._panels.of(fc2.weight), fc2.bias,
             cache.keys[attn.layer_idx], cache.values[attn.layer_idx], cache.length, attn.n_heads, key_mask,
         )
-        return out, None
+
+
+class FusedLlamaBlock(_FusedBlock):
+    """A Llama ``TransformerBlock`` whose linear layers decode from GGUF blocks, one kernel call per decoding step."""
+
+    @staticmethod
+    def fits(block: nn.Module) -> bool:
+        from core.gguf_matvec import GGUFLinear
+        from core.layers import RMSNorm, SwiGLU
+
+        if type(block) is not TransformerBlock or not isinstance(block.ff, SwiGLU) or not block.attn.use_rope:
+            return False
+        if not (isinstance(block.norm1, RMSNorm) and isinstance(block.norm2, RMSNorm)):
+            return False
+        return all(isinstance(m, GGUFLinear) and m.bias is None for m in self_linears(block))
+
+    def _applies(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
+        from core.fast import weight_key
+
+        # ... and every weight still the one its blocks hold (not fine-tuned or reloaded since).
+        return super()._applies(x, ctx) and ctx.rope is not None and all(
+            m._blocks.key == weight_key(m.weight) for m in self_linears(self))
+
+    def _fused(self, x: torch.Tensor, ctx: ForwardContext, key_mask: torch.Tensor | None) -> torch.Tensor:
+        attn, cache = self.attn, ctx.cache
+        cos, sin = (t.reshape(x.shape[0], -1).contiguous() for t in ctx.rope)  # (B, 1, 1, head_dim) -> (B, head_dim)
+        blocks = [_streams(m) for m in self_linears(self)]
+        return kernels().llama_layer(
+            x, self.norm1.weight, self.norm1.eps, blocks[0], blocks[1], self.norm2.weight, self.norm2.eps,
+            *blocks[2:], cache.keys[attn.layer_idx], cache.values[attn.layer_idx], cache.length,
+            attn.n_heads, attn.n_kv_heads, cos, sin, key_mask,
+        )
+
+
+def self_linears(block: nn.Module) -> tuple[nn.Module, ...]:
+    """A Llama block's linear layers in the kernel's order: qkv, o, gate, up, down."""
+    return block.attn.qkv, block.attn.proj, block.ff.gate, block.ff.up, block.ff.down
+
+
+def _streams(linear: nn.Module) -> list[torch.Tensor]:
+    matrix = linear._blocks.matrix
+    return [matrix.qs, matrix.d] + ([matrix.m] if matrix.m is not None else [])
+
+
+FUSED_BLOCKS = (FusedGPT2Block, FusedLlamaBlock)
+
+
+def fusable(block: nn.Module) -> bool:
+    """Whether ``block`` can run its decoding steps as one kernel call (its weights as panels or GGUF blocks)."""
+    return any(kind.fits(block) for kind in FUSED_BLOCKS)
 
 
 def use_fused_layers(model: nn.Module) -> int:
-    """Swap each fusable GPT-2 block of ``model`` for a :class:`FusedGPT2Block`; returns how many."""
+    """Swap each fusable block of ``model`` for its fused twin; returns how many."""
     count = 0
     for i, block in enumerate(model.blocks):
-        if fusable(block):
-            model.blocks[i] = FusedGPT2Block(block)
-            count += 1
+        for kind in FUSED_BLOCKS:
+            if kind.fits(block):
+                model.blocks[i] = kind(block)
+                count += 1
+                break
     return count

@@ -34,11 +34,11 @@ transforms therefore cut bytes and per-step overhead:
 - ``fused_ops`` (fp32 models on the CPU): each RMSNorm and rotary
   embedding becomes one call of our C++ kernel (``core.fused_ops``) instead of
   a chain of small torch kernels whose dispatch dominates at one token.
-- ``fused_layers`` (fp32 GPT-2 models with panels): each layer of a decoding
-  step is one call of our C++ kernel (``core.decode_layer``): LayerNorms,
-  attention over the cache, GELU and residuals around the panel products,
-  instead of twenty-odd torch calls whose dispatch costs more than their
-  arithmetic at one token. Within fp32 rounding of the block's own code.
+- ``fused_layers`` (fp32 models: GPT-2 with panels, Llama with GGUF blocks): each
+  layer of a decoding step is one call of our C++ kernel (``core.decode_layer``):
+  norms, attention over the cache, the activation and residuals around the
+  products, instead of twenty-odd torch calls whose dispatch costs more than
+  their arithmetic at one token. Within fp32 rounding of the block's own code.
 - ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
   that inductor prepacks and folds, pointwise ops fuse). Minutes of
   compilation on a small CPU, so it is off by default, :func:`make_fast` warms
@@ -375,7 +375,7 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
                 report.applied.append(f"{name} ({' and '.join(packed)})")
     if cfg.fused_ops:
         _use_fused_ops(model, cfg, report)
-    if cfg.fused_layers and panels and weight.dtype == torch.float32:
+    if cfg.fused_layers and weight.dtype == torch.float32 and weight.device.type == "cpu" and not cfg.compile:
         _use_fused_layers(model, report)
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
@@ -465,13 +465,13 @@ def _use_fused_layers(model: nn.Module, report: FastReport) -> None:
     from core.decode_layer import fusable, use_fused_layers
 
     if not any(fusable(block) for block in model.blocks):
-        return  # not GPT-2, or its layers decode from GGUF blocks
+        return  # no layer has its weights as panels or GGUF blocks
     try:
         count = use_fused_layers(model)
     except FastPathError as err:
         report.skipped["fused_layers"] = str(err)
         return
-    report.applied.append(f"fused_layers ({count} GPT-2 layers, one kernel call each when decoding)")
+    report.applied.append(f"fused_layers ({count} layers, one kernel call each when decoding)")
 
 
 def inductor_cache_dir() -> Path:

@@ -1,9 +1,11 @@
 """Our C++ CPU kernels (``core/csrc``), compiled on first use and cached.
 
 Some serving arithmetic has no good torch CPU kernel: products straight from
-GGUF's quantized blocks (``core.gguf_matvec``), and the RMSNorm and rotary
-embedding of a one-token decoding step in one call each (``core.fused_ops``).
-Each is one C++ file that ``torch.utils.cpp_extension`` compiles with the
+GGUF's quantized blocks (``core.gguf_matvec``), decoding's few-row products at
+memory speed (``core.panel_linear``), a whole GPT-2 layer of a decoding step
+(``core.decode_layer``), and the RMSNorm and rotary embedding of a one-token
+decoding step in one call each (``core.fused_ops``). Each is one C++ file
+(sharing headers beside it) that ``torch.utils.cpp_extension`` compiles with the
 machine's compiler the first time it is asked for (about 30 s), into
 ``$SCRATCHGPT_HOME/extensions/torch-<version>/``, where later processes find
 it. :func:`load_kernels` raises :class:`FastPathError` saying why when it

@@ -1,21 +1,26 @@
-// One GPT-2 transformer layer of a decoding step in one call (see
-// core/decode_layer.py for where it is used and why):
+// One transformer layer of a decoding step in one call (see core/decode_layer.py
+// for where it is used and why), for one new token per sequence (B <= 8):
 //
-//   h  = LayerNorm1(x)
-//   q, k, v = split(h @ Wqkv.T + bqkv)           k, v written into the cache
-//   a  = softmax(q . K / sqrt(head_dim), masked) . V   per sequence and head
-//   x1 = x + a @ Wproj.T + bproj
-//   x2 = x1 + GELU(LayerNorm2(x1) @ Wfc.T + bfc) @ Wfc2.T + bfc2
+//   GPT-2, weights as panels (panels.h):
+//     x1 = x + proj(attention(qkv(LayerNorm1(x))))
+//     x2 = x1 + fc2(GELU(fc(LayerNorm2(x1))))
+//   Llama, weights as GGUF blocks (gguf_blocks.h):
+//     x1 = x + o(attention(rotate(qkv(RMSNorm1(x)))))        grouped-query heads
+//     x2 = x1 + down(silu(gate(h)) * up(h)),  h = RMSNorm2(x1)
 //
-// for one new token per sequence (B rows, B <= 8). The four products are the
-// panel product of panels.h; the rest is a few thousand numbers per layer,
-// done here in plain loops instead of twenty-odd torch calls whose dispatch,
-// at one token, costs more than their arithmetic.
+// with the new keys and values written into the cache and attention over it.
+// The products are the kernels the single-layer bindings use; the rest is a
+// few thousand numbers per layer, done here in plain loops instead of
+// twenty-odd torch calls whose dispatch, at one token, costs more than their
+// arithmetic.
 //
-// Rounding: LayerNorm's mean and variance are summed in double, the softmax
-// and GELU use an exponential accurate to a few units in the last place, so
-// the layer agrees with torch's modules to fp32 rounding (tested), not bit for bit.
+// Rounding: LayerNorm's mean and variance are summed in double, RMSNorm and
+// the rotation are fused_ops.h's, the softmax, GELU and SiLU use an
+// exponential accurate to a few units in the last place, so a layer agrees
+// with torch's modules to fp32 rounding (tested), not bit for bit.
 
+#include "fused_ops.h"
+#include "gguf_blocks.h"
 #include "panels.h"
 
 #include <cmath>
@@ -58,20 +63,32 @@ void layer_norm(const float* x, const float* w, const float* b, double eps, int6
   for (int64_t i = 0; i < d; ++i) out[i] = (x[i] - m) * rstd * w[i] + b[i];
 }
 
-// GELU, tanh form: 0.5 x (1 + tanh(y)) = x * sigmoid(2 y) = x / (1 + exp(-2 y)),
-// y = sqrt(2 / pi) (x + 0.044715 x^3); written so exp only sees non-positive arguments.
+// sigmoid(t) = 1 / (1 + exp(-t)) for t >= 0 and exp(t) / (1 + exp(t)) below, so exp only
+// sees non-positive arguments.
+inline __m512 sigmoid(__m512 t) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(t)));
+  const __mmask16 neg = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_div_ps(_mm512_mask_blend_ps(neg, one, e), _mm512_add_ps(one, e));
+}
+
+// GELU, tanh form: 0.5 x (1 + tanh(y)) = x * sigmoid(2 y), y = sqrt(2 / pi) (x + 0.044715 x^3).
 void gelu(float* x, int64_t n) {
-  const __m512 c = _mm512_set1_ps(0.7978845608028654f), k = _mm512_set1_ps(0.044715f);
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  const __m512 c = _mm512_set1_ps(2 * 0.7978845608028654f), k = _mm512_set1_ps(0.044715f);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 live = live_lanes(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(live, x + i);
-    const __m512 y2 = _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, v), _mm512_mul_ps(v, v), v)));
-    // sigmoid(t) = 1 / (1 + exp(-t)) for t >= 0, exp(t) / (1 + exp(t)) for t < 0.
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(zero, _mm512_abs_ps(y2)));
-    const __mmask16 neg = _mm512_cmp_ps_mask(y2, zero, _CMP_LT_OQ);
-    const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(neg, one, e), _mm512_add_ps(one, e));
-    _mm512_mask_storeu_ps(x + i, live, _mm512_mul_ps(v, sig));
+    const __m512 y2 = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(k, v), _mm512_mul_ps(v, v), v));
+    _mm512_mask_storeu_ps(x + i, live, _mm512_mul_ps(v, sigmoid(y2)));
+  }
+}
+
+// SwiGLU's gate: g = silu(g) * u = g * sigmoid(g) * u.
+void silu_times(float* g, const float* u, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = live_lanes(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(live, g + i);
+    _mm512_mask_storeu_ps(g + i, live, _mm512_mul_ps(_mm512_mul_ps(v, sigmoid(v)), _mm512_maskz_loadu_ps(live, u + i)));
   }
 }
 
@@ -123,6 +140,62 @@ const float* fp32_vector(const torch::Tensor& t, int64_t n, const char* what) {
   return t.data_ptr<float>();
 }
 
+// A weight held as GGUF blocks: {qs, d} (Q8_0) or {qs, d, m} (Q4_1), as core.gguf_matvec splits them.
+void blocks_product(const float* x, int64_t M, int64_t K, const std::vector<torch::Tensor>& w, int64_t N, float* out,
+                    const char* what) {
+  TORCH_CHECK(w.size() == 2 || w.size() == 3, what, ": blocks are (qs, d) or (qs, d, m)");
+  TORCH_CHECK(w[0].dim() == 2 && w[0].size(0) == N, what, ": ", N, " rows of blocks expected, got ", w[0].sizes());
+  const c10::optional<torch::Tensor> m = w.size() == 3 ? c10::optional<torch::Tensor>(w[2]) : c10::nullopt;
+  const at::Half* mp = w.size() == 3 ? w[2].data_ptr<at::Half>() : nullptr;
+  if (w.size() == 3) {
+    gguf_kernels::check_blocks<gguf_kernels::Q4_1>(w[0], w[1], m, K, what);
+    gguf_kernels::product<gguf_kernels::Q4_1>(x, M, K, w[0].data_ptr<uint8_t>(), w[1].data_ptr<at::Half>(), mp, N, out);
+  } else {
+    gguf_kernels::check_blocks<gguf_kernels::Q8_0>(w[0], w[1], m, K, what);
+    gguf_kernels::product<gguf_kernels::Q8_0>(x, M, K, w[0].data_ptr<uint8_t>(), w[1].data_ptr<at::Half>(), mp, N, out);
+  }
+}
+
+void check_cache(const torch::Tensor& keys, const torch::Tensor& values, int64_t B, int64_t kv_heads, int64_t D,
+                 int64_t S) {
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous() &&
+              keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.size(0) == B &&
+              keys.size(1) == kv_heads && keys.size(3) == D,
+              "keys and values must be contiguous fp32 (B, kv_heads, capacity, head_dim) caches, got ", keys.sizes());
+  TORCH_CHECK(S >= 1 && S <= keys.size(2), "KV cache overflow: ", S, " tokens > capacity ", keys.size(2));
+}
+
+const bool* key_mask_data(const c10::optional<torch::Tensor>& key_mask, int64_t B, int64_t S) {
+  if (!key_mask.has_value()) return nullptr;
+  TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->is_contiguous() && key_mask->dim() == 2 &&
+              key_mask->size(0) == B && key_mask->size(1) == S, "key_mask must be a contiguous bool (B, ", S, ") tensor");
+  return key_mask->data_ptr<bool>();
+}
+
+// Writes the new keys and values (rows of qkv, after the query heads) into the cache, then
+// attends: query head h reads key/value head h / (heads / kv_heads) (grouped-query attention).
+void cache_and_attend(const float* qkv, int64_t B, int64_t heads, int64_t kv_heads, int64_t D, torch::Tensor& keys,
+                      torch::Tensor& values, int64_t length, const bool* mask, float* out) {
+  const int64_t capacity = keys.size(2), S = length + 1, width = (heads + 2 * kv_heads) * D;
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const float* row = qkv + r * width;
+      std::copy_n(row + (heads + g) * D, D, kp + ((r * kv_heads + g) * capacity + length) * D);
+      std::copy_n(row + (heads + kv_heads + g) * D, D, vp + ((r * kv_heads + g) * capacity + length) * D);
+    }
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / heads, h = job % heads, g = h / (heads / kv_heads);
+      const int64_t cache_row = (r * kv_heads + g) * capacity * D;
+      attend(qkv + r * width + h * D, kp + cache_row, vp + cache_row, S, D, mask == nullptr ? nullptr : mask + r * S,
+             scores.data(), out + (r * heads + h) * D);
+    }
+  });
+}
+
 torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, const torch::Tensor& ln1_b, double eps1,
                          const torch::Tensor& qkv, const c10::optional<torch::Tensor>& qkv_b,
                          const torch::Tensor& proj, const c10::optional<torch::Tensor>& proj_b,
@@ -137,23 +210,13 @@ torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, con
   TORCH_CHECK(B >= 1 && B <= kMaxRows, "x must have 1 to ", kMaxRows, " sequences, got ", B);
   TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, "d = ", d, " is not a multiple of ", n_heads, " heads");
   const int64_t D = d / n_heads;
-  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous() &&
-              keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.size(0) == B &&
-              keys.size(1) == n_heads && keys.size(3) == D,
-              "keys and values must be contiguous fp32 (B, heads, capacity, head_dim) caches, got ", keys.sizes());
-  const int64_t capacity = keys.size(2), S = length + 1;
-  TORCH_CHECK(length >= 0 && S <= capacity, "KV cache overflow: ", S, " tokens > capacity ", capacity);
+  check_cache(keys, values, B, n_heads, D, length + 1);
   check_panels(qkv, d, 3 * d, "qkv");
   check_panels(proj, d, d, "proj");
   const int64_t ff_dim = fc2.size(1);
   check_panels(fc, d, ff_dim, "fc");
   check_panels(fc2, ff_dim, d, "fc2");
-  const bool* mp = nullptr;
-  if (key_mask.has_value()) {
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->is_contiguous() && key_mask->dim() == 2 &&
-                key_mask->size(0) == B && key_mask->size(1) == S, "key_mask must be a contiguous bool (B, ", S, ") tensor");
-    mp = key_mask->data_ptr<bool>();
-  }
+  const bool* mask = key_mask_data(key_mask, B, length + 1);
 
   const float* xp = x.data_ptr<float>();
   auto out = torch::empty_like(x);
@@ -162,23 +225,7 @@ torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, con
   for (int64_t r = 0; r < B; ++r)
     layer_norm(xp + r * d, fp32_vector(ln1_w, d, "ln1 weight"), fp32_vector(ln1_b, d, "ln1 bias"), eps1, d, h.data() + r * d);
   product(h.data(), B, d, qkv, data_or_null(qkv_b, 3 * d, "qkv bias"), q.data(), 3 * d);
-
-  float* kp = keys.data_ptr<float>();
-  float* vp = values.data_ptr<float>();
-  at::parallel_for(0, B * n_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(S);
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t r = job / n_heads, head = job % n_heads;
-      const float* row = q.data() + r * 3 * d;
-      float* k_cache = kp + (r * n_heads + head) * capacity * D;
-      float* v_cache = vp + (r * n_heads + head) * capacity * D;
-      std::copy_n(row + d + head * D, D, k_cache + length * D);
-      std::copy_n(row + 2 * d + head * D, D, v_cache + length * D);
-      attend(row + head * D, k_cache, v_cache, S, D, mp == nullptr ? nullptr : mp + r * S, scores.data(),
-             a.data() + r * d + head * D);
-    }
-  });
-
+  cache_and_attend(q.data(), B, n_heads, n_heads, D, keys, values, length, mask, a.data());
   product(a.data(), B, d, proj, data_or_null(proj_b, d, "proj bias"), op, d);
   for (int64_t i = 0; i < B * d; ++i) op[i] += xp[i];  // x1, in out
   for (int64_t r = 0; r < B; ++r)
@@ -190,9 +237,57 @@ torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, con
   return out;
 }
 
+torch::Tensor llama_layer(const torch::Tensor& x, const torch::Tensor& norm1, double eps1,
+                          const std::vector<torch::Tensor>& qkv_w, const std::vector<torch::Tensor>& o_w,
+                          const torch::Tensor& norm2, double eps2, const std::vector<torch::Tensor>& gate_w,
+                          const std::vector<torch::Tensor>& up_w, const std::vector<torch::Tensor>& down_w,
+                          torch::Tensor keys, torch::Tensor values, int64_t length, int64_t heads, int64_t kv_heads,
+                          const torch::Tensor& cos, const torch::Tensor& sin,
+                          const c10::optional<torch::Tensor>& key_mask) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous (B, 1, d) fp32 tensor");
+  const int64_t B = x.size(0), d = x.size(2);
+  TORCH_CHECK(B >= 1 && B <= kMaxRows, "x must have 1 to ", kMaxRows, " sequences, got ", B);
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, heads, " query heads do not share ", kv_heads, " key/value heads");
+  const int64_t D = keys.size(3), width = (heads + 2 * kv_heads) * D, ff = gate_w[0].size(0);
+  TORCH_CHECK(D % 2 == 0, "head_dim must be even for the rotation");
+  check_cache(keys, values, B, kv_heads, D, length + 1);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == B * D && sin.numel() == B * D,
+              "cos and sin must be contiguous fp32 (B, head_dim), one angle set per sequence");
+  const bool* mask = key_mask_data(key_mask, B, length + 1);
+  const float* xp = x.data_ptr<float>();
+  const float* n1 = fp32_vector(norm1, d, "norm1 weight");
+  const float* n2 = fp32_vector(norm2, d, "norm2 weight");
+  auto out = torch::empty_like(x);
+  float* op = out.data_ptr<float>();
+  std::vector<float> h(B * std::max(d, heads * D)), qkv(B * width), a(B * heads * D), g(B * ff), u(B * ff);
+  for (int64_t r = 0; r < B; ++r) fused_rows::rms_norm_row(xp + r * d, n1, eps1, d, h.data() + r * d);
+  blocks_product(h.data(), B, d, qkv_w, width, qkv.data(), "qkv");
+  // Queries and keys turn by the token's angles (fused_ops.h: rounded as core.layers.apply_rope).
+  std::vector<float> turned(D);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t head = 0; head < heads + kv_heads; ++head) {
+      float* v = qkv.data() + r * width + head * D;
+      fused_rows::rotate_row(v, cos.data_ptr<float>() + r * D, sin.data_ptr<float>() + r * D, turned.data(), D / 2);
+      std::copy_n(turned.data(), D, v);
+    }
+  cache_and_attend(qkv.data(), B, heads, kv_heads, D, keys, values, length, mask, a.data());
+  blocks_product(a.data(), B, heads * D, o_w, d, op, "o_proj");
+  for (int64_t i = 0; i < B * d; ++i) op[i] += xp[i];  // x1, in out
+  for (int64_t r = 0; r < B; ++r) fused_rows::rms_norm_row(op + r * d, n2, eps2, d, h.data() + r * d);
+  blocks_product(h.data(), B, d, gate_w, ff, g.data(), "gate");
+  blocks_product(h.data(), B, d, up_w, ff, u.data(), "up");
+  silu_times(g.data(), u.data(), B * ff);
+  blocks_product(g.data(), B, ff, down_w, d, a.data(), "down");
+  for (int64_t i = 0; i < B * d; ++i) op[i] += a[i];  // x2
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("llama_layer", &llama_layer, "one Llama layer from GGUF blocks for one new token per sequence (B <= 8), KV cache written in place");
   m.def("gpt2_layer", &gpt2_layer, "one GPT-2 layer for one new token per sequence (B <= 8), fp32 panels, KV cache written in place");
   m.attr("max_rows") = kMaxRows;
 }

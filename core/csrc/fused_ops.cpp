@@ -20,9 +20,12 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <cmath>
+
+#include "fused_ops.h"
 
 namespace {
+
+using namespace fused_rows;
 
 constexpr int64_t kGrainRows = 16;
 
@@ -37,37 +40,9 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   const float* w = wc.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = src + r * dim;
-      float* o = dst + r * dim;
-      // Sixteen partial sums (one AVX-512 register after vectorisation), then their total.
-      float partial[16] = {0};
-      int64_t k = 0;
-      for (; k + 16 <= dim; k += 16)
-        for (int j = 0; j < 16; ++j) partial[j] += row[k + j] * row[k + j];
-      for (; k < dim; ++k) partial[k % 16] += row[k] * row[k];
-      float sum = 0.f;
-      for (int j = 0; j < 16; ++j) sum += partial[j];
-      const float scale = 1.f / std::sqrt(sum / static_cast<float>(dim) + static_cast<float>(eps));
-      for (k = 0; k < dim; ++k) o[k] = w[k] * (row[k] * scale);
-    }
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * dim, w, eps, dim, dst + r * dim);
   });
   return out;
-}
-
-// Two roundings per output, as torch's separate multiply and add do.
-__attribute__((optimize("fp-contract=off")))
-void rotate_row(const float* x, const float* cos, const float* sin, float* out, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i] * cos[i];
-    const float b = -x[i + half] * sin[i];
-    out[i] = a + b;
-  }
-  for (int64_t i = half; i < 2 * half; ++i) {
-    const float a = x[i] * cos[i];
-    const float b = x[i - half] * sin[i];
-    out[i] = a + b;
-  }
 }
 
 // x: (B, T, heads, head_dim), any strides with the last one 1 (a slice of the

@@ -1,4 +1,5 @@
-"""core.decode_layer: a GPT-2 layer of a decoding step as one kernel call gives the block's own results."""
+"""core.decode_layer: a layer of a decoding step as one kernel call gives the block's own results
+(GPT-2 with panels, Llama with GGUF blocks)."""
 
 import copy
 from types import SimpleNamespace
@@ -8,11 +9,13 @@ import torch
 
 from core import decode_layer
 from core.config import ModelConfig
-from core.decode_layer import FusedGPT2Block, kernels
+from core.decode_layer import FusedGPT2Block, FusedLlamaBlock, kernels
 from core.fast import FastConfig, make_fast
 from core.generate import GenerationConfig, generate
 from core.kv_cache import KVCache
 from core.model import GPTModel
+from core.gguf_weights import load_gguf, read_gguf_blocks
+from gguf_files import Q, hf_llama, write_gguf
 from kernel_marks import needs_kernels
 
 pytestmark = [needs_kernels(kernels, "decode-layer kernel"), pytest.mark.usefixtures("one_torch_thread")]
@@ -33,7 +36,7 @@ def tiny(**kw) -> GPTModel:
 def fused_copy(model: GPTModel) -> GPTModel:
     fast = copy.deepcopy(model)
     report = make_fast(fast)
-    assert "fused_layers (2 GPT-2 layers, one kernel call each when decoding)" in report.applied
+    assert "fused_layers (2 layers, one kernel call each when decoding)" in report.applied
     assert all(isinstance(block, FusedGPT2Block) for block in fast.blocks)
     return fast
 
@@ -104,3 +107,65 @@ def test_state_dict_copies_and_other_families_are_kept():
     assert "fused_layers" not in str(make_fast(llama))
     assert "fused_layers" not in str(make_fast(tiny(), FastConfig(panels=False)))
     assert "fused_layers" not in str(make_fast(tiny().bfloat16()))
+
+
+# -- Llama layers from GGUF blocks ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_llama(tmp_path_factory):
+    """A tiny Llama (grouped-query heads) whose linear layers are Q4_1 and Q8_0 blocks, and its blocks."""
+    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    types = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0,
+             "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_1, "output": Q.Q8_0}
+    write_gguf(path, hf_llama(True), types=types)
+    cfg, state, _ = load_gguf(path)
+    model = GPTModel(cfg).eval()
+    model.load_state_dict(state)
+    return model, read_gguf_blocks(path)
+
+
+def llama_pair(gguf_llama):
+    """(GGUF blocks with torch's code around them, the same with fused layers)."""
+    model, blocks = gguf_llama
+    unfused, fused = copy.deepcopy(model), copy.deepcopy(model)
+    make_fast(unfused, FastConfig(fused_layers=False), gguf_blocks=blocks)
+    report = make_fast(fused, gguf_blocks=blocks)
+    assert f"fused_layers ({model.cfg.n_layers} layers, one kernel call each when decoding)" in report.applied
+    assert all(isinstance(block, FusedLlamaBlock) for block in fused.blocks)
+    return unfused, fused
+
+
+def test_a_llama_decoding_step_matches_the_block_to_fp32_rounding(gguf_llama, monkeypatch):
+    unfused, fused = llama_pair(gguf_llama)
+    cfg = unfused.cfg
+    assert cfg.n_kv_heads < cfg.n_heads  # grouped-query heads
+    calls = []
+    real = kernels()
+    monkeypatch.setattr(decode_layer, "kernels", lambda: SimpleNamespace(
+        llama_layer=lambda *args: calls.append(args[0].shape) or real.llama_layer(*args)))
+    prompt = torch.randint(0, cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(3))
+    caches = [KVCache(cfg, 3) for _ in range(2)]
+    with torch.inference_mode():
+        for m, cache in zip((unfused, fused), caches):
+            m(prompt, cache=cache)
+        step = torch.tensor([[3], [4], [5]])
+        plain, ours = unfused(step, cache=caches[0]), fused(step, cache=caches[1])
+    assert calls == [(3, 1, cfg.emb_dim)] * cfg.n_layers
+    assert torch.allclose(ours, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+    assert torch.allclose(caches[1].keys, caches[0].keys, atol=1e-5)  # rotated keys, where torch's code puts them
+    assert torch.allclose(caches[1].values, caches[0].values, atol=1e-5)
+
+
+def test_llama_greedy_tokens_and_a_changed_weight(gguf_llama):
+    model, _ = gguf_llama
+    unfused, fused = llama_pair(gguf_llama)
+    prompts = [[3, 14, 15, 92, 65], [2, 71], [9, 9, 9, 9, 9, 9, 9]]  # left-padded: the key mask
+    cfg = GenerationConfig(max_new_tokens=16)
+    assert generate(fused, prompts, cfg) == generate(unfused, prompts, cfg)
+    # A weight changed after the blocks were attached: the block's own (dense) code, not stale blocks.
+    with torch.no_grad():
+        fused.blocks[1].ff.up.weight.mul_(2.0)
+        plain = copy.deepcopy(model)
+        plain.blocks[1].ff.up.weight.mul_(2.0)
+    assert generate(fused, prompts[:1], cfg) == generate(plain, prompts[:1], cfg)
