@@ -7,8 +7,8 @@ memory speed (``core.panel_linear``), a whole GPT-2 layer of a decoding step
 decoding step in one call each (``core.fused_ops``). Each is one C++ file
 (sharing headers beside it) that ``torch.utils.cpp_extension`` compiles with the
 machine's compiler the first time it is asked for (about 30 s), into
-``$SCRATCHGPT_HOME/extensions/torch-<version>/``, where later processes find
-it. :func:`load_kernels` raises :class:`FastPathError` saying why when it
+``$SCRATCHGPT_HOME/extensions/torch-<version>/`` (see :func:`extensions_dir`),
+where later processes find it. :func:`load_kernels` raises :class:`FastPathError` saying why when it
 cannot (no AVX-512, no compiler); callers then keep torch's own kernels.
 """
 
@@ -33,9 +33,12 @@ class FastPathError(RuntimeError):
 
 
 def extensions_dir() -> Path:
+    """``$SCRATCHGPT_HOME/extensions/torch-<version>``, or under ``$TORCH_EXTENSIONS_DIR`` (torch's own
+    variable) when that is set: processes with homes of their own can then share one build."""
     from core.download import cache_dir
 
-    return cache_dir() / "extensions" / f"torch-{torch.__version__.replace('+', '-')}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return (Path(root) if root else cache_dir() / "extensions") / f"torch-{torch.__version__.replace('+', '-')}"
 
 
 def load_kernels(name: str):

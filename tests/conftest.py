@@ -17,6 +17,11 @@ def scratchgpt_home() -> Path:
     return Path(os.environ.get("SCRATCHGPT_HOME", Path.home() / ".cache" / "scratchgpt"))
 
 
+# Our C++ kernels compile once per machine into the scratchgpt home (core.kernels). Servers the
+# tests start with homes of their own share that one build instead of compiling again each.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(scratchgpt_home() / "extensions"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data sets in ../shared/data (only on our machines and in CI)."""
