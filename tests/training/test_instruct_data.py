@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from core.chat_template import ALPACA, CHATML
 from core.tokenizer.gpt2 import gpt2_tokenizer
