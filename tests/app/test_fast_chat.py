@@ -23,16 +23,22 @@ def _answer(client, model: str = "gguf-chat") -> str:
     return reply.json()["choices"][0]["message"]["content"]
 
 
-def test_chat_decodes_from_blocks_with_the_dense_answers(make_settings, gguf_chat_checkpoint):
+def _answers_with_and_without(make_settings, checkpoint, model_name: str, fast_path_in_place) -> None:
+    """The same greedy answer with the fast path as without; ``fast_path_in_place(model)`` says which was served."""
     answers = {}
     for enabled in (True, False):
-        settings = make_settings(chat_checkpoint=gguf_chat_checkpoint, classifier_enabled=False, fast_kernels=enabled)
+        settings = make_settings(chat_checkpoint=checkpoint, classifier_enabled=False, fast_kernels=enabled)
         with running_client(settings) as client:
-            model = client.app.state.models.slots["chat"].checkpoint.model
-            assert isinstance(model.blocks[0].attn.qkv, GGUFLinear) is enabled
-            assert isinstance(model.fast_head, GGUFHead) is enabled
-            answers[enabled] = _answer(client)
+            assert fast_path_in_place(client.app.state.models.slots["chat"].checkpoint.model) is enabled
+            answers[enabled] = _answer(client, model_name)
     assert answers[True] and answers[True] == answers[False]
+
+
+def test_chat_decodes_from_blocks_with_the_dense_answers(make_settings, gguf_chat_checkpoint):
+    def from_blocks(model) -> bool:
+        return isinstance(model.blocks[0].attn.qkv, GGUFLinear) and isinstance(model.fast_head, GGUFHead)
+
+    _answers_with_and_without(make_settings, gguf_chat_checkpoint, "gguf-chat", from_blocks)
 
 
 def test_a_damaged_blocks_file_costs_speed_not_the_chat_model(make_settings, gguf_chat_checkpoint, tmp_path):
@@ -48,19 +54,13 @@ def test_a_damaged_blocks_file_costs_speed_not_the_chat_model(make_settings, ggu
         assert _answer(client)
 
 
-
 @needs_kernels(panel_kernels, "panel kernel")
 def test_a_dense_chat_model_decodes_from_panels_with_the_same_answers(make_settings, chat_checkpoint):
-    answers = {}
-    for enabled in (True, False):
-        settings = make_settings(chat_checkpoint=chat_checkpoint, classifier_enabled=False, fast_kernels=enabled)
-        with running_client(settings) as client:
-            model = client.app.state.models.slots["chat"].checkpoint.model
-            qkv = model.blocks[0].attn.qkv
-            assert (isinstance(qkv, PackedLinear) and qkv._panels is not None) is enabled
-            assert isinstance(model.argmax_head, ScreenedHead) is enabled
-            answers[enabled] = _answer(client, "tiny-chat")
-    assert answers[True] and answers[True] == answers[False]
+    def from_panels(model) -> bool:
+        qkv = model.blocks[0].attn.qkv
+        return isinstance(qkv, PackedLinear) and qkv._panels is not None and isinstance(model.argmax_head, ScreenedHead)
+
+    _answers_with_and_without(make_settings, chat_checkpoint, "tiny-chat", from_panels)
 
 
 @pytest.mark.parametrize("name", ["SCRATCHGPT_FAST_KERNELS", "SCRATCHGPT_GGUF_KERNELS"])

@@ -88,3 +88,20 @@ def write_gguf(path: Path, hf_model, types: dict[str, Q], arch: str = "llama") -
     w.write_tensors_to_file()
     w.close()
     return expected
+
+
+# Block types as SmolLM2's file has them: Q4_1 linear layers, Q8_0 embedding and output projection.
+BLOCK_TYPES = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0,
+               "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_1, "output": Q.Q8_0}
+
+
+def block_model(path: Path, tied: bool):
+    """Our model loaded from a tiny block-quantized GGUF file written at ``path``, and the file's blocks."""
+    from core.gguf_weights import load_gguf, read_gguf_blocks
+    from core.model import GPTModel
+
+    write_gguf(path, hf_llama(tied), types=BLOCK_TYPES)
+    cfg, state, _ = load_gguf(path)
+    model = GPTModel(cfg).eval()
+    model.load_state_dict(state)
+    return model, read_gguf_blocks(path)

@@ -14,8 +14,7 @@ from core.fast import FastConfig, make_fast
 from core.generate import GenerationConfig, generate
 from core.kv_cache import KVCache
 from core.model import GPTModel
-from core.gguf_weights import load_gguf, read_gguf_blocks
-from gguf_files import Q, hf_llama, write_gguf
+from gguf_files import block_model
 from kernel_marks import needs_kernels
 
 pytestmark = [needs_kernels(kernels, "decode-layer kernel"), pytest.mark.usefixtures("one_torch_thread")]
@@ -115,14 +114,7 @@ def test_state_dict_copies_and_other_families_are_kept():
 @pytest.fixture(scope="module")
 def gguf_llama(tmp_path_factory):
     """A tiny Llama (grouped-query heads) whose linear layers are Q4_1 and Q8_0 blocks, and its blocks."""
-    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
-    types = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0,
-             "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_1, "output": Q.Q8_0}
-    write_gguf(path, hf_llama(True), types=types)
-    cfg, state, _ = load_gguf(path)
-    model = GPTModel(cfg).eval()
-    model.load_state_dict(state)
-    return model, read_gguf_blocks(path)
+    return block_model(tmp_path_factory.mktemp("gguf") / "m.gguf", tied=True)
 
 
 def llama_pair(gguf_llama):

@@ -24,9 +24,7 @@ from core.gguf_matvec import (
     load_blocks,
     save_blocks,
 )
-from core.gguf_weights import load_gguf, read_gguf_blocks
-from core.model import GPTModel
-from gguf_files import Q, hf_llama, write_gguf
+from gguf_files import BLOCK_TYPES, Q, block_model, hf_llama, write_gguf
 from kernel_marks import needs_kernels
 
 pytestmark = needs_kernels(kernels, "GGUF kernels")
@@ -79,19 +77,12 @@ def test_bad_blocks_are_refused():
 
 # -- a whole model from a GGUF file ----------------------------------------------------
 
-TYPES = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0,
-         "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_1, "output": Q.Q8_0}
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82]]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def gguf_model(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
-    write_gguf(path, hf_llama(request.param), types=TYPES)
-    cfg, sd, _ = load_gguf(path)
-    model = GPTModel(cfg).eval()
-    model.load_state_dict(sd)
-    return model, read_gguf_blocks(path)
+    return block_model(tmp_path_factory.mktemp("gguf") / "m.gguf", request.param)
 
 
 def test_file_blocks_name_every_quantized_weight(gguf_model):
@@ -166,7 +157,7 @@ def test_checkpoints_keep_the_blocks_and_old_ones_find_their_file(gguf_model, tm
     (ckpt / BLOCKS_FILE).unlink()  # as a checkpoint converted before the blocks were kept
     assert checkpoint_blocks(ckpt) == {}
     path = tmp_path / "m.gguf"
-    write_gguf(path, hf_llama(model.cfg.tie_embeddings), types=TYPES)
+    write_gguf(path, hf_llama(model.cfg.tie_embeddings), types=BLOCK_TYPES)
     assert checkpoint_blocks(ckpt, {"source": str(path)}).keys() == blocks.keys()
 
 
