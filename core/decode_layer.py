@@ -110,19 +110,19 @@ class FusedLlamaBlock(_FusedBlock):
             return False
         if not (isinstance(block.norm1, RMSNorm) and isinstance(block.norm2, RMSNorm)):
             return False
-        return all(isinstance(m, GGUFLinear) and m.bias is None for m in self_linears(block))
+        return all(isinstance(m, GGUFLinear) and m.bias is None for m in llama_linears(block))
 
     def _applies(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
         from core.fast import weight_key
 
         # ... and every weight still the one its blocks hold (not fine-tuned or reloaded since).
         return super()._applies(x, ctx) and ctx.rope is not None and all(
-            m._blocks.key == weight_key(m.weight) for m in self_linears(self))
+            m._blocks.key == weight_key(m.weight) for m in llama_linears(self))
 
     def _fused(self, x: torch.Tensor, ctx: ForwardContext, key_mask: torch.Tensor | None) -> torch.Tensor:
         attn, cache = self.attn, ctx.cache
         cos, sin = (t.reshape(x.shape[0], -1).contiguous() for t in ctx.rope)  # (B, 1, 1, head_dim) -> (B, head_dim)
-        blocks = [_streams(m) for m in self_linears(self)]
+        blocks = [_streams(m) for m in llama_linears(self)]
         return kernels().llama_layer(
             x, self.norm1.weight, self.norm1.eps, blocks[0], blocks[1], self.norm2.weight, self.norm2.eps,
             *blocks[2:], cache.keys[attn.layer_idx], cache.values[attn.layer_idx], cache.length,
@@ -130,7 +130,7 @@ class FusedLlamaBlock(_FusedBlock):
         )
 
 
-def self_linears(block: nn.Module) -> tuple[nn.Module, ...]:
+def llama_linears(block: nn.Module) -> tuple[nn.Module, ...]:
     """A Llama block's linear layers in the kernel's order: qkv, o, gate, up, down."""
     return block.attn.qkv, block.attn.proj, block.ff.gate, block.ff.up, block.ff.down
 

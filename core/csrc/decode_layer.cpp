@@ -29,7 +29,7 @@ namespace {
 
 using namespace panel_kernels;
 
-// exp(x) for x <= 0 (softmax and the GELU below only need that range): x = n ln 2 + r with
+// exp(x) for x <= 0 (the softmax and sigmoid below only need that range): x = n ln 2 + r with
 // |r| <= ln 2 / 2, exp(r) by its Taylor polynomial to degree 7 (relative error
 // below 2e-8), times 2^n by scalef. Below -87 the result is 0, as fp32's exp underflows.
 inline __m512 exp_nonpositive(__m512 x) {
