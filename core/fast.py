@@ -15,7 +15,7 @@ transforms therefore cut bytes and per-step overhead:
   freezing does for CPU linears, without compiling). Same arithmetic, so the
   same logits up to float summation order. In bf16 this is what lets the AMX
   units run at all speed; at batch 8 it halves the fp32 matmul time.
-- ``screened_head`` (fp32 models, from two rows up): the output layer (vocabulary
+- ``screened_head`` (fp32 models; from one row with panels, else two): the output layer (vocabulary
   x d, a third of GPT-2 small's bytes) is first scored with a bf16 copy of its
   weight, half the bytes; a rigorous bound on that copy's error names the few tokens that
   can still be the maximum, and only those are scored in fp32. Greedy decoding
