@@ -22,6 +22,20 @@ def scratchgpt_home() -> Path:
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(scratchgpt_home() / "extensions"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def built_kernels() -> None:
+    """Compile the kernels before the first test: on a fresh machine that takes a few minutes,
+    which a server under test would otherwise spend inside its wait for the models to load.
+    Where they cannot be built, the tests of the kernels skip and say why."""
+    from core.kernels import FastPathError, load_kernels
+
+    for name in ("panel_linear", "decode_layer", "gguf_matvec", "fused_ops"):
+        try:
+            load_kernels(name)
+        except FastPathError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data sets in ../shared/data (only on our machines and in CI)."""
