@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.kernels import load_kernels
+from core.kernels import load_kernels, weight_key
 from core.model import ForwardContext, TransformerBlock
 from core.panel_linear import MAX_ROWS
 
@@ -113,8 +113,6 @@ class FusedLlamaBlock(_FusedBlock):
         return all(isinstance(m, GGUFLinear) and m.bias is None for m in llama_linears(block))
 
     def _applies(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
-        from core.fast import weight_key
-
         # ... and every weight still the one its blocks hold (not fine-tuned or reloaded since).
         return super()._applies(x, ctx) and ctx.rope is not None and all(
             m._blocks.key == weight_key(m.weight) for m in llama_linears(self))

@@ -59,8 +59,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.kernels import FastPathError
-from core.panel_linear import Panels
+from core.kernels import FastPathError, needs_autograd, weight_key
+from core.panel_linear import Panels, kernels as panel_kernels
 
 
 @functools.cache
@@ -105,19 +105,6 @@ class _PackedCopy:
         return {"batch_hint": self.batch_hint, "packed": None, "key": None}
 
 
-def weight_key(weight: torch.Tensor) -> tuple:
-    # Changes when the weight is modified in place (version), replaced or cast. Tensors
-    # made under inference_mode keep no version counter; they are taken as unchanged.
-    version = 0 if weight.is_inference() else weight._version
-    return (weight.data_ptr(), version, weight.dtype, weight.shape)
-
-
-def needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a product of ``x`` and ``weight`` must be recorded for backward: the
-    fast paths' kernels have none, so such calls take torch's own code."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-
-
 def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # The packed kernels are CPU, inference-only and want matching dtypes;
     # anything else takes plain F.linear. One fp32 row is a matrix-vector product
@@ -128,6 +115,16 @@ def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if needs_autograd(x, weight):
         return False
     return weight.dtype != torch.float32 or x.numel() > x.shape[-1]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, panels: Panels | None,
+            packed: _PackedCopy | None) -> torch.Tensor:
+    # Decoding's few rows from the panels, longer inputs from oneDNN's copy, the rest plain.
+    if panels is not None and panels.applies(x, weight):
+        return panels.linear(x, weight, bias)
+    if packed is None or not _use_packed(x, weight):
+        return nn.functional.linear(x, weight, bias)
+    return _packed_linear(x, packed.of(weight), bias)
 
 
 class PackedLinear(nn.Module):
@@ -150,11 +147,7 @@ class PackedLinear(nn.Module):
         self._panels = panels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._panels is not None and self._panels.applies(x, self.weight):
-            return self._panels.linear(x, self.weight, self.bias)
-        if self._packed is None or not _use_packed(x, self.weight):
-            return nn.functional.linear(x, self.weight, self.bias)
-        return _packed_linear(x, self._packed.of(self.weight), self.bias)
+        return _linear(x, self.weight, self.bias, self._panels, self._packed)
 
     def extra_repr(self) -> str:
         layouts = " and ".join(name for name, copy in (("oneDNN", self._packed), ("panels", self._panels)) if copy)
@@ -171,11 +164,7 @@ class PackedHead(nn.Module):
         self._panels = panels
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self._panels is not None and self._panels.applies(hidden, weight):
-            return self._panels.linear(hidden, weight)
-        if self._packed is None or not _use_packed(hidden, weight):
-            return nn.functional.linear(hidden, weight)
-        return _packed_linear(hidden, self._packed.of(weight), None)
+        return _linear(hidden, weight, None, self._panels, self._packed)
 
 
 def pack_linears(model: nn.Module, batch_hint: int = 1, onednn: bool = True, panels: bool = False) -> int:
@@ -419,7 +408,7 @@ def _panels_fit(model: nn.Module, cfg: FastConfig, report: FastReport) -> bool:
         report.skipped["panels"] = f"the kernel is for fp32 and bf16 on the CPU, this model is {dtype} on {weight.device.type}"
     else:
         try:
-            Panels()  # builds the kernel, or says why it cannot
+            panel_kernels()  # builds the kernel, or says why it cannot
             return True
         except FastPathError as err:
             report.skipped["panels"] = str(err)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.fast import needs_autograd
-from core.kernels import load_kernels
+from core.kernels import load_kernels, needs_autograd
 from core.layers import RMSNorm, apply_rope
 
 

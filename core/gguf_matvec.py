@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.fast import needs_autograd, weight_key
-from core.kernels import load_kernels
+from core.kernels import load_kernels, needs_autograd, weight_key
 
 # GGUF tensor types the kernel reads, with the bytes of one 32-weight block.
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}

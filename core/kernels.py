@@ -32,6 +32,21 @@ class FastPathError(RuntimeError):
     """A fast-path transform or kernel that cannot apply to this model, device, dtype or machine."""
 
 
+# What every fast path checks before handing a product to a kernel, and the key of the
+# kernel-side copy of a weight (panels, GGUF blocks, packed layouts) it must still match.
+def weight_key(weight: torch.Tensor) -> tuple:
+    # Changes when the weight is modified in place (version), replaced or cast. Tensors
+    # made under inference_mode keep no version counter; they are taken as unchanged.
+    version = 0 if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, weight.dtype, weight.shape)
+
+
+def needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of ``x`` and ``weight`` must be recorded for backward: the
+    fast paths' kernels have none, so such calls take torch's own code."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def extensions_dir() -> Path:
     """``$SCRATCHGPT_HOME/extensions/torch-<version>``, or under ``$TORCH_EXTENSIONS_DIR`` (torch's own
     variable) when that is set: processes with homes of their own can then share one build."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from core.kernels import load_kernels
+from core.kernels import load_kernels, needs_autograd, weight_key
 
 MAX_ROWS = 8  # rows of activations one kernel call takes (kMaxRows in the C++)
 WIDTH = 16  # output columns per panel: one AVX-512 register of fp32
@@ -76,8 +76,6 @@ class Panels:
         self.key: tuple | None = None
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
-        from core.fast import weight_key  # here: core.fast imports this module
-
         key = weight_key(weight)
         if key != self.key:
             self.panels, self.key = to_panels(weight.detach().to(self.dtype or weight.dtype)), key
@@ -87,8 +85,6 @@ class Panels:
         """Whether the kernel takes ``x @ weight.T``: at most eight rows, CPU, inference, a
         weight dtype it reads and activations in the panels' dtype. Checked on every call
         of every layer, so kept to a few attribute reads."""
-        from core.fast import needs_autograd
-
         return (
             x.numel() <= MAX_ROWS * x.shape[-1] and x.device.type == "cpu"
             and x.dtype == (self.dtype or weight.dtype) and weight.dtype in DTYPES

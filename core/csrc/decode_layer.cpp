@@ -217,19 +217,21 @@ torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, con
   check_panels(fc, d, ff_dim, "fc");
   check_panels(fc2, ff_dim, d, "fc2");
   const bool* mask = key_mask_data(key_mask, B, length + 1);
+  const float* w1 = fp32_vector(ln1_w, d, "ln1 weight");
+  const float* b1 = fp32_vector(ln1_b, d, "ln1 bias");
+  const float* w2 = fp32_vector(ln2_w, d, "ln2 weight");
+  const float* b2 = fp32_vector(ln2_b, d, "ln2 bias");
 
   const float* xp = x.data_ptr<float>();
   auto out = torch::empty_like(x);
   float* op = out.data_ptr<float>();
   std::vector<float> h(B * d), q(B * 3 * d), a(B * d), f(B * ff_dim);
-  for (int64_t r = 0; r < B; ++r)
-    layer_norm(xp + r * d, fp32_vector(ln1_w, d, "ln1 weight"), fp32_vector(ln1_b, d, "ln1 bias"), eps1, d, h.data() + r * d);
+  for (int64_t r = 0; r < B; ++r) layer_norm(xp + r * d, w1, b1, eps1, d, h.data() + r * d);
   product(h.data(), B, d, qkv, data_or_null(qkv_b, 3 * d, "qkv bias"), q.data(), 3 * d);
   cache_and_attend(q.data(), B, n_heads, n_heads, D, keys, values, length, mask, a.data());
   product(a.data(), B, d, proj, data_or_null(proj_b, d, "proj bias"), op, d);
   for (int64_t i = 0; i < B * d; ++i) op[i] += xp[i];  // x1, in out
-  for (int64_t r = 0; r < B; ++r)
-    layer_norm(op + r * d, fp32_vector(ln2_w, d, "ln2 weight"), fp32_vector(ln2_b, d, "ln2 bias"), eps2, d, h.data() + r * d);
+  for (int64_t r = 0; r < B; ++r) layer_norm(op + r * d, w2, b2, eps2, d, h.data() + r * d);
   product(h.data(), B, d, fc, data_or_null(fc_b, ff_dim, "fc bias"), f.data(), ff_dim);
   gelu(f.data(), B * ff_dim);
   product(f.data(), B, ff_dim, fc2, data_or_null(fc2_b, d, "fc2 bias"), a.data(), d);
