@@ -10,10 +10,12 @@ Both sides get identical weights (GPT-2: transformers' GPT2LMHeadModel
 initialised with a seed, converted with our Hugging Face loader; SmolLM2: the
 same GGUF file), the same prompts (random ids, 32 tokens) and greedy decoding
 with a fixed number of new tokens. Paths of ours: ``plain`` is the model as
-``core.model`` builds it, ``fast`` adds ``core.fast.make_fast`` (prepacked
-weights, screened output layer; SmolLM2 in fp32 decodes from the GGUF file's
-own quantized blocks, ``core.gguf_matvec``, which hold the same weights), and
-``compiled`` adds torch.compile with freezing.
+``core.model`` builds it, ``fast`` adds ``core.fast.make_fast`` (panels, fused
+layers, screened output layer; SmolLM2 in fp32 decodes from the GGUF file's own
+quantized blocks, ``core.gguf_matvec``, which hold the same weights; GPT-2 in
+fp32 at batch 1 decodes speculatively, ``core.speculative``, and ``fast, no
+draft`` is the same model token by token), and ``compiled`` adds torch.compile
+with freezing.
 
 Runs of transformers and of each of our paths alternate, and each figure is the
 best of ``--repeats``, so load from other processes falls on all alike. The
@@ -42,6 +44,7 @@ from core.generate import GenerationConfig, generate  # noqa: E402
 from core.model import GPTModel  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NO_DRAFT = "fast, no draft"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
@@ -77,6 +80,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
             dense = module.weight if isinstance(module, GGUFLinear) else model.head_weight
             total += module._blocks.matrix.nbytes - dense.numel() * dense.element_size()
     return total
+
+
+def bytes_per_token(model: torch.nn.Module, name: str, notes: list[str]) -> float:
+    """Weight bytes read per new token at batch 1: :func:`weight_bytes`, or with speculative decoding
+    (core.speculative) the fp32 passes' and the drafted tokens' bytes over the tokens they gave."""
+    full = weight_bytes(model)
+    draft = model.draft
+    if draft is None or not draft.counts["passes"]:
+        return full
+    c = draft.counts
+    tokens = c["passes"] + c["accepted"]  # each pass gives the accepted guesses and one token of its own
+    per_token = (c["passes"] * full + c["drafted"] * draft.nbytes()) / tokens
+    notes.append(
+        f"{name} fp32 fast, batch 1: {c['accepted']} of {c['drafted']} drafted tokens accepted, "
+        f"{tokens / c['passes']:.1f} tokens per fp32 pass; bytes read per token {per_token / 1e6:.0f} MB "
+        f"(fp32 pass {full / 1e6:.0f} MB, drafted token {draft.nbytes() / 1e6:.0f} MB), the bound's divisor")
+    return per_token
 
 
 def hf_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) -> list[list[int]]:
@@ -146,6 +166,11 @@ def bench_pair(name, ours, hf, blocks, args, clock, rows, bounds, notes):
             # The GGUF blocks hold the fp32 weights exactly; a bf16 model is other weights.
             report = make_fast(paths["fast"], FastConfig(), gguf_blocks=blocks if dtype == torch.float32 else None)
             notes.append(f"{name} {dtype_name} fast: {report}")
+            if paths["fast"].draft is not None:
+                # The same fast model decoding token by token: what speculative decoding adds. A shallow
+                # copy shares every module, weight and panel copy; only the draft is left out.
+                paths[NO_DRAFT] = copy.copy(paths["fast"])
+                paths[NO_DRAFT].draft = None
         if args.compile:
             paths["compiled"] = copy.deepcopy(plain)
             report = make_fast(paths["compiled"], FastConfig(compile=True))
@@ -157,9 +182,13 @@ def bench_pair(name, ours, hf, blocks, args, clock, rows, bounds, notes):
                 new = args.new_tokens if use_cache else args.new_tokens_uncached
                 x = prompts[batch]
                 # Without the cache only the book's loop is measured: the fast paths are for serving.
-                ours_paths = paths if use_cache else {"plain": plain}
+                # The draft only runs at batch 1.
+                ours_paths = {p: m for p, m in paths.items() if batch == 1 or p != NO_DRAFT} if use_cache else {"plain": plain}
                 runs = {"transformers": lambda: hf_generate(hf_d, x, new, use_cache)}
                 runs.update({p: (lambda m=m: our_generate(m, x, new, use_cache)) for p, m in ours_paths.items()})
+                for m in ours_paths.values():
+                    if m.draft is not None:
+                        m.draft.counts = dict.fromkeys(m.draft.counts, 0)
                 with torch.inference_mode():
                     best, outs = interleaved(runs, args.repeats, clock)
                 tps = {k: batch * new / t for k, t in best.items()}
@@ -179,7 +208,7 @@ def bench_pair(name, ours, hf, blocks, args, clock, rows, bounds, notes):
                         "",  # of the bandwidth bound: filled in at the end, with the final bandwidth
                     ])
                     if batch == 1 and use_cache:
-                        bounds.append((len(rows) - 1, tps[path], weight_bytes(ours_paths[path])))
+                        bounds.append((len(rows) - 1, tps[path], bytes_per_token(ours_paths[path], name, notes)))
                     print("  " + " | ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
         del paths
 

@@ -82,19 +82,30 @@ class FusedGPT2Block(_FusedBlock):
             return False
         if not (isinstance(block.norm1, LayerNorm) and isinstance(block.norm2, LayerNorm)):
             return False
-        linears = (block.attn.qkv, block.attn.proj, block.ff.fc, block.ff.proj)
+        linears = (block.attn.qkv, block.attn.proj, block.ff.fc, block.ff.proj)  # as linears() orders them
         return block.attn.n_kv_heads == block.attn.n_heads and all(
             isinstance(m, PackedLinear) and m._panels is not None for m in linears)
 
+    def linears(self) -> tuple[nn.Module, ...]:
+        """The layer's linear layers in the kernel's order: qkv, proj, fc, fc2."""
+        return self.attn.qkv, self.attn.proj, self.ff.fc, self.ff.proj
+
     def _fused(self, x: torch.Tensor, ctx: ForwardContext, key_mask: torch.Tensor | None) -> torch.Tensor:
-        attn, cache = self.attn, ctx.cache
-        qkv, proj, fc, fc2 = attn.qkv, attn.proj, self.ff.fc, self.ff.proj
+        return self.decode(x, ctx.cache, ctx.cache.length, key_mask)
+
+    def decode(self, x: torch.Tensor, cache, position: int, key_mask: torch.Tensor | None = None,
+               panels: list | None = None) -> torch.Tensor:
+        """The layer for one new token per sequence, x (B, 1, d) fp32, its keys and values written into
+        ``cache`` at ``position``. ``panels``: four ``Panels`` to read the weights from instead of the
+        layers' own (``core.speculative``'s draft passes bf16 ones)."""
+        linears = self.linears()
+        weights = [(p or m._panels).of(m.weight) for m, p in zip(linears, panels or [None] * 4)]
+        qkv, proj, fc, fc2 = linears
+        layer = self.attn.layer_idx
         return kernels().gpt2_layer(
-            x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
-            qkv._panels.of(qkv.weight), qkv.bias, proj._panels.of(proj.weight), proj.bias,
-            self.norm2.weight, self.norm2.bias, self.norm2.eps,
-            fc._panels.of(fc.weight), fc.bias, fc2._panels.of(fc2.weight), fc2.bias,
-            cache.keys[attn.layer_idx], cache.values[attn.layer_idx], cache.length, attn.n_heads, key_mask,
+            x, self.norm1.weight, self.norm1.bias, self.norm1.eps, weights[0], qkv.bias, weights[1], proj.bias,
+            self.norm2.weight, self.norm2.bias, self.norm2.eps, weights[2], fc.bias, weights[3], fc2.bias,
+            cache.keys[layer], cache.values[layer], position, self.attn.n_heads, key_mask,
         )
 
 

@@ -39,6 +39,10 @@ transforms therefore cut bytes and per-step overhead:
   norms, attention over the cache, the activation and residuals around the
   products, instead of twenty-odd torch calls whose dispatch costs more than
   their arithmetic at one token. Within fp32 rounding of the block's own code.
+- ``speculative`` (fp32 GPT-2 with fused layers): greedy decoding of one
+  sequence drafts up to seven tokens from bf16 panels of the same weights and
+  verifies them in one fp32 pass (``core.speculative``): the fp32 model's
+  tokens, with its weights read about once per eight tokens.
 - ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
   that inductor prepacks and folds, pointwise ops fuse). Minutes of
   compilation on a small CPU, so it is off by default, :func:`make_fast` warms
@@ -291,6 +295,7 @@ class FastConfig:
     screened_head: bool = True
     fused_ops: bool = True
     fused_layers: bool = True
+    speculative: bool = True
     compile: bool = False
     batch_hint: int = 1  # the decode batch size the packed layouts are chosen for
 
@@ -366,6 +371,8 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
         _use_fused_ops(model, cfg, report)
     if cfg.fused_layers and weight.dtype == torch.float32 and weight.device.type == "cpu" and not cfg.compile:
         _use_fused_layers(model, report)
+    if cfg.speculative:
+        _use_draft(model, report)
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
         report.applied.append("compile")
@@ -461,6 +468,19 @@ def _use_fused_layers(model: nn.Module, report: FastReport) -> None:
         report.skipped["fused_layers"] = str(err)
         return
     report.applied.append(f"fused_layers ({count} layers, one kernel call each when decoding)")
+
+
+def _use_draft(model: nn.Module, report: FastReport) -> None:
+    from core.decode_layer import FusedGPT2Block
+    from core.speculative import SelfDraft
+
+    if not all(isinstance(block, FusedGPT2Block) for block in model.blocks):
+        if model.head_weight.dtype == torch.float32 and model.pos_emb is not None:
+            report.skipped["speculative"] = "the draft decodes through fused GPT-2 layers, and this model has none"
+        return  # a half-precision model has nothing cheaper to draft with; Llama layers have no draft yet
+    model.draft = SelfDraft(model)
+    report.applied.append(
+        f"speculative (greedy, one sequence: int8 drafts of up to {model.draft.max_draft} tokens, verified in fp32)")
 
 
 def inductor_cache_dir() -> Path:

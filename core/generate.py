@@ -4,7 +4,9 @@ The loop follows the book's chapter 5 ``generate`` (crop to the context,
 take the last logits, sample, append) with what serving needs on top: a KV
 cache (prefill the prompt once, then one token per step), several prompts at
 once (left padding plus an attention mask), stop tokens and stop strings, and
-a streaming iterator of text that never splits a UTF-8 character.
+a streaming iterator of text that never splits a UTF-8 character. A model
+that ``core.fast`` gave a draft decodes one greedy sequence speculatively
+(``core.speculative``): the same tokens, fewer full passes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from core.kv_cache import KVCache
 from core.model import GPTModel
 from core.sampling import SamplingConfig, make_generator, sample
+from core.speculative import speculative_tokens
 
 
 class ContextLengthError(ValueError):
@@ -71,6 +74,10 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
     C = model.cfg.context_length
     for prompt in prompts:
         check_prompt(prompt, C)
+    if _speculates(model, prompts, cfg):
+        for token in speculative_tokens(model, model.draft, prompts[0], cfg.max_new_tokens, cfg.stop_token_ids):
+            yield [token]
+        return
     device, dtype = _device_dtype(model)
     B, L = len(prompts), max(len(p) for p in prompts)
     # One buffer for the prompt and every token to come: appending a token is a
@@ -113,6 +120,15 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
             return
         seq[:, n] = token
         n += 1
+
+
+def _speculates(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> bool:
+    # One greedy sequence, cached, that stays inside the context window, on a model with a draft
+    # (core.fast installs one): the draft's guesses are verified, so the tokens are the same.
+    return (
+        getattr(model, "draft", None) is not None and len(prompts) == 1 and cfg.greedy and cfg.use_cache
+        and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length and not model.training
+    )
 
 
 def generate(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:

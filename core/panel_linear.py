@@ -15,7 +15,8 @@ line is multiplied with every row of activations while it is in a register.
 That is the layout of a GEMM micro-kernel (Goto and van de Geijn, 2008) cut
 to decoding's few rows. It reads fp32 or bf16 weights and sums in fp32, so an
 fp32 layer gives the fp32 product up to summation order and a bf16 layer what
-torch's bf16 kernels give. bf16 panels pair consecutive inputs in each cache
+torch's bf16 kernels give (and int8 copies with a scale per column, for the
+draft of ``core.speculative``). bf16 panels pair consecutive inputs in each cache
 line, which makes widening them to fp32 in registers two instructions per 32
 weights instead of four.
 
@@ -35,7 +36,7 @@ from core.kernels import load_kernels, needs_autograd, weight_key
 
 MAX_ROWS = 8  # rows of activations one kernel call takes (kMaxRows in the C++)
 WIDTH = 16  # output columns per panel: one AVX-512 register of fp32
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16)  # the weights (and activations) the kernel takes
 
 
 def kernels():
@@ -48,7 +49,7 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
 
     In bf16 each pair of consecutive k shares a cache line, interleaved per column
     (element ``(k // 2, j, k % 2)`` of the panel), which is cheaper to widen to fp32;
-    K must then be even."""
+    K must then be even. int8 keeps the fp32 layout."""
     n, k = weight.shape
     padded = -(-n // WIDTH) * WIDTH
     if padded != n:
@@ -62,33 +63,53 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
     return pairs.view(padded // WIDTH, k, WIDTH)
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) -> (q int8 (N, K), scales fp32 (N,)) with weight ~ q * scales[:, None]:
+    symmetric, one scale per output row, the largest magnitude mapped to 127 (absmax
+    quantization, as in Dettmers et al., 2022, per row)."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+
+
 class Panels:
     """The panel copy of one weight, rebuilt when the weight is changed in place, replaced or cast.
 
     ``dtype``: the dtype the panels are kept in (default: the weight's own);
-    the screened output layer keeps a bf16 copy of an fp32 head.
+    the screened output layer keeps a bf16 copy of an fp32 head, and
+    ``core.speculative``'s draft an int8 copy (:func:`quantize_int8`; fp32
+    activations, the scales applied to the fp32 sums).
     """
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
         self._kernel = kernels().linear  # fail here, with the reason, rather than on the first step
-        self.panels: torch.Tensor | None = None
+        self.panels: list[torch.Tensor] | None = None
         self.key: tuple | None = None
 
-    def of(self, weight: torch.Tensor) -> torch.Tensor:
+    def of(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """The weight as the kernels take it: ``[panels]``, or ``[panels, scales]`` in int8."""
         key = weight_key(weight)
         if key != self.key:
-            self.panels, self.key = to_panels(weight.detach().to(self.dtype or weight.dtype)), key
+            if self.dtype == torch.int8:
+                q, scales = quantize_int8(weight)
+                padded = scales.new_zeros(-(-len(scales) // WIDTH) * WIDTH)
+                padded[: len(scales)] = scales
+                self.panels = [to_panels(q), padded]
+            else:
+                self.panels = [to_panels(weight.detach().to(self.dtype or weight.dtype))]
+            self.key = key
         return self.panels
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether the kernel takes ``x @ weight.T``: at most eight rows, CPU, inference, a
-        weight dtype it reads and activations in the panels' dtype. Checked on every call
-        of every layer, so kept to a few attribute reads."""
+        weight dtype it reads and activations in the panels' dtype (fp32 for int8 panels).
+        Checked on every call of every layer, so kept to a few attribute reads."""
+        int8 = self.dtype == torch.int8
         return (
             x.numel() <= MAX_ROWS * x.shape[-1] and x.device.type == "cpu"
-            and x.dtype == (self.dtype or weight.dtype) and weight.dtype in DTYPES
-            and (x.dtype == torch.float32 or x.shape[-1] % 2 == 0)  # bf16 panels pair their inputs
+            and x.dtype == (torch.float32 if int8 else self.dtype or weight.dtype) and weight.dtype in DTYPES
+            and x.shape[-1] % (4 if int8 else 2 if x.dtype == torch.bfloat16 else 1) == 0  # k read in pairs, fours
             and not needs_autograd(x, weight)
         )
 

@@ -197,11 +197,11 @@ void cache_and_attend(const float* qkv, int64_t B, int64_t heads, int64_t kv_hea
 }
 
 torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, const torch::Tensor& ln1_b, double eps1,
-                         const torch::Tensor& qkv, const c10::optional<torch::Tensor>& qkv_b,
-                         const torch::Tensor& proj, const c10::optional<torch::Tensor>& proj_b,
+                         const std::vector<torch::Tensor>& qkv_w, const c10::optional<torch::Tensor>& qkv_b,
+                         const std::vector<torch::Tensor>& proj_w, const c10::optional<torch::Tensor>& proj_b,
                          const torch::Tensor& ln2_w, const torch::Tensor& ln2_b, double eps2,
-                         const torch::Tensor& fc, const c10::optional<torch::Tensor>& fc_b,
-                         const torch::Tensor& fc2, const c10::optional<torch::Tensor>& fc2_b,
+                         const std::vector<torch::Tensor>& fc_w, const c10::optional<torch::Tensor>& fc_b,
+                         const std::vector<torch::Tensor>& fc2_w, const c10::optional<torch::Tensor>& fc2_b,
                          torch::Tensor keys, torch::Tensor values, int64_t length, int64_t n_heads,
                          const c10::optional<torch::Tensor>& key_mask) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -211,11 +211,10 @@ torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, con
   TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, "d = ", d, " is not a multiple of ", n_heads, " heads");
   const int64_t D = d / n_heads;
   check_cache(keys, values, B, n_heads, D, length + 1);
-  check_panels(qkv, d, 3 * d, "qkv");
-  check_panels(proj, d, d, "proj");
-  const int64_t ff_dim = fc2.size(1);
-  check_panels(fc, d, ff_dim, "fc");
-  check_panels(fc2, ff_dim, d, "fc2");
+  TORCH_CHECK(!fc2_w.empty(), "fc2: a weight is [panels] or [int8 panels, scales]");
+  const int64_t ff_dim = fc2_w[0].size(1);
+  const PanelWeight qkv = check_panels(qkv_w, d, 3 * d, "qkv"), proj = check_panels(proj_w, d, d, "proj");
+  const PanelWeight fc = check_panels(fc_w, d, ff_dim, "fc"), fc2 = check_panels(fc2_w, ff_dim, d, "fc2");
   const bool* mask = key_mask_data(key_mask, B, length + 1);
   const float* w1 = fp32_vector(ln1_w, d, "ln1 weight");
   const float* b1 = fp32_vector(ln1_b, d, "ln1 bias");
@@ -290,6 +289,6 @@ torch::Tensor llama_layer(const torch::Tensor& x, const torch::Tensor& norm1, do
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("llama_layer", &llama_layer, "one Llama layer from GGUF blocks for one new token per sequence (B <= 8), KV cache written in place");
-  m.def("gpt2_layer", &gpt2_layer, "one GPT-2 layer for one new token per sequence (B <= 8), fp32 panels, KV cache written in place");
+  m.def("gpt2_layer", &gpt2_layer, "one GPT-2 layer for one new token per sequence (B <= 8), weights as panels (fp32, bf16 or int8), KV cache written in place");
   m.attr("max_rows") = kMaxRows;
 }

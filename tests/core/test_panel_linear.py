@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from core.panel_linear import MAX_ROWS, Panels, kernels, to_panels
+from core.panel_linear import MAX_ROWS, Panels, kernels, quantize_int8, to_panels
 from kernel_marks import needs_kernels
 
 pytestmark = needs_kernels(kernels, "panel kernel")
@@ -72,6 +72,32 @@ def test_bf16_weights_are_read_exactly_and_outputs_round_to_nearest_even(rows, x
     assert torch.equal(out, (x.float() @ ones.float().T).bfloat16())
 
 
+def test_int8_quantization_is_absmax_per_row():
+    weight = torch.tensor([[0.5, -1.0, 0.25, 0.0], [3.0, 1.5, -0.75, 2.9], [0.0, 0.0, 0.0, 0.0]])
+    q, scales = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32
+    assert q[0].tolist() == [64, -127, 32, 0] and q[1].tolist() == [127, 64, -32, 123]  # to the nearest step, ties to even (63.5 -> 64)
+    assert torch.allclose(scales[:2], torch.tensor([1.0, 3.0]) / 127) and q[2].tolist() == [0, 0, 0, 0]
+    # Each weight is within half a step of its row's scale.
+    assert ((q.float() * scales[:, None] - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("out_features, in_features", [(96, 64), (37, 200), (16, 4)])
+def test_int8_panels_give_the_dequantized_product(rows, out_features, in_features):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features)
+    x = torch.randn(rows, in_features)
+    q, scales = quantize_int8(linear.weight)
+    with torch.inference_mode():
+        out = Panels(torch.int8).linear(x, linear.weight, linear.bias)
+    # fp32 sums of x * q, times the row's scale, plus the bias: the product with the dequantized weight.
+    ref = (x.double() @ q.double().T * scales.double() + linear.bias.double()).float()
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * in_features**0.5)
+    # And about the fp32 layer: int8 is a draft's precision, half a step per weight.
+    assert torch.allclose(out, linear(x).detach(), atol=0.05 * in_features**0.5)
+
+
 def test_batch_dimensions_and_more_rows_than_the_kernel_takes():
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 24)
@@ -93,9 +119,18 @@ def test_what_the_kernel_does_not_take():
         assert not panels.applies(x.bfloat16(), linear.weight)  # activations in another dtype
         assert not panels.applies(x.half(), linear.weight.half())
     with pytest.raises(RuntimeError, match="rows"):
-        kernels().linear(torch.randn(9, 32), to_panels(linear.weight.detach()), None, 24)
+        kernels().linear(torch.randn(9, 32), [to_panels(linear.weight.detach())], None, 24)
     with pytest.raises(RuntimeError, match="panels"):
-        kernels().linear(x, to_panels(linear.weight.detach())[:, :16], None, 24)
+        kernels().linear(x, [to_panels(linear.weight.detach())[:, :16]], None, 24)
+    q, scales = quantize_int8(linear.weight)
+    with pytest.raises(RuntimeError, match="scales"):
+        kernels().linear(x, [to_panels(q)], None, 24)  # int8 without its scales
+    with pytest.raises(RuntimeError, match="scales must be 32"):
+        kernels().linear(x, [to_panels(q), scales], None, 24)  # not padded to the panels
+    int8 = Panels(torch.int8)
+    with torch.inference_mode():
+        assert int8.applies(x, linear.weight) and not int8.applies(x.bfloat16(), linear.weight.bfloat16())
+        assert not int8.applies(torch.randn(1, 30), torch.randn(24, 30))  # int8 k are read in fours
 
 
 def test_the_copy_follows_the_weight_and_is_rebuilt_by_copies():
