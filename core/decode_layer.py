@@ -15,10 +15,11 @@ the whole layer, products included, in one call:
 :class:`FusedGPT2Block` and :class:`FusedLlamaBlock` are the model's own
 ``TransformerBlock`` (the same submodules, parameters and state-dict names)
 whose forward takes that call when it applies: fp32 on the CPU, inference,
-one new token for up to eight sequences, a KV cache, and the weights still the
-ones the panels or blocks hold. Everything else (prefill, training, returned
-attention weights, the book's explicit attention path, another dtype) runs the
-block's own code. A fused layer agrees with it to fp32 rounding (tested), not
+one new token for up to eight sequences (GPT-2: up to eight new tokens in all,
+for speculative decoding's verifying pass), a KV cache, and the weights still
+the ones the panels or blocks hold. Everything else (longer prompts, training,
+returned attention weights, the book's explicit attention path, another dtype)
+runs the block's own code. A fused layer agrees with it to fp32 rounding (tested), not
 bit for bit: its norms, softmax and activations round in their own order.
 """
 
@@ -40,6 +41,8 @@ def kernels():
 class _FusedBlock(TransformerBlock):
     """What both fused blocks share: the wrapped block's submodules, and when the kernel applies."""
 
+    several_tokens = False  # whether the kernel takes more than one new token per sequence
+
     def __init__(self, block: TransformerBlock) -> None:
         nn.Module.__init__(self)  # not TransformerBlock's: it would build new layers instead of sharing these
         self.norm1, self.attn, self.norm2, self.ff, self.drop = block.norm1, block.attn, block.norm2, block.ff, block.drop
@@ -51,7 +54,7 @@ class _FusedBlock(TransformerBlock):
         B, T, _ = x.shape
         cache = ctx.cache
         return (
-            T == 1 and B <= MAX_ROWS and cache is not None and not ctx.return_attention
+            (T == 1 or self.several_tokens) and B * T <= MAX_ROWS and cache is not None and not ctx.return_attention
             and x.dtype == torch.float32 and x.device.type == "cpu" and cache.keys.dtype == torch.float32
             and not self.training and self.attn.path == "sdpa"
             and not (torch.is_grad_enabled() and (x.requires_grad or self.norm1.weight.requires_grad))
@@ -59,10 +62,11 @@ class _FusedBlock(TransformerBlock):
 
     @staticmethod
     def _key_mask(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        # Left-padded prompts: (B or 1, 1, 1, S), True where a key may be seen, as (B, S).
+        # (B or 1, 1, T, S), True where a key may be seen, as one row per new token (B T, S).
         if ctx.mask is None:
-            return None
-        return ctx.mask.reshape(-1, ctx.mask.shape[-1]).expand(x.shape[0], -1).contiguous()
+            return None  # plain causal: the kernel lets each token see the cache up to its own position
+        B, T, S = x.shape[0], x.shape[1], ctx.mask.shape[-1]
+        return ctx.mask.expand(B, 1, T, S).reshape(B * T, S).contiguous()
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self._applies(x, ctx):
@@ -71,7 +75,12 @@ class _FusedBlock(TransformerBlock):
 
 
 class FusedGPT2Block(_FusedBlock):
-    """A GPT-2 ``TransformerBlock`` whose linear layers carry panels, one kernel call per decoding step."""
+    """A GPT-2 ``TransformerBlock`` whose linear layers carry panels, one kernel call per decoding step.
+
+    It also takes several new tokens of a sequence (up to eight rows in all): the verifying
+    pass of speculative decoding (``core.speculative``), and short prompts."""
+
+    several_tokens = True
 
     @staticmethod
     def fits(block: nn.Module) -> bool:
@@ -95,8 +104,8 @@ class FusedGPT2Block(_FusedBlock):
 
     def decode(self, x: torch.Tensor, cache, position: int, key_mask: torch.Tensor | None = None,
                panels: list | None = None) -> torch.Tensor:
-        """The layer for one new token per sequence, x (B, 1, d) fp32, its keys and values written into
-        ``cache`` at ``position``. ``panels``: four ``Panels`` to read the weights from instead of the
+        """The layer for T new tokens per sequence, x (B, T, d) fp32 with B T <= 8, their keys and values
+        written into ``cache`` from ``position`` on. ``panels``: four ``Panels`` to read the weights from instead of the
         layers' own (``core.speculative``'s draft passes bf16 ones)."""
         linears = self.linears()
         weights = [(p or m._panels).of(m.weight) for m, p in zip(linears, panels or [None] * 4)]

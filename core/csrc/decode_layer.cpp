@@ -1,5 +1,6 @@
 // One transformer layer of a decoding step in one call (see core/decode_layer.py
-// for where it is used and why), for one new token per sequence (B <= 8):
+// for where it is used and why), for one new token per sequence (B <= 8), or for
+// GPT-2 a few new tokens of each (B T <= 8: speculative decoding's verifying pass):
 //
 //   GPT-2, weights as panels (panels.h):
 //     x1 = x + proj(attention(qkv(LayerNorm1(x))))
@@ -168,30 +169,34 @@ void check_cache(const torch::Tensor& keys, const torch::Tensor& values, int64_t
 const bool* key_mask_data(const c10::optional<torch::Tensor>& key_mask, int64_t B, int64_t S) {
   if (!key_mask.has_value()) return nullptr;
   TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->is_contiguous() && key_mask->dim() == 2 &&
-              key_mask->size(0) == B && key_mask->size(1) == S, "key_mask must be a contiguous bool (B, ", S, ") tensor");
+              key_mask->size(0) == B && key_mask->size(1) == S, "key_mask must be a contiguous bool (", B, " rows, ", S, ") tensor");
   return key_mask->data_ptr<bool>();
 }
 
 // Writes the new keys and values (rows of qkv, after the query heads) into the cache, then
 // attends: query head h reads key/value head h / (heads / kv_heads) (grouped-query attention).
-void cache_and_attend(const float* qkv, int64_t B, int64_t heads, int64_t kv_heads, int64_t D, torch::Tensor& keys,
-                      torch::Tensor& values, int64_t length, const bool* mask, float* out) {
-  const int64_t capacity = keys.size(2), S = length + 1, width = (heads + 2 * kv_heads) * D;
+// Row r = b T + t is sequence b's token t, at position length + t: it sees the cache up to
+// and including its own position (causal), and where mask is given only the keys its row
+// of mask (B T rows of length + T) allows.
+void cache_and_attend(const float* qkv, int64_t B, int64_t T, int64_t heads, int64_t kv_heads, int64_t D,
+                      torch::Tensor& keys, torch::Tensor& values, int64_t length, const bool* mask, float* out) {
+  const int64_t capacity = keys.size(2), S = length + T, width = (heads + 2 * kv_heads) * D;
   float* kp = keys.data_ptr<float>();
   float* vp = values.data_ptr<float>();
-  for (int64_t r = 0; r < B; ++r)
+  for (int64_t r = 0; r < B * T; ++r)
     for (int64_t g = 0; g < kv_heads; ++g) {
       const float* row = qkv + r * width;
-      std::copy_n(row + (heads + g) * D, D, kp + ((r * kv_heads + g) * capacity + length) * D);
-      std::copy_n(row + (heads + kv_heads + g) * D, D, vp + ((r * kv_heads + g) * capacity + length) * D);
+      const int64_t at = ((r / T * kv_heads + g) * capacity + length + r % T) * D;
+      std::copy_n(row + (heads + g) * D, D, kp + at);
+      std::copy_n(row + (heads + kv_heads + g) * D, D, vp + at);
     }
-  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * T * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(S);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / heads, h = job % heads, g = h / (heads / kv_heads);
-      const int64_t cache_row = (r * kv_heads + g) * capacity * D;
-      attend(qkv + r * width + h * D, kp + cache_row, vp + cache_row, S, D, mask == nullptr ? nullptr : mask + r * S,
-             scores.data(), out + (r * heads + h) * D);
+      const int64_t cache_row = (r / T * kv_heads + g) * capacity * D;
+      attend(qkv + r * width + h * D, kp + cache_row, vp + cache_row, length + r % T + 1, D,
+             mask == nullptr ? nullptr : mask + r * S, scores.data(), out + (r * heads + h) * D);
     }
   });
 }
@@ -204,18 +209,18 @@ torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, con
                          const std::vector<torch::Tensor>& fc2_w, const c10::optional<torch::Tensor>& fc2_b,
                          torch::Tensor keys, torch::Tensor values, int64_t length, int64_t n_heads,
                          const c10::optional<torch::Tensor>& key_mask) {
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous (B, 1, d) fp32 tensor");
-  const int64_t B = x.size(0), d = x.size(2);
-  TORCH_CHECK(B >= 1 && B <= kMaxRows, "x must have 1 to ", kMaxRows, " sequences, got ", B);
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous (B, T, d) fp32 tensor");
+  const int64_t T = x.size(1), d = x.size(2), B = x.size(0) * T;  // from here on, B counts rows
+  TORCH_CHECK(B >= 1 && B <= kMaxRows, "x must have 1 to ", kMaxRows, " rows (sequences x new tokens), got ", B);
   TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, "d = ", d, " is not a multiple of ", n_heads, " heads");
   const int64_t D = d / n_heads;
-  check_cache(keys, values, B, n_heads, D, length + 1);
+  check_cache(keys, values, x.size(0), n_heads, D, length + T);
   TORCH_CHECK(!fc2_w.empty(), "fc2: a weight is [panels] or [int8 panels, scales]");
   const int64_t ff_dim = fc2_w[0].size(1);
   const PanelWeight qkv = check_panels(qkv_w, d, 3 * d, "qkv"), proj = check_panels(proj_w, d, d, "proj");
   const PanelWeight fc = check_panels(fc_w, d, ff_dim, "fc"), fc2 = check_panels(fc2_w, ff_dim, d, "fc2");
-  const bool* mask = key_mask_data(key_mask, B, length + 1);
+  const bool* mask = key_mask_data(key_mask, B, length + T);
   const float* w1 = fp32_vector(ln1_w, d, "ln1 weight");
   const float* b1 = fp32_vector(ln1_b, d, "ln1 bias");
   const float* w2 = fp32_vector(ln2_w, d, "ln2 weight");
@@ -227,7 +232,7 @@ torch::Tensor gpt2_layer(const torch::Tensor& x, const torch::Tensor& ln1_w, con
   std::vector<float> h(B * d), q(B * 3 * d), a(B * d), f(B * ff_dim);
   for (int64_t r = 0; r < B; ++r) layer_norm(xp + r * d, w1, b1, eps1, d, h.data() + r * d);
   product(h.data(), B, d, qkv, data_or_null(qkv_b, 3 * d, "qkv bias"), q.data(), 3 * d);
-  cache_and_attend(q.data(), B, n_heads, n_heads, D, keys, values, length, mask, a.data());
+  cache_and_attend(q.data(), x.size(0), T, n_heads, n_heads, D, keys, values, length, mask, a.data());
   product(a.data(), B, d, proj, data_or_null(proj_b, d, "proj bias"), op, d);
   for (int64_t i = 0; i < B * d; ++i) op[i] += xp[i];  // x1, in out
   for (int64_t r = 0; r < B; ++r) layer_norm(op + r * d, w2, b2, eps2, d, h.data() + r * d);
@@ -273,7 +278,7 @@ torch::Tensor llama_layer(const torch::Tensor& x, const torch::Tensor& norm1, do
       fused_rows::rotate_row(v, cos.data_ptr<float>() + r * D, sin.data_ptr<float>() + r * D, turned.data(), D / 2);
       std::copy_n(turned.data(), D, v);
     }
-  cache_and_attend(qkv.data(), B, heads, kv_heads, D, keys, values, length, mask, a.data());
+  cache_and_attend(qkv.data(), B, 1, heads, kv_heads, D, keys, values, length, mask, a.data());
   blocks_product(a.data(), B, heads * D, o_w, d, op, "o_proj");
   for (int64_t i = 0; i < B * d; ++i) op[i] += xp[i];  // x1, in out
   for (int64_t r = 0; r < B; ++r) fused_rows::rms_norm_row(op + r * d, n2, eps2, d, h.data() + r * d);
@@ -289,6 +294,6 @@ torch::Tensor llama_layer(const torch::Tensor& x, const torch::Tensor& norm1, do
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("llama_layer", &llama_layer, "one Llama layer from GGUF blocks for one new token per sequence (B <= 8), KV cache written in place");
-  m.def("gpt2_layer", &gpt2_layer, "one GPT-2 layer for one new token per sequence (B <= 8), weights as panels (fp32, bf16 or int8), KV cache written in place");
+  m.def("gpt2_layer", &gpt2_layer, "one GPT-2 layer for T new tokens of B sequences (B T <= 8), weights as panels (fp32, bf16 or int8), KV cache written in place");
   m.attr("max_rows") = kMaxRows;
 }

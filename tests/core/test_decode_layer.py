@@ -65,6 +65,37 @@ def test_a_decoding_step_matches_the_block_to_fp32_rounding(monkeypatch):
         assert torch.allclose(caches[1].values, caches[0].values, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch, new_tokens", [(1, 8), (2, 4), (2, 3)])
+@pytest.mark.parametrize("padded, cached", [(False, 9), (True, 9), (False, 0)])
+def test_several_new_tokens_per_sequence_match_the_block(batch, new_tokens, padded, cached, monkeypatch):
+    # Speculative decoding's verifying pass: a few tokens after the cache, each seeing its own prefix only.
+    # With nothing cached and no padding there is no mask: the kernel's own causal limit does it.
+    model = tiny()
+    fast = fused_copy(model)
+    calls = []
+    real = kernels()
+    monkeypatch.setattr(decode_layer, "kernels", lambda: SimpleNamespace(
+        gpt2_layer=lambda *args: calls.append(args[0].shape) or real.gpt2_layer(*args)))
+    g = torch.Generator().manual_seed(2)
+    prompt, chunk = torch.randint(0, 500, (batch, 9), generator=g), torch.randint(0, 500, (batch, new_tokens), generator=g)
+    mask = torch.ones(batch, cached + new_tokens, dtype=torch.long)
+    if padded:
+        mask[0, :3] = 0  # the first sequence is left-padded
+    caches = [KVCache(model.cfg, batch) for _ in range(2)]
+    with torch.inference_mode():
+        for m, cache in zip((model, fast), caches):
+            if cached:
+                m(prompt, cache=cache, attention_mask=mask[:, :9] if padded else None)  # 9 rows or more: the block's code
+        assert calls == []
+        plain = model(chunk, cache=caches[0], attention_mask=mask if padded else None)
+        fused = fast(chunk, cache=caches[1], attention_mask=mask if padded else None)
+    assert calls == [(batch, new_tokens, 48)] * 2
+    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+    assert caches[1].length == caches[0].length == cached + new_tokens
+    assert torch.allclose(caches[1].keys, caches[0].keys, atol=1e-5)
+    assert torch.allclose(caches[1].values, caches[0].values, atol=1e-5)
+
+
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_greedy_tokens_equal_the_plain_model_with_padding_and_eight_rows(qkv_bias):
     model = tiny(qkv_bias=qkv_bias)
