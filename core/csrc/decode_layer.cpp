@@ -93,38 +93,75 @@ void silu_times(float* g, const float* u, int64_t n) {
   }
 }
 
-// One query against the cached keys and values of one sequence and head.
+// sum_j weights[j] values[j] into out, times inv, for the first `width` (<= 16 C) of each
+// value row (S rows, `stride` apart): one pass over the rows in order, C accumulators side by
+// side, so the rows are read as they lie and each output lane sums over j in order.
+template <int C>
+void weighted_rows(const float* weights, const float* values, int64_t S, int64_t stride, int64_t width, float inv,
+                   float* out) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < S; ++j) {
+    const __m512 w = _mm512_set1_ps(weights[j]);
+    for (int c = 0; c < C; ++c)
+      acc[c] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(live_lanes(width - 16 * c), values + j * stride + 16 * c),
+                               acc[c]);
+  }
+  for (int c = 0; c < C; ++c)
+    _mm512_mask_storeu_ps(out + 16 * c, live_lanes(width - 16 * c), _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+}
+
+// One query against the cached keys and values of one sequence and head. Four keys are
+// scored at a time, each with its own accumulator, so the four sums run side by side
+// instead of waiting on one another.
 void attend(const float* q, const float* keys, const float* values, int64_t S, int64_t D, const bool* mask,
             float* scores, float* out) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  float top = -INFINITY;
-  for (int64_t j = 0; j < S; ++j) {
-    if (mask != nullptr && !mask[j]) {
-      scores[j] = -INFINITY;
-      continue;
+  const int64_t chunks = (D + 15) / 16;
+  int64_t j = 0;
+  for (; j + 4 <= S; j += 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 live = live_lanes(D - 16 * c);
+      const __m512 qc = _mm512_maskz_loadu_ps(live, q + 16 * c);
+      for (int t = 0; t < 4; ++t)
+        acc[t] = _mm512_fmadd_ps(qc, _mm512_maskz_loadu_ps(live, keys + (j + t) * D + 16 * c), acc[t]);
     }
+    for (int t = 0; t < 4; ++t) scores[j + t] = _mm512_reduce_add_ps(acc[t]) * scale;
+  }
+  for (; j < S; ++j) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) {
-      const __mmask16 live = live_lanes(D - i);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + i), _mm512_maskz_loadu_ps(live, keys + j * D + i), acc);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 live = live_lanes(D - 16 * c);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + 16 * c), _mm512_maskz_loadu_ps(live, keys + j * D + 16 * c), acc);
     }
     scores[j] = _mm512_reduce_add_ps(acc) * scale;
+  }
+  float top = -INFINITY;
+  for (j = 0; j < S; ++j) {
+    if (mask != nullptr && !mask[j]) scores[j] = -INFINITY;
     top = std::max(top, scores[j]);
   }
   float total = 0;
-  for (int64_t j = 0; j < S; j += 16) {
+  for (j = 0; j < S; j += 16) {
     const __mmask16 live = live_lanes(S - j);
     const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j), _mm512_set1_ps(top)));
     _mm512_mask_storeu_ps(scores + j, live, e);
     total += _mm512_mask_reduce_add_ps(live, e);
   }
   const float inv = 1.0f / total;
-  for (int64_t i = 0; i < D; i += 16) {
-    const __mmask16 live = live_lanes(D - i);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S; ++j)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_maskz_loadu_ps(live, values + j * D + i), acc);
-    _mm512_mask_storeu_ps(out + i, live, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  switch (chunks) {
+    case 1: weighted_rows<1>(scores, values, S, D, D, inv, out); break;
+    case 2: weighted_rows<2>(scores, values, S, D, D, inv, out); break;
+    case 3: weighted_rows<3>(scores, values, S, D, D, inv, out); break;
+    case 4: weighted_rows<4>(scores, values, S, D, D, inv, out); break;
+    case 5: weighted_rows<5>(scores, values, S, D, D, inv, out); break;
+    case 6: weighted_rows<6>(scores, values, S, D, D, inv, out); break;
+    case 7: weighted_rows<7>(scores, values, S, D, D, inv, out); break;
+    case 8: weighted_rows<8>(scores, values, S, D, D, inv, out); break;
+    default:  // heads wider than 128: 128 values at a time
+      for (int64_t i = 0; i < D; i += 128)
+        weighted_rows<8>(scores, values + i, S, D, std::min<int64_t>(128, D - i), inv, out + i);
   }
 }
 
