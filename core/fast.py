@@ -39,10 +39,11 @@ transforms therefore cut bytes and per-step overhead:
   norms, attention over the cache, the activation and residuals around the
   products, instead of twenty-odd torch calls whose dispatch costs more than
   their arithmetic at one token. Within fp32 rounding of the block's own code.
-- ``speculative`` (fp32 GPT-2 with fused layers): greedy decoding of one
-  sequence drafts up to seven tokens from bf16 panels of the same weights and
-  verifies them in one fp32 pass (``core.speculative``): the fp32 model's
-  tokens, with its weights read about once per eight tokens.
+- ``speculative`` (fp32 GPT-2 with fused layers): decoding one sequence,
+  an int8 copy of the same weights drafts up to seven tokens and one fp32 pass
+  checks them (``core.speculative``): greedy decoding gets the fp32 model's
+  tokens and sampling its distribution, with its weights read about once per
+  eight tokens.
 - ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
   that inductor prepacks and folds, pointwise ops fuse). Minutes of
   compilation on a small CPU, so it is off by default, :func:`make_fast` warms
@@ -480,7 +481,7 @@ def _use_draft(model: nn.Module, report: FastReport) -> None:
         return  # a half-precision model has nothing cheaper to draft with; Llama layers have no draft yet
     model.draft = SelfDraft(model)
     report.applied.append(
-        f"speculative (greedy, one sequence: int8 drafts of up to {model.draft.max_draft} tokens, verified in fp32)")
+        f"speculative (one sequence: int8 drafts of up to {model.draft.max_draft} tokens, checked in fp32)")
 
 
 def inductor_cache_dir() -> Path:

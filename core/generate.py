@@ -75,7 +75,7 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
     for prompt in prompts:
         check_prompt(prompt, C)
     if _speculates(model, prompts, cfg):
-        for token in speculative_tokens(model, model.draft, prompts[0], cfg.max_new_tokens, cfg.stop_token_ids):
+        for token in speculative_tokens(model, model.draft, prompts[0], cfg):
             yield [token]
         return
     device, dtype = _device_dtype(model)
@@ -123,10 +123,11 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
 
 
 def _speculates(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> bool:
-    # One greedy sequence, cached, that stays inside the context window, on a model with a draft
-    # (core.fast installs one): the draft's guesses are verified, so the tokens are the same.
+    # One sequence, cached, that stays inside the context window, on a model with a draft (core.fast
+    # installs one): the model checks the draft's guesses, so greedy tokens are the same and sampled
+    # ones have the same distribution (other draws for a seed than token by token).
     return (
-        getattr(model, "draft", None) is not None and len(prompts) == 1 and cfg.greedy and cfg.use_cache
+        getattr(model, "draft", None) is not None and len(prompts) == 1 and cfg.use_cache
         and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length and not model.training
     )
 

@@ -1,5 +1,5 @@
-"""core.speculative: greedy decoding with a low-precision draft of the model's own weights gives the
-plain model's tokens, whatever the draft guesses."""
+"""core.speculative: decoding with a low-precision draft of the model's own weights gives the plain
+model's greedy tokens, and sampled tokens with the plain model's distribution, whatever the draft guesses."""
 
 import copy
 
@@ -11,27 +11,28 @@ from core.decode_layer import kernels
 from core.fast import FastConfig, make_fast
 from core.generate import GenerationConfig, generate
 from core.model import GPTModel
+from core.sampling import next_token_probabilities
 from core.speculative import MAX_DRAFT, MIN_JUDGED, SelfDraft
 from kernel_marks import needs_kernels
 
 pytestmark = [needs_kernels(kernels, "decode-layer kernel"), pytest.mark.usefixtures("one_torch_thread")]
 
 
-def tiny(**kw) -> GPTModel:
+def tiny(head_scale: float = 8.0, **kw) -> GPTModel:
     torch.manual_seed(0)
     base = dict(family="gpt2", vocab_size=500, context_length=48, emb_dim=48, n_layers=2, n_heads=4, hidden_dim=200,
                 qkv_bias=True)
     base.update(kw)
     model = GPTModel(ModelConfig(**base)).eval()
     with torch.no_grad():
-        model.head_weight.mul_(8.0)  # trained-looking logits: greedy is not a coin toss between near-ties
+        model.head_weight.mul_(head_scale)  # trained-looking logits: greedy is not a coin toss between near-ties
     return model
 
 
 def drafted(model: GPTModel, cfg: FastConfig | None = None) -> GPTModel:
     fast = copy.deepcopy(model)
     report = make_fast(fast, cfg)
-    assert any(a.startswith("speculative (greedy, one sequence: int8 drafts of up to 7 tokens") for a in report.applied)
+    assert any(a.startswith("speculative (one sequence: int8 drafts of up to 7 tokens") for a in report.applied)
     return fast
 
 
@@ -63,11 +64,12 @@ class Oracle:
     def __getattr__(self, name):
         return getattr(self.draft, name)
 
-    def next_token(self, model, token, position, cache):
-        self.draft.next_token(model, token, position, cache)  # its keys and values go into the cache, as a draft's do
+    def scores(self, model, token, position, cache):
+        scores = self.draft.scores(model, token, position, cache)  # its keys and values go into the cache
         self.guesses += 1
         right = self.sequence[position + 1]
-        return right if self.guesses % self.every else (right + 1) % model.cfg.vocab_size
+        guess = right if self.guesses % self.every else (right + 1) % model.cfg.vocab_size
+        return torch.nn.functional.one_hot(torch.tensor(guess), len(scores)).float()
 
 
 @pytest.mark.parametrize("every", [2, 3, 5, 8])
@@ -85,7 +87,8 @@ def test_rejected_guesses_leave_no_trace(every):
 def test_a_draft_that_is_always_wrong_changes_nothing_and_is_given_up():
     model = tiny()
     fast = drafted(model)
-    fast.draft.next_token = lambda model, token, position, cache: (token + 1) % 500
+    fast.draft.scores = lambda model, token, position, cache: torch.nn.functional.one_hot(
+        torch.tensor((token + 1) % 500), 500).float()
     prompt, cfg = PROMPTS[2], GenerationConfig(max_new_tokens=35)
     assert generate(fast, [prompt], cfg) == generate(model, [prompt], cfg)
     counts = fast.draft.counts
@@ -119,9 +122,50 @@ def test_what_the_draft_does_not_take_decodes_token_by_token():
     ]
     for prompts, cfg in cases:
         assert generate(fast, prompts, cfg) == generate(model, prompts, cfg)
-    sampled = GenerationConfig(max_new_tokens=10, temperature=0.8, seed=3)
-    assert generate(fast, [PROMPTS[0]], sampled) == generate(model, [PROMPTS[0]], sampled)
     assert counts == {"passes": 0, "drafted": 0, "accepted": 0}
+
+
+class Flipped:
+    """A draft whose distribution is far from the model's: its logits in reverse vocabulary order."""
+
+    def __init__(self, draft: SelfDraft) -> None:
+        self.draft = draft
+
+    def __getattr__(self, name):
+        return getattr(self.draft, name)
+
+    def scores(self, model, token, position, cache):
+        return self.draft.scores(model, token, position, cache).flip(0)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_sampled_tokens_are_distributed_as_the_models_own(sampling):
+    # Leviathan et al.'s rule makes each token follow the model's distribution whatever the draft's.
+    # Three new tokens: the first from the prompt's pass, the second a drafted guess kept or
+    # replaced by a draw from max(0, p - q), the third the pass's own draw after a kept guess.
+    model = tiny(vocab_size=8, head_scale=1.0)
+    fast = drafted(model)
+    fast.draft = Flipped(fast.draft)
+    prompt, runs = [1, 2, 3], 3000
+    counts = torch.zeros(3, 8)
+    for seed in range(runs):
+        out = generate(fast, [prompt], GenerationConfig(max_new_tokens=3, seed=seed, **sampling))[0]
+        counts[torch.arange(3), torch.tensor(out)] += 1
+    # The exact distributions of the three tokens, from the plain model over every two-token prefix.
+    cfg = GenerationConfig(max_new_tokens=3, **sampling)
+    prefixes = torch.tensor([prompt + [a, b] for a in range(8) for b in range(8)])
+    with torch.inference_mode():
+        logits = model(prefixes)
+    first = next_token_probabilities(logits[:1, 2], cfg)[0]  # (8,)
+    second = next_token_probabilities(logits[::8, 3], cfg)  # (8 first tokens, 8)
+    third = next_token_probabilities(logits[:, 4], cfg).view(8, 8, 8)  # (first, second, third)
+    exact = torch.stack([first, first @ second, torch.einsum("a,ab,abc->c", first, second, third)])
+    distance = 0.5 * (counts / runs - exact).abs().sum(-1)  # total variation, per token
+    assert (distance < 0.05).all(), distance  # sampling noise at 3,000 runs: about 0.02
+    assert 0 < fast.draft.counts["accepted"] < fast.draft.counts["drafted"]  # guesses kept and refused
+    # The same seed, the same draws.
+    again = GenerationConfig(max_new_tokens=12, seed=7, **sampling)
+    assert generate(fast, [prompt], again) == generate(fast, [prompt], again)
 
 
 def test_which_models_get_a_draft():
