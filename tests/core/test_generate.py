@@ -91,6 +91,24 @@ def test_top_k_keeps_k_tokens_and_top_p_keeps_the_nucleus():
     assert kept.tolist() == [[True, False, False, False, False]]
 
 
+def test_top_p_after_top_k_is_the_nucleus_of_the_top_k_tokens():
+    # filter_logits sorts only the tokens top-k left in the running; a full sort gives the same set.
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300)
+    logits[1, :5] = 10.0  # five tied leaders: top_k=3 keeps all five
+    for cfg in (SamplingConfig(temperature=0.9, top_k=3, top_p=0.9), SamplingConfig(temperature=1.3, top_k=40, top_p=0.7),
+                SamplingConfig(temperature=1.0, top_k=299, top_p=0.5)):
+        scaled = logits / cfg.temperature
+        kth = scaled.topk(cfg.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs, order = scaled.softmax(-1).sort(dim=-1, descending=True)
+        keep_sorted = (probs.cumsum(-1) - probs) < cfg.top_p
+        keep_sorted[:, 0] = True
+        expected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        assert torch.equal(filter_logits(logits, cfg).isfinite(), expected)
+    assert filter_logits(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=0.9))[1].isfinite().sum() == 5
+
+
 def test_sampling_respects_filters_and_greedy_is_argmax():
     logits = torch.tensor([[0.0, 5.0, 4.9, -2.0]])
     assert sample(logits, SamplingConfig()).item() == 1
