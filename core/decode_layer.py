@@ -19,8 +19,9 @@ one new token for up to eight sequences (GPT-2: up to eight new tokens in all,
 for speculative decoding's verifying pass), a KV cache, and the weights still
 the ones the panels or blocks hold. Everything else (longer prompts, training,
 returned attention weights, the book's explicit attention path, another dtype)
-runs the block's own code. A fused layer agrees with it to fp32 rounding (tested), not
-bit for bit: its norms, softmax and activations round in their own order.
+runs the block's own code. A fused layer agrees with it to fp32 rounding
+(tested), not bit for bit: its norms, softmax and activations round in their
+own order.
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ class FusedGPT2Block(_FusedBlock):
 
     def decode(self, x: torch.Tensor, cache, position: int, key_mask: torch.Tensor | None = None,
                panels: list | None = None) -> torch.Tensor:
-        """The layer for T new tokens per sequence, x (B, T, d) fp32 with B T <= 8, their keys and values
-        written into ``cache`` from ``position`` on. ``panels``: four ``Panels`` to read the weights from instead of the
-        layers' own (``core.speculative``'s draft passes bf16 ones)."""
+        """The layer for T new tokens per sequence, x (B, T, d) fp32 with B T <= 8, their keys and
+        values written into ``cache`` from ``position`` on. ``panels``: four ``Panels`` to read the
+        weights from instead of the layers' own (``core.speculative``'s draft passes int8 ones)."""
         linears = self.linears()
         weights = [(p or m._panels).of(m.weight) for m, p in zip(linears, panels or [None] * 4)]
         qkv, proj, fc, fc2 = linears

@@ -5,8 +5,9 @@ take the last logits, sample, append) with what serving needs on top: a KV
 cache (prefill the prompt once, then one token per step), several prompts at
 once (left padding plus an attention mask), stop tokens and stop strings, and
 a streaming iterator of text that never splits a UTF-8 character. A model
-that ``core.fast`` gave a draft decodes one greedy sequence speculatively
-(``core.speculative``): the same tokens, fewer full passes.
+that ``core.fast`` gave a draft decodes one sequence speculatively
+(``core.speculative``): the same greedy tokens, or sampled tokens of the same
+distribution, in fewer full passes.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class GPTModel(nn.Module):
         # callers that need only the argmax (greedy decoding). None: the plain matmul.
         self.fast_head: nn.Module | None = None
         self.argmax_head: nn.Module | None = None
-        # What drafts greedy tokens for core.speculative, which core.fast may install. None: one token per pass.
+        # What drafts tokens for core.speculative, which core.fast may install. None: one token per pass.
         self.draft = None
         if cfg.family == "llama":
             cos, sin = rope_tables(cfg)

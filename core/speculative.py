@@ -55,7 +55,7 @@ MIN_JUDGED = 16
 
 
 class SelfDraft:
-    """Drafts greedy tokens for an fp32 GPT-2 whose blocks are ``FusedGPT2Block``s, from a lower-precision
+    """Drafts tokens for an fp32 GPT-2 whose blocks are ``FusedGPT2Block``s, from a lower-precision
     panel copy of its own block and output weights: int8 with a scale per output (default) or bf16.
     The copies are rebuilt if a weight changes, as every panel copy is.
 
@@ -101,7 +101,9 @@ class SelfDraft:
         return panel_kernels().linear(h, self._head.of(weight), None, weight.shape[0])[0]
 
 
-def speculative_tokens(model: torch.nn.Module, draft: SelfDraft, prompt: list[int], cfg: "GenerationConfig") -> Iterator[int]:
+def speculative_tokens(
+    model: torch.nn.Module, draft: SelfDraft, prompt: list[int], cfg: GenerationConfig
+) -> Iterator[int]:
     """The model's tokens after ``prompt`` as ``cfg`` asks (greedy or sampled, up to
     ``cfg.max_new_tokens``; a stop token is yielded, then nothing more), drafted by ``draft`` and
     verified by ``model`` up to eight at a time.

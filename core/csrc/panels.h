@@ -81,95 +81,79 @@ inline void finish(__m512 (&acc)[M][P], const float* scale, const float* bias, i
   }
 }
 
+// The sums over k of one group of P panels into acc (M rows x P panels), one function per
+// weight type, each reading its panels from `base` on.
+
 // fp32 weights: one cache line per k.
-template <typename Out, int M, int P>
-void groups(const float* x, int64_t K, const float* w, const float* scale, const float* bias, int64_t p0, int64_t p1,
-            Out* out, int64_t N) {
-  int64_t p = p0;
-  for (; p + P <= p1; p += P) {
-    __m512 acc[M][P];
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < P; ++j) acc[i][j] = _mm512_setzero_ps();
-    const float* base = w + p * K * kPanel;
-    for (int64_t k = 0; k < K; ++k) {
-      __m512 wv[P];
-      for (int j = 0; j < P; ++j) {
-        const float* line = base + (j * K + k) * kPanel;
-        _mm_prefetch(reinterpret_cast<const char*>(line + kAhead * kPanel), _MM_HINT_T0);
-        wv[j] = _mm512_loadu_ps(line);
-      }
-      for (int i = 0; i < M; ++i) {
-        const __m512 xi = _mm512_set1_ps(x[i * K + k]);
-        for (int j = 0; j < P; ++j) acc[i][j] = _mm512_fmadd_ps(xi, wv[j], acc[i][j]);
-      }
+template <int M, int P>
+inline void accumulate(__m512 (&acc)[M][P], const float* x, int64_t K, const float* base) {
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[P];
+    for (int j = 0; j < P; ++j) {
+      const float* line = base + (j * K + k) * kPanel;
+      _mm_prefetch(reinterpret_cast<const char*>(line + kAhead * kPanel), _MM_HINT_T0);
+      wv[j] = _mm512_loadu_ps(line);
     }
-    finish<Out, M, P>(acc, scale, bias, p, out, N);
-  }
-  if constexpr (P > 1) {
-    if (p < p1) groups<Out, M, 1>(x, K, w, scale, bias, p, p1, out, N);
+    for (int i = 0; i < M; ++i) {
+      const __m512 xi = _mm512_set1_ps(x[i * K + k]);
+      for (int j = 0; j < P; ++j) acc[i][j] = _mm512_fmadd_ps(xi, wv[j], acc[i][j]);
+    }
   }
 }
 
 // bf16 weights, widened: each cache line holds k = 2 kk and 2 kk + 1, bf16 being the top
 // half of an fp32 (the even k in the low halves of the 32-bit lanes, the odd in the high).
-template <typename Out, int M, int P>
-void groups(const float* x, int64_t K, const at::BFloat16* w, const float* scale, const float* bias, int64_t p0,
-            int64_t p1, Out* out, int64_t N) {
-  int64_t p = p0;
+template <int M, int P>
+inline void accumulate(__m512 (&acc)[M][P], const float* x, int64_t K, const at::BFloat16* base) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (; p + P <= p1; p += P) {
-    __m512 acc[M][P];
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < P; ++j) acc[i][j] = _mm512_setzero_ps();
-    const at::BFloat16* base = w + p * K * kPanel;
-    for (int64_t kk = 0; kk < K / 2; ++kk) {
-      __m512 even[P], odd[P];
-      for (int j = 0; j < P; ++j) {
-        const at::BFloat16* line = base + (j * K + 2 * kk) * kPanel;
-        _mm_prefetch(reinterpret_cast<const char*>(line + kAhead * 2 * kPanel), _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(line);
-        even[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        odd[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-      }
-      for (int i = 0; i < M; ++i) {
-        const __m512 x0 = _mm512_set1_ps(x[i * K + 2 * kk]), x1 = _mm512_set1_ps(x[i * K + 2 * kk + 1]);
-        for (int j = 0; j < P; ++j) acc[i][j] = _mm512_fmadd_ps(x1, odd[j], _mm512_fmadd_ps(x0, even[j], acc[i][j]));
-      }
+  for (int64_t kk = 0; kk < K / 2; ++kk) {
+    __m512 even[P], odd[P];
+    for (int j = 0; j < P; ++j) {
+      const at::BFloat16* line = base + (j * K + 2 * kk) * kPanel;
+      _mm_prefetch(reinterpret_cast<const char*>(line + kAhead * 2 * kPanel), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(line);
+      even[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      odd[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
     }
-    finish<Out, M, P>(acc, scale, bias, p, out, N);
-  }
-  if constexpr (P > 1) {
-    if (p < p1) groups<Out, M, 1>(x, K, w, scale, bias, p, p1, out, N);
+    for (int i = 0; i < M; ++i) {
+      const __m512 x0 = _mm512_set1_ps(x[i * K + 2 * kk]), x1 = _mm512_set1_ps(x[i * K + 2 * kk + 1]);
+      for (int j = 0; j < P; ++j) acc[i][j] = _mm512_fmadd_ps(x1, odd[j], _mm512_fmadd_ps(x0, even[j], acc[i][j]));
+    }
   }
 }
 
-// int8 weights, one scale per column: one cache line per four k, each k's sixteen bytes
-// widened to fp32 by one sign-extending load and one conversion. Sums are of x * q in fp32,
-// times the column's scale at the end.
-template <typename Out, int M, int P>
-void groups(const float* x, int64_t K, const int8_t* w, const float* scale, const float* bias, int64_t p0, int64_t p1,
+// int8 weights (a scale per column, applied by finish): one cache line per four k, each k's
+// sixteen bytes widened to fp32 by one sign-extending load and one conversion.
+template <int M, int P>
+inline void accumulate(__m512 (&acc)[M][P], const float* x, int64_t K, const int8_t* base) {
+  for (int64_t k = 0; k < K; k += 4) {
+    for (int j = 0; j < P; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(base + (j * K + k) * kPanel + kAhead * 64), _MM_HINT_T0);
+    for (int t = 0; t < 4; ++t) {
+      __m512 wv[P];
+      for (int j = 0; j < P; ++j) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + (j * K + k + t) * kPanel));
+        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+      }
+      for (int i = 0; i < M; ++i) {
+        const __m512 xi = _mm512_set1_ps(x[i * K + k + t]);
+        for (int j = 0; j < P; ++j) acc[i][j] = _mm512_fmadd_ps(xi, wv[j], acc[i][j]);
+      }
+    }
+  }
+}
+
+// Panels p0 to p1, P at a time (the rest one at a time): accumulators zeroed, the weight
+// type's sums over k, the group's end.
+template <typename Out, int M, int P, typename W>
+void groups(const float* x, int64_t K, const W* w, const float* scale, const float* bias, int64_t p0, int64_t p1,
             Out* out, int64_t N) {
   int64_t p = p0;
   for (; p + P <= p1; p += P) {
     __m512 acc[M][P];
     for (int i = 0; i < M; ++i)
       for (int j = 0; j < P; ++j) acc[i][j] = _mm512_setzero_ps();
-    const int8_t* base = w + p * K * kPanel;
-    for (int64_t k = 0; k < K; k += 4) {
-      for (int j = 0; j < P; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(base + (j * K + k) * kPanel + kAhead * 64), _MM_HINT_T0);
-      for (int t = 0; t < 4; ++t) {
-        __m512 wv[P];
-        for (int j = 0; j < P; ++j) {
-          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + (j * K + k + t) * kPanel));
-          wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-        }
-        for (int i = 0; i < M; ++i) {
-          const __m512 xi = _mm512_set1_ps(x[i * K + k + t]);
-          for (int j = 0; j < P; ++j) acc[i][j] = _mm512_fmadd_ps(xi, wv[j], acc[i][j]);
-        }
-      }
-    }
+    accumulate<M, P>(acc, x, K, w + p * K * kPanel);
     finish<Out, M, P>(acc, scale, bias, p, out, N);
   }
   if constexpr (P > 1) {

@@ -14,22 +14,11 @@ from core.fast import FastConfig, make_fast
 from core.generate import GenerationConfig, generate
 from core.kv_cache import KVCache
 from core.model import GPTModel
+from fused_models import tiny_gpt2 as tiny
 from gguf_files import block_model
 from kernel_marks import needs_kernels
 
 pytestmark = [needs_kernels(kernels, "decode-layer kernel"), pytest.mark.usefixtures("one_torch_thread")]
-
-
-def tiny(**kw) -> GPTModel:
-    torch.manual_seed(0)
-    # head_dim 12 and ff_dim 200: neither a multiple of 16, so the kernels' partial vectors are exercised.
-    base = dict(family="gpt2", vocab_size=500, context_length=40, emb_dim=48, n_layers=2, n_heads=4, hidden_dim=200,
-                qkv_bias=True)
-    base.update(kw)
-    model = GPTModel(ModelConfig(**base)).eval()
-    with torch.no_grad():
-        model.head_weight.mul_(8.0)  # trained-looking logits: greedy is not a coin toss between near-ties
-    return model
 
 
 def fused_copy(model: GPTModel) -> GPTModel:

@@ -13,20 +13,14 @@ from core.generate import GenerationConfig, generate
 from core.model import GPTModel
 from core.sampling import next_token_probabilities
 from core.speculative import MAX_DRAFT, MIN_JUDGED, SelfDraft
+from fused_models import tiny_gpt2
 from kernel_marks import needs_kernels
 
 pytestmark = [needs_kernels(kernels, "decode-layer kernel"), pytest.mark.usefixtures("one_torch_thread")]
 
 
-def tiny(head_scale: float = 8.0, **kw) -> GPTModel:
-    torch.manual_seed(0)
-    base = dict(family="gpt2", vocab_size=500, context_length=48, emb_dim=48, n_layers=2, n_heads=4, hidden_dim=200,
-                qkv_bias=True)
-    base.update(kw)
-    model = GPTModel(ModelConfig(**base)).eval()
-    with torch.no_grad():
-        model.head_weight.mul_(head_scale)  # trained-looking logits: greedy is not a coin toss between near-ties
-    return model
+def tiny(**kw) -> GPTModel:
+    return tiny_gpt2(**{"context_length": 48, **kw})  # the window the length tests run up to
 
 
 def drafted(model: GPTModel, cfg: FastConfig | None = None) -> GPTModel:
