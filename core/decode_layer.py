@@ -92,13 +92,11 @@ class FusedGPT2Block(_FusedBlock):
             return False
         if not (isinstance(block.norm1, LayerNorm) and isinstance(block.norm2, LayerNorm)):
             return False
-        linears = (block.attn.qkv, block.attn.proj, block.ff.fc, block.ff.proj)  # as linears() orders them
         return block.attn.n_kv_heads == block.attn.n_heads and all(
-            isinstance(m, PackedLinear) and m._panels is not None for m in linears)
+            isinstance(m, PackedLinear) and m._panels is not None for m in gpt2_linears(block))
 
     def linears(self) -> tuple[nn.Module, ...]:
-        """The layer's linear layers in the kernel's order: qkv, proj, fc, fc2."""
-        return self.attn.qkv, self.attn.proj, self.ff.fc, self.ff.proj
+        return gpt2_linears(self)
 
     def _fused(self, x: torch.Tensor, ctx: ForwardContext, key_mask: torch.Tensor | None) -> torch.Tensor:
         return self.decode(x, ctx.cache, ctx.cache.length, key_mask)
@@ -147,6 +145,11 @@ class FusedLlamaBlock(_FusedBlock):
             *blocks[2:], cache.keys[attn.layer_idx], cache.values[attn.layer_idx], cache.length,
             attn.n_heads, attn.n_kv_heads, cos, sin, key_mask,
         )
+
+
+def gpt2_linears(block: nn.Module) -> tuple[nn.Module, ...]:
+    """A GPT-2 block's linear layers in the kernel's order: qkv, proj, fc, fc2."""
+    return block.attn.qkv, block.attn.proj, block.ff.fc, block.ff.proj
 
 
 def llama_linears(block: nn.Module) -> tuple[nn.Module, ...]:

@@ -472,10 +472,9 @@ def _use_fused_layers(model: nn.Module, report: FastReport) -> None:
 
 
 def _use_draft(model: nn.Module, report: FastReport) -> None:
-    from core.decode_layer import FusedGPT2Block
-    from core.speculative import SelfDraft
+    from core.speculative import SelfDraft, drafts_for
 
-    if not all(isinstance(block, FusedGPT2Block) for block in model.blocks):
+    if not drafts_for(model):
         if model.head_weight.dtype == torch.float32 and model.pos_emb is not None:
             report.skipped["speculative"] = "the draft decodes through fused GPT-2 layers, and this model has none"
         return  # a half-precision model has nothing cheaper to draft with; Llama layers have no draft yet

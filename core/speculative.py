@@ -64,13 +64,11 @@ class SelfDraft:
     """
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.int8, max_draft: int = MAX_DRAFT) -> None:
-        from core.decode_layer import FusedGPT2Block
-
         if dtype not in (torch.int8, torch.bfloat16):
             raise ValueError(f"the draft reads int8 or bf16 panels, not {dtype}")
         if not 1 <= max_draft <= MAX_DRAFT:
             raise ValueError(f"max_draft must be 1 to {MAX_DRAFT}, got {max_draft}")
-        if not all(isinstance(block, FusedGPT2Block) for block in model.blocks) or model.pos_emb is None:
+        if not drafts_for(model):
             raise ValueError("the draft runs the fused GPT-2 layers: make_fast the fp32 model with panels first")
         self.dtype, self.max_draft = dtype, max_draft
         self._layers = [[Panels(dtype) for _ in block.linears()] for block in model.blocks]
@@ -99,6 +97,13 @@ class SelfDraft:
         h = model.final_norm(x).view(1, -1)
         weight = model.head_weight
         return panel_kernels().linear(h, self._head.of(weight), None, weight.shape[0])[0]
+
+
+def drafts_for(model: torch.nn.Module) -> bool:
+    """Whether :class:`SelfDraft` runs on ``model``: a GPT-2 whose every block is a ``FusedGPT2Block``."""
+    from core.decode_layer import FusedGPT2Block
+
+    return model.pos_emb is not None and all(isinstance(block, FusedGPT2Block) for block in model.blocks)
 
 
 def speculative_tokens(
