@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     # GGUF file keeps the file's quantized blocks and, in fp32, decodes from them
     # (core.gguf_matvec: the same weights, a fifth of the bytes) with its RMSNorms and rotary
     # embeddings one kernel call each (core.fused_ops); any other fp32 or bf16 chat model reads
-    # its weights as panels (core.panel_linear). SCRATCHGPT_GGUF_KERNELS, its name before it
+    # its weights as panels (core.panel_linear). On a CUDA GPU the decoding steps replay CUDA
+    # graphs instead (core.cuda_graphs). SCRATCHGPT_GGUF_KERNELS, its name before it
     # covered dense models too, is still read.
     fast_kernels: bool = Field(True, validation_alias=AliasChoices(
         "fast_kernels", "SCRATCHGPT_FAST_KERNELS", "gguf_kernels", "SCRATCHGPT_GGUF_KERNELS"))

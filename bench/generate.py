@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from harness import gpt2_pair, load_average, print_table  # also puts the repository on sys.path
+from harness import describe_device, gpt2_pair, load_average, print_table, synchronized  # also puts the repo on sys.path
 
+from core.device import resolve_device  # noqa: E402
 from core.fast import FastConfig, make_fast  # noqa: E402
 from core.generate import GenerationConfig, generate  # noqa: E402
 from core.model import GPTModel  # noqa: E402
@@ -48,14 +49,14 @@ NO_DRAFT = "fast, no draft"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def read_bandwidth_gbs(clock, size_mb: int = 1024, repeats: int = 5) -> float:
+def read_bandwidth_gbs(clock, device: torch.device, size_mb: int = 1024, repeats: int = 5) -> float:
     """Best-of-n read bandwidth over a buffer larger than any cache, each byte read once.
 
     Two readers, the faster kept: a sum, and MKL's matrix-vector product (the
     kernel fp32 decoding streams its weights with; it prefetches better than
-    the sum, so taking only the sum would understate the bound)."""
-    buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
-    matrix, vector = buf.view(-1, 1024), torch.ones(1024)
+    the sum, so taking only the sum would understate the bound). On a GPU the same two, in its memory."""
+    buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32, device=device)
+    matrix, vector = buf.view(-1, 1024), torch.ones(1024, device=device)
     best = float("inf")
     for read in (buf.sum, lambda: matrix.mv(vector)):
         read()
@@ -154,12 +155,14 @@ def bench_pair(name, ours, hf, blocks, args, clock, rows, bounds, notes):
     """Append table rows; for batch-1 cached rows also (row index, tokens/s, weight bytes) to ``bounds``."""
     vocab = ours.cfg.vocab_size
     g = torch.Generator().manual_seed(1)
-    prompts = {b: torch.randint(1000, vocab, (b, args.prompt_tokens), generator=g) for b in args.batch}
+    prompts = {b: torch.randint(1000, vocab, (b, args.prompt_tokens), generator=g).to(args.device) for b in args.batch}
+    if args.device.type != "cpu":
+        blocks = None  # the GGUF block kernels are CPU kernels
     reference: dict[tuple[int, bool], object] = {}  # fp32 transformers tokens, per batch and cache
     hf_fp32_tps: dict[tuple[int, bool], float] = {}
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        hf_d, plain = hf.to(dtype), ours.to(dtype)
+        hf_d, plain = hf.to(args.device, dtype), ours.to(args.device, dtype)
         paths = {"plain": plain}
         if not args.no_fast:
             paths["fast"] = copy.deepcopy(plain)
@@ -225,6 +228,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: this thread's CPU time, steadier under load (use with --threads 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU figures; the clock waits for the GPU)")
     p.add_argument("--no-fast", action="store_true", help="skip the core.fast rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles for minutes, then cached)")
     p.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M rows")
@@ -238,14 +242,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() > 1:
         sys.exit("--clock cpu counts only the calling thread: use it with --threads 1")
-    clock = CLOCKS[args.clock]
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as err:
+        sys.exit(str(err))
+    if args.clock == "cpu" and args.device.type != "cpu":
+        sys.exit("--clock cpu counts this thread's CPU time, not the GPU's: use --clock wall with --device cuda")
+    clock = synchronized(CLOCKS[args.clock], args.device)
 
     import transformers
 
     load_before = load_average()
-    bandwidth = read_bandwidth_gbs(clock)
+    bandwidth = read_bandwidth_gbs(clock, args.device)
     bandwidth_before = bandwidth
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+    print(f"{describe_device(args.device)}; torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"{args.clock} clock; greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
           f"({args.new_tokens_uncached} without cache), best of {args.repeats}; load average {load_before}", flush=True)
     rows: list[list] = []
@@ -263,7 +273,7 @@ def main() -> None:
         if not gguf.is_file():
             sys.exit(f"--smollm2: {gguf} not found; run `scratchgpt download smollm2-135m-instruct`")
         bench_pair(*smollm2_pair(gguf), args, clock, rows, bounds, notes)
-    bandwidth_after = read_bandwidth_gbs(clock)
+    bandwidth_after = read_bandwidth_gbs(clock, args.device)
     bandwidth = max(bandwidth_before, bandwidth_after)
     for i, tps, nbytes in bounds:
         rows[i][-1] = f"{100 * tps * nbytes / (bandwidth * 1e9):.0f}%"

@@ -23,6 +23,26 @@ def load_average() -> str:
         return "n/a"
 
 
+def describe_device(device: torch.device) -> str:
+    """What the figures were measured on: the GPU's name and memory, or the CPU count."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"GPU figures: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch CUDA {torch.version.cuda}"
+    return f"CPU: {os.cpu_count()} cores"
+
+
+def synchronized(clock, device: torch.device):
+    """``clock``, waiting first for the GPU's queued work, so a reading covers what was launched before it."""
+    if device.type != "cuda":
+        return clock
+
+    def read() -> float:
+        torch.cuda.synchronize(device)
+        return clock()
+
+    return read
+
+
 def print_table(rows: list[list] | list[tuple]) -> None:
     """A Markdown table; the first row is the header."""
     cells = [[str(c) for c in row] for row in rows]

@@ -409,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (SCRATCHGPT_TORCH_THREADS)")
     parser.add_argument("--pack-tokens", type=int, default=None,
                         help="row length of packed micro-batches, 0 to pad instead (default: the service's setting)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="SCRATCHGPT_DEVICE of both servers")
     parser.add_argument("--classifier-dtype", default=None, help="SCRATCHGPT_CLASSIFIER_DTYPE of both servers")
     parser.add_argument("--chat-dtype", default=None, help="SCRATCHGPT_CHAT_DTYPE of the server that answers chats")
     parser.add_argument("--chat", type=Path, default=None, help="a chat checkpoint (default: GPT-2 124M random)")
@@ -433,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {os.cpu_count()} CPUs, load average {load_before}; texts: {source}")
         print(f"chat model {chat}; classifier {classifier} (made in {time.perf_counter() - t0:.1f} s)")
 
-        common: dict = dict(threads=args.threads, start_timeout=args.start_timeout, chat_checkpoint=chat, classifier_checkpoint=classifier)
+        common: dict = dict(threads=args.threads, start_timeout=args.start_timeout, chat_checkpoint=chat,
+                            classifier_checkpoint=classifier, device=args.device)
         if args.classifier_dtype:
             common["classifier_dtype"] = args.classifier_dtype
         chat_settings = {"chat_dtype": args.chat_dtype} if args.chat_dtype else {}
@@ -464,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Service bench: {args.clients} concurrent clients, {args.duration:.0f} s a phase; "
           f"micro-batching: up to {batch_size} texts or {batch_wait:g} ms, "
           + (f"packed into rows of {pack_tokens} tokens" if pack_tokens else "padded to the longest"))
-    print(f"dtypes: classifier {args.classifier_dtype or 'the service default'}, "
+    print(f"device {args.device}; dtypes: classifier {args.classifier_dtype or 'the service default'}, "
           f"chat {args.chat_dtype or 'the service default'}")
     rows = [
         ("measure", "micro-batched", "one at a time", "ratio", "target"),

@@ -24,22 +24,22 @@ import time
 import torch
 import torch.nn.functional as F
 
-from harness import gpt2_pair, load_average  # also puts the repository on sys.path
+from harness import describe_device, gpt2_pair, load_average, synchronized  # also puts the repository on sys.path
 
+from core.device import resolve_device  # noqa: E402
 from core.model import GPTModel  # noqa: E402
 from training.pretrain import PretrainConfig, autocast_context, lm_loss, make_optimizer  # noqa: E402
 
 
-def training_pair() -> tuple[GPTModel, torch.nn.Module]:
+def training_pair(device: torch.device) -> tuple[GPTModel, torch.nn.Module]:
     """Both GPT-2s in training mode, dropout off so their steps compute the same thing."""
     ours, hf = gpt2_pair(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return ours.train(), hf.train()
+    return ours.to(device).train(), hf.to(device).train()
 
 
-def make_step(model: torch.nn.Module, is_hf: bool, precision: str):
+def make_step(model: torch.nn.Module, is_hf: bool, precision: str, device: torch.device):
     """One training step as each side runs it: ours through ``training.pretrain``'s own pieces
     (its AdamW, autocast and loss), transformers' model with the same AdamW settings and loss."""
-    device = torch.device("cpu")
     cfg = PretrainConfig(lr=1e-4, weight_decay=0.1, weight_decay_scope="all", precision=precision)
     # Both sides get the optimizer our job builds (fused AdamW), so the ratio is the models'.
     optimizer = make_optimizer(model, cfg, device)
@@ -62,7 +62,8 @@ def make_step(model: torch.nn.Module, is_hf: bool, precision: str):
 def profile_step(name: str, step, x: torch.Tensor, y: torch.Tensor, rows: int = 12) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
         step(x, y)
     print(f"\n-- {name}: top operators by self CPU time, one step --")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
@@ -76,40 +77,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model and precision")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU figures; the clock waits for the GPU)")
     parser.add_argument("--compile", action="store_true",
                         help="add our model under torch.compile (its first step compiles; that time is reported apart)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    clock = synchronized(time.perf_counter, device)
 
     import transformers
 
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"{describe_device(device)}; torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
         f"batch {args.batch} x context {args.context}, {args.warmup} warm-up + {args.steps} timed steps, "
         f"load average {load_average()}"
     )
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 50257, (args.batch, args.context + 1), generator=g) for _ in range(args.warmup + args.steps)]
+    batches = [torch.randint(0, 50257, (args.batch, args.context + 1), generator=g).to(device)
+               for _ in range(args.warmup + args.steps)]
     tokens = args.batch * args.context
     rows = []
     for precision in args.precisions.split(","):
-        ours, hf = training_pair()
+        ours, hf = training_pair(device)
         models = {"ours": (ours, False)}
         if args.compile:
             models["ours, compiled"] = (torch.compile(copy.deepcopy(ours)), False)
         models["transformers"] = (hf, True)
-        steps = {name: make_step(model, is_hf, precision) for name, (model, is_hf) in models.items()}
+        steps = {name: make_step(model, is_hf, precision, device) for name, (model, is_hf) in models.items()}
         times: dict[str, list[float]] = {k: [] for k in steps}
         first_step: dict[str, float] = {}
         first_loss: dict[str, float] = {}
         for i, batch in enumerate(batches):
             x, y = batch[:, :-1], batch[:, 1:]
             for name, step in steps.items():
-                t = time.perf_counter()
+                t = clock()
                 loss = step(x, y)
-                dt = time.perf_counter() - t
+                dt = clock() - t
                 first_loss.setdefault(name, loss)
                 first_step.setdefault(name, dt)
                 if i >= args.warmup:

@@ -44,6 +44,10 @@ transforms therefore cut bytes and per-step overhead:
   checks them (``core.speculative``): greedy decoding gets the fp32 model's
   tokens and sampling its distribution, with its weights read about once per
   eight tokens.
+- ``cuda_graphs`` (models on a CUDA GPU): each decoding step after the
+  prompt's is replayed from a CUDA graph recorded once per batch size and
+  cache length (``core.cuda_graphs``): one launch instead of one per kernel.
+  The same logits up to summation order.
 - ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
   that inductor prepacks and folds, pointwise ops fuse). Minutes of
   compilation on a small CPU, so it is off by default, :func:`make_fast` warms
@@ -297,6 +301,7 @@ class FastConfig:
     fused_ops: bool = True
     fused_layers: bool = True
     speculative: bool = True
+    cuda_graphs: bool = True
     compile: bool = False
     batch_hint: int = 1  # the decode batch size the packed layouts are chosen for
 
@@ -374,6 +379,8 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
         _use_fused_layers(model, report)
     if cfg.speculative:
         _use_draft(model, report)
+    if cfg.cuda_graphs and weight.device.type == "cuda":
+        _use_cuda_graphs(model, cfg, report)
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
         report.applied.append("compile")
@@ -386,11 +393,15 @@ def fast_for_serving(checkpoint) -> FastReport | None:
     On the CPU: a checkpoint that carries GGUF blocks decodes from them in fp32
     (``core.gguf_matvec``: the same weights in a fifth of the bytes); any other
     fp32 or bf16 model takes :func:`make_fast`'s defaults (panels, the screened
-    output layer, oneDNN copies where they pay). None when nothing applies (a
-    GPU, fp16). A damaged blocks file raises ValueError.
+    output layer, oneDNN copies where they pay). On a CUDA GPU, in any dtype:
+    decoding steps replayed from CUDA graphs. None when nothing applies (fp16
+    on the CPU, other devices). A damaged blocks file raises ValueError.
     """
     model = checkpoint.model
     weight = model.head_weight
+    if weight.device.type == "cuda":
+        cpu_only = dict.fromkeys(("prepack", "panels", "screened_head", "fused_ops", "fused_layers", "speculative"), False)
+        return make_fast(model, FastConfig(**cpu_only))
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     from core.gguf_matvec import checkpoint_blocks
@@ -481,6 +492,16 @@ def _use_draft(model: nn.Module, report: FastReport) -> None:
     model.draft = SelfDraft(model)
     report.applied.append(
         f"speculative (one sequence: int8 drafts of up to {model.draft.max_draft} tokens, checked in fp32)")
+
+
+def _use_cuda_graphs(model: nn.Module, cfg: FastConfig, report: FastReport) -> None:
+    from core.cuda_graphs import GraphedDecoder
+
+    if cfg.compile:
+        report.skipped["cuda_graphs"] = "the compiled model's shapes change with the cache; decoding steps run it eagerly"
+        return
+    model.decode_graphs = GraphedDecoder(model)
+    report.applied.append("cuda_graphs (decoding steps replayed, one graph per batch size and cache length)")
 
 
 def inductor_cache_dir() -> Path:

@@ -13,6 +13,7 @@ distribution, in fewer full passes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -90,37 +91,46 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
         seq[row, L - len(prompt):L] = torch.tensor(prompt, device=device)
         valid[row, : L - len(prompt)] = 0
     padded = any(len(p) < L for p in prompts)
-    # Size the cache for this request, not the whole context window: a long-context
-    # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
-    cache = KVCache(model.cfg, B, min(C, total), device, dtype) if cfg.use_cache else None
-    generator = make_generator(cfg, device)
-    stops = set(cfg.stop_token_ids)
-    finished = [False] * B
-
-    n = L  # tokens in seq so far
-    for _ in range(cfg.max_new_tokens):
-        if cache is not None and n <= C:
-            # Prefill the whole prompt once, then feed one token per step.
-            logits = model(
-                seq[:, cache.length:n], cache=cache, attention_mask=valid[:, :n] if padded else None,
-                last_only=True, argmax_only=cfg.greedy,
-            )
+    graphs = getattr(model, "decode_graphs", None)
+    with graphs.session(B, total) if graphs is not None and cfg.use_cache and not model.training else nullcontext() as static:
+        if static is not None:
+            # A CUDA model's steps replay a recorded graph (core.cuda_graphs) over a cache of its own.
+            static.begin(valid[:, :L] if padded else None)
+            cache = static.cache
         else:
-            # Past the context window (or without a cache) the model sees the
-            # last C tokens afresh each step, as in the book's generate().
-            window = slice(max(0, n - C), n)
-            logits = model(
-                seq[:, window], attention_mask=valid[:, window] if padded else None,
-                last_only=True, argmax_only=cfg.greedy,
-            )
-        token = sample(logits[:, -1], cfg, generator)
-        ids = token.tolist()  # the one host sync per step: callers need the ids
-        yield [None if done else t for t, done in zip(ids, finished)]
-        finished = [done or t in stops for t, done in zip(ids, finished)]
-        if all(finished):
-            return
-        seq[:, n] = token
-        n += 1
+            # Size the cache for this request, not the whole context window: a long-context
+            # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
+            cache = KVCache(model.cfg, B, min(C, total), device, dtype) if cfg.use_cache else None
+        generator = make_generator(cfg, device)
+        stops = set(cfg.stop_token_ids)
+        finished = [False] * B
+
+        n = L  # tokens in seq so far
+        for _ in range(cfg.max_new_tokens):
+            if static is not None and cache.length:
+                logits = static.step(seq[:, n - 1])
+            elif cache is not None and n <= C:
+                # Prefill the whole prompt once, then feed one token per step.
+                logits = model(
+                    seq[:, cache.length:n], cache=cache, attention_mask=valid[:, :n] if padded else None,
+                    last_only=True, argmax_only=cfg.greedy,
+                )
+            else:
+                # Past the context window (or without a cache) the model sees the
+                # last C tokens afresh each step, as in the book's generate().
+                window = slice(max(0, n - C), n)
+                logits = model(
+                    seq[:, window], attention_mask=valid[:, window] if padded else None,
+                    last_only=True, argmax_only=cfg.greedy,
+                )
+            token = sample(logits[:, -1], cfg, generator)
+            ids = token.tolist()  # the one host sync per step: callers need the ids
+            yield [None if done else t for t, done in zip(ids, finished)]
+            finished = [done or t in stops for t, done in zip(ids, finished)]
+            if all(finished):
+                return
+            seq[:, n] = token
+            n += 1
 
 
 def _speculates(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> bool:

@@ -68,6 +68,9 @@ class GPTModel(nn.Module):
         self.argmax_head: nn.Module | None = None
         # What drafts tokens for core.speculative, which core.fast may install. None: one token per pass.
         self.draft = None
+        # What replays decoding steps from CUDA graphs (core.cuda_graphs), which core.fast may install
+        # on a GPU. None: each step launches its kernels one by one.
+        self.decode_graphs = None
         if cfg.family == "llama":
             cos, sin = rope_tables(cfg)
             # Not persistent: derived from the config, so never stored in checkpoints.
@@ -138,12 +141,13 @@ class GPTModel(nn.Module):
             else:
                 mask = mask[None, None]  # (1, 1, T, S)
 
-        rope = None
-        if self.cfg.family == "llama":
-            cos = self.rope_cos[position_ids][:, None]  # (B, 1, T, head_dim)
-            sin = self.rope_sin[position_ids][:, None]
-            rope = (cos, sin)
-        return ForwardContext(position_ids, mask, rope, cache, return_attention)
+        return ForwardContext(position_ids, mask, self.rope_at(position_ids), cache, return_attention)
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary (cos, sin) tables at (B, T) positions, each (B, 1, T, head_dim); None for GPT-2."""
+        if self.cfg.family != "llama":
+            return None
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def embed(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.tok_emb(input_ids)
