@@ -4,8 +4,9 @@
 #
 #     bash bench/gpu.sh            # from the repository root
 #
-# The service bench (bench/serve.py) needs the web stack installed as well; run it with
-# --device cuda where it is. SmolLM2's rows need its GGUF, which such a machine may lack.
+# The service bench runs where the web stack is installed too (fastapi, sqlalchemy, alembic,
+# pydantic-settings, uvicorn; on the device tool's machine, carried as wheels, see its README).
+# SmolLM2's rows need its GGUF, which such a machine may lack.
 set -uo pipefail
 out=${OUT:-/tmp/scratchgpt-gpu}
 mkdir -p "$out"
@@ -23,4 +24,9 @@ step tests "$py" -m pytest -q --noconftest tests/core/test_cuda_graphs.py
 step generate "$py" bench/generate.py --device cuda --repeats 3
 step train "$py" bench/train.py --device cuda --steps 10 --warmup 3
 step train-long "$py" bench/train.py --device cuda --batch 8 --context 1024 --steps 10 --warmup 3 --precisions bf16
+if "$py" -c "import fastapi, sqlalchemy, alembic, pydantic_settings, uvicorn" 2>/dev/null; then
+    step serve "$py" bench/serve.py --device cuda --duration 10 --ttft-samples 10
+else
+    echo "== serve: skipped, the web stack is not installed"
+fi
 exit $status

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import load_average, print_table  # also puts the repository on sys.path
+from harness import describe_device, load_average, print_table  # also puts the repository on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -417,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds a server may take to load its models")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server logs)")
     args = parser.parse_args(argv)
+    from core.device import resolve_device
+
+    try:
+        device = resolve_device(args.device)  # here, not in a server that would only fail to load its models
+    except ValueError as err:
+        parser.error(str(err))
 
     from app.settings import Settings
 
@@ -431,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         chat, classifier = build_checkpoints(workdir, args.chat, args.classifier)
         content = prompt_of_length(chat, args.prompt_tokens)
-        print(f"machine: {os.cpu_count()} CPUs, load average {load_before}; texts: {source}")
+        gpu = f"{describe_device(device)}; " if device.type == "cuda" else ""
+        print(f"machine: {os.cpu_count()} CPUs, load average {load_before}; {gpu}texts: {source}")
         print(f"chat model {chat}; classifier {classifier} (made in {time.perf_counter() - t0:.1f} s)")
 
         common: dict = dict(threads=args.threads, start_timeout=args.start_timeout, chat_checkpoint=chat,
