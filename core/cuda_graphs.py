@@ -34,6 +34,7 @@ arithmetic a CPU has no launches to win back.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -43,6 +44,8 @@ import torch
 
 from core.kv_cache import KVCache
 from core.model import ForwardContext, GPTModel
+
+logger = logging.getLogger(__name__)
 
 MIN_LENGTH = 256  # the shortest cache a graph is recorded for
 MAX_GRAPHS = 4  # graphs kept, each with its own cache; the least recently used goes first
@@ -157,12 +160,15 @@ class GraphedDecoder:
 
     One request decodes through them at a time; :meth:`session` gives None to a
     second one meanwhile, which then decodes eagerly (its own cache), so
-    concurrent callers never share a cache.
+    concurrent callers never share a cache. If a step cannot be recorded (an
+    operation this torch build cannot capture), ``failed`` says why and every
+    request decodes eagerly from then on: slower, never wrong.
     """
 
     def __init__(self, model: GPTModel, capture: bool | None = None) -> None:
         self.model = model
         self.capture = next(model.parameters()).device.type == "cuda" if capture is None else capture
+        self.failed: str | None = None
         self._steps: OrderedDict[tuple[int, int], StaticStep] = OrderedDict()
         self._busy = threading.Lock()
 
@@ -172,16 +178,25 @@ class GraphedDecoder:
     @contextmanager
     def session(self, batch: int, tokens: int) -> Iterator[StaticStep | None]:
         """The static step for ``batch`` rows of up to ``tokens`` tokens, for the length of a request."""
-        if tokens > self.model.cfg.context_length or not self._busy.acquire(blocking=False):
+        if self.failed or tokens > self.model.cfg.context_length or not self._busy.acquire(blocking=False):
             yield None
             return
         try:
-            key = (batch, cache_length(tokens, self.model.cfg.context_length))
-            if key not in self._steps:
-                while len(self._steps) >= MAX_GRAPHS:
-                    self._steps.popitem(last=False)
-                self._steps[key] = StaticStep(self.model, *key, capture=self.capture)
-            self._steps.move_to_end(key)
-            yield self._steps[key]
+            yield self._step_for(batch, cache_length(tokens, self.model.cfg.context_length))
         finally:
             self._busy.release()
+
+    def _step_for(self, batch: int, length: int) -> StaticStep | None:
+        key = (batch, length)
+        if key not in self._steps:
+            while len(self._steps) >= MAX_GRAPHS:
+                self._steps.popitem(last=False)
+            try:
+                self._steps[key] = StaticStep(self.model, batch, length, capture=self.capture)
+            except RuntimeError as err:
+                self.failed = f"{type(err).__name__}: {err}"
+                logger.warning("decoding steps cannot be recorded as CUDA graphs; decoding without them: %s",
+                               self.failed)
+                return None
+        self._steps.move_to_end(key)
+        return self._steps[key]

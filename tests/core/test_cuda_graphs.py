@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.config import ModelConfig
-from core.cuda_graphs import MAX_GRAPHS, MIN_LENGTH, GraphedDecoder, cache_length
+from core.cuda_graphs import MAX_GRAPHS, MIN_LENGTH, GraphedDecoder, StaticStep, cache_length
 from core.fast import FastConfig, make_fast
 from core.generate import GenerationConfig, decode_steps, generate
 from core.kv_cache import KVCache
@@ -125,6 +125,20 @@ def test_a_second_request_meanwhile_decodes_with_its_own_cache(family):
     assert other == [expected[1]]
     assert head + rest == expected[0]
     assert generate(static, [PROMPTS[1]], cfg) == [expected[1]]  # released when the first one ended
+
+
+def test_a_step_that_cannot_be_recorded_leaves_decoding_to_the_ordinary_loop(family, monkeypatch, caplog):
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticStep, "_capture", refuse)
+    plain, static = tiny(family), with_graphs(tiny(family), capture=True)
+    cfg = GenerationConfig(max_new_tokens=12)
+    for _ in range(2):
+        assert generate(static, PROMPTS, cfg) == generate(plain, PROMPTS, cfg)
+    assert "not permitted" in static.decode_graphs.failed
+    assert len(static.decode_graphs) == 0
+    assert sum("cannot be recorded" in r.message for r in caplog.records) == 1  # said once, not per request
 
 
 def test_make_fast_installs_graphs_only_on_cuda():
