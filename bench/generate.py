@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-from harness import describe_device, gpt2_pair, load_average, print_table, synchronized  # also puts the repo on sys.path
+from harness import (  # also puts the repository on sys.path
+    describe_device, gpt2_pair, load_average, print_table, synchronized,
+)
 
 from core.device import resolve_device  # noqa: E402
 from core.fast import FastConfig, make_fast  # noqa: E402
@@ -255,7 +257,8 @@ def main() -> None:
     load_before = load_average()
     bandwidth = read_bandwidth_gbs(clock, args.device)
     bandwidth_before = bandwidth
-    print(f"{describe_device(args.device)}; torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+    print(f"{describe_device(args.device)}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, "
           f"{args.clock} clock; greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
           f"({args.new_tokens_uncached} without cache), best of {args.repeats}; load average {load_before}", flush=True)
     rows: list[list] = []

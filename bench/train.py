@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     print(
-        f"{describe_device(device)}; torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"{describe_device(device)}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, "
         f"batch {args.batch} x context {args.context}, {args.warmup} warm-up + {args.steps} timed steps, "
         f"load average {load_average()}"
     )

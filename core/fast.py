@@ -400,8 +400,8 @@ def fast_for_serving(checkpoint) -> FastReport | None:
     model = checkpoint.model
     weight = model.head_weight
     if weight.device.type == "cuda":
-        cpu_only = dict.fromkeys(("prepack", "panels", "screened_head", "fused_ops", "fused_layers", "speculative"), False)
-        return make_fast(model, FastConfig(**cpu_only))
+        cpu_only = ("prepack", "panels", "screened_head", "fused_ops", "fused_layers", "speculative")
+        return make_fast(model, FastConfig(**dict.fromkeys(cpu_only, False)))
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     from core.gguf_matvec import checkpoint_blocks
@@ -498,7 +498,7 @@ def _use_cuda_graphs(model: nn.Module, cfg: FastConfig, report: FastReport) -> N
     from core.cuda_graphs import GraphedDecoder
 
     if cfg.compile:
-        report.skipped["cuda_graphs"] = "the compiled model's shapes change with the cache; decoding steps run it eagerly"
+        report.skipped["cuda_graphs"] = "the compiled model's shapes change with the cache"
         return
     model.decode_graphs = GraphedDecoder(model)
     report.applied.append("cuda_graphs (decoding steps replayed, one graph per batch size and cache length)")

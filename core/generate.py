@@ -92,7 +92,8 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
         valid[row, : L - len(prompt)] = 0
     padded = any(len(p) < L for p in prompts)
     graphs = getattr(model, "decode_graphs", None)
-    with graphs.session(B, total) if graphs is not None and cfg.use_cache and not model.training else nullcontext() as static:
+    graphed = graphs is not None and cfg.use_cache and not model.training
+    with graphs.session(B, total) if graphed else nullcontext() as static:
         if static is not None:
             # A CUDA model's steps replay a recorded graph (core.cuda_graphs) over a cache of its own.
             static.begin(valid[:, :L] if padded else None)
