@@ -114,7 +114,9 @@ class StaticStep:
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the service's other worker (the classifier) may use the GPU from its own
+        # thread meanwhile; only this thread's calls must be ones a capture allows.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._forward()
         self.cache.static = False
 
