@@ -174,6 +174,10 @@ class ModelRegistry:
         self._validate(slot.role, checkpoint)
         if slot.role == CHAT and self.settings.fast_kernels:
             self._use_fast_path(checkpoint)
+        if slot.role == CHAT and self.settings.chat_prefix_cache_mb:
+            from core.prefix_cache import PrefixCache
+
+            checkpoint.model.prefix_cache = PrefixCache(self.settings.chat_prefix_cache_mb * 2**20)
         with self._lock:
             if self._stopping:
                 return

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # covered dense models too, is still read.
     fast_kernels: bool = Field(True, validation_alias=AliasChoices(
         "fast_kernels", "SCRATCHGPT_FAST_KERNELS", "gguf_kernels", "SCRATCHGPT_GGUF_KERNELS"))
+    # Recent chats' KV caches kept for their next turn (core.prefix_cache), in MiB; 0 keeps none.
+    # A turn then prefills only the new message instead of the whole conversation.
+    chat_prefix_cache_mb: int = Field(256, ge=0)
 
     # --- storage ----------------------------------------------------------
     # None means sqlite:///<home>/scratchgpt.db.

@@ -1,4 +1,4 @@
-"""Service speed: classification with micro-batching against one text at a time, and chat time to first token.
+"""Service speed: classification with micro-batching against one at a time; chat time to first token, cold and in a conversation.
 
     python bench/serve.py                        # 32 clients, 20 s a phase, GPT-2 124M random weights
     python bench/serve.py --duration 10 --ttft-samples 10
@@ -12,7 +12,12 @@ texts or ``..._BATCH_WAIT_MS``, whichever first), one with a batch size of 1. Ea
 else a built-in handful) back to back for ``--duration`` seconds. The first server then answers
 ``--ttft-samples`` chats, one at a time, each a new conversation whose prompt is exactly
 ``--prompt-tokens`` tokens through the chat template: time to first token is measured at the
-client, from sending the request to the first ``delta`` event.
+client, from sending the request to the first ``delta`` event; that server keeps no chat
+prefix cache, so each sample prefills its whole prompt. Then one conversation of ``--turns``
+messages goes to it and to a third server that keeps the default prefix cache
+(``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``, ``core.prefix_cache``), a message to each in turn: the
+first token of each later turn, whose prompt is the whole conversation so far, and whether the
+answers were the same.
 
 On a shared machine wall-clock rates follow the neighbours' load, so the table also gives
 classifications per CPU-second of the server process (user + system time from /proc), and
@@ -310,10 +315,18 @@ def parse_events(buffer: str) -> tuple[list[tuple[str, dict]], str]:
 async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, float, float, dict, dict]:
     """One new conversation, one message: seconds to the ``start`` event (the request's database
     writes, template and tokenization are done), to the first delta and to the end; start and done events."""
+    return await send_message(client, await new_conversation(client, max_new_tokens), content)
+
+
+async def new_conversation(client, max_new_tokens: int) -> str:
     created = await client.post("/api/v1/conversations",
                                 json={"system_prompt": "", "temperature": 0.0, "max_new_tokens": max_new_tokens})
     created.raise_for_status()
-    cid = created.json()["id"]
+    return created.json()["id"]
+
+
+async def send_message(client, cid: str, content: str) -> tuple[float, float, float, dict, dict]:
+    """A message to conversation ``cid``, streamed: as :func:`chat_once`."""
     t0 = time.perf_counter()
     first = started = None
     start_event: dict = {}
@@ -339,6 +352,46 @@ async def chat_once(client, content: str, max_new_tokens: int) -> tuple[float, f
     nan = float("nan")
     return (started if started is not None else nan), (first if first is not None else nan), \
         time.perf_counter() - t0, start_event, done
+
+
+@dataclass
+class Turns:
+    """One conversation's turns after the first, on one server."""
+
+    name: str
+    latencies: list[float] = field(default_factory=list)  # seconds to each turn's first token
+    prompt_tokens: list[int] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+async def next_turns(servers: dict[str, ServerProcess], turns: int, max_new_tokens: int, timeout: float) -> dict[str, Turns]:
+    """The same conversation on each server, a turn on each in turn (so load falls on all alike):
+    the time to each later turn's first token, whose prompt is the whole conversation so far."""
+    import httpx
+
+    words = ((PASSAGE + " ") * turns).split()
+    per_turn = len(words) // turns
+    messages = [" ".join(words[i * per_turn:(i + 1) * per_turn]) for i in range(turns)]
+    results = {name: Turns(name) for name in servers}
+    clients = {name: httpx.AsyncClient(base_url=s.url, timeout=timeout) for name, s in servers.items()}
+    try:
+        cids = {name: await new_conversation(c, max_new_tokens) for name, c in clients.items()}
+        for turn, content in enumerate(messages):
+            for name, client in clients.items():
+                try:
+                    _, first, _, start, done = await send_message(client, cids[name], content)
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    results[name].errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                results[name].answers.append(done["message"]["content"])
+                if turn > 0:
+                    results[name].latencies.append(first)
+                    results[name].prompt_tokens.append(start.get("prompt_tokens", 0))
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return results
 
 
 async def time_to_first_token(server: ServerProcess, content: str, samples: int, max_new_tokens: int,
@@ -405,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=1,
                         help="tokens generated per chat sample (1: the server's CPU time per chat is the first token's)")
+    parser.add_argument("--turn-tokens", type=int, default=48, help="new tokens of each turn's answer")
+    parser.add_argument("--turns", type=int, default=6,
+                        help="turns of the conversation whose later turns' first tokens are timed (0: skip); "
+                             "past six the default chat model's window is full and the service drops the oldest "
+                             "messages, which changes every prompt's start")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before one request counts as failed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (SCRATCHGPT_TORCH_THREADS)")
     parser.add_argument("--pack-tokens", type=int, default=None,
@@ -446,14 +504,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.classifier_dtype:
             common["classifier_dtype"] = args.classifier_dtype
         chat_settings = {"chat_dtype": args.chat_dtype} if args.chat_dtype else {}
+        # The prefix cache off in this server: its time to first token is a whole 100-token prompt's prefill,
+        # not a cache hit on the same prompt sent again.
         with ServerProcess(workdir, "batched", classifier_batch_size=batch_size, classifier_batch_wait_ms=batch_wait,
-                           classifier_pack_tokens=pack_tokens, **chat_settings, **common) as server:
+                           classifier_pack_tokens=pack_tokens, chat_prefix_cache_mb=0, **chat_settings,
+                           **common) as server:
             batched = asyncio.run(classify_flood(server, args.clients, args.duration, args.max_requests, texts,
                                                  args.timeout, "micro-batched"))
             texts_done, passes = metric(server.url, "scratchgpt_classifier_batch_size_sum"), metric(
                 server.url, "scratchgpt_classifier_batch_size_count")
             mean_batch = texts_done / passes if passes else float("nan")
             ttft = asyncio.run(time_to_first_token(server, content, args.ttft_samples, args.new_tokens,
+                                                   args.timeout))
+            turns = {}
+            if args.turns > 1:
+                with ServerProcess(workdir, "prefix", **chat_settings, **common) as kept:
+                    turns = asyncio.run(next_turns({"off": server, "on": kept}, args.turns, args.turn_tokens,
                                                    args.timeout))
         with ServerProcess(workdir, "single", classifier_batch_size=1, chat_enabled=False, **common) as server:
             single = asyncio.run(classify_flood(server, args.clients, args.duration, args.max_requests, texts,
@@ -498,13 +564,29 @@ def main(argv: list[str] | None = None) -> int:
          f"{ttft.server_cpu / max(len(ttft.latencies), 1):.2f}", "", "", ""),
         ("chat samples (errors)", f"{len(ttft.latencies)} ({len(ttft.errors)})", "", "", ""),
     ]
+    if turns:
+        on, off = turns["on"], turns["off"]
+        history = f"{min(on.prompt_tokens, default=0)}-{max(on.prompt_tokens, default=0)}"
+        rows += [
+            ("", "prefix cache on", "off", "", ""),
+            (f"chat TTFT, turns 2-{args.turns} of a conversation, p50 (ms)", ms(percentile(on.latencies, 0.5)),
+             ms(percentile(off.latencies, 0.5)), ratio(percentile(off.latencies, 0.5), percentile(on.latencies, 0.5)),
+             ""),
+            ("  the last turn (ms)", ms(on.latencies[-1] if on.latencies else float("nan")),
+             ms(off.latencies[-1] if off.latencies else float("nan")), "", ""),
+            (f"  prompt tokens, turns 2-{args.turns}", history, "", "", ""),
+            ("  the same answers", "yes" if on.answers == off.answers and on.answers else "NO", "", "", ""),
+            ("  turns (errors)", f"{len(on.answers)} ({len(on.errors)})", f"{len(off.answers)} ({len(off.errors)})",
+             "", ""),
+        ]
     print_table(rows)
     print(f"load average before {load_before}, after {load_after}; torch threads in the server: "
           f"{args.threads or 'torch default'}")
-    for phase in (batched, single, ttft):
+    for phase in (batched, single, ttft, *turns.values()):
         for error in phase.errors[:5]:
             print(f"  {phase.name} error: {error}")
-    return 1 if batched.errors or single.errors or ttft.errors else 0
+    turn_errors = any(t.errors for t in turns.values())
+    return 1 if batched.errors or single.errors or ttft.errors or turn_errors else 0
 
 
 if __name__ == "__main__":

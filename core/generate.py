@@ -76,8 +76,38 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
     C = model.cfg.context_length
     for prompt in prompts:
         check_prompt(prompt, C)
+    store = _prefix_store(model, prompts, cfg)
+    if store is None:
+        yield from _decode(model, prompts, cfg)
+        return
+    # One prompt on a model that keeps recent caches (core.prefix_cache): start from the longest
+    # stored prefix of the prompt, and keep this request's cache for the next one.
+    prompt = prompts[0]
+    cache = store.take(model, prompt, len(prompt) + cfg.max_new_tokens)
+    emitted: list[int] = []
+    try:
+        for step in _decode(model, prompts, cfg, cache):
+            emitted.append(step[0])
+            yield step
+    finally:
+        store.put(prompt + emitted, cache)
+
+
+def _prefix_store(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig):
+    store = getattr(model, "prefix_cache", None)
+    fits = len(prompts) == 1 and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length
+    # A model replaying CUDA graphs decodes over caches of its own (core.cuda_graphs).
+    graphed = getattr(model, "decode_graphs", None) is not None
+    return store if store is not None and fits and cfg.use_cache and not graphed and not model.training else None
+
+
+def _decode(
+    model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig, cache: KVCache | None = None
+) -> Iterator[list[int | None]]:
+    """decode_steps' loop; ``cache`` (one prompt) may already hold the prompt's first tokens."""
+    C = model.cfg.context_length
     if _speculates(model, prompts, cfg):
-        for token in speculative_tokens(model, model.draft, prompts[0], cfg):
+        for token in speculative_tokens(model, model.draft, prompts[0], cfg, cache):
             yield [token]
         return
     device, dtype = _device_dtype(model)
@@ -92,13 +122,13 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
         valid[row, : L - len(prompt)] = 0
     padded = any(len(p) < L for p in prompts)
     graphs = getattr(model, "decode_graphs", None)
-    graphed = graphs is not None and cfg.use_cache and not model.training
+    graphed = graphs is not None and cfg.use_cache and not model.training and cache is None
     with graphs.session(B, total) if graphed else nullcontext() as static:
         if static is not None:
             # A CUDA model's steps replay a recorded graph (core.cuda_graphs) over a cache of its own.
             static.begin(valid[:, :L] if padded else None)
             cache = static.cache
-        else:
+        elif cache is None:
             # Size the cache for this request, not the whole context window: a long-context
             # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
             cache = KVCache(model.cfg, B, min(C, total), device, dtype) if cfg.use_cache else None

@@ -71,6 +71,9 @@ class GPTModel(nn.Module):
         # What replays decoding steps from CUDA graphs (core.cuda_graphs), which core.fast may install
         # on a GPU. None: each step launches its kernels one by one.
         self.decode_graphs = None
+        # Recent requests' KV caches (core.prefix_cache), which the service and the chat command set:
+        # a prompt that continues one (a chat's next turn) prefills only its new tokens. None: none kept.
+        self.prefix_cache = None
         if cfg.family == "llama":
             cos, sin = rope_tables(cfg)
             # Not persistent: derived from the config, so never stored in checkpoints.

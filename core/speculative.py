@@ -107,19 +107,23 @@ def drafts_for(model: torch.nn.Module) -> bool:
 
 
 def speculative_tokens(
-    model: torch.nn.Module, draft: SelfDraft, prompt: list[int], cfg: GenerationConfig
+    model: torch.nn.Module, draft: SelfDraft, prompt: list[int], cfg: GenerationConfig, cache: KVCache | None = None
 ) -> Iterator[int]:
     """The model's tokens after ``prompt`` as ``cfg`` asks (greedy or sampled, up to
     ``cfg.max_new_tokens``; a stop token is yielded, then nothing more), drafted by ``draft`` and
     verified by ``model`` up to eight at a time.
 
-    The caller checks that the prompt and the new tokens fit the context window."""
+    ``cache``, if given, has room for the prompt and the new tokens and may hold the prompt's first
+    ``cache.length`` tokens already (core.prefix_cache). The caller checks that the prompt and the
+    new tokens fit the context window."""
     device = model.head_weight.device
-    cache = KVCache(model.cfg, 1, len(prompt) + cfg.max_new_tokens, device, model.head_weight.dtype)
+    if cache is None:
+        cache = KVCache(model.cfg, 1, len(prompt) + cfg.max_new_tokens, device, model.head_weight.dtype)
     if cfg.max_new_tokens == 0:
         return
     generator = make_generator(cfg, device)
-    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True, argmax_only=cfg.greedy)
+    rest = torch.tensor([prompt[cache.length:]], device=device)
+    logits = model(rest, cache=cache, last_only=True, argmax_only=cfg.greedy)
     new = [int(sample(logits[:, -1], cfg, generator)[0])]
     emitted, drafted, accepted = 0, 0, 0
     stops = set(cfg.stop_token_ids)

@@ -141,11 +141,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from core.generate import stream
+    from core.prefix_cache import PrefixCache
 
     ckpt = load_for_decoding(args)
     template = ckpt.chat_template
     if template is None:
         raise ValueError(f"--checkpoint {ckpt.path} has no chat template; it is not a chat model")
+    ckpt.model.prefix_cache = PrefixCache()  # each turn prefills only its new message
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"Chatting with {ckpt.name} ({ckpt.config.family}, {ckpt.model.cfg.n_layers} layers). "
           "Empty line or Ctrl-D to quit.", file=sys.stderr)

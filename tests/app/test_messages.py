@@ -177,3 +177,24 @@ def test_message_validation(make_settings):
         assert long.status_code == 422 and "limit is 50" in long.json()["detail"]
         assert client.post(f"/api/v1/conversations/{cid}/regenerate", json={}).status_code == 409  # nothing to answer
         assert client.get(f"/api/v1/conversations/{cid}").json()["messages"] == []
+
+
+def test_a_conversations_next_turn_starts_from_the_last_turns_cache(make_settings):
+    """The chat model keeps recent caches (core.prefix_cache): the second turn prefills only what the
+    first did not run, and answers as a server that keeps none."""
+    answers = {}
+    for megabytes in (0, 64):
+        with running_client(make_settings(chat_prefix_cache_mb=megabytes)) as client:
+            model = client.app.state.models.slots["chat"].checkpoint.model
+            cid = new_conversation(client, system_prompt="")
+            turns = [stream(client, f"/api/v1/conversations/{cid}/messages", {"content": text})
+                     for text in ("Name three colors of the rainbow, please.", "And three more?")]
+            answers[megabytes] = [events[-1][1]["message"]["content"] for events in turns]
+            if megabytes:
+                first_prompt = turns[0][0][1]["prompt_tokens"]
+                # All of the first prompt but its last token: the template ends in a newline that,
+                # encoded again before the answer's text, merges with the answer's first characters.
+                assert model.prefix_cache.reused_tokens >= first_prompt - 1
+            else:
+                assert model.prefix_cache is None
+    assert answers[0] == answers[64]

@@ -1,4 +1,4 @@
-"""A tiny GPT-2 for the tests of the fused decoding layers and of speculative decoding."""
+"""Tiny seeded models for the decoding tests: fused layers, speculative decoding, CUDA graphs, prefix caching."""
 
 from __future__ import annotations
 
@@ -19,4 +19,16 @@ def tiny_gpt2(head_scale: float = 8.0, **kw) -> GPTModel:
     model = GPTModel(ModelConfig(**base)).eval()
     with torch.no_grad():
         model.head_weight.mul_(head_scale)
+    return model
+
+
+def tiny_model(family: str, context_length: int = 40, device: str = "cpu") -> GPTModel:
+    """GPT-2 or Llama (grouped-query, two key/value heads), two layers, seeded, with trained-looking logits."""
+    torch.manual_seed(0)
+    extra = dict(n_kv_heads=2, hidden_dim=48) if family == "llama" else {}
+    cfg = ModelConfig(family=family, vocab_size=97, context_length=context_length, emb_dim=32, n_layers=2, n_heads=4,
+                      **extra)
+    model = GPTModel(cfg).eval().to(device)
+    with torch.no_grad():
+        model.head_weight.mul_(8.0)  # greedy tokens are not near-ties
     return model

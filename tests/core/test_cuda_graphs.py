@@ -10,25 +10,14 @@ import threading
 import pytest
 import torch
 
-from core.config import ModelConfig
 from core.cuda_graphs import MAX_GRAPHS, MIN_LENGTH, GraphedDecoder, StaticStep, cache_length
 from core.fast import FastConfig, make_fast
 from core.generate import GenerationConfig, decode_steps, generate
 from core.kv_cache import KVCache
 from core.model import GPTModel
+from fused_models import tiny_model as tiny
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]
-
-
-def tiny(family: str, context_length: int = 40, device: str = "cpu") -> GPTModel:
-    torch.manual_seed(0)
-    extra = dict(n_kv_heads=2, hidden_dim=48) if family == "llama" else {}
-    cfg = ModelConfig(family=family, vocab_size=97, context_length=context_length, emb_dim=32, n_layers=2, n_heads=4,
-                      **extra)
-    model = GPTModel(cfg).eval().to(device)
-    with torch.no_grad():
-        model.head_weight.mul_(8.0)  # trained-looking logits: greedy tokens are not near-ties
-    return model
 
 
 def with_graphs(model: GPTModel, capture: bool = False) -> GPTModel:

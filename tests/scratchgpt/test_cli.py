@@ -172,3 +172,28 @@ def test_a_bad_flag_value_is_an_argparse_error(capsys):
         main(["pretrain", "--batch-size", "many"])
     assert exc.value.code == 2
     assert "--batch-size: expected an integer, got 'many'" in capsys.readouterr().err
+
+
+def test_chat_answers_each_turn_and_the_next_turn_reuses_the_last_ones_cache(tmp_path, tok, capsys, monkeypatch):
+    import core.prefix_cache
+    from core.chat_template import ALPACA
+
+    torch.manual_seed(2)
+    model = GPTModel(ModelConfig(**{**TINY, "context_length": 256}))
+    checkpoint = save_checkpoint(tmp_path / "chat", model, tok, chat_template=ALPACA)
+    stores = []
+
+    class Recording(core.prefix_cache.PrefixCache):
+        def __init__(self, max_bytes: int = 2**30) -> None:
+            super().__init__(max_bytes if keep else 0)
+            stores.append(self)
+
+    transcripts = {}
+    for keep in (False, True):
+        lines = iter(["Name a colour.", "And another one?", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        monkeypatch.setattr(core.prefix_cache, "PrefixCache", Recording)
+        assert main(["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "12"]) == 0
+        transcripts[keep] = capsys.readouterr().out
+    assert transcripts[True] == transcripts[False] and transcripts[True].count("\n") >= 2
+    assert stores[0].reused_tokens == 0 and stores[1].reused_tokens > 20  # the first turn's prompt, at least
