@@ -18,7 +18,9 @@ fused decoding layers and a whole-prompt pass sum in different orders).
 One request owns a cache at a time: :meth:`PrefixCache.take` removes the entry
 it hands out, and :meth:`PrefixCache.put` stores it again when the request
 ends. ``core.generate.decode_steps`` does both for a single prompt on a model
-whose ``prefix_cache`` is set (the service and ``scratchgpt chat`` set it).
+whose ``prefix_cache`` is set (the service and ``scratchgpt chat`` set it). If
+the model's weights change (in place, replaced or cast), every kept cache is
+stale and is dropped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.kernels import weight_key
 from core.kv_cache import KVCache
 
 # Shorter shared prefixes are not worth a cache entry: the chat template's
@@ -62,6 +65,7 @@ class PrefixCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self._entries: list[_Entry] = []  # least recently used first
+        self._weights: tuple | None = None  # what the model's weights were when the entries were made
         self._lock = threading.Lock()
         self.reused_tokens = 0  # prompt tokens not prefilled again, over all requests
         self.prompt_tokens = 0
@@ -82,7 +86,11 @@ class PrefixCache:
         stored prefix of it (``cache.length`` tokens; at most all but the prompt's last token, whose
         logits the request needs), or empty."""
         p = model.head_weight
+        weights = tuple(weight_key(w) for w in model.parameters())
         with self._lock:
+            if weights != self._weights:
+                self._entries.clear()
+                self._weights = weights
             best, shared = None, 0
             for entry in self._entries:
                 n = common_prefix(entry.tokens, prompt)

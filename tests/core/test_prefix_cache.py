@@ -150,6 +150,18 @@ def test_a_cache_is_never_shared_by_two_requests(family):
     list(first)
 
 
+def test_changed_weights_drop_every_kept_cache(family):
+    plain = tiny_model(family, context_length=200)
+    kept = keeping(plain)
+    cfg = GenerationConfig(max_new_tokens=8)
+    generate(kept, [FIRST], cfg)
+    with torch.no_grad():
+        for model in (plain, kept):
+            model.blocks[0].attn.qkv.weight.mul_(1.5)  # keys and values are other ones now
+    assert generate(kept, [FIRST + [7]], cfg) == generate(plain, [FIRST + [7]], cfg)
+    assert kept.prefix_cache.reused_tokens == 0
+
+
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
