@@ -98,7 +98,8 @@ def _prefix_store(model: GPTModel, prompts: list[list[int]], cfg: GenerationConf
     fits = len(prompts) == 1 and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length
     # A model replaying CUDA graphs decodes over caches of its own (core.cuda_graphs).
     graphed = getattr(model, "decode_graphs", None) is not None
-    return store if store is not None and fits and cfg.use_cache and not graphed and not model.training else None
+    usable = store is not None and fits and cfg.use_cache and not graphed and not model.training
+    return store if usable else None
 
 
 def _decode(

@@ -68,7 +68,6 @@ class PrefixCache:
         self._weights: tuple | None = None  # what the model's weights were when the entries were made
         self._lock = threading.Lock()
         self.reused_tokens = 0  # prompt tokens not prefilled again, over all requests
-        self.prompt_tokens = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,12 +96,11 @@ class PrefixCache:
                 if n > shared:
                     best, shared = entry, n
             shared = min(shared, len(prompt) - 1)
-            if best is None or shared < MIN_REUSE or best.cache.keys.dtype != p.dtype or best.cache.keys.device != p.device:
+            if shared < MIN_REUSE:
                 best = None
             else:
                 self._entries.remove(best)
-            self.prompt_tokens += len(prompt)
-            self.reused_tokens += shared if best is not None else 0
+                self.reused_tokens += shared
         if best is None:
             return KVCache(model.cfg, 1, capacity, p.device, p.dtype)
         if best.cache.max_len >= capacity:
