@@ -25,6 +25,11 @@ class Metrics:
             registry=r,
         )
         self.tokens_generated = Counter("scratchgpt_tokens_generated_total", "Tokens generated", ["model"], registry=r)
+        self.prompt_tokens = Counter(
+            "scratchgpt_prompt_tokens_total",
+            "Prompt tokens of chat requests: prefilled, or cached (taken from a kept cache, core.prefix_cache)",
+            ["model", "source"], registry=r,
+        )
         self.generations = Counter(
             "scratchgpt_generations_total", "Generations by how they ended", ["model", "outcome"], registry=r
         )

@@ -222,8 +222,14 @@ class ModelRegistry:
         depth = self.metrics.queue_depth.labels(role)
         if role == CHAT:
             tokens = self.metrics.tokens_generated.labels(role)
+            computed, cached = (self.metrics.prompt_tokens.labels(role, kind) for kind in ("prefilled", "cached"))
+
+            def on_prompt(prompt: int, reused: int) -> None:
+                computed.inc(prompt - reused)
+                cached.inc(reused)
+
             return ChatWorker(checkpoint, role, on_tokens=tokens.inc, on_queue_depth=depth.set,
-                              threads=self.settings.torch_threads)
+                              threads=self.settings.torch_threads, on_prompt=on_prompt)
 
         def on_batch(n: int) -> None:
             self.metrics.classify_batch.observe(n)

@@ -175,6 +175,7 @@ class AnswerStream:
             {
                 "message": self._public(**fields),
                 "prompt_tokens": len(self.plan.prompt_ids),
+                "cached_prompt_tokens": self.job.cached_prompt_tokens,
                 "completion_tokens": fields["completion_tokens"],
                 "tokens_per_second": fields["tokens_per_second"],
                 "duration_ms": fields["duration_ms"],

@@ -63,6 +63,7 @@ class ChatJob:
     started_at: float | None = None
     finished_at: float | None = None
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens taken from a kept cache, not prefilled (core.prefix_cache)
     finish_reason: str | None = None
 
     def cancel(self) -> None:
@@ -136,12 +137,14 @@ class _Callable:
 
 class ChatWorker(_Callable):
     def __init__(self, checkpoint: Any, name: str, on_tokens: Callable[[int], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None) -> None:
+                 on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None,
+                 on_prompt: Callable[[int, int], None] | None = None) -> None:
         self.checkpoint = checkpoint
         self.name = name
         self.threads = threads
         self._queue: queue.Queue = queue.Queue()
         self._on_tokens = on_tokens or (lambda n: None)
+        self._on_prompt = on_prompt or (lambda prompt, cached: None)  # each job's prompt tokens, and of them cached
         self._on_queue_depth = on_queue_depth or (lambda n: None)
         self._thread = threading.Thread(target=self._run, name=f"chat-worker-{name}", daemon=True)
         self._closed = False
@@ -197,6 +200,9 @@ class ChatWorker(_Callable):
             job._post(_End())
             return
         model, tokenizer = self.checkpoint.model, self.checkpoint.tokenizer
+        # This thread alone decodes with the model, so the kept caches' count moves for this job only.
+        kept = getattr(model, "prefix_cache", None)
+        reused_before = kept.reused_tokens if kept is not None else 0
         chunks = stream(model, tokenizer, job.prompt_ids, job.config)
         error: BaseException | None = None
         try:
@@ -216,6 +222,9 @@ class ChatWorker(_Callable):
         finally:
             chunks.close()
             job.finished_at = time.perf_counter()
+            if kept is not None:
+                job.cached_prompt_tokens = kept.reused_tokens - reused_before
+            self._on_prompt(len(job.prompt_ids), job.cached_prompt_tokens)
             job._post(_End(error))
 
 

@@ -8,7 +8,8 @@ appears. Keeping the KV cache of each finished request, keyed by the token ids
 it holds, lets the next request take the longest matching prefix and run only
 the rest. This is the prefix caching of serving engines (vLLM's automatic
 prefix caching; SGLang's RadixAttention, Zheng et al., 2023), kept simple: a
-few whole caches, least recently used dropped first, within a byte budget.
+few whole caches, trimmed to the tokens they hold, least recently used dropped
+first, within a byte budget.
 
 A cache holds keys and values that depend only on the tokens before each
 position, so reusing the first m positions of a cache built for the same
@@ -103,14 +104,9 @@ class PrefixCache:
                 self.reused_tokens += shared
         if best is None:
             return KVCache(model.cfg, 1, capacity, p.device, p.dtype)
-        if best.cache.max_len >= capacity:
-            cache = best.cache
-        else:  # the next turn is longer than this cache was made for: a bigger one, the prefix copied
-            cache = KVCache(model.cfg, 1, capacity, p.device, p.dtype)
-            cache.keys[:, :, :, :shared] = best.cache.keys[:, :, :, :shared]
-            cache.values[:, :, :, :shared] = best.cache.values[:, :, :, :shared]
-        cache.length = shared
-        return cache
+        best.cache.length = shared
+        # Kept caches are trimmed to what they hold (put), so the next turn's room is a copy of them.
+        return best.cache if best.cache.max_len >= capacity else best.cache.resized(capacity)
 
     def put(self, tokens: list[int], cache: KVCache) -> None:
         """Keep ``cache``, whose first positions hold the keys and values of ``tokens`` (it may hold
@@ -119,6 +115,10 @@ class PrefixCache:
         if length < MIN_REUSE or cache.keys.shape[1] != 1:
             return
         cache.length = length
+        if cache.max_len > length:
+            # The room left for new tokens (often most of max_new_tokens, unused) is not kept:
+            # the budget then holds more conversations, for a copy of a few MB at each end.
+            cache = cache.resized(length)
         entry = _Entry(list(tokens[:length]), cache)
         if entry.nbytes > self.max_bytes:
             return

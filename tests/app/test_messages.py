@@ -190,11 +190,18 @@ def test_a_conversations_next_turn_starts_from_the_last_turns_cache(make_setting
             turns = [stream(client, f"/api/v1/conversations/{cid}/messages", {"content": text})
                      for text in ("Name three colors of the rainbow, please.", "And three more?")]
             answers[megabytes] = [events[-1][1]["message"]["content"] for events in turns]
+            cached = [events[-1][1]["cached_prompt_tokens"] for events in turns]
+            metrics = client.get("/metrics").text
             if megabytes:
                 first_prompt = turns[0][0][1]["prompt_tokens"]
                 # All of the first prompt but its last token: the template ends in a newline that,
                 # encoded again before the answer's text, merges with the answer's first characters.
-                assert model.prefix_cache.reused_tokens >= first_prompt - 1
+                assert cached[0] == 0 and cached[1] >= first_prompt - 1
+                assert model.prefix_cache.reused_tokens == cached[1]
+                assert f'scratchgpt_prompt_tokens_total{{model="chat",source="cached"}} {float(cached[1])}' in metrics
             else:
-                assert model.prefix_cache is None
+                assert model.prefix_cache is None and cached == [0, 0]
+            prompts = sum(events[0][1]["prompt_tokens"] for events in turns)
+            prefilled = f'scratchgpt_prompt_tokens_total{{model="chat",source="prefilled"}} {float(prompts - sum(cached))}'
+            assert prefilled in metrics
     assert answers[0] == answers[64]

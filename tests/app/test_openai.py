@@ -61,6 +61,20 @@ def test_streaming_equals_non_streaming(openai_client):
     assert finish == "length"
 
 
+def test_a_conversations_next_request_reports_its_cached_prompt_tokens(openai_client):
+    """Clients send the whole conversation each time; the server prefills only what it has not run
+    (core.prefix_cache) and says how much it took from its cache, as OpenAI's usage does."""
+    messages = [{"role": "user", "content": "Tell me about the sea, the ships and the lighthouse keepers."}]
+    first = openai_client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=16)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    second = openai_client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=16)
+    # The first request may share the template's preamble with earlier ones; the second shares its whole prompt.
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 1
+    assert first.usage.prompt_tokens - 1 <= second.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
 def test_sampling_parameters_and_seed(openai_client):
     request = dict(model="tiny-chat", messages=[{"role": "user", "content": "Go"}], max_tokens=8,
                    temperature=1.3, top_p=0.9, seed=7)

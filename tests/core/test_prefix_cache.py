@@ -162,6 +162,16 @@ def test_changed_weights_drop_every_kept_cache(family):
     assert kept.prefix_cache.reused_tokens == 0
 
 
+def test_kept_caches_hold_only_their_tokens(family):
+    plain = tiny_model(family, context_length=200)
+    kept = keeping(plain)
+    generate(kept, [FIRST], GenerationConfig(max_new_tokens=50))
+    (entry,) = kept.prefix_cache._entries
+    assert entry.cache.max_len == entry.cache.length == len(FIRST) + 49 == len(entry.tokens)
+    with pytest.raises(ValueError, match="cannot hold"):
+        entry.cache.resized(10)
+
+
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2

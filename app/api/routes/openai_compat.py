@@ -129,8 +129,11 @@ def _split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str, st
     return "\n\n".join(system), turns
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    # prompt_tokens_details.cached_tokens: as OpenAI reports its own prompt caching; here the prompt
+    # tokens taken from a kept cache (core.prefix_cache) instead of prefilled.
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 @router.post(
@@ -201,7 +204,7 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
             "id": completion_id, "object": "chat.completion", "created": created, "model": slot.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": job.finish_reason or "stop"}],
-            "usage": _usage(prompt_tokens, job.completion_tokens),
+            "usage": _usage(prompt_tokens, job.completion_tokens, job.cached_prompt_tokens),
         }
 
     jobs: list[Any] = []
@@ -220,7 +223,8 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
             return
         yield f"data: {json.dumps(chunk({}, job.finish_reason or 'stop'))}\n\n"
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage = {**chunk({}, None), "choices": [], "usage": _usage(prompt_tokens, job.completion_tokens)}
+            usage = {**chunk({}, None), "choices": [], "usage": _usage(prompt_tokens, job.completion_tokens,
+                                                                         job.cached_prompt_tokens)}
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
 
