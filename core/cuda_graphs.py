@@ -177,6 +177,13 @@ class GraphedDecoder:
     def __len__(self) -> int:
         return len(self._steps)
 
+    def __getstate__(self) -> dict:
+        # A copy of the model (deepcopy, pickling) records its own graphs, on its own weights.
+        return {"model": self.model, "capture": self.capture}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"], state["capture"])
+
     @contextmanager
     def session(self, batch: int, tokens: int) -> Iterator[StaticStep | None]:
         """The static step for ``batch`` rows of up to ``tokens`` tokens, for the length of a request."""

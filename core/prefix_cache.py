@@ -73,6 +73,13 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __getstate__(self) -> dict:
+        # A copy of the model (deepcopy, pickling) starts with an empty store: nothing to share or lock.
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"])
+
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries)

@@ -130,6 +130,18 @@ def test_a_step_that_cannot_be_recorded_leaves_decoding_to_the_ordinary_loop(fam
     assert sum("cannot be recorded" in r.message for r in caplog.records) == 1  # said once, not per request
 
 
+def test_a_copy_of_the_model_records_its_own_steps(family):
+    import copy
+
+    static = with_graphs(tiny(family))
+    cfg = GenerationConfig(max_new_tokens=8)
+    expected = generate(static, [PROMPTS[0]], cfg)
+    twin = copy.deepcopy(static)
+    assert twin.decode_graphs.model is twin and len(twin.decode_graphs) == 0
+    assert generate(twin, [PROMPTS[0]], cfg) == expected
+    assert next(iter(twin.decode_graphs._steps.values())).model is twin
+
+
 def test_make_fast_installs_graphs_only_on_cuda():
     model = tiny("gpt2")
     report = make_fast(model, FastConfig())

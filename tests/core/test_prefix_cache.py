@@ -172,6 +172,18 @@ def test_kept_caches_hold_only_their_tokens(family):
         entry.cache.resized(10)
 
 
+def test_a_copy_of_the_model_starts_with_an_empty_store(family):
+    plain = tiny_model(family, context_length=200)
+    kept = keeping(plain, max_bytes=2**20)
+    cfg = GenerationConfig(max_new_tokens=6)
+    generate(kept, [FIRST], cfg)
+    twin = copy.deepcopy(kept)
+    assert len(kept.prefix_cache) == 1 and len(twin.prefix_cache) == 0 and twin.prefix_cache.max_bytes == 2**20
+    for model in (kept, twin):
+        assert generate(model, [FIRST + [7]], cfg) == generate(plain, [FIRST + [7]], cfg)
+    assert twin.prefix_cache.reused_tokens == 0 and kept.prefix_cache.reused_tokens == len(FIRST)
+
+
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
