@@ -47,14 +47,15 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
-    def resized(self, max_len: int) -> "KVCache":
-        """A cache of ``max_len`` positions holding a copy of this one's first ``length``."""
-        if max_len < self.length:
-            raise ValueError(f"a cache of {max_len} positions cannot hold {self.length} tokens")
+    def resized(self, max_len: int, length: int | None = None) -> "KVCache":
+        """A cache of ``max_len`` positions holding a copy of this one's first ``length`` (all it holds)."""
+        length = self.length if length is None else length
+        if not 0 <= length <= self.length or max_len < length:
+            raise ValueError(f"a cache of {max_len} positions cannot hold {length} of {self.length} tokens")
         new = copy.copy(self)
         shape = (*self.keys.shape[:3], max_len, self.keys.shape[4])
         new.keys, new.values = self.keys.new_empty(shape), self.values.new_empty(shape)  # read only up to length
-        new.keys[:, :, :, : self.length] = self.keys[:, :, :, : self.length]
-        new.values[:, :, :, : self.length] = self.values[:, :, :, : self.length]
-        new.max_len = max_len
+        new.keys[:, :, :, :length] = self.keys[:, :, :, :length]
+        new.values[:, :, :, :length] = self.values[:, :, :, :length]
+        new.max_len, new.length = max_len, length
         return new

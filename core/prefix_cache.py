@@ -16,9 +16,12 @@ position, so reusing the first m positions of a cache built for the same
 tokens gives the logits a fresh prefill gives, up to summation order (the
 fused decoding layers and a whole-prompt pass sum in different orders).
 
-One request owns a cache at a time: :meth:`PrefixCache.take` removes the entry
-it hands out, and :meth:`PrefixCache.put` stores it again when the request
-ends. ``core.generate.decode_steps`` does both for a single prompt on a model
+One request owns a cache at a time. A prompt that continues a whole entry (the
+next turn) takes it over: :meth:`PrefixCache.take` removes it, and
+:meth:`PrefixCache.put` stores the request's cache when it ends. A prompt that
+shares only the start of an entry (a template's preamble, a system prompt, an
+edited message) gets a copy of that start, and the entry stays for its own
+conversation. ``core.generate.decode_steps`` does both for a single prompt on a model
 whose ``prefix_cache`` is set (the service and ``scratchgpt chat`` set it). If
 the model's weights change (in place, replaced or cast), every kept cache is
 stale and is dropped.
@@ -91,7 +94,11 @@ class PrefixCache:
     def take(self, model: torch.nn.Module, prompt: list[int], capacity: int) -> KVCache:
         """A batch-1 cache of at least ``capacity`` positions for ``prompt``, already holding the longest
         stored prefix of it (``cache.length`` tokens; at most all but the prompt's last token, whose
-        logits the request needs), or empty."""
+        logits the request needs), or empty.
+
+        A prompt that continues a whole entry (a chat's next turn) takes that entry over. One that
+        shares only its start (the template's preamble, a system prompt, an edited message) gets a
+        copy of that start, and the entry stays for the conversation it belongs to."""
         p = model.head_weight
         weights = tuple(weight_key(w) for w in model.parameters())
         with self._lock:
@@ -105,13 +112,12 @@ class PrefixCache:
                     best, shared = entry, n
             shared = min(shared, len(prompt) - 1)
             if shared < MIN_REUSE:
-                best = None
-            else:
-                self._entries.remove(best)
-                self.reused_tokens += shared
-        if best is None:
-            return KVCache(model.cfg, 1, capacity, p.device, p.dtype)
-        best.cache.length = shared
+                return KVCache(model.cfg, 1, capacity, p.device, p.dtype)
+            self.reused_tokens += shared
+            if shared < len(best.tokens):
+                # Copied under the lock: the entry may be taken over next, and its positions written.
+                return best.cache.resized(capacity, shared)
+            self._entries.remove(best)
         # Kept caches are trimmed to what they hold (put), so the next turn's room is a copy of them.
         return best.cache if best.cache.max_len >= capacity else best.cache.resized(capacity)
 

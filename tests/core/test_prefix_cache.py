@@ -52,16 +52,31 @@ def test_sampled_turns_answer_alike(family):
     conversation(plain, keeping(plain), GenerationConfig(max_new_tokens=12, temperature=1.2, top_k=30, seed=5))
 
 
-def test_a_prompt_sharing_only_its_start_reuses_that_much(family):
+def test_a_prompt_sharing_only_its_start_copies_that_much_and_leaves_the_entry(family):
     plain = tiny_model(family, context_length=200)
     kept = keeping(plain)
     cfg = GenerationConfig(max_new_tokens=8)
     generate(kept, [FIRST], cfg)
-    other = FIRST[:20] + [90, 91, 92]  # an edited message: the cache is rolled back to what still matches
+    other = FIRST[:20] + [90, 91, 92]  # an edited message, or another chat with the same preamble
     assert generate(kept, [other], cfg) == generate(plain, [other], cfg)
     assert kept.prefix_cache.reused_tokens == 20
+    assert len(kept.prefix_cache) == 2  # the first conversation's cache is still there, whole
     assert generate(kept, [FIRST], cfg) == generate(plain, [FIRST], cfg)  # the same prompt again
-    assert kept.prefix_cache.reused_tokens == 20 + 20  # from the edited request's cache, its first 20
+    assert kept.prefix_cache.reused_tokens == 20 + len(FIRST) - 1
+
+
+def test_conversations_sharing_a_preamble_keep_their_own_caches(family):
+    plain = tiny_model(family, context_length=300)
+    kept = keeping(plain)
+    cfg = GenerationConfig(max_new_tokens=10)
+    preamble = FIRST[:20]
+    a, b = preamble + [40, 41, 42, 43], preamble + [50, 51, 52, 53]
+    answer_a = generate(kept, [a], cfg)[0]
+    generate(kept, [b], cfg)  # copies the preamble from a's cache
+    a2 = a + answer_a + [60, 61]
+    before = kept.prefix_cache.reused_tokens
+    assert generate(kept, [a2], cfg) == generate(plain, [a2], cfg)
+    assert kept.prefix_cache.reused_tokens - before == len(a) + len(answer_a) - 1  # a's own cache, not b's
 
 
 def test_the_same_prompt_again_runs_only_its_last_token(family):
@@ -142,12 +157,12 @@ def test_a_cache_is_never_shared_by_two_requests(family):
     plain = tiny_model(family, context_length=200)
     kept = keeping(plain)
     cfg = GenerationConfig(max_new_tokens=10)
-    generate(kept, [FIRST], cfg)
-    first = decode_steps(kept, [FIRST + [7]], cfg)
-    next(first)  # holds the stored cache now
-    assert generate(kept, [FIRST + [8]], cfg) == generate(plain, [FIRST + [8]], cfg)  # starts afresh
-    assert kept.prefix_cache.reused_tokens == len(FIRST)
-    list(first)
+    held = FIRST + generate(kept, [FIRST], cfg)[0][:-1]  # what the kept cache holds
+    first = decode_steps(kept, [held + [7]], cfg)
+    next(first)  # has taken the kept cache over
+    assert generate(kept, [held + [8]], cfg) == generate(plain, [held + [8]], cfg)  # starts afresh
+    assert kept.prefix_cache.reused_tokens == len(held)
+    assert [t[0] for t in first] == generate(plain, [held + [7]], cfg)[0][1:]
 
 
 def test_changed_weights_drop_every_kept_cache(family):
