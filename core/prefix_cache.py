@@ -37,8 +37,8 @@ import torch
 from core.kernels import weight_key
 from core.kv_cache import KVCache
 
-# Shorter shared prefixes are not worth a cache entry: the chat template's
-# system prompt alone is a few dozen tokens.
+# Shared prefixes shorter than this are not reused, nor caches this short kept: the
+# prefill they would save is a few milliseconds, less than keeping them costs.
 MIN_REUSE = 16
 
 
