@@ -38,10 +38,9 @@ from pathlib import Path
 import torch
 
 from harness import (  # also puts the repository on sys.path
-    describe_device, gpt2_pair, load_average, print_table, synchronized,
+    bench_device, describe_device, gpt2_pair, load_average, print_table, synchronized,
 )
 
-from core.device import resolve_device  # noqa: E402
 from core.fast import FastConfig, make_fast  # noqa: E402
 from core.generate import GenerationConfig, generate  # noqa: E402
 from core.model import GPTModel  # noqa: E402
@@ -244,10 +243,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() > 1:
         sys.exit("--clock cpu counts only the calling thread: use it with --threads 1")
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as err:
-        sys.exit(str(err))
+    args.device = bench_device(p, args.device)
     if args.clock == "cpu" and args.device.type != "cpu":
         sys.exit("--clock cpu counts this thread's CPU time, not the GPU's: use --clock wall with --device cuda")
     clock = synchronized(CLOCKS[args.clock], args.device)

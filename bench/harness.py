@@ -23,6 +23,17 @@ def load_average() -> str:
         return "n/a"
 
 
+def bench_device(parser, name: str) -> torch.device:
+    """``--device NAME`` as the jobs resolve it (core.device); one this machine lacks ends the bench
+    at once with the flag named, before any model is built or server started."""
+    from core.device import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def describe_device(device: torch.device) -> str:
     """What the figures were measured on: the GPU's name and memory, or the CPU count."""
     if device.type == "cuda":

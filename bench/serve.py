@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import describe_device, load_average, print_table  # also puts the repository on sys.path
+from harness import bench_device, describe_device, load_average, print_table  # also puts the repository on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -475,12 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds a server may take to load its models")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server logs)")
     args = parser.parse_args(argv)
-    from core.device import resolve_device
-
-    try:
-        device = resolve_device(args.device)  # here, not in a server that would only fail to load its models
-    except ValueError as err:
-        parser.error(str(err))
+    device = bench_device(parser, args.device)  # here, not in a server that would only fail to load its models
 
     from app.settings import Settings
 

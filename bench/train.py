@@ -24,9 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from harness import describe_device, gpt2_pair, load_average, synchronized  # also puts the repository on sys.path
+from harness import bench_device, describe_device, gpt2_pair, load_average, synchronized  # also puts the repo on sys.path
 
-from core.device import resolve_device  # noqa: E402
 from core.model import GPTModel  # noqa: E402
 from training.pretrain import PretrainConfig, autocast_context, lm_loss, make_optimizer  # noqa: E402
 
@@ -84,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
+    device = bench_device(parser, args.device)
     clock = synchronized(time.perf_counter, device)
 
     import transformers

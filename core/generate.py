@@ -93,13 +93,20 @@ def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfi
         store.put(prompt + emitted, cache)
 
 
+def _one_cached_sequence(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> bool:
+    """One prompt, decoded with a cache, that stays inside the context window, in eval mode: where
+    speculative decoding and kept caches apply."""
+    return (
+        len(prompts) == 1 and cfg.use_cache and not model.training
+        and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length
+    )
+
+
 def _prefix_store(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig):
     store = getattr(model, "prefix_cache", None)
-    fits = len(prompts) == 1 and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length
     # A model replaying CUDA graphs decodes over caches of its own (core.cuda_graphs).
     graphed = getattr(model, "decode_graphs", None) is not None
-    usable = store is not None and fits and cfg.use_cache and not graphed and not model.training
-    return store if usable else None
+    return store if store is not None and not graphed and _one_cached_sequence(model, prompts, cfg) else None
 
 
 def _decode(
@@ -123,7 +130,7 @@ def _decode(
         valid[row, : L - len(prompt)] = 0
     padded = any(len(p) < L for p in prompts)
     graphs = getattr(model, "decode_graphs", None)
-    graphed = graphs is not None and cfg.use_cache and not model.training and cache is None
+    graphed = graphs is not None and cfg.use_cache and not model.training
     with graphs.session(B, total) if graphed else nullcontext() as static:
         if static is not None:
             # A CUDA model's steps replay a recorded graph (core.cuda_graphs) over a cache of its own.
@@ -166,13 +173,10 @@ def _decode(
 
 
 def _speculates(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> bool:
-    # One sequence, cached, that stays inside the context window, on a model with a draft (core.fast
-    # installs one): the model checks the draft's guesses, so greedy tokens are the same and sampled
-    # ones have the same distribution (other draws for a seed than token by token).
-    return (
-        getattr(model, "draft", None) is not None and len(prompts) == 1 and cfg.use_cache
-        and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length and not model.training
-    )
+    # On a model with a draft (core.fast installs one): the model checks the draft's guesses, so
+    # greedy tokens are the same and sampled ones have the same distribution (other draws for a
+    # seed than token by token).
+    return getattr(model, "draft", None) is not None and _one_cached_sequence(model, prompts, cfg)
 
 
 def generate(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:

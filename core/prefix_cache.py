@@ -87,10 +87,6 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
     def take(self, model: torch.nn.Module, prompt: list[int], capacity: int) -> KVCache:
         """A batch-1 cache of at least ``capacity`` positions for ``prompt``, already holding the longest
         stored prefix of it (``cache.length`` tokens; at most all but the prompt's last token, whose
