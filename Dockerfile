@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0
 
-# A C++ compiler: the chat model's kernels (core/csrc) are compiled on first start.
+# A C++ compiler: the chat model's kernels (core/fast/csrc) are compiled on first start.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/scratchgpt

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from core.chat_template import ALPACA, ChatTemplate
-from core.generate import GenerationConfig
+from core.generation.chat_template import ALPACA, ChatTemplate
+from core.generation.generate import GenerationConfig
 
 # Below this many tokens of room for the answer a reply is not worth starting.
 MIN_ANSWER_TOKENS = 8

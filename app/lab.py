@@ -32,7 +32,7 @@ from core.introspection import (
     pca_2d,
     token_probabilities,
 )
-from core.sampling import SamplingConfig
+from core.generation.sampling import SamplingConfig
 from core.tokenizer.errors import TokenizerError
 from core.tokenizer.specials import repair_surrogates
 

@@ -27,7 +27,7 @@ class Metrics:
         self.tokens_generated = Counter("scratchgpt_tokens_generated_total", "Tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter(
             "scratchgpt_prompt_tokens_total",
-            "Prompt tokens of chat requests: prefilled, or cached (taken from a kept cache, core.prefix_cache)",
+            "Prompt tokens of chat requests: prefilled, or cached (taken from a kept cache, core.fast.prefix_cache)",
             ["model", "source"], registry=r,
         )
         self.generations = Counter(

@@ -158,7 +158,7 @@ class ModelRegistry:
                 self._set(slot, "error", f"{type(exc).__name__}: {exc}")
 
     def _load(self, slot: ModelSlot) -> None:
-        from core.checkpoint import load_checkpoint
+        from core.weights.checkpoint import load_checkpoint
 
         if not (slot.path / "config.json").is_file():
             self._set(slot, "missing", f"no checkpoint at {slot.path}")
@@ -175,7 +175,7 @@ class ModelRegistry:
         if slot.role == CHAT and self.settings.fast_kernels:
             self._use_fast_path(checkpoint)
         if slot.role == CHAT and self.settings.chat_prefix_cache_mb:
-            from core.prefix_cache import PrefixCache
+            from core.fast.prefix_cache import PrefixCache
 
             checkpoint.model.prefix_cache = PrefixCache(self.settings.chat_prefix_cache_mb * 2**20)
         with self._lock:
@@ -194,7 +194,7 @@ class ModelRegistry:
 
     @staticmethod
     def _use_fast_path(checkpoint: Any) -> None:
-        from core.fast import fast_for_serving
+        from core.fast.transforms import fast_for_serving
 
         try:
             report = fast_for_serving(checkpoint)

@@ -49,17 +49,17 @@ class Settings(BaseSettings):
     # CPU threads for torch; None lets torch decide. On a busy or small machine 1-2 avoids
     # OpenMP threads fighting each other (the chat and classifier workers run side by side).
     torch_threads: int | None = Field(None, ge=1)
-    # The chat model decodes through our CPU kernels (core.fast.fast_for_serving; AVX-512, a C++
+    # The chat model decodes through our CPU kernels (core.fast.transforms.fast_for_serving; AVX-512, a C++
     # compiler, about 30 s to compile each kernel on first use). A checkpoint converted from a
     # GGUF file keeps the file's quantized blocks and, in fp32, decodes from them
-    # (core.gguf_matvec: the same weights, a fifth of the bytes) with its RMSNorms and rotary
-    # embeddings one kernel call each (core.fused_ops); any other fp32 or bf16 chat model reads
-    # its weights as panels (core.panel_linear). On a CUDA GPU the decoding steps replay CUDA
-    # graphs instead (core.cuda_graphs). SCRATCHGPT_GGUF_KERNELS, its name before it
+    # (core.fast.gguf_matvec: the same weights, a fifth of the bytes) with its RMSNorms and rotary
+    # embeddings one kernel call each (core.fast.fused_ops); any other fp32 or bf16 chat model reads
+    # its weights as panels (core.fast.panels). On a CUDA GPU the decoding steps replay CUDA
+    # graphs instead (core.fast.cuda_graphs). SCRATCHGPT_GGUF_KERNELS, its name before it
     # covered dense models too, is still read.
     fast_kernels: bool = Field(True, validation_alias=AliasChoices(
         "fast_kernels", "SCRATCHGPT_FAST_KERNELS", "gguf_kernels", "SCRATCHGPT_GGUF_KERNELS"))
-    # Recent chats' KV caches kept for their next turn (core.prefix_cache), in MiB; 0 keeps none.
+    # Recent chats' KV caches kept for their next turn (core.fast.prefix_cache), in MiB; 0 keeps none.
     # A turn then prefills only the new message instead of the whole conversation.
     chat_prefix_cache_mb: int = Field(256, ge=0)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from core.classifier import Prediction, classify
-from core.generate import GenerationConfig, StreamChunk, stream
+from core.generation.generate import GenerationConfig, StreamChunk, stream
 
 logger = logging.getLogger("scratchgpt.workers")
 
@@ -63,7 +63,7 @@ class ChatJob:
     started_at: float | None = None
     finished_at: float | None = None
     completion_tokens: int = 0
-    cached_prompt_tokens: int = 0  # prompt tokens taken from a kept cache, not prefilled (core.prefix_cache)
+    cached_prompt_tokens: int = 0  # prompt tokens taken from a kept cache, not prefilled (core.fast.prefix_cache)
     finish_reason: str | None = None
 
     def cancel(self) -> None:

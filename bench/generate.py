@@ -10,10 +10,10 @@ Both sides get identical weights (GPT-2: transformers' GPT2LMHeadModel
 initialised with a seed, converted with our Hugging Face loader; SmolLM2: the
 same GGUF file), the same prompts (random ids, 32 tokens) and greedy decoding
 with a fixed number of new tokens. Paths of ours: ``plain`` is the model as
-``core.model`` builds it, ``fast`` adds ``core.fast.make_fast`` (panels, fused
+``core.model`` builds it, ``fast`` adds ``core.fast.transforms.make_fast`` (panels, fused
 layers, screened output layer; SmolLM2 in fp32 decodes from the GGUF file's own
-quantized blocks, ``core.gguf_matvec``, which hold the same weights; GPT-2 in
-fp32 at batch 1 decodes speculatively, ``core.speculative``, and ``fast, no
+quantized blocks, ``core.fast.gguf_matvec``, which hold the same weights; GPT-2 in
+fp32 at batch 1 decodes speculatively, ``core.fast.speculative``, and ``fast, no
 draft`` is the same model token by token), and ``compiled`` adds torch.compile
 with freezing.
 
@@ -41,8 +41,8 @@ from harness import (  # also puts the repository on sys.path
     bench_device, describe_device, gpt2_pair, load_average, print_table, synchronized,
 )
 
-from core.fast import FastConfig, make_fast  # noqa: E402
-from core.generate import GenerationConfig, generate  # noqa: E402
+from core.fast.transforms import FastConfig, make_fast  # noqa: E402
+from core.generation.generate import GenerationConfig, generate  # noqa: E402
 from core.model import GPTModel  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,9 +70,9 @@ def read_bandwidth_gbs(clock, device: torch.device, size_mb: int = 1024, repeats
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a greedy decoding step reads: every parameter, a layer's GGUF blocks where it decodes
-    from them, and the bf16 screen of a screened output layer that screens one row (core.fast)."""
-    from core.fast import ScreenedHead
-    from core.gguf_matvec import GGUFHead, GGUFLinear
+    from them, and the bf16 screen of a screened output layer that screens one row (core.fast.transforms)."""
+    from core.fast.transforms import ScreenedHead
+    from core.fast.gguf_matvec import GGUFHead, GGUFLinear
 
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if isinstance(model.argmax_head, ScreenedHead) and model.argmax_head._panels is not None:
@@ -86,7 +86,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def bytes_per_token(model: torch.nn.Module, name: str, notes: list[str]) -> float:
     """Weight bytes read per new token at batch 1: :func:`weight_bytes`, or with speculative decoding
-    (core.speculative) the fp32 passes' and the drafted tokens' bytes over the tokens they gave."""
+    (core.fast.speculative) the fp32 passes' and the drafted tokens' bytes over the tokens they gave."""
     full = weight_bytes(model)
     draft = model.draft
     if draft is None or not draft.counts["passes"]:
@@ -130,7 +130,7 @@ def smollm2_pair(gguf: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
-    from core.gguf_weights import load_gguf, read_gguf_blocks
+    from core.weights.gguf import load_gguf, read_gguf_blocks
 
     cfg, state, _ = load_gguf(gguf)
     ours = GPTModel(cfg).eval()
@@ -230,7 +230,7 @@ def main() -> None:
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: this thread's CPU time, steadier under load (use with --threads 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU figures; the clock waits for the GPU)")
-    p.add_argument("--no-fast", action="store_true", help="skip the core.fast rows")
+    p.add_argument("--no-fast", action="store_true", help="skip the core.fast.transforms rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (compiles for minutes, then cached)")
     p.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M rows")
     p.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (default: the model cache)")
@@ -266,7 +266,7 @@ def main() -> None:
     if args.smollm2:
         gguf = args.gguf
         if gguf is None:
-            from core.download import downloads_dir
+            from core.weights.download import downloads_dir
 
             gguf = downloads_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not gguf.is_file():

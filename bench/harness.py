@@ -70,7 +70,7 @@ def gpt2_pair(seed: int = 0, **hf_config) -> tuple[torch.nn.Module, torch.nn.Mod
     ``GPT2Config`` fields (dropout, for training)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from core.hf_weights import convert_gpt2_state_dict, gpt2_config_from_hf
+    from core.weights.hf import convert_gpt2_state_dict, gpt2_config_from_hf
     from core.model import GPTModel
 
     torch.manual_seed(seed)

@@ -61,10 +61,10 @@ class Tally:
 def build_tiny(folder: Path) -> tuple[Path, Path]:
     import torch
 
-    from core.chat_template import ALPACA
-    from core.checkpoint import save_checkpoint
+    from core.generation.chat_template import ALPACA
+    from core.weights.checkpoint import save_checkpoint
     from core.classifier import SequenceClassifier
-    from core.config import ModelConfig
+    from core.model.config import ModelConfig
     from core.model import GPTModel
     from core.tokenizer.gpt2 import gpt2_tokenizer
 

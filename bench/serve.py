@@ -15,7 +15,7 @@ else a built-in handful) back to back for ``--duration`` seconds. The first serv
 client, from sending the request to the first ``delta`` event; that server keeps no chat
 prefix cache, so each sample prefills its whole prompt. Then one conversation of ``--turns``
 messages goes to it and to a third server that keeps the default prefix cache
-(``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``, ``core.prefix_cache``), a message to each in turn: the
+(``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``, ``core.fast.prefix_cache``), a message to each in turn: the
 first token of each later turn, whose prompt is the whole conversation so far, and whether the
 answers were the same.
 
@@ -175,10 +175,10 @@ def build_checkpoints(folder: Path, chat: Path | None, classifier: Path | None) 
     """GPT-2 124M with random weights as a chat model and as a 2-class classifier, unless given."""
     import torch
 
-    from core.chat_template import ALPACA
-    from core.checkpoint import save_checkpoint
+    from core.generation.chat_template import ALPACA
+    from core.weights.checkpoint import save_checkpoint
     from core.classifier import SequenceClassifier
-    from core.config import ModelConfig
+    from core.model.config import ModelConfig
     from core.model import GPTModel
     from core.tokenizer.gpt2 import gpt2_tokenizer
 
@@ -207,8 +207,8 @@ def prompt_of_length(chat_checkpoint: Path, tokens: int) -> str:
     from types import SimpleNamespace
 
     from app.chat import encode_prompt
-    from core.checkpoint import read_config
-    from core.chat_template import ChatTemplate
+    from core.weights.checkpoint import read_config
+    from core.generation.chat_template import ChatTemplate
     from core.tokenizer import load_tokenizer
 
     config = read_config(chat_checkpoint)
@@ -420,7 +420,7 @@ def padding_overhead(classifier: Path, texts: list[str], batch: float, pack_toke
                      draws: int = 2000) -> float:
     """Tokens a batch of this size computes per real token: each text padded to the longest
     (``pack_tokens`` 0), or packed back to back into rows of ``pack_tokens`` as the service does."""
-    from core.checkpoint import read_config
+    from core.weights.checkpoint import read_config
     from core.classifier import pack_texts
     from core.tokenizer import load_tokenizer
 

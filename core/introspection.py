@@ -15,7 +15,7 @@ import torch
 
 from core.classifier import SequenceClassifier
 from core.model import GPTModel
-from core.sampling import SamplingConfig, next_token_probabilities
+from core.generation.sampling import SamplingConfig, next_token_probabilities
 
 
 @torch.inference_mode()

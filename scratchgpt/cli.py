@@ -47,7 +47,7 @@ def resolve_checkpoint(name_or_dir: str) -> Path:
     path = Path(name_or_dir).expanduser()
     if path.exists():
         return path
-    from core.download import cache_dir
+    from core.weights.download import cache_dir
 
     cached = cache_dir() / "models" / name_or_dir
     if cached.exists():
@@ -59,15 +59,15 @@ def resolve_checkpoint(name_or_dir: str) -> Path:
 
 
 def load(args: argparse.Namespace):
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
     from core.device import resolve_device, resolve_dtype
 
     return load_checkpoint(resolve_checkpoint(args.checkpoint), resolve_device(args.device), resolve_dtype(args.dtype))
 
 
 def load_for_decoding(args: argparse.Namespace):
-    """``load``, then the fast path the service decodes with (``core.fast.fast_for_serving``)."""
-    from core.fast import fast_for_serving
+    """``load``, then the fast path the service decodes with (``core.fast.transforms.fast_for_serving``)."""
+    from core.fast.transforms import fast_for_serving
 
     ckpt = load(args)
     if not args.no_fast_kernels and ckpt.task == "causal-lm":
@@ -99,7 +99,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128
 
 
 def generation_config(args: argparse.Namespace, ckpt) -> Any:
-    from core.generate import GenerationConfig
+    from core.generation.generate import GenerationConfig
 
     stop_strings = tuple(ckpt.chat_template.stop) if ckpt.chat_template and args.template != "none" else ()
     return GenerationConfig(
@@ -124,7 +124,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from core.generate import stream
+    from core.generation.generate import stream
 
     ckpt = load_for_decoding(args)
     if ckpt.task != "causal-lm":
@@ -140,8 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from core.generate import stream
-    from core.prefix_cache import PrefixCache
+    from core.generation.generate import stream
+    from core.fast.prefix_cache import PrefixCache
 
     ckpt = load_for_decoding(args)
     template = ckpt.chat_template
@@ -185,7 +185,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from core.download import download_model
+    from core.weights.download import download_model
 
     path = download_model(args.name, size=args.size, from_dir=args.from_dir, from_file=args.from_file)
     print(path)

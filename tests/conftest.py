@@ -17,7 +17,7 @@ def scratchgpt_home() -> Path:
     return Path(os.environ.get("SCRATCHGPT_HOME", Path.home() / ".cache" / "scratchgpt"))
 
 
-# Our C++ kernels compile once per machine into the scratchgpt home (core.kernels). Servers the
+# Our C++ kernels compile once per machine into the scratchgpt home (core.fast.kernels). Servers the
 # tests start with homes of their own share that one build instead of compiling again each.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(scratchgpt_home() / "extensions"))
 
@@ -27,7 +27,7 @@ def built_kernels() -> None:
     """Compile the kernels before the first test: on a fresh machine that takes a few minutes,
     which a server under test would otherwise spend inside its wait for the models to load.
     Where they cannot be built, the tests of the kernels skip and say why."""
-    from core.kernels import FastPathError, load_kernels
+    from core.fast.kernels import FastPathError, load_kernels
 
     for name in ("panel_linear", "decode_layer", "gguf_matvec", "fused_ops"):
         try:
@@ -71,10 +71,10 @@ def one_torch_thread():
 def gguf_chat_checkpoint(tmp_path_factory) -> Path:
     """A tiny GPT-2 chat checkpoint whose weights are Q8_0 numbers, saved with their blocks as a
     GGUF conversion saves them; skips where the GGUF kernels cannot be built."""
-    from core.kernels import FastPathError
+    from core.fast.kernels import FastPathError
 
     try:
-        from core.gguf_matvec import kernels
+        from core.fast.gguf_matvec import kernels
 
         kernels()
     except FastPathError as err:
@@ -83,9 +83,9 @@ def gguf_chat_checkpoint(tmp_path_factory) -> Path:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    from core.chat_template import ALPACA
-    from core.checkpoint import save_checkpoint
-    from core.config import ModelConfig
+    from core.generation.chat_template import ALPACA
+    from core.weights.checkpoint import save_checkpoint
+    from core.model.config import ModelConfig
     from core.model import GPTModel
     from core.tokenizer.gpt2 import gpt2_tokenizer
 

@@ -1,10 +1,10 @@
-"""The skip mark for tests of our C++ kernels (core/csrc), which compile on first use."""
+"""The skip mark for tests of our C++ kernels (core/fast/csrc), which compile on first use."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.kernels import FastPathError
+from core.fast.kernels import FastPathError
 
 
 def needs_kernels(load, what: str) -> pytest.MarkDecorator:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config
+from core.weights.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def resolve_base(base: str | Path) -> Path:
     if isinstance(base, Path) or _looks_like_path(text):
         raise BaseModelError(f"--base {text}: no checkpoint directory there; give a checkpoint directory or a model name")
 
-    from core import download
+    from core.weights import download
 
     try:
         source = download.resolve_model_name(text)

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from core.chat_template import ALPACA, ChatTemplate
-from core.checkpoint import load_checkpoint
-from core.generate import GenerationConfig, generate
+from core.generation.chat_template import ALPACA, ChatTemplate
+from core.weights.checkpoint import load_checkpoint
+from core.generation.generate import GenerationConfig, generate
 from core.device import resolve_device
 from training.instruct_data import InstructExample, encode_prompt, read_instruct_file
 

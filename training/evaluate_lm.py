@@ -95,7 +95,7 @@ def evaluate_lm(
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """Mean loss and perplexity of ``checkpoint`` on ``data``: {"tokens", "loss", "perplexity", ...}."""
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
     from core.device import resolve_device
 
     dev = resolve_device(device, allow_mps=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.checkpoint import load_checkpoint
+from core.weights.checkpoint import load_checkpoint
 from core.classifier import classify
 from core.device import resolve_device
 from training.classification_metrics import classification_report

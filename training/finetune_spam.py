@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.checkpoint import save_checkpoint, write_json
+from core.weights.checkpoint import save_checkpoint, write_json
 from core.classifier import SequenceClassifier
 from core.model import GPTModel
-from core.download import sha256_file
+from core.weights.download import sha256_file
 from core.device import resolve_device
 from training.base_model import load_base, resolve_base, weights_sha256
 from training.classification_metrics import classification_report
@@ -342,7 +342,7 @@ def finetune_spam(cfg: SpamConfig) -> Path:
 
 def classify_texts(checkpoint: str | Path, texts: list[str], device: str = "auto") -> list[dict[str, Any]]:
     """``scratchgpt classify``: label and spam probability per text."""
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
     from core.classifier import classify
 
     ckpt = load_checkpoint(checkpoint, resolve_device(device))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.chat_template import ChatTemplate, alpaca_user_content
+from core.generation.chat_template import ChatTemplate, alpaca_user_content
 
 IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index
 SEED = 123

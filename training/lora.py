@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-# Every linear layer inside a block, for both families (core/attention.py, core/layers.py).
+# Every linear layer inside a block, for both families (core/model/attention.py, core/model/layers.py).
 ALL_BLOCK_LINEARS = ("attn.qkv", "attn.proj", "ff.fc", "ff.proj", "ff.gate", "ff.up", "ff.down")
 
 

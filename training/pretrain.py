@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from core.checkpoint import save_checkpoint
-from core.config import PRESET_ALIASES, PRESETS, ModelConfig
+from core.weights.checkpoint import save_checkpoint
+from core.model.config import PRESET_ALIASES, PRESETS, ModelConfig
 from core.data import DataError
 from core.model import GPTModel
 from training import distributed as dist_utils
@@ -218,7 +218,7 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (the book's calc_loss_batch).
 
-    The model computes it with its output layer fused into the loss (``core.loss``): the
+    The model computes it with its output layer fused into the loss (``core.model.loss``): the
     (tokens x vocabulary) logits are never kept, which is a tenth of a GPT-2 step on a CPU.
     """
     return model(x, targets=y)
@@ -245,7 +245,7 @@ def evaluate_windows(model: torch.nn.Module, dataset, indices: torch.Tensor, bat
 
 def generate_sample(model: GPTModel, tokenizer, cfg: PretrainConfig) -> str:
     """The prompt and its continuation (greedy by default, as the book's generate_and_print_sample)."""
-    from core.generate import GenerationConfig, generate
+    from core.generation.generate import GenerationConfig, generate
 
     ids = tokenizer.encode(cfg.sample_prompt)[-model.cfg.context_length :]
     if not ids:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.checkpoint import atomic_file, atomic_write_bytes
+from core.weights.checkpoint import atomic_file, atomic_write_bytes
 
 RUN_FORMAT = "scratchgpt-pretrain-run"
 STATE_FILE = "training_state.pt"

@@ -23,7 +23,7 @@ CHAT_CONTEXT = 1024
 
 
 def _tiny_model(context_length: int, seed: int):
-    from core.config import ModelConfig
+    from core.model.config import ModelConfig
     from core.model import GPTModel
 
     torch.manual_seed(seed)
@@ -39,8 +39,8 @@ def gpt2_tok():
 
 @pytest.fixture(scope="session")
 def chat_checkpoint(tmp_path_factory, gpt2_tok) -> Path:
-    from core.chat_template import ALPACA
-    from core.checkpoint import save_checkpoint
+    from core.generation.chat_template import ALPACA
+    from core.weights.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
     return save_checkpoint(path, _tiny_model(CHAT_CONTEXT, 0), gpt2_tok, chat_template=ALPACA,
@@ -50,8 +50,8 @@ def chat_checkpoint(tmp_path_factory, gpt2_tok) -> Path:
 @pytest.fixture(scope="session")
 def short_chat_checkpoint(tmp_path_factory, gpt2_tok) -> Path:
     """A chat model with a 96-token window, to exercise dropping old turns."""
-    from core.chat_template import ALPACA
-    from core.checkpoint import save_checkpoint
+    from core.generation.chat_template import ALPACA
+    from core.weights.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-chat-short"
     return save_checkpoint(path, _tiny_model(96, 1), gpt2_tok, chat_template=ALPACA,
@@ -60,7 +60,7 @@ def short_chat_checkpoint(tmp_path_factory, gpt2_tok) -> Path:
 
 @pytest.fixture(scope="session")
 def classifier_checkpoint(tmp_path_factory, gpt2_tok) -> Path:
-    from core.checkpoint import save_checkpoint
+    from core.weights.checkpoint import save_checkpoint
     from core.classifier import SequenceClassifier
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-spam"

@@ -9,7 +9,7 @@ from app.chat import MIN_ANSWER_TOKENS, PromptTooLong, encode_prompt, generation
 
 @pytest.fixture(scope="module")
 def short_ckpt(short_chat_checkpoint):
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
 
     return load_checkpoint(short_chat_checkpoint)
 

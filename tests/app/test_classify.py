@@ -73,7 +73,7 @@ def test_non_json_body_is_rejected(client):
 
 
 def test_micro_batching_groups_concurrent_requests(classifier_checkpoint):
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
     from core.classifier import classify
 
     checkpoint = load_checkpoint(classifier_checkpoint)
@@ -90,7 +90,7 @@ def test_micro_batching_groups_concurrent_requests(classifier_checkpoint):
 
 
 def test_worker_error_reaches_the_caller_and_the_worker_survives(classifier_checkpoint):
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(classifier_checkpoint)
     worker = ClassifierWorker(checkpoint, "classifier", max_batch=4, max_wait_ms=1).start()

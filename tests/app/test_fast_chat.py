@@ -1,4 +1,4 @@
-"""The chat model decodes through our CPU kernels (core.fast.fast_for_serving) with torch's answers:
+"""The chat model decodes through our CPU kernels (core.fast.transforms.fast_for_serving) with torch's answers:
 from the GGUF blocks a converted checkpoint keeps (tests/conftest.py), or from panels for a dense one."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from app.settings import Settings
-from core.fast import PackedLinear, ScreenedHead
-from core.gguf_matvec import GGUFHead, GGUFLinear
-from core.panel_linear import kernels as panel_kernels
+from core.fast.transforms import PackedLinear, ScreenedHead
+from core.fast.gguf_matvec import GGUFHead, GGUFLinear
+from core.fast.panels import kernels as panel_kernels
 from kernel_marks import needs_kernels
 
 from app_testing import running_client
@@ -44,7 +44,7 @@ def test_chat_decodes_from_blocks_with_the_dense_answers(make_settings, gguf_cha
 def test_a_damaged_blocks_file_costs_speed_not_the_chat_model(make_settings, gguf_chat_checkpoint, tmp_path):
     import shutil
 
-    from core.gguf_matvec import BLOCKS_FILE
+    from core.weights.gguf import BLOCKS_FILE
 
     damaged = shutil.copytree(gguf_chat_checkpoint, tmp_path / "damaged")
     (damaged / BLOCKS_FILE).write_bytes(b"not safetensors")

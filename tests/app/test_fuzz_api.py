@@ -43,10 +43,10 @@ TINY = dict(vocab_size=50257, emb_dim=32, n_layers=2, n_heads=2)
 
 def _tiny_checkpoints(folder: Path) -> tuple[Path, Path]:
     """A chat model and a spam classifier, random weights, saved as the training jobs save theirs."""
-    from core.chat_template import ALPACA
-    from core.checkpoint import save_checkpoint
+    from core.generation.chat_template import ALPACA
+    from core.weights.checkpoint import save_checkpoint
     from core.classifier import SequenceClassifier
-    from core.config import ModelConfig
+    from core.model.config import ModelConfig
     from core.model import GPTModel
     from core.tokenizer.gpt2 import gpt2_tokenizer
 

@@ -125,7 +125,7 @@ def test_attention_limits_are_422_with_a_message(client, payload, message):
 
 
 def test_next_token_top_choice_is_the_greedy_next_token(client):
-    from core.generate import GenerationConfig, generate
+    from core.generation.generate import GenerationConfig, generate
 
     body = client.post(f"{LAB}/next-token", json={"text": "The capital of France is", "temperature": 0, "k": 5}).json()
     ids = [t["id"] for t in body["prompt"]]

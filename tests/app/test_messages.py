@@ -42,8 +42,8 @@ def test_send_streams_deltas_then_done_and_stores_both_messages(client):
 
 
 def test_greedy_answers_are_repeatable_and_match_core_generation(client, chat_checkpoint):
-    from core.checkpoint import load_checkpoint
-    from core.generate import generate_text
+    from core.weights.checkpoint import load_checkpoint
+    from core.generation.generate import generate_text
 
     from app.chat import generation_config, plan_prompt
 
@@ -180,7 +180,7 @@ def test_message_validation(make_settings):
 
 
 def test_a_conversations_next_turn_starts_from_the_last_turns_cache(make_settings):
-    """The chat model keeps recent caches (core.prefix_cache): the second turn prefills only what the
+    """The chat model keeps recent caches (core.fast.prefix_cache): the second turn prefills only what the
     first did not run, and answers as a server that keeps none."""
     answers = {}
     for megabytes in (0, 64):

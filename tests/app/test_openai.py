@@ -63,7 +63,7 @@ def test_streaming_equals_non_streaming(openai_client):
 
 def test_a_conversations_next_request_reports_its_cached_prompt_tokens(openai_client):
     """Clients send the whole conversation each time; the server prefills only what it has not run
-    (core.prefix_cache) and says how much it took from its cache, as OpenAI's usage does."""
+    (core.fast.prefix_cache) and says how much it took from its cache, as OpenAI's usage does."""
     messages = [{"role": "user", "content": "Tell me about the sea, the ships and the lighthouse keepers."}]
     first = openai_client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=16)
     messages += [{"role": "assistant", "content": first.choices[0].message.content},

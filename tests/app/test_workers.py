@@ -25,8 +25,8 @@ def test_heartbeat_while_a_job_waits():
 
 
 def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoint):
-    from core.checkpoint import load_checkpoint
-    from core.generate import GenerationConfig
+    from core.weights.checkpoint import load_checkpoint
+    from core.generation.generate import GenerationConfig
 
     checkpoint = load_checkpoint(chat_checkpoint)
     tokens = []
@@ -55,7 +55,7 @@ def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoin
 
 
 def test_a_stopped_worker_refuses_new_jobs(chat_checkpoint):
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
 
     worker = ChatWorker(load_checkpoint(chat_checkpoint), "chat").start()
     worker.stop()
@@ -73,7 +73,7 @@ def test_a_stopped_worker_refuses_new_jobs(chat_checkpoint):
 
 def test_micro_batches_pack_texts_and_answer_as_one_at_a_time(classifier_checkpoint):
     """The worker's packed micro-batches give each caller what its text alone gives."""
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
     from core.classifier import classify
 
     checkpoint = load_checkpoint(classifier_checkpoint)
@@ -96,8 +96,8 @@ def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
     its result or error comes back to the caller."""
     import threading
 
-    from core.checkpoint import load_checkpoint
-    from core.generate import GenerationConfig
+    from core.weights.checkpoint import load_checkpoint
+    from core.generation.generate import GenerationConfig
 
     checkpoint = load_checkpoint(chat_checkpoint)
     worker = ChatWorker(checkpoint, "chat").start()
@@ -138,7 +138,7 @@ def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
 def test_classifier_worker_runs_calls_between_batches(classifier_checkpoint):
     import threading
 
-    from core.checkpoint import load_checkpoint
+    from core.weights.checkpoint import load_checkpoint
 
     worker = ClassifierWorker(load_checkpoint(classifier_checkpoint), "classifier", max_batch=8,
                               max_wait_ms=100).start()

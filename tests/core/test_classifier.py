@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.classifier import PackedBatch, SequenceClassifier, classify, encode_texts, pack_texts
-from core.config import ModelConfig
+from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 

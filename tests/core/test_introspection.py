@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from core.classifier import SequenceClassifier
-from core.config import ModelConfig
-from core.generate import GenerationConfig, generate
+from core.model.config import ModelConfig
+from core.generation.generate import GenerationConfig, generate
 from core.introspection import (
     attention_maps, embedding_vectors, input_x_gradient, last_token_attention, next_token, pca_2d, token_probabilities,
 )
 from core.model import GPTModel
-from core.sampling import SamplingConfig
+from core.generation.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from core.chat_template import ALPACA, CHATML
-from core.config import ModelConfig
-from core.generate import ContextLengthError, GenerationConfig, generate, stream
+from core.generation.chat_template import ALPACA, CHATML
+from core.model.config import ModelConfig
+from core.generation.generate import ContextLengthError, GenerationConfig, generate, stream
 from core.model import GPTModel
-from core.sampling import SamplingConfig
+from core.generation.sampling import SamplingConfig
 from core.tokenizer import gpt2_tokenizer
 from core.tokenizer.errors import DisallowedSpecialToken
 from core.tokenizer.specials import repair_surrogates

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import save_checkpoint
+from core.weights.checkpoint import save_checkpoint
 from core.classifier import SequenceClassifier
-from core.config import ModelConfig
+from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from scratchgpt.cli import main
@@ -82,7 +82,7 @@ def test_generate_decodes_a_dense_checkpoint_from_panels_with_the_same_text(lm_c
 def test_generate_with_a_damaged_blocks_file_decodes_densely(gguf_chat_checkpoint, tmp_path, capsys):
     import shutil
 
-    from core.gguf_matvec import BLOCKS_FILE
+    from core.weights.gguf import BLOCKS_FILE
 
     damaged = shutil.copytree(gguf_chat_checkpoint, tmp_path / "damaged")
     (damaged / BLOCKS_FILE).write_bytes(b"not safetensors")
@@ -175,15 +175,15 @@ def test_a_bad_flag_value_is_an_argparse_error(capsys):
 
 
 def test_chat_answers_each_turn_and_the_next_turn_reuses_the_last_ones_cache(tmp_path, tok, capsys, monkeypatch):
-    import core.prefix_cache
-    from core.chat_template import ALPACA
+    import core.fast.prefix_cache
+    from core.generation.chat_template import ALPACA
 
     torch.manual_seed(2)
     model = GPTModel(ModelConfig(**{**TINY, "context_length": 256}))
     checkpoint = save_checkpoint(tmp_path / "chat", model, tok, chat_template=ALPACA)
     stores = []
 
-    class Recording(core.prefix_cache.PrefixCache):
+    class Recording(core.fast.prefix_cache.PrefixCache):
         def __init__(self, max_bytes: int = 2**30) -> None:
             super().__init__(max_bytes if keep else 0)
             stores.append(self)
@@ -192,7 +192,7 @@ def test_chat_answers_each_turn_and_the_next_turn_reuses_the_last_ones_cache(tmp
     for keep in (False, True):
         lines = iter(["Name a colour.", "And another one?", ""])
         monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-        monkeypatch.setattr(core.prefix_cache, "PrefixCache", Recording)
+        monkeypatch.setattr(core.fast.prefix_cache, "PrefixCache", Recording)
         assert main(["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "12"]) == 0
         transcripts[keep] = capsys.readouterr().out
     assert transcripts[True] == transcripts[False] and transcripts[True].count("\n") >= 2

@@ -6,22 +6,22 @@ from pathlib import Path
 
 import torch
 
-import core.download
-from core.checkpoint import save_checkpoint
-from core.config import ModelConfig
+import core.weights.download
+from core.weights.checkpoint import save_checkpoint
+from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from scratchgpt import serve
 
 
 def offline(name: str):
-    raise core.download.DownloadError(f"could not download {name}: offline (test)")
+    raise core.weights.download.DownloadError(f"could not download {name}: offline (test)")
 
 
 def test_offline_without_spam_data_serves_chat_only(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(serve, "SHARED_SPAM", tmp_path / "no-shared-data")
-    monkeypatch.setattr(core.download, "download_dataset", offline)
+    monkeypatch.setattr(core.weights.download, "download_dataset", offline)
     torch.manual_seed(0)
     base = save_checkpoint(tmp_path / "base", GPTModel(ModelConfig(vocab_size=50257, context_length=32, emb_dim=16,
                                                                   n_layers=1, n_heads=2)), gpt2_tokenizer())

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import save_checkpoint
-from core.config import ModelConfig
+from core.weights.checkpoint import save_checkpoint
+from core.model.config import ModelConfig
 from core.data import DataError, write_token_file
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer

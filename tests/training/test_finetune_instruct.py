@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.chat_template import ALPACA
-from core.checkpoint import load_checkpoint, save_checkpoint
-from core.config import ModelConfig
+from core.generation.chat_template import ALPACA
+from core.weights.checkpoint import load_checkpoint, save_checkpoint
+from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from training.base_model import BaseModelError

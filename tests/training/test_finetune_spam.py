@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import load_checkpoint, save_checkpoint
-from core.config import ModelConfig
+from core.weights.checkpoint import load_checkpoint, save_checkpoint
+from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from training.base_model import BaseModelError

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from core.chat_template import ALPACA, CHATML
+from core.generation.chat_template import ALPACA, CHATML
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from training.instruct_data import (
     IGNORE_INDEX, EncodedExample, InstructDataError, collate, encode_example, read_instruct_file, render_segments,

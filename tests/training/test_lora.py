@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import ModelConfig
+from core.model.config import ModelConfig
 from core.model import GPTModel
 from training.lora import LoRAError, LoRALinear, apply_lora, lora_parameters, merge_lora
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import load_checkpoint
+from core.weights.checkpoint import load_checkpoint
 from core.data import DataError
 from training.job_config import JobConfigError, load_job_config
 from training.pretrain import PretrainConfig, pretrain
@@ -176,7 +176,7 @@ def test_bad_numbers_are_rejected() -> None:
 
 def test_torch_default_init_matches_the_books_model() -> None:
     """--init torch: N(0, 1) embeddings and Kaiming-uniform linears, as the book's GPTModel gets."""
-    from core.config import ModelConfig
+    from core.model.config import ModelConfig
     from core.model import GPTModel
     from training.pretrain import reset_to_torch_defaults
 

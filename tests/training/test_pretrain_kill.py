@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import load_checkpoint
+from core.weights.checkpoint import load_checkpoint
 from training.job_config import load_job_config
 from training.pretrain import PretrainConfig, pretrain
 from training.run_state import SAVE_PAUSE_ENV, STATE_FILE, list_checkpoints

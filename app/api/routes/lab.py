@@ -21,8 +21,8 @@ from app.db import crud
 from app.db.models import STATUS_ERROR
 from app.registry import CHAT, CLASSIFIER, ModelUnavailable
 from app.schemas import MODEL_RESPONSES, NOT_FOUND, Bool, Float, Int, RequestModel, Text
-from core.chat_template import ChatTemplateError
-from core.sampling import SamplingConfig
+from core.generation.chat_template import ChatTemplateError
+from core.generation.sampling import SamplingConfig
 from core.tokenizer.errors import TokenizerError
 
 router = APIRouter(prefix="/api/v1/lab", tags=["lab"], responses=MODEL_RESPONSES)

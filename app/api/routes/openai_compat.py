@@ -131,7 +131,7 @@ def _split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str, st
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
     # prompt_tokens_details.cached_tokens: as OpenAI reports its own prompt caching; here the prompt
-    # tokens taken from a kept cache (core.prefix_cache) instead of prefilled.
+    # tokens taken from a kept cache (core.fast.prefix_cache) instead of prefilled.
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 

@@ -1,0 +1,7 @@
+"""Weights in and out: our checkpoint format (``checkpoint``), the converters
+from Hugging Face (``hf``), GGUF (``gguf``) and OpenAI's TensorFlow GPT-2
+(``openai_tf``) names to ours, and obtaining published models (``download``).
+
+Imports ``core.model``, ``core.generation`` (chat templates), ``core.tokenizer``,
+``core.classifier`` and ``core.paths``; never ``core.fast``.
+"""
