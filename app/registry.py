@@ -19,6 +19,9 @@ import torch
 from app.metrics import Metrics
 from app.settings import Settings
 from app.workers import ChatWorker, ClassifierWorker
+from core.fast.prefix_cache import PrefixCache
+from core.fast.serving import ServingDecoder
+from core.fast.transforms import fast_for_serving
 
 logger = logging.getLogger("scratchgpt.models")
 
@@ -47,6 +50,7 @@ class ModelSlot:
     state: str = "loading"
     detail: str = ""
     checkpoint: Any = None
+    decoder: Any = None  # the chat model's core.fast.serving.ServingDecoder
     worker: Any = None
     load_seconds: float | None = None
 
@@ -172,17 +176,12 @@ class ModelRegistry:
         start = time.perf_counter()
         checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
         self._validate(slot.role, checkpoint)
-        if slot.role == CHAT and self.settings.fast_kernels:
-            self._use_fast_path(checkpoint)
-        if slot.role == CHAT and self.settings.chat_prefix_cache_mb:
-            from core.fast.prefix_cache import PrefixCache
-
-            checkpoint.model.prefix_cache = PrefixCache(self.settings.chat_prefix_cache_mb * 2**20)
+        decoder = self._serving_decoder(checkpoint) if slot.role == CHAT else None
         with self._lock:
             if self._stopping:
                 return
-            slot.checkpoint = checkpoint
-            slot.worker = self._make_worker(slot.role, checkpoint).start()
+            slot.checkpoint, slot.decoder = checkpoint, decoder
+            slot.worker = self._make_worker(slot.role, checkpoint, decoder).start()
             slot.load_seconds = time.perf_counter() - start
             self.metrics.model_load_seconds.labels(slot.role).set(slot.load_seconds)
             self._set(slot, "ready")
@@ -192,18 +191,20 @@ class ModelRegistry:
                    "dtype": str(dtype).removeprefix("torch."), "seconds": round(slot.load_seconds, 3)},
         )
 
-    @staticmethod
-    def _use_fast_path(checkpoint: Any) -> None:
-        from core.fast.transforms import fast_for_serving
-
-        try:
-            report = fast_for_serving(checkpoint)
-        except Exception:  # a damaged blocks file costs speed, not the chat model
-            logger.exception("fast path unusable; the chat model decodes with torch's kernels",
-                             extra={"model": CHAT, "path": str(checkpoint.path)})
-            return
-        if report is not None:
-            logger.info("chat model fast path", extra={"model": CHAT, "report": str(report)})
+    def _serving_decoder(self, checkpoint: Any) -> ServingDecoder:
+        """The chat model's decoder: our kernels where the settings ask and they fit, and recent chats'
+        caches kept for their next turn (``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``)."""
+        mb = self.settings.chat_prefix_cache_mb
+        kept = PrefixCache(mb * 2**20) if mb else None
+        if self.settings.fast_kernels:
+            try:
+                decoder = fast_for_serving(checkpoint, prefix_cache=kept)
+                logger.info("chat model fast path", extra={"model": CHAT, "report": str(decoder.report)})
+                return decoder
+            except Exception:  # a damaged blocks file costs speed, not the chat model
+                logger.exception("fast path unusable; the chat model decodes with torch's kernels",
+                                 extra={"model": CHAT, "path": str(checkpoint.path)})
+        return ServingDecoder(checkpoint.model, prefix_cache=kept)
 
     @staticmethod
     def _validate(role: str, checkpoint: Any) -> None:
@@ -218,7 +219,7 @@ class ModelRegistry:
             if "spam" not in (checkpoint.labels or []):
                 raise ValueError(f"{checkpoint.path} has labels {checkpoint.labels}; a spam classifier needs 'spam'")
 
-    def _make_worker(self, role: str, checkpoint: Any) -> Any:
+    def _make_worker(self, role: str, checkpoint: Any, decoder: ServingDecoder | None) -> Any:
         depth = self.metrics.queue_depth.labels(role)
         if role == CHAT:
             tokens = self.metrics.tokens_generated.labels(role)
@@ -228,7 +229,7 @@ class ModelRegistry:
                 computed.inc(prompt - reused)
                 cached.inc(reused)
 
-            return ChatWorker(checkpoint, role, on_tokens=tokens.inc, on_queue_depth=depth.set,
+            return ChatWorker(checkpoint, decoder, role, on_tokens=tokens.inc, on_queue_depth=depth.set,
                               threads=self.settings.torch_threads, on_prompt=on_prompt)
 
         def on_batch(n: int) -> None:

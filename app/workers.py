@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from core.classifier import Prediction, classify
-from core.generation.generate import GenerationConfig, StreamChunk, stream
+from core.fast.serving import ServingDecoder
+from core.generation.generate import GenerationConfig, StreamChunk
 
 logger = logging.getLogger("scratchgpt.workers")
 
@@ -136,10 +137,11 @@ class _Callable:
 
 
 class ChatWorker(_Callable):
-    def __init__(self, checkpoint: Any, name: str, on_tokens: Callable[[int], None] | None = None,
+    def __init__(self, checkpoint: Any, decoder: ServingDecoder, name: str, on_tokens: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None,
                  on_prompt: Callable[[int, int], None] | None = None) -> None:
         self.checkpoint = checkpoint
+        self.decoder = decoder
         self.name = name
         self.threads = threads
         self._queue: queue.Queue = queue.Queue()
@@ -199,11 +201,10 @@ class ChatWorker(_Callable):
             job.finished_at = job.started_at
             job._post(_End())
             return
-        model, tokenizer = self.checkpoint.model, self.checkpoint.tokenizer
         # This thread alone decodes with the model, so the kept caches' count moves for this job only.
-        kept = getattr(model, "prefix_cache", None)
+        kept = self.decoder.prefix_cache
         reused_before = kept.reused_tokens if kept is not None else 0
-        chunks = stream(model, tokenizer, job.prompt_ids, job.config)
+        chunks = self.decoder.stream(self.checkpoint.tokenizer, job.prompt_ids, job.config)
         error: BaseException | None = None
         try:
             with torch.inference_mode():

@@ -65,20 +65,22 @@ def load(args: argparse.Namespace):
     return load_checkpoint(resolve_checkpoint(args.checkpoint), resolve_device(args.device), resolve_dtype(args.dtype))
 
 
-def load_for_decoding(args: argparse.Namespace):
-    """``load``, then the fast path the service decodes with (``core.fast.transforms.fast_for_serving``)."""
+def load_for_decoding(args: argparse.Namespace, prefix_cache=None):
+    """``load``, and the serving decoder the service decodes with (``core.fast.transforms.fast_for_serving``)."""
+    from core.fast.serving import ServingDecoder
     from core.fast.transforms import fast_for_serving
 
     ckpt = load(args)
-    if not args.no_fast_kernels and ckpt.task == "causal-lm":
+    if ckpt.task != "causal-lm":
+        return ckpt, None
+    if not args.no_fast_kernels:
         try:
-            report = fast_for_serving(ckpt)
+            decoder = fast_for_serving(ckpt, prefix_cache)
+            print(f"fast path: {decoder.report}", file=sys.stderr)
+            return ckpt, decoder
         except ValueError as err:  # a damaged blocks file costs speed only
             print(f"fast path: none ({type(err).__name__}: {err}); decoding with torch's kernels", file=sys.stderr)
-            return ckpt
-        if report is not None:
-            print(f"fast path: {report}", file=sys.stderr)
-    return ckpt
+    return ckpt, ServingDecoder(ckpt.model, prefix_cache=prefix_cache)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,30 +126,26 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from core.generation.generate import stream
-
-    ckpt = load_for_decoding(args)
+    ckpt, decoder = load_for_decoding(args)
     if ckpt.task != "causal-lm":
         raise ValueError(f"--checkpoint {ckpt.path} is a {ckpt.task} model; use `scratchgpt classify`")
     prompt = args.prompt
     if ckpt.chat_template is not None and args.template != "none":
         prompt = ckpt.chat_template.render([{"role": "user", "content": prompt}])
     ids = ckpt.tokenizer.encode(prompt, allowed_special="all")
-    for chunk in stream(ckpt.model, ckpt.tokenizer, ids, generation_config(args, ckpt)):
+    for chunk in decoder.stream(ckpt.tokenizer, ids, generation_config(args, ckpt)):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from core.generation.generate import stream
     from core.fast.prefix_cache import PrefixCache
 
-    ckpt = load_for_decoding(args)
+    ckpt, decoder = load_for_decoding(args, PrefixCache())  # each turn prefills only its new message
     template = ckpt.chat_template
     if template is None:
         raise ValueError(f"--checkpoint {ckpt.path} has no chat template; it is not a chat model")
-    ckpt.model.prefix_cache = PrefixCache()  # each turn prefills only its new message
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"Chatting with {ckpt.name} ({ckpt.config.family}, {ckpt.model.cfg.n_layers} layers). "
           "Empty line or Ctrl-D to quit.", file=sys.stderr)
@@ -167,7 +165,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             del messages[drop : drop + 2]
             ids = ckpt.tokenizer.encode(template.render(messages), allowed_special="all")
         answer = []
-        for chunk in stream(ckpt.model, ckpt.tokenizer, ids, generation_config(args, ckpt)):
+        for chunk in decoder.stream(ckpt.tokenizer, ids, generation_config(args, ckpt)):
             print(chunk.text, end="", flush=True)
             answer.append(chunk.text)
         print()

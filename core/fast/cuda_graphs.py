@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -81,9 +81,11 @@ class StaticStep:
     and replayed; without, it runs eagerly.
     """
 
-    def __init__(self, model: GPTModel, batch: int, length: int, capture: bool) -> None:
+    def __init__(self, model: GPTModel, batch: int, length: int, capture: bool,
+                 logits: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         p = next(model.parameters())
         self.model = model
+        self.logits_of = logits or model.logits  # the output layer (a serving decoder's, if given)
         self.cache = StaticKVCache(model.cfg, batch, length, p.device, p.dtype)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.real = torch.ones(batch, length, dtype=torch.bool, device=p.device)  # False: left padding
@@ -99,7 +101,7 @@ class StaticStep:
         positions = visible.sum(-1, keepdim=True) - 1
         ctx = ForwardContext(positions, visible[:, None, None, :], model.rope_at(positions), cache)
         hidden, _ = model.run_blocks(model.embed(self.token, ctx), ctx)
-        return model.logits(hidden)
+        return self.logits_of(hidden)
 
     def _capture(self) -> None:
         # A few eager steps on a side stream first, as torch's docs prescribe: they make the
@@ -167,8 +169,10 @@ class GraphedDecoder:
     request decodes eagerly from then on: slower, never wrong.
     """
 
-    def __init__(self, model: GPTModel, capture: bool | None = None) -> None:
+    def __init__(self, model: GPTModel, logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 capture: bool | None = None) -> None:
         self.model = model
+        self.logits = logits
         self.capture = next(model.parameters()).device.type == "cuda" if capture is None else capture
         self.failed: str | None = None
         self._steps: OrderedDict[tuple[int, int], StaticStep] = OrderedDict()
@@ -179,10 +183,10 @@ class GraphedDecoder:
 
     def __getstate__(self) -> dict:
         # A copy of the model (deepcopy, pickling) records its own graphs, on its own weights.
-        return {"model": self.model, "capture": self.capture}
+        return {"model": self.model, "logits": self.logits, "capture": self.capture}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model"], state["capture"])
+        self.__init__(state["model"], state["logits"], state["capture"])
 
     @contextmanager
     def session(self, batch: int, tokens: int) -> Iterator[StaticStep | None]:
@@ -201,7 +205,7 @@ class GraphedDecoder:
             while len(self._steps) >= MAX_GRAPHS:
                 self._steps.popitem(last=False)
             try:
-                self._steps[key] = StaticStep(self.model, batch, length, capture=self.capture)
+                self._steps[key] = StaticStep(self.model, batch, length, capture=self.capture, logits=self.logits)
             except RuntimeError as err:
                 self.failed = f"{type(err).__name__}: {err}"
                 logger.warning("decoding steps cannot be recorded as CUDA graphs; decoding without them: %s",

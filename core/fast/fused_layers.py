@@ -29,9 +29,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.fast.gguf_matvec import GGUFLinear
 from core.fast.kernels import load_kernels, weight_key
-from core.model import ForwardContext, TransformerBlock
+from core.fast.packed import PackedLinear
 from core.fast.panels import MAX_ROWS
+from core.model import ForwardContext, TransformerBlock
+from core.model.layers import FeedForward, LayerNorm, RMSNorm, SwiGLU
 
 
 def kernels():
@@ -85,9 +88,6 @@ class FusedGPT2Block(_FusedBlock):
 
     @staticmethod
     def fits(block: nn.Module) -> bool:
-        from core.fast.transforms import PackedLinear
-        from core.model.layers import FeedForward, LayerNorm
-
         if type(block) is not TransformerBlock or not isinstance(block.ff, FeedForward) or block.attn.use_rope:
             return False
         if not (isinstance(block.norm1, LayerNorm) and isinstance(block.norm2, LayerNorm)):
@@ -122,9 +122,6 @@ class FusedLlamaBlock(_FusedBlock):
 
     @staticmethod
     def fits(block: nn.Module) -> bool:
-        from core.fast.gguf_matvec import GGUFLinear
-        from core.model.layers import RMSNorm, SwiGLU
-
         if type(block) is not TransformerBlock or not isinstance(block.ff, SwiGLU) or not block.attn.use_rope:
             return False
         if not (isinstance(block.norm1, RMSNorm) and isinstance(block.norm2, RMSNorm)):

@@ -143,15 +143,16 @@ def _agrees(matrix: BlockMatrix, weight: torch.Tensor) -> bool:
     return bool(torch.allclose(ours, dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max()) + 1e-6))
 
 
-def attach_gguf_blocks(model: nn.Module, blocks: Blocks) -> list[str]:
-    """Let ``model`` (a ``GPTModel`` in fp32 on the CPU) decode from ``blocks``; returns what was skipped, and why.
+def attach_gguf_blocks(model: nn.Module, blocks: Blocks) -> tuple[list[str], GGUFHead | None]:
+    """Let ``model`` (a ``GPTModel`` in fp32 on the CPU) decode from ``blocks``; returns what was skipped, and
+    why, and the output layer as a :class:`GGUFHead` for a serving decoder (None if its blocks were not given).
 
     ``blocks`` maps our parameter names (``blocks.0.attn.qkv.weight``, ``tok_emb.weight``
     for a tied output layer, ...) to GGUF blocks. Each weight is checked against
     its blocks first; one that does not agree keeps the dense path.
     """
     kernels()  # fail at once, with the reason, if the kernels cannot be had
-    skipped = []
+    skipped, head = [], None
     linears = {f"{name}.weight": (parent, attr, module)
                for parent_name, parent in model.named_modules()
                for attr, module in parent.named_children()
@@ -178,8 +179,8 @@ def attach_gguf_blocks(model: nn.Module, blocks: Blocks) -> list[str]:
             skipped.append(f"{name} (the weight is not the one the blocks hold)")
             continue
         if name == head_name:
-            model.fast_head = model.argmax_head = GGUFHead(matrix, weight)
+            head = GGUFHead(matrix, weight)
         else:
             parent, attr, linear = linears[name]
             setattr(parent, attr, GGUFLinear(linear, matrix))
-    return skipped
+    return skipped, head

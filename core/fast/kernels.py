@@ -72,7 +72,7 @@ def _build(name: str) -> tuple[object | None, str]:
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         return None, "our CPU kernels are compiled on first use and need a C++ compiler and ninja on PATH"
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load  # here: importing it costs about a second, and most runs never build
 
     build = extensions_dir() / name
     build.mkdir(parents=True, exist_ok=True)

@@ -34,16 +34,14 @@ token by token.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
-from core.model.kv_cache import KVCache
+from core.fast.fused_layers import FusedGPT2Block
 from core.fast.panels import MAX_ROWS, Panels, kernels as panel_kernels
+from core.generation.generate import GenerationConfig
 from core.generation.sampling import SamplingConfig, make_generator, next_token_probabilities, sample
-
-if TYPE_CHECKING:
-    from core.generation.generate import GenerationConfig
+from core.model import KVCache
 
 # Drafted tokens per verifying pass: the pass scores them and the token before
 # them, and the panel kernel reads the weights once for up to eight rows.
@@ -63,7 +61,8 @@ class SelfDraft:
     and the drafted tokens the model accepted.
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.int8, max_draft: int = MAX_DRAFT) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.int8, max_draft: int = MAX_DRAFT,
+                 head_screen: Panels | None = None) -> None:
         if dtype not in (torch.int8, torch.bfloat16):
             raise ValueError(f"the draft reads int8 or bf16 panels, not {dtype}")
         if not 1 <= max_draft <= MAX_DRAFT:
@@ -72,8 +71,8 @@ class SelfDraft:
             raise ValueError("the draft runs the fused GPT-2 layers: make_fast the fp32 model with panels first")
         self.dtype, self.max_draft = dtype, max_draft
         self._layers = [[Panels(dtype) for _ in block.linears()] for block in model.blocks]
-        screen = getattr(model.argmax_head, "_panels", None)
-        # The screened output layer already keeps a bf16 copy of the head: a bf16 draft shares it.
+        # ``head_screen``: the bf16 panel copy of the output layer a screened head keeps, which a bf16 draft shares.
+        screen = head_screen
         self._head = screen if dtype == torch.bfloat16 and screen is not None and screen.dtype == dtype else Panels(dtype)
         self.counts = {"passes": 0, "drafted": 0, "accepted": 0}
 
@@ -101,21 +100,21 @@ class SelfDraft:
 
 def drafts_for(model: torch.nn.Module) -> bool:
     """Whether :class:`SelfDraft` runs on ``model``: a GPT-2 whose every block is a ``FusedGPT2Block``."""
-    from core.fast.fused_layers import FusedGPT2Block
-
     return model.pos_emb is not None and all(isinstance(block, FusedGPT2Block) for block in model.blocks)
 
 
 def speculative_tokens(
-    model: torch.nn.Module, draft: SelfDraft, prompt: list[int], cfg: GenerationConfig, cache: KVCache | None = None
+    decoder, draft: SelfDraft, prompt: list[int], cfg: GenerationConfig, cache: KVCache | None = None
 ) -> Iterator[int]:
     """The model's tokens after ``prompt`` as ``cfg`` asks (greedy or sampled, up to
     ``cfg.max_new_tokens``; a stop token is yielded, then nothing more), drafted by ``draft`` and
-    verified by ``model`` up to eight at a time.
+    verified up to eight at a time by ``decoder`` (a ``core.fast.serving.ServingDecoder``: its
+    model's forward pass through its output layers).
 
     ``cache``, if given, has room for the prompt and the new tokens and may hold the prompt's first
     ``cache.length`` tokens already (core.fast.prefix_cache). The caller checks that the prompt and the
     new tokens fit the context window."""
+    model = decoder.model
     device = model.head_weight.device
     if cache is None:
         cache = KVCache(model.cfg, 1, len(prompt) + cfg.max_new_tokens, device, model.head_weight.dtype)
@@ -123,7 +122,7 @@ def speculative_tokens(
         return
     generator = make_generator(cfg, device)
     rest = torch.tensor([prompt[cache.length:]], device=device)
-    logits = model(rest, cache=cache, last_only=True, argmax_only=cfg.greedy)
+    logits = decoder(rest, cache=cache, last_only=True, argmax_only=cfg.greedy)
     new = [int(sample(logits[:, -1], cfg, generator)[0])]
     emitted, drafted, accepted = 0, 0, 0
     stops = set(cfg.stop_token_ids)
@@ -148,7 +147,7 @@ def speculative_tokens(
                 guesses.append(int(torch.multinomial(proposals[-1], 1, generator=generator)))
         chunk = torch.tensor([new[-1:] + guesses], device=device)
         # One pass over the last token and the guesses (overwriting the guesses' keys and values).
-        logits = model(chunk, cache=cache, argmax_only=cfg.greedy)[0]
+        logits = decoder(chunk, cache=cache, argmax_only=cfg.greedy)[0]
         if cfg.greedy:
             kept, token = _keep_greedy(logits, guesses)
         else:

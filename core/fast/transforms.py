@@ -59,234 +59,26 @@ Cast the model to its serving dtype and device *before* calling :func:`make_fast
 
 from __future__ import annotations
 
-import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from core.paths import cache_dir
-from core.fast.kernels import FastPathError, needs_autograd, weight_key
+from core.fast import fused_layers, fused_ops
+from core.fast.cuda_graphs import GraphedDecoder
+from core.fast.gguf_matvec import attach_gguf_blocks
+from core.fast.kernels import FastPathError
+from core.fast.packed import PackedHead, onednn_available, pack_linears
 from core.fast.panels import Panels, kernels as panel_kernels
-
-
-@functools.cache
-def onednn_available(dtype: torch.dtype) -> bool:
-    """Whether torch's oneDNN linear kernels run here for ``dtype`` (CPU only)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
-
-
-def _pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
-    # An opaque oneDNN tensor in the blocked layout its matmul kernel reads fastest
-    # for about ``batch_hint`` rows of input; any number of rows still works.
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-
-
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-# -- prepacked linear layers ----------------------------------------------------
-
-
-class _PackedCopy:
-    """A packed snapshot of a weight, rebuilt when the weight is changed in place or replaced."""
-
-    def __init__(self, batch_hint: int) -> None:
-        self.batch_hint = batch_hint
-        self.packed: torch.Tensor | None = None
-        self.key: tuple | None = None
-
-    def of(self, weight: torch.Tensor) -> torch.Tensor:
-        key = weight_key(weight)
-        if key != self.key:
-            self.packed, self.key = _pack(weight, self.batch_hint), key
-        return self.packed
-
-    def __getstate__(self) -> dict:
-        # A packed tensor is opaque (no storage to copy or pickle): copies repack on first use.
-        return {"batch_hint": self.batch_hint, "packed": None, "key": None}
-
-
-def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # The packed kernels are CPU, inference-only and want matching dtypes;
-    # anything else takes plain F.linear. One fp32 row is a matrix-vector product
-    # that only streams the weight, where MKL's gemv measured faster than oneDNN's
-    # packed kernel (docs/performance.md); packing pays once there are rows to reuse it.
-    if x.device.type != "cpu" or x.dtype != weight.dtype or not onednn_available(weight.dtype):
-        return False
-    if needs_autograd(x, weight):
-        return False
-    return weight.dtype != torch.float32 or x.numel() > x.shape[-1]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, panels: Panels | None,
-            packed: _PackedCopy | None) -> torch.Tensor:
-    # Decoding's few rows from the panels, longer inputs from oneDNN's copy, the rest plain.
-    if panels is not None and panels.applies(x, weight):
-        return panels.linear(x, weight, bias)
-    if packed is None or not _use_packed(x, weight):
-        return nn.functional.linear(x, weight, bias)
-    return _packed_linear(x, packed.of(weight), bias)
-
-
-class PackedLinear(nn.Module):
-    """An ``nn.Linear`` whose weight is also kept in the layouts fast kernels read, for inference.
-
-    It holds the original ``weight`` and ``bias`` parameters (so the state dict
-    keeps its names and values) plus packed copies, snapshots rebuilt if the
-    weight is changed or cast afterwards: ``panels`` (``core.fast.panels``) for
-    up to eight rows, and with ``onednn`` a oneDNN-packed copy for the rest.
-    Autograd, other devices and other dtypes take the plain ``F.linear``.
-    """
-
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1, onednn: bool = True, panels: Panels | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        # Plain attributes: never saved, never cast.
-        self._packed = _PackedCopy(batch_hint) if onednn else None
-        self._panels = panels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias, self._panels, self._packed)
-
-    def extra_repr(self) -> str:
-        layouts = " and ".join(name for name, copy in (("oneDNN", self._packed), ("panels", self._panels)) if copy)
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {layouts}"
-
-
-class PackedHead(nn.Module):
-    """The output layer ``hidden @ weight.T`` with the weight packed as :class:`PackedLinear`'s;
-    the weight (possibly the tied embedding) is passed in on each call."""
-
-    def __init__(self, batch_hint: int = 1, onednn: bool = True, panels: Panels | None = None) -> None:
-        super().__init__()
-        self._packed = _PackedCopy(batch_hint) if onednn else None
-        self._panels = panels
-
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return _linear(hidden, weight, None, self._panels, self._packed)
-
-
-def pack_linears(model: nn.Module, batch_hint: int = 1, onednn: bool = True, panels: bool = False) -> int:
-    """Replace every ``nn.Linear`` in ``model`` by a :class:`PackedLinear` with the copies asked for; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child, batch_hint, onednn, Panels() if panels else None))
-                count += 1
-    return count
-
-
-# -- screened output layer ----------------------------------------------------
-
-# Unit roundoff: rounding to bf16 (8 significant bits) or fp32 (24) moves a
-# value by at most this fraction of itself.
-_BF16_UNIT = 2.0**-8
-_FP32_UNIT = 2.0**-24
-
-
-class ScreenedHead(nn.Module):
-    """Exact argmax of the fp32 logits ``hidden @ weight.T`` for half the bytes.
-
-    Stage 1 scores every vocabulary row in bf16 (weights rounded once and packed,
-    as panels for up to eight rows, for oneDNN beyond; activations rounded per
-    call; fp32 sums; the result rounded to bf16). For row j the exact logit z_j
-    and the screened score a_j differ by at most
-
-        |z_j - a_j| <= ||h - h~|| ||W_j|| + ||h~|| ||W_j - W~_j||
-                       + K u32 ||h~|| ||W~_j|| + 2 u16 |a_j|
-
-    (activation rounding, weight rounding, the K-term fp32 sum in any order,
-    the bf16 result), which we bound by one number beta per input row using the
-    largest row norms. The true argmax then has a_j >= max(a) - 2 beta, so
-    stage 2 scores in fp32 only the rows above that threshold: for GPT-2 small
-    a few dozen of 50,257.
-
-    Stage 2 gathers the candidate rows from the model's own weight, passed in on
-    each call, so nothing is copied in fp32 and a tied head stays tied.
-    """
-
-    def __init__(self, weight: torch.Tensor, batch_hint: int = 1, panels: bool = False) -> None:
-        super().__init__()
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_available(torch.bfloat16):
-            raise FastPathError(
-                f"screened_head needs an fp32 output layer on a CPU with oneDNN bf16 (got {weight.dtype} on "
-                f"{weight.device.type}); build FastConfig(screened_head=False) for this model"
-            )
-        self.batch_hint = batch_hint
-        self.vocab_size, self.dim = weight.shape
-        self._panels = Panels(torch.bfloat16) if panels else None  # plain attribute: never saved, never cast
-        self._key: tuple | None = None
-        self._prepare(weight)
-
-    def _prepare(self, weight: torch.Tensor) -> None:
-        """The norms the bound uses, recomputed (and the screen dropped) if the weight changed."""
-        if weight_key(weight) == self._key:
-            return
-        w = weight.detach().float()
-        w_bf16 = w.to(torch.bfloat16)
-        self._screen = None  # oneDNN's packed bf16 screen, built when first needed
-        self.max_row_norm = float(w.norm(dim=1).max())
-        self.max_rounding = float((w - w_bf16.float()).norm(dim=1).max())
-        self._key = weight_key(weight)
-
-    def __getstate__(self) -> dict:
-        # The packed screen is opaque (no storage to copy or pickle): copies rebuild it on first use.
-        return {**self.__dict__, "_screen": None, "_key": None}
-
-    def screen(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Stage 1: approximate logits (N, V), as fp32, of fp32 activations (N, d)."""
-        self._prepare(weight)
-        h_bf16 = h.to(torch.bfloat16)
-        if self._panels is not None and self._panels.applies(h_bf16, weight):
-            return self._panels.linear(h_bf16, weight).float()
-        if self._screen is None:
-            self._screen = _pack(weight.detach().to(torch.bfloat16), self.batch_hint)
-        return _packed_linear(h_bf16, self._screen, None).float()
-
-    def bound(self, h: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-        """beta (N,): no row's screened score is further than this from its exact logit."""
-        h_bf16 = h.to(torch.bfloat16).float()
-        h_norm = h_bf16.norm(dim=-1)
-        beta = (
-            (h - h_bf16).norm(dim=-1) * self.max_row_norm
-            + h_norm * self.max_rounding
-            + self.dim * _FP32_UNIT * h_norm * self.max_row_norm * 1.01
-            + 2 * _BF16_UNIT * approx.abs().amax(dim=-1)
-        )
-        # Headroom for the fp32 rounding of the norms and sums above.
-        return beta * 1.001 + 1e-6
-
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """hidden (..., d), already normalised; weight (V, d), the head this was built from
-        -> logits (..., V): fp32 where a token can be the maximum, -inf elsewhere."""
-        shape = hidden.shape
-        if hidden.numel() == shape[-1] and self._panels is None:
-            # One row: MKL's fp32 matrix-vector product streams the whole head about as fast
-            # as oneDNN's bf16 kernel streams the half-size screen (docs/performance.md), so
-            # screening saves nothing and its extra passes cost a little. The panel kernel
-            # streams the screen at twice that speed, so with it one row is screened too.
-            return nn.functional.linear(hidden, weight)
-        h = hidden.reshape(-1, shape[-1]).float()
-        approx = self.screen(h, weight)
-        threshold = approx.amax(dim=-1) - 2 * self.bound(h, approx)
-        # One candidate set for the whole batch: a superset of every row's own.
-        candidates = (approx >= threshold[:, None]).any(dim=0).nonzero().squeeze(-1)
-        exact = nn.functional.linear(h, weight.index_select(0, candidates).float())
-        out = torch.full_like(approx, float("-inf"))
-        out[:, candidates] = exact
-        return out.reshape(*shape[:-1], self.vocab_size)
+from core.fast.screened_head import ScreenedHead
+from core.fast.serving import FastReport, ServingDecoder
+from core.fast.speculative import SelfDraft, drafts_for
+from core.generation.generate import GenerationConfig, decode_steps
+from core.paths import cache_dir
+from core.weights.gguf import checkpoint_blocks
 
 
 # -- the transforms together ----------------------------------------------------
@@ -311,45 +103,36 @@ class FastConfig:
             raise ValueError(f"batch_hint must be >= 1, got {self.batch_hint}")
 
 
-@dataclass
-class FastReport:
-    applied: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # transform -> why
-    compile_seconds: float | None = None
-
-    def __str__(self) -> str:
-        parts = self.applied + [f"no {k} ({v})" for k, v in self.skipped.items()]
-        if self.compile_seconds is not None:
-            parts.append(f"compiled in {self.compile_seconds:.0f} s")
-        return ", ".join(parts) or "nothing"
-
-
-def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict | None = None) -> FastReport:
-    """Apply the transforms of ``cfg`` to a ``GPTModel`` in place, in eval mode.
+def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict | None = None) -> ServingDecoder:
+    """A serving decoder for a ``GPTModel`` with the transforms of ``cfg``; the model is changed in
+    place (faster modules in place of its linear layers and blocks) and put in eval mode.
 
     Call it last: after loading the weights and casting to the serving dtype
     and device. A transform that does not fit (no oneDNN, a GPU, a bf16 head
-    for ``screened_head``) is skipped and says why in the returned report.
+    for ``screened_head``) is skipped and says why in the decoder's ``report``.
 
     ``gguf_blocks`` (from ``core.weights.gguf.read_gguf_blocks`` or a
-    checkpoint's ``core.fast.gguf_matvec.load_blocks``): the quantized blocks the
+    checkpoint's ``core.weights.gguf.load_blocks``): the quantized blocks the
     model's weights were read from; the layers they hold then decode from them
     (``core.fast.gguf_matvec``), and the other transforms apply to the rest.
     """
     cfg = cfg or FastConfig()
-    report = FastReport()
+    decoder = ServingDecoder(model)
+    report = decoder.report
     model.eval()
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise FastPathError("make_fast: this model is already compiled; call make_fast once, on the plain model")
     if gguf_blocks:
-        _use_gguf_blocks(model, gguf_blocks, report)
+        _use_gguf_blocks(decoder, gguf_blocks)
     weight = model.head_weight
-    panels = _panels_fit(model, cfg, report)
-    if cfg.screened_head and model.argmax_head is not None:
+    panels = _panels_fit(decoder, cfg)
+    if cfg.screened_head and decoder.argmax_head is not None:
         report.skipped["screened_head"] = "the output layer decodes from GGUF blocks"
+    elif cfg.screened_head and cfg.compile:
+        report.skipped["screened_head"] = "the compiled forward pass computes the plain output layer"
     elif cfg.screened_head:
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available(torch.bfloat16):
-            model.argmax_head = ScreenedHead(weight, cfg.batch_hint, panels=panels)
+            decoder.argmax_head = ScreenedHead(weight, cfg.batch_hint, panels=panels)
             report.applied.append("screened_head")
         else:
             reason = "the head is already half precision" if weight.dtype != torch.float32 else "needs a CPU with oneDNN bf16"
@@ -368,8 +151,8 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
     if onednn or panels:
         n = pack_linears(model, cfg.batch_hint, onednn, panels)
         packed = [f"{n} linears"] if n else []
-        if model.fast_head is None:
-            model.fast_head = PackedHead(cfg.batch_hint, onednn, Panels() if panels else None)
+        if decoder.head is None:
+            decoder.head = PackedHead(cfg.batch_hint, onednn, Panels() if panels else None)
             packed.append("the output layer")
         for name, used in (("prepack", onednn), ("panels", panels)):
             if used and packed:
@@ -379,47 +162,52 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
     if cfg.fused_layers and weight.dtype == torch.float32 and weight.device.type == "cpu" and not cfg.compile:
         _use_fused_layers(model, report)
     if cfg.speculative:
-        _use_draft(model, report)
+        _use_draft(decoder)
     if cfg.cuda_graphs and weight.device.type == "cuda":
-        _use_cuda_graphs(model, cfg, report)
+        _use_cuda_graphs(decoder, cfg)
     if cfg.compile:
         report.compile_seconds = compile_model(model, cfg.batch_hint)
         report.applied.append("compile")
-    return report
+    return decoder
 
 
-def fast_for_serving(checkpoint) -> FastReport | None:
-    """The fast path the service and the CLI decode with, applied to a loaded causal-LM checkpoint.
+def fast_for_serving(checkpoint, prefix_cache=None) -> ServingDecoder:
+    """The serving decoder the service and the CLI decode with, for a loaded causal-LM checkpoint,
+    keeping recent caches in ``prefix_cache`` (``core.fast.prefix_cache.PrefixCache``) if given.
 
     On the CPU: a checkpoint that carries GGUF blocks decodes from them in fp32
     (``core.fast.gguf_matvec``: the same weights in a fifth of the bytes); any other
     fp32 or bf16 model takes :func:`make_fast`'s defaults (panels, the screened
     output layer, oneDNN copies where they pay). On a CUDA GPU, in any dtype:
-    decoding steps replayed from CUDA graphs. None when nothing applies (fp16
-    on the CPU, other devices). A damaged blocks file raises ValueError.
+    decoding steps replayed from CUDA graphs. Where nothing applies (fp16 on the
+    CPU, other devices) the decoder is the plain loop. A damaged blocks file raises ValueError.
     """
     model = checkpoint.model
     weight = model.head_weight
     if weight.device.type == "cuda":
         cpu_only = ("prepack", "panels", "screened_head", "fused_ops", "fused_layers", "speculative")
-        return make_fast(model, FastConfig(**dict.fromkeys(cpu_only, False)))
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    from core.weights.gguf import checkpoint_blocks
+        decoder = make_fast(model, FastConfig(**dict.fromkeys(cpu_only, False)))
+    elif weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        decoder = ServingDecoder(model)
+        decoder.report.skipped["all"] = f"no fast path for {weight.dtype} on {weight.device.type}"
+    else:
+        blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata) if weight.dtype == torch.float32 else {}
+        if blocks:
+            # Every layer decodes from its blocks: packed copies would hold the weights twice more for nothing.
+            decoder = make_fast(model, FastConfig(prepack=False, panels=False, screened_head=False), gguf_blocks=blocks)
+        else:
+            decoder = make_fast(model, FastConfig())
+    decoder.prefix_cache = prefix_cache
+    return decoder
 
-    blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata) if weight.dtype == torch.float32 else {}
-    if blocks:
-        # Every layer decodes from its blocks: packed copies would hold the weights twice more for nothing.
-        return make_fast(model, FastConfig(prepack=False, panels=False, screened_head=False), gguf_blocks=blocks)
-    return make_fast(model, FastConfig())
 
-
-def _panels_fit(model: nn.Module, cfg: FastConfig, report: FastReport) -> bool:
+def _panels_fit(decoder: ServingDecoder, cfg: FastConfig) -> bool:
     """Whether decoding's linear layers can read panels (``core.fast.panels``); if not, why is reported."""
+    model, report = decoder.model, decoder.report
     weight = model.head_weight
     if not cfg.panels:
         return False
-    if model.fast_head is not None and not any(type(m) is nn.Linear for m in model.modules()):
+    if decoder.head is not None and not any(type(m) is nn.Linear for m in model.modules()):
         return False  # every layer already has its fast path (GGUF blocks): nothing to build the kernel for
     if cfg.compile:
         report.skipped["panels"] = "inductor's freezing packs the weights of the compiled model"
@@ -435,14 +223,15 @@ def _panels_fit(model: nn.Module, cfg: FastConfig, report: FastReport) -> bool:
     return False
 
 
-def _use_gguf_blocks(model: nn.Module, blocks: dict, report: FastReport) -> None:
-    from core.fast.gguf_matvec import attach_gguf_blocks
-
+def _use_gguf_blocks(decoder: ServingDecoder, blocks: dict) -> None:
+    report = decoder.report
     try:
-        skipped = attach_gguf_blocks(model, blocks)
+        skipped, head = attach_gguf_blocks(decoder.model, blocks)
     except FastPathError as err:
         report.skipped["gguf_blocks"] = str(err)
         return
+    if head is not None:
+        decoder.head = decoder.argmax_head = head
     types = sorted({t for t, _ in blocks.values()})
     report.applied.append(f"gguf_blocks ({len(blocks) - len(skipped)} of {len(blocks)} weights, {'/'.join(types)})")
     if skipped:
@@ -450,10 +239,8 @@ def _use_gguf_blocks(model: nn.Module, blocks: dict, report: FastReport) -> None
 
 
 def _use_fused_ops(model: nn.Module, cfg: FastConfig, report: FastReport) -> None:
-    from core.fast.fused_ops import fusable, use_fused_ops
-
     weight = model.head_weight
-    if not any(fusable(model)):
+    if not any(fused_ops.fusable(model)):
         return
     if cfg.compile:
         report.skipped["fused_ops"] = "inductor fuses these operations in the compiled model"
@@ -462,7 +249,7 @@ def _use_fused_ops(model: nn.Module, cfg: FastConfig, report: FastReport) -> Non
         report.skipped["fused_ops"] = f"the kernels are fp32 CPU only, this model is {dtype} on {weight.device.type}"
     else:
         try:
-            count = use_fused_ops(model)
+            count = fused_ops.use_fused_ops(model)
         except FastPathError as err:
             report.skipped["fused_ops"] = str(err)
             return
@@ -471,37 +258,35 @@ def _use_fused_ops(model: nn.Module, cfg: FastConfig, report: FastReport) -> Non
 
 
 def _use_fused_layers(model: nn.Module, report: FastReport) -> None:
-    from core.fast.fused_layers import fusable, use_fused_layers
-
-    if not any(fusable(block) for block in model.blocks):
+    if not any(fused_layers.fusable(block) for block in model.blocks):
         return  # no layer has its weights as panels or GGUF blocks
     try:
-        count = use_fused_layers(model)
+        count = fused_layers.use_fused_layers(model)
     except FastPathError as err:
         report.skipped["fused_layers"] = str(err)
         return
     report.applied.append(f"fused_layers ({count} layers, one kernel call each when decoding)")
 
 
-def _use_draft(model: nn.Module, report: FastReport) -> None:
-    from core.fast.speculative import SelfDraft, drafts_for
-
+def _use_draft(decoder: ServingDecoder) -> None:
+    model, report = decoder.model, decoder.report
     if not drafts_for(model):
         if model.head_weight.dtype == torch.float32 and model.pos_emb is not None:
             report.skipped["speculative"] = "the draft decodes through fused GPT-2 layers, and this model has none"
         return  # a half-precision model has nothing cheaper to draft with; Llama layers have no draft yet
-    model.draft = SelfDraft(model)
+    # A bf16 draft can share the bf16 copy of the output layer that the screened head keeps.
+    screen = decoder.argmax_head.panels if isinstance(decoder.argmax_head, ScreenedHead) else None
+    decoder.draft = SelfDraft(model, head_screen=screen)
     report.applied.append(
-        f"speculative (one sequence: int8 drafts of up to {model.draft.max_draft} tokens, checked in fp32)")
+        f"speculative (one sequence: int8 drafts of up to {decoder.draft.max_draft} tokens, checked in fp32)")
 
 
-def _use_cuda_graphs(model: nn.Module, cfg: FastConfig, report: FastReport) -> None:
-    from core.fast.cuda_graphs import GraphedDecoder
-
+def _use_cuda_graphs(decoder: ServingDecoder, cfg: FastConfig) -> None:
+    report = decoder.report
     if cfg.compile:
         report.skipped["cuda_graphs"] = "the compiled model's shapes change with the cache"
         return
-    model.decode_graphs = GraphedDecoder(model)
+    decoder.graphs = GraphedDecoder(decoder.model, decoder.logits)
     report.applied.append("cuda_graphs (decoding steps replayed, one graph per batch size and cache length)")
 
 
@@ -516,8 +301,6 @@ def compile_model(model: nn.Module, batch_hint: int = 1) -> float:
     all vary between requests), so the warm-up compiles each graph the decoding
     loop uses once: prefill and decode, unpadded and left-padded.
     """
-    from core.generation.generate import GenerationConfig, decode_steps  # here: core.generation.generate imports the model
-
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     start = time.perf_counter()
     model.compile(dynamic=True, options={"freezing": True})

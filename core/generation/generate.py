@@ -4,24 +4,25 @@ The loop follows the book's chapter 5 ``generate`` (crop to the context,
 take the last logits, sample, append) with what serving needs on top: a KV
 cache (prefill the prompt once, then one token per step), several prompts at
 once (left padding plus an attention mask), stop tokens and stop strings, and
-a streaming iterator of text that never splits a UTF-8 character. A model
-that ``core.fast.transforms`` gave a draft decodes one sequence speculatively
-(``core.fast.speculative``): the same greedy tokens, or sampled tokens of the same
-distribution, in fewer full passes.
+a streaming iterator of text that never splits a UTF-8 character.
+
+This is the plain loop. A server wraps the model in ``core.fast.serving``'s
+decoder, which passes faster output layers into the same loop (``step``), or
+decodes speculatively, from CUDA graphs or from a kept cache; none of that is
+needed to read this file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from core.model.kv_cache import KVCache
-from core.model import GPTModel
 from core.generation.sampling import SamplingConfig, make_generator, sample
-from core.fast.speculative import speculative_tokens
+from core.model import GPTModel, KVCache
+from core.tokenizer.streaming import StreamDecoder
 
 
 class ContextLengthError(ValueError):
@@ -65,59 +66,49 @@ def check_prompt(prompt_ids: list[int], context_length: int) -> None:
         )
 
 
+# What one decoding pass computes: the logits (B, 1, vocab) after ``ids`` (B, T), given the cache
+# (which may already hold earlier tokens), the (B, S) mask of real tokens when rows are left-padded,
+# and whether the caller only takes the argmax. The plain model's pass is ``model_step``; a serving
+# decoder (``core.fast.serving``) passes its faster one to the same loop.
+StepFn = Callable[[torch.Tensor, "KVCache | None", "torch.Tensor | None", bool], torch.Tensor]
+
+
+def model_step(model: GPTModel) -> StepFn:
+    def step(ids: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None, greedy: bool) -> torch.Tensor:
+        return model(ids, cache=cache, attention_mask=mask, last_only=True)
+
+    return step
+
+
+def padding_mask(prompts: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The (B, L) mask of real tokens when prompts are left-padded to one length L; None when all are as long."""
+    L = max(len(p) for p in prompts)
+    if all(len(p) == L for p in prompts):
+        return None
+    mask = torch.ones(len(prompts), L, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        mask[row, : L - len(prompt)] = 0
+    return mask
+
+
 @torch.inference_mode()
-def decode_steps(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[list[int | None]]:
+def decode_steps(
+    model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig, *, cache: KVCache | None = None,
+    step: StepFn | None = None,
+) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each prompt (None once that prompt has stopped).
 
     A prompt stops on one of ``cfg.stop_token_ids`` (which is yielded) or after
     ``cfg.max_new_tokens``. Rows are left-padded to a common length and masked,
     so batched results equal one-prompt-at-a-time results.
+
+    ``cache`` (one prompt), if given, has room for the prompt and the new tokens and may hold the
+    prompt's first ``cache.length`` tokens already; ``step`` replaces the model's own pass.
     """
     C = model.cfg.context_length
     for prompt in prompts:
         check_prompt(prompt, C)
-    store = _prefix_store(model, prompts, cfg)
-    if store is None:
-        yield from _decode(model, prompts, cfg)
-        return
-    # One prompt on a model that keeps recent caches (core.fast.prefix_cache): start from the longest
-    # stored prefix of the prompt, and keep this request's cache for the next one.
-    prompt = prompts[0]
-    cache = store.take(model, prompt, len(prompt) + cfg.max_new_tokens)
-    emitted: list[int] = []
-    try:
-        for step in _decode(model, prompts, cfg, cache):
-            emitted.append(step[0])
-            yield step
-    finally:
-        store.put(prompt + emitted, cache)
-
-
-def _one_cached_sequence(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> bool:
-    """One prompt, decoded with a cache, that stays inside the context window, in eval mode: where
-    speculative decoding and kept caches apply."""
-    return (
-        len(prompts) == 1 and cfg.use_cache and not model.training
-        and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length
-    )
-
-
-def _prefix_store(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig):
-    store = getattr(model, "prefix_cache", None)
-    # A model replaying CUDA graphs decodes over caches of its own (core.fast.cuda_graphs).
-    graphed = getattr(model, "decode_graphs", None) is not None
-    return store if store is not None and not graphed and _one_cached_sequence(model, prompts, cfg) else None
-
-
-def _decode(
-    model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig, cache: KVCache | None = None
-) -> Iterator[list[int | None]]:
-    """decode_steps' loop; ``cache`` (one prompt) may already hold the prompt's first tokens."""
-    C = model.cfg.context_length
-    if _speculates(model, prompts, cfg):
-        for token in speculative_tokens(model, model.draft, prompts[0], cfg, cache):
-            yield [token]
-        return
+    step = step or model_step(model)
     device, dtype = _device_dtype(model)
     B, L = len(prompts), max(len(p) for p in prompts)
     # One buffer for the prompt and every token to come: appending a token is a
@@ -129,74 +120,57 @@ def _decode(
         seq[row, L - len(prompt):L] = torch.tensor(prompt, device=device)
         valid[row, : L - len(prompt)] = 0
     padded = any(len(p) < L for p in prompts)
-    graphs = getattr(model, "decode_graphs", None)
-    graphed = graphs is not None and cfg.use_cache and not model.training
-    with graphs.session(B, total) if graphed else nullcontext() as static:
-        if static is not None:
-            # A CUDA model's steps replay a recorded graph (core.fast.cuda_graphs) over a cache of its own.
-            static.begin(valid[:, :L] if padded else None)
-            cache = static.cache
-        elif cache is None:
-            # Size the cache for this request, not the whole context window: a long-context
-            # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
-            cache = KVCache(model.cfg, B, min(C, total), device, dtype) if cfg.use_cache else None
-        generator = make_generator(cfg, device)
-        stops = set(cfg.stop_token_ids)
-        finished = [False] * B
+    if cache is None and cfg.use_cache:
+        # Size the cache for this request, not the whole context window: a long-context
+        # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
+        cache = KVCache(model.cfg, B, min(C, total), device, dtype)
+    generator = make_generator(cfg, device)
+    stops = set(cfg.stop_token_ids)
+    finished = [False] * B
 
-        n = L  # tokens in seq so far
-        for _ in range(cfg.max_new_tokens):
-            if static is not None and cache.length:
-                logits = static.step(seq[:, n - 1])
-            elif cache is not None and n <= C:
-                # Prefill the whole prompt once, then feed one token per step.
-                logits = model(
-                    seq[:, cache.length:n], cache=cache, attention_mask=valid[:, :n] if padded else None,
-                    last_only=True, argmax_only=cfg.greedy,
-                )
-            else:
-                # Past the context window (or without a cache) the model sees the
-                # last C tokens afresh each step, as in the book's generate().
-                window = slice(max(0, n - C), n)
-                logits = model(
-                    seq[:, window], attention_mask=valid[:, window] if padded else None,
-                    last_only=True, argmax_only=cfg.greedy,
-                )
-            token = sample(logits[:, -1], cfg, generator)
-            ids = token.tolist()  # the one host sync per step: callers need the ids
-            yield [None if done else t for t, done in zip(ids, finished)]
-            finished = [done or t in stops for t, done in zip(ids, finished)]
-            if all(finished):
-                return
-            seq[:, n] = token
-            n += 1
-
-
-def _speculates(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> bool:
-    # On a model with a draft (core.fast.transforms installs one): the model checks the draft's guesses, so
-    # greedy tokens are the same and sampled ones have the same distribution (other draws for a
-    # seed than token by token).
-    return getattr(model, "draft", None) is not None and _one_cached_sequence(model, prompts, cfg)
+    n = L  # tokens in seq so far
+    for _ in range(cfg.max_new_tokens):
+        if cache is not None and n <= C:
+            # Prefill the whole prompt once, then feed one token per step.
+            logits = step(seq[:, cache.length:n], cache, valid[:, :n] if padded else None, cfg.greedy)
+        else:
+            # Past the context window (or without a cache) the model sees the
+            # last C tokens afresh each step, as in the book's generate().
+            window = slice(max(0, n - C), n)
+            logits = step(seq[:, window], None, valid[:, window] if padded else None, cfg.greedy)
+        token = sample(logits[:, -1], cfg, generator)
+        ids = token.tolist()  # the one host sync per step: callers need the ids
+        yield [None if done else t for t, done in zip(ids, finished)]
+        finished = [done or t in stops for t, done in zip(ids, finished)]
+        if all(finished):
+            return
+        seq[:, n] = token
+        n += 1
 
 
 def generate(model: GPTModel, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:
     """New token ids for each prompt, without the prompt and without the stop token."""
-    outputs: list[list[int]] = [[] for _ in prompts]
+    return collect(decode_steps(model, prompts, cfg), len(prompts), cfg)
+
+
+def collect(steps: Iterator[list[int | None]], rows: int, cfg: GenerationConfig) -> list[list[int]]:
+    """The token ids of each row that ``steps`` (as :func:`decode_steps` yields them) generated, stop tokens left out."""
+    outputs: list[list[int]] = [[] for _ in range(rows)]
     stops = set(cfg.stop_token_ids)
-    for step in decode_steps(model, prompts, cfg):
+    for step in steps:
         for row, token in enumerate(step):
             if token is not None and token not in stops:
                 outputs[row].append(token)
     return outputs
 
 
-def _first_stop(text: str, stop_strings: tuple[str, ...]) -> int:
+def first_stop(text: str, stop_strings: tuple[str, ...]) -> int:
     """Where the earliest stop string starts in text, or -1."""
     found = [at for at in (text.find(stop) for stop in stop_strings) if at >= 0]
     return min(found, default=-1)
 
 
-def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
+def held_back(text: str, stop_strings: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that could still grow into a stop string."""
     longest = 0
     for stop in stop_strings:
@@ -208,35 +182,39 @@ def _held_back(text: str, stop_strings: tuple[str, ...]) -> int:
 
 
 def stream(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[StreamChunk]:
-    """Generate for one prompt, yielding text as it becomes final.
+    """Generate for one prompt, yielding text as it becomes final (see :func:`text_chunks`).
+    Closing the iterator stops generation."""
+    return text_chunks(tokenizer, (step[0] for step in decode_steps(model, [prompt_ids], cfg)), cfg)
+
+
+def text_chunks(tokenizer, tokens: Iterator[int], cfg: GenerationConfig) -> Iterator[StreamChunk]:
+    """The text of one sequence's new ``tokens``, as it becomes final.
 
     Text is held back while it could be the start of a stop string, and bytes
     while they are an incomplete UTF-8 character, so what has been yielded is
     never taken back. The last chunk carries ``finish_reason``. Closing the
-    iterator stops generation.
+    iterator closes ``tokens``, which stops their generation.
     """
-    from core.tokenizer.streaming import StreamDecoder
-
     decoder = StreamDecoder(tokenizer)
     pending = ""
     stops = set(cfg.stop_token_ids)
-    for step in decode_steps(model, [prompt_ids], cfg):
-        token = step[0]
-        if token in stops:
-            yield StreamChunk(pending + decoder.flush(), [token], "stop")
-            return
-        pending += decoder.push(token)
-        at = _first_stop(pending, cfg.stop_strings)
-        if at >= 0:
-            yield StreamChunk(pending[:at], [token], "stop")
-            return
-        keep = _held_back(pending, cfg.stop_strings)
-        ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-        yield StreamChunk(ready, [token])
+    with closing(tokens) if hasattr(tokens, "close") else nullcontext():
+        for token in tokens:
+            if token in stops:
+                yield StreamChunk(pending + decoder.flush(), [token], "stop")
+                return
+            pending += decoder.push(token)
+            at = first_stop(pending, cfg.stop_strings)
+            if at >= 0:
+                yield StreamChunk(pending[:at], [token], "stop")
+                return
+            keep = held_back(pending, cfg.stop_strings)
+            ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+            yield StreamChunk(ready, [token])
     # Bytes of an unfinished character are only decoded (as U+FFFD) now, and a stop string
     # may end in them: then the answer was cut by that stop, not by the length limit.
     tail = pending + decoder.flush()
-    at = _first_stop(tail, cfg.stop_strings)
+    at = first_stop(tail, cfg.stop_strings)
     yield StreamChunk(tail if at < 0 else tail[:at], [], "length" if at < 0 else "stop")
 
 

@@ -61,19 +61,6 @@ class GPTModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         self.out_head = None if cfg.tie_embeddings else nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        # Faster equivalents of the output layer that core.fast.transforms may install, each
-        # called as head(normed_hidden, head_weight): one for full logits, one for
-        # callers that need only the argmax (greedy decoding). None: the plain matmul.
-        self.fast_head: nn.Module | None = None
-        self.argmax_head: nn.Module | None = None
-        # What drafts tokens for core.fast.speculative, which core.fast.transforms may install. None: one token per pass.
-        self.draft = None
-        # What replays decoding steps from CUDA graphs (core.fast.cuda_graphs), which core.fast.transforms may install
-        # on a GPU. None: each step launches its kernels one by one.
-        self.decode_graphs = None
-        # Recent requests' KV caches (core.fast.prefix_cache), which the service and the chat command set:
-        # a prompt that continues one (a chat's next turn) prefills only its new tokens. None: none kept.
-        self.prefix_cache = None
         if cfg.family == "llama":
             cos, sin = rope_tables(cfg)
             # Not persistent: derived from the config, so never stored in checkpoints.
@@ -171,10 +158,7 @@ class GPTModel(nn.Module):
         return x, attentions
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        normed = self.final_norm(hidden)
-        if self.fast_head is not None:
-            return self.fast_head(normed, self.head_weight)
-        return nn.functional.linear(normed, self.head_weight)
+        return nn.functional.linear(self.final_norm(hidden), self.head_weight)
 
     def forward(
         self,
@@ -185,16 +169,11 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_attention: bool = False,
         last_only: bool = False,
-        argmax_only: bool = False,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, T, vocab); with ``last_only`` just the last position's (B, 1, vocab),
         which saves the largest matmul of a decode step. With ``return_attention``
         also the per-layer attention weights, each (B, heads, T, S).
-
-        ``argmax_only`` says the caller will only take the argmax (greedy decoding):
-        when ``core.fast.transforms`` has installed a screened head, logits that cannot be the
-        maximum come back as -inf and only the others are computed exactly.
 
         With ``targets`` (B, T), the mean next-token cross-entropy instead of the
         logits, computed by ``core.model.loss`` without materialising them (training)."""
@@ -207,10 +186,7 @@ class GPTModel(nn.Module):
             return linear_cross_entropy(self.final_norm(hidden), self.head_weight, targets)
         if last_only:
             hidden = hidden[:, -1:]
-        if argmax_only and self.argmax_head is not None:
-            logits = self.argmax_head(self.final_norm(hidden), self.head_weight)
-        else:
-            logits = self.logits(hidden)
+        logits = self.logits(hidden)
         return (logits, attentions) if return_attention else logits
 
     def set_attention_path(self, path: str) -> None:

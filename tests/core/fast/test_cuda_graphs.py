@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from core.fast.cuda_graphs import MAX_GRAPHS, MIN_LENGTH, GraphedDecoder, StaticStep, cache_length
+from core.fast.serving import ServingDecoder
 from core.fast.transforms import FastConfig, make_fast
 from core.generation.generate import GenerationConfig, decode_steps, generate
 from core.model.kv_cache import KVCache
@@ -20,9 +21,10 @@ from fused_models import tiny_model as tiny
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]
 
 
-def with_graphs(model: GPTModel, capture: bool = False) -> GPTModel:
-    model.decode_graphs = GraphedDecoder(model, capture=capture)
-    return model
+def with_graphs(model: GPTModel, capture: bool = False) -> ServingDecoder:
+    decoder = ServingDecoder(model)
+    decoder.graphs = GraphedDecoder(model, decoder.logits, capture=capture)
+    return decoder
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -34,14 +36,14 @@ def test_static_steps_give_the_plain_models_greedy_tokens(family):
     plain, static = tiny(family), with_graphs(tiny(family))
     cfg = GenerationConfig(max_new_tokens=20)
     for prompts in ([PROMPTS[0]], [PROMPTS[1]], PROMPTS):  # one row, and left-padded rows
-        assert generate(static, prompts, cfg) == generate(plain, prompts, cfg)
-    assert len(static.decode_graphs) == 2  # batch 1 and batch 3, one cache length
+        assert static.generate(prompts, cfg) == generate(plain, prompts, cfg)
+    assert len(static.graphs) == 2  # batch 1 and batch 3, one cache length
 
 
 def test_static_steps_give_the_plain_models_sampled_tokens(family):
     plain, static = tiny(family), with_graphs(tiny(family))
     cfg = GenerationConfig(max_new_tokens=20, temperature=1.5, top_k=20, top_p=0.9, seed=7)
-    assert generate(static, PROMPTS, cfg) == generate(plain, PROMPTS, cfg)
+    assert static.generate(PROMPTS, cfg) == generate(plain, PROMPTS, cfg)
 
 
 def assert_steps_match(model: GPTModel, decoder: GraphedDecoder, tol: float = 1e-5) -> None:
@@ -81,39 +83,39 @@ def test_cache_lengths_are_powers_of_two_within_the_context():
 
 
 def test_requests_reuse_a_step_per_batch_and_length_and_the_oldest_goes(family):
-    model = with_graphs(tiny(family, context_length=2 * MIN_LENGTH + 10))
+    decoder = with_graphs(tiny(family, context_length=2 * MIN_LENGTH + 10))
     plain = tiny(family, context_length=2 * MIN_LENGTH + 10)
     short, long = GenerationConfig(max_new_tokens=5), GenerationConfig(max_new_tokens=MIN_LENGTH)
     for cfg in (short, short, long):  # the long request needs the next length up
-        assert generate(model, [PROMPTS[0]], cfg) == generate(plain, [PROMPTS[0]], cfg)
-    assert sorted(model.decode_graphs._steps) == [(1, MIN_LENGTH), (1, 2 * MIN_LENGTH)]
+        assert decoder.generate([PROMPTS[0]], cfg) == generate(plain, [PROMPTS[0]], cfg)
+    assert sorted(decoder.graphs._steps) == [(1, MIN_LENGTH), (1, 2 * MIN_LENGTH)]
     for batch in range(2, MAX_GRAPHS + 2):
-        generate(model, [PROMPTS[0]] * batch, short)
-    assert len(model.decode_graphs) == MAX_GRAPHS
-    assert (1, MIN_LENGTH) not in model.decode_graphs._steps
+        decoder.generate([PROMPTS[0]] * batch, short)
+    assert len(decoder.graphs) == MAX_GRAPHS
+    assert (1, MIN_LENGTH) not in decoder.graphs._steps
 
 
 def test_past_the_context_window_decoding_is_the_ordinary_loop(family):
     plain, static = tiny(family, context_length=24), with_graphs(tiny(family, context_length=24))
     cfg = GenerationConfig(max_new_tokens=30)  # outgrows the 24-token window
-    assert generate(static, PROMPTS, cfg) == generate(plain, PROMPTS, cfg)
-    assert len(static.decode_graphs) == 0
+    assert static.generate(PROMPTS, cfg) == generate(plain, PROMPTS, cfg)
+    assert len(static.graphs) == 0
 
 
 def test_a_second_request_meanwhile_decodes_with_its_own_cache(family):
     plain, static = tiny(family), with_graphs(tiny(family))
     cfg = GenerationConfig(max_new_tokens=12)
     expected = [generate(plain, [p], cfg)[0] for p in PROMPTS[:2]]
-    first = decode_steps(static, [PROMPTS[0]], cfg)
+    first = static.decode_steps([PROMPTS[0]], cfg)
     head = [next(first)[0] for _ in range(4)]  # holds the static step
     other = []
-    thread = threading.Thread(target=lambda: other.append(generate(static, [PROMPTS[1]], cfg)[0]))
+    thread = threading.Thread(target=lambda: other.append(static.generate([PROMPTS[1]], cfg)[0]))
     thread.start()
     thread.join()
     rest = [t[0] for t in first]
     assert other == [expected[1]]
     assert head + rest == expected[0]
-    assert generate(static, [PROMPTS[1]], cfg) == [expected[1]]  # released when the first one ended
+    assert static.generate([PROMPTS[1]], cfg) == [expected[1]]  # released when the first one ended
 
 
 def test_a_step_that_cannot_be_recorded_leaves_decoding_to_the_ordinary_loop(family, monkeypatch, caplog):
@@ -124,29 +126,28 @@ def test_a_step_that_cannot_be_recorded_leaves_decoding_to_the_ordinary_loop(fam
     plain, static = tiny(family), with_graphs(tiny(family), capture=True)
     cfg = GenerationConfig(max_new_tokens=12)
     for _ in range(2):
-        assert generate(static, PROMPTS, cfg) == generate(plain, PROMPTS, cfg)
-    assert "not permitted" in static.decode_graphs.failed
-    assert len(static.decode_graphs) == 0
+        assert static.generate(PROMPTS, cfg) == generate(plain, PROMPTS, cfg)
+    assert "not permitted" in static.graphs.failed
+    assert len(static.graphs) == 0
     assert sum("cannot be recorded" in r.message for r in caplog.records) == 1  # said once, not per request
 
 
-def test_a_copy_of_the_model_records_its_own_steps(family):
+def test_a_copy_of_the_decoder_records_its_own_steps(family):
     import copy
 
     static = with_graphs(tiny(family))
     cfg = GenerationConfig(max_new_tokens=8)
-    expected = generate(static, [PROMPTS[0]], cfg)
+    expected = static.generate([PROMPTS[0]], cfg)
     twin = copy.deepcopy(static)
-    assert twin.decode_graphs.model is twin and len(twin.decode_graphs) == 0
-    assert generate(twin, [PROMPTS[0]], cfg) == expected
-    assert next(iter(twin.decode_graphs._steps.values())).model is twin
+    assert twin.graphs.model is twin.model and len(twin.graphs) == 0
+    assert twin.generate([PROMPTS[0]], cfg) == expected
+    assert next(iter(twin.graphs._steps.values())).model is twin.model
 
 
 def test_make_fast_installs_graphs_only_on_cuda():
-    model = tiny("gpt2")
-    report = make_fast(model, FastConfig())
-    assert model.decode_graphs is None
-    assert "cuda_graphs" not in str(report)
+    decoder = make_fast(tiny("gpt2"), FastConfig())
+    assert decoder.graphs is None
+    assert "cuda_graphs" not in str(decoder.report)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -165,15 +166,14 @@ def test_recorded_steps_match_the_ordinary_step_on_cuda(family, dtype):
 @cuda
 def test_recorded_graphs_give_the_eager_tokens_on_cuda(family):
     plain = tiny(family, context_length=300, device="cuda")
-    fast = tiny(family, context_length=300, device="cuda")
-    report = make_fast(fast, FastConfig())
-    assert "cuda_graphs" in report.applied[-1]
+    fast = make_fast(tiny(family, context_length=300, device="cuda"), FastConfig())
+    assert "cuda_graphs" in fast.report.applied[-1]
     for prompts, cfg in (
         ([PROMPTS[0]], GenerationConfig(max_new_tokens=40)),
         (PROMPTS, GenerationConfig(max_new_tokens=40)),
         (PROMPTS, GenerationConfig(max_new_tokens=40, temperature=1.0, top_k=20, seed=3)),
         ([PROMPTS[2]], GenerationConfig(max_new_tokens=MIN_LENGTH)),  # the next cache length up
     ):
-        assert generate(fast, prompts, cfg) == generate(plain, prompts, cfg)
-    assert len(fast.decode_graphs) == 3
-    assert all(step.graph is not None for step in fast.decode_graphs._steps.values())
+        assert fast.generate(prompts, cfg) == generate(plain, prompts, cfg)
+    assert len(fast.graphs) == 3
+    assert all(step.graph is not None for step in fast.graphs._steps.values())
