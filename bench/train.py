@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from harness import bench_device, describe_device, gpt2_pair, load_average, synchronized  # also puts the repo on sys.path
 
 from core.model import GPTModel  # noqa: E402
-from training.pretrain import PretrainConfig, autocast_context, lm_loss, make_optimizer  # noqa: E402
+from training.loss import lm_loss  # noqa: E402
+from training.pretrain import PretrainConfig, autocast_context, make_optimizer  # noqa: E402
 
 
 def training_pair(device: torch.device) -> tuple[GPTModel, torch.nn.Module]:

@@ -13,7 +13,6 @@ This is the only module that reaches both the service and the training jobs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -21,23 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-# -- job configs as flags -----------------------------------------------------------
-
-
-def add_job_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """``--config FILE`` plus one flag per field of a job's config dataclass."""
-    from training.job_config import add_config_arguments
-
-    parser.add_argument("--config", type=Path, default=None, help="YAML or TOML file of options; flags override it")
-    add_config_arguments(parser, cls)
-
-
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    from training.job_config import load_job_config
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    return load_job_config(cls, args.config, {k: v for k, v in vars(args).items() if k in names})
-
+# The job-config reader is standard library only, so it costs nothing to import here.
+from training.job_config import add_job_arguments, config_from_args
 
 # -- shared helpers --------------------------------------------------------------
 

@@ -97,24 +97,7 @@ def gather_to_main(env: DistEnv, obj: Any) -> list[Any] | None:
     return out
 
 
-def scatter_from_main(env: DistEnv, objs: list[Any] | None) -> Any:
-    """Rank r receives ``objs[r]`` from rank 0."""
-    if not env.enabled:
-        return objs[0] if objs else None
-    out: list[Any] = [None]
-    dist.scatter_object_list(out, objs if env.is_main else None, src=0)
-    return out[0]
-
-
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()
 
-
-def broadcast_object(env: DistEnv, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not env.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

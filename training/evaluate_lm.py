@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core.data import DataError, TokenFile
+from training.loss import lm_loss
 from training.pretrain_data import is_token_file, read_text
 
 
@@ -76,11 +76,11 @@ def token_losses(model: torch.nn.Module, ids: np.ndarray, context: int, batch_si
     for group in groups:
         n = min(context, len(ids) - 1 - group[0])
         chunk = torch.stack([tokens[s : s + n + 1] for s in group]).to(device)
+        targets = chunk[:, 1:]
         with autocast:
-            logits = model(chunk[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += chunk[:, 1:].numel()
+            loss = lm_loss(model, chunk[:, :-1], targets)
+        total += float(loss) * targets.numel()  # the mean back to a sum, so windows weigh by their tokens
+        count += targets.numel()
     return total, count
 
 

@@ -35,12 +35,14 @@ from core.generation.chat_template import ALPACA, BUILTIN, ChatTemplate
 from core.weights.checkpoint import save_checkpoint, write_json
 from core.weights.download import sha256_file
 from core.device import resolve_device
+from training.activation_cache import prefix_activations
 from training.base_model import load_base, resolve_base, weights_sha256
 from training.evaluate_instruct import generate_responses, response_record, rouge_l
 from training.instruct_data import (
-    IGNORE_INDEX, EncodedExample, InstructDataError, collate, encode_example, read_instruct_file, split_instruct,
+    EncodedExample, InstructDataError, collate, encode_example, read_instruct_file, split_instruct,
 )
 from training.job_config import config_to_dict
+from training.loss import lm_loss
 from training.lora import ALL_BLOCK_LINEARS, apply_lora, lora_parameters, merge_lora
 from training.plots import plot_curves
 
@@ -97,25 +99,6 @@ def choose_template(base_template: ChatTemplate | None, choice: str) -> ChatTemp
     return BUILTIN[choice]
 
 
-def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, prefix: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions that have a target.
-
-    ``prefix`` is the cached output of blocks[:start] for ``inputs`` (padded
-    like them); without it the whole model runs.
-    """
-    device = next(model.parameters()).device
-    inputs, targets = inputs.to(device), targets.to(device)
-    ctx = model.context(inputs)
-    hidden = model.embed(inputs, ctx) if prefix is None else prefix.to(device)
-    hidden, _ = model.run_blocks(hidden, ctx, start=0 if prefix is None else start)
-    keep = targets != IGNORE_INDEX
-    if not bool(keep.any()):
-        # A batch whose every target was masked or truncated away: nothing to learn.
-        return hidden.sum() * 0.0
-    logits = model.logits(hidden[keep])  # (N, vocab): only where a target exists
-    return nn.functional.cross_entropy(logits.float(), targets[keep])
-
-
 class LMBatches:
     """One split's encoded examples, batched by ``collate``, with the frozen prefix cached when asked."""
 
@@ -123,8 +106,6 @@ class LMBatches:
         self.encoded, self.cfg, self.pad_id, self.start = encoded, cfg, pad_id, start
         self.prefix = None
         if start:
-            from training.finetune_spam import prefix_activations
-
             # The model's inputs are the sequence plus one end-of-text, cut to
             # max_length + 1, minus the last token (collate's shift).
             inputs = [(e.ids + [pad_id])[: cfg.max_length + 1][:-1] for e in encoded]
@@ -149,7 +130,9 @@ class LMBatches:
 
     def loss(self, model, batch) -> torch.Tensor:
         inputs, targets, prefix = batch
-        return lm_loss(model, inputs, targets, prefix, self.start or 0)
+        device = next(model.parameters()).device
+        return lm_loss(model, inputs.to(device), targets.to(device), prefix=None if prefix is None else prefix.to(device),
+                       start=self.start or 0, skip_ignored=True)
 
 
 @torch.no_grad()

@@ -8,12 +8,9 @@ blocks, the final norm and the head, as in the book (section 6.5); the rest of
 the network is a fixed feature extractor.
 
 That makes a large saving possible on CPU: the frozen prefix
-``blocks[:n_layers - N]`` computes the same activations for a message in every
-epoch, so we compute them once per message (in eval mode, no gradients) and
-train only the suffix on the cached activations — the frozen-prefix
-activation cache. With causal attention each message is cached at its own
-length; batches pad the cached activations, and right padding cannot reach the
-real tokens, so the result equals the uncached forward pass (tested).
+``blocks[:n_layers - N]`` runs once per message and only the suffix trains on
+its cached output (``training.activation_cache``; the result equals the
+uncached forward pass, tested).
 
 Outputs in ``--out``: a checkpoint of task "classification" that the service
 and ``scratchgpt classify`` load, ``metrics.json`` (accuracy, precision,
@@ -35,13 +32,14 @@ from torch import nn
 
 from core.weights.checkpoint import save_checkpoint, write_json
 from core.classifier import SequenceClassifier
-from core.model import GPTModel
 from core.weights.download import sha256_file
 from core.device import resolve_device
+from training.activation_cache import pad_ids, prefix_activations
 from training.base_model import load_base, resolve_base, weights_sha256
 from training.classification_metrics import classification_report
 from training.job_config import config_to_dict
 from training.plots import plot_curves
+from training.schedule import SCHEDULES, LRSchedule
 from training.spam_data import LABELS, SpamExample, load_spam_splits, resolve_spam_data
 
 log = logging.getLogger(__name__)
@@ -61,8 +59,9 @@ class SpamConfig:
     lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=8, metadata={"help": "messages per optimizer step"})
-    schedule: str = field(default="constant", metadata={"help": "learning-rate schedule", "choices": ("constant", "cosine")})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (cosine schedule)"})
+    schedule: str = field(default="constant", metadata={"help": "learning-rate schedule after warm-up (cosine decays to 0)",
+                                                         "choices": SCHEDULES})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from ~0 to --lr"})
     max_length: int = field(default=256, metadata={"help": "messages are cut to this many tokens"})
     activation_cache: bool = field(default=True, metadata={"help": "compute the frozen prefix once per message and reuse it"})
     select_best: bool = field(default=True, metadata={"help": "keep the epoch with the best validation accuracy"})
@@ -101,43 +100,6 @@ def encode_texts(tokenizer, examples: list[SpamExample], max_length: int) -> lis
     # A message that encodes to nothing (impossible for the UCI file, but cheap to
     # guard) still needs one token to read the class from.
     return [tokenizer.encode(e.text)[:max_length] or [tokenizer.eos_id] for e in examples]
-
-
-@torch.no_grad()
-def prefix_activations(backbone: GPTModel, encoded: list[list[int]], stop_block: int, batch_size: int = 32) -> list[torch.Tensor]:
-    """Output of blocks[:stop_block] for each sequence, (len_i, d) each, computed in eval mode.
-
-    Sequences are run in length-sorted batches (little padding); each row is
-    then cut back to its real length, which right padding cannot have changed
-    because attention is causal. The instruction job reuses this for its own
-    frozen prefix.
-    """
-    was_training = backbone.training
-    backbone.eval()
-    out: list[torch.Tensor | None] = [None] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    device = next(backbone.parameters()).device
-    for s in range(0, len(order), batch_size):
-        rows = order[s : s + batch_size]
-        ids, _ = pad_ids([encoded[i] for i in rows], pad_id=0)
-        ids = ids.to(device)
-        ctx = backbone.context(ids)
-        x = backbone.embed(ids, ctx)
-        # core's run_blocks runs a suffix; the prefix is the complementary slice.
-        for block in backbone.blocks[:stop_block]:
-            x, _ = block(x, ctx)
-        for row, i in enumerate(rows):
-            out[i] = x[row, : len(encoded[i])].clone()
-    backbone.train(was_training)
-    return out  # type: ignore[return-value]
-
-
-def pad_ids(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids, torch.tensor([len(r) for r in rows])
 
 
 def pad_hidden(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,13 +148,9 @@ class SpamInputs:
 # -- training --------------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, cfg: SpamConfig) -> float:
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(cfg: SpamConfig, n_train: int) -> LRSchedule:
+    """The learning rate of each optimizer step: the pretraining job's schedule, decaying to 0."""
+    return LRSchedule(cfg.lr, 0.0, cfg.warmup_steps, math.ceil(n_train / cfg.batch_size) * cfg.epochs, cfg.schedule)
 
 
 def train_classifier(model: SequenceClassifier, splits: dict[str, SpamInputs], cfg: SpamConfig) -> dict[str, Any]:
@@ -201,8 +159,7 @@ def train_classifier(model: SequenceClassifier, splits: dict[str, SpamInputs], c
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     train = splits["train"]
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    schedule = lr_schedule(cfg, len(train))
     history: dict[str, list] = {"step": [], "step_loss": [], "epoch": [], "examples_seen": [], "elapsed_s": [],
                                 "train_loss": [], "val_loss": [], "train_accuracy": [], "val_accuracy": []}
     start = time.perf_counter()
@@ -214,7 +171,7 @@ def train_classifier(model: SequenceClassifier, splits: dict[str, SpamInputs], c
         for s in range(0, len(order), cfg.batch_size):
             rows = order[s : s + cfg.batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = schedule.lr(step)
             logits = train.logits(rows)
             loss = nn.functional.cross_entropy(logits.float(), train.labels[rows].to(logits.device))
             optimizer.zero_grad(set_to_none=True)
@@ -275,6 +232,7 @@ def finetune_spam(cfg: SpamConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     data_path = resolve_spam_data(cfg.data)
     splits = load_spam_splits(data_path, cfg.seed)
+    lr_schedule(cfg, len(splits.train))  # a --warmup-steps longer than the run fails before the slow part
     base_dir = resolve_base(cfg.base)
     base = load_base(base_dir, resolve_device(cfg.device))
     backbone = base.model

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from core.generation.chat_template import ChatTemplate, alpaca_user_content
+from core.model.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index
 SEED = 123
 
 

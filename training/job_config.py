@@ -211,8 +211,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--field-name`` flags for every field of ``cls`` to an argparse parser.
+def add_job_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``--config FILE`` plus a ``--field-name`` flag for every field of ``cls``, on an argparse parser.
 
     Every flag defaults to None ("not given"), so ``load_job_config`` applies
     only the flags actually typed. Booleans get ``--x/--no-x``, lists take
@@ -220,6 +220,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     ``load_job_config`` converts and checks them, so file values and flags
     share one set of error messages.
     """
+    parser.add_argument("--config", type=Path, default=None, help="YAML, TOML or JSON file of options; flags override it")
     types_ = field_types(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -242,14 +243,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, default=None, help=help_text, metavar=f.name.upper())
 
 
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """``cls`` from a namespace parsed with ``add_job_arguments``: the ``--config`` file, the typed flags on top.
+
+    Other entries of the namespace (a CLI's verb and its own options) are not ``cls``'s and are left alone.
+    """
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return load_job_config(cls, args.config, {k: v for k, v in vars(args).items() if k in names})
+
+
 def parse_job_args(cls: type[T], argv: list[str] | None = None, prog: str | None = None, description: str | None = None) -> T:
     """``--config FILE`` plus one flag per field, into a validated ``cls``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", type=Path, default=None, help="YAML or TOML file of options; flags override it")
-    add_config_arguments(parser, cls)
-    ns = vars(parser.parse_args(argv))
-    config_path = ns.pop("config")
-    return load_job_config(cls, config_path, ns)
+    add_job_arguments(parser, cls)
+    return config_from_args(cls, parser.parse_args(argv))
 
 
 def run_job_main(

@@ -35,6 +35,7 @@ from core.model import GPTModel
 from training import distributed as dist_utils
 from training.distributed import DistEnv
 from training.job_config import JobConfigError, config_to_dict, load_job_config
+from training.loss import lm_loss
 from training.plots import plot_curves
 from training.pretrain_data import WindowSampler, collate, load_corpus, make_dataset
 from training.run_state import (
@@ -213,15 +214,6 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PretrainError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp32")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (the book's calc_loss_batch).
-
-    The model computes it with its output layer fused into the loss (``core.model.loss``): the
-    (tokens x vocabulary) logits are never kept, which is a tenth of a GPT-2 step on a CPU.
-    """
-    return model(x, targets=y)
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from training.base_model import BaseModelError
 from training.evaluate_instruct import evaluate_instruct
-from training.finetune_instruct import InstructConfig, LMBatches, finetune_instruct, lm_loss
+from training.finetune_instruct import InstructConfig, LMBatches, finetune_instruct
 from training.instruct_data import InstructDataError, encode_example, read_instruct_file
+from training.loss import lm_loss
 
 ENTRIES = [
     {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w}"}

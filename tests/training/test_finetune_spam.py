@@ -118,4 +118,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_base):
         finetune_spam(SpamConfig(base=str(tiny_base), data=bad, out=tmp_path / "o"))
     with pytest.raises(SpamDataError, match="leave the val split empty"):
         finetune_spam(SpamConfig(base=str(tiny_base), data=write_spam(tmp_path / "few", 3, 3), out=tmp_path / "o"))
+    with pytest.raises(ValueError, match="--warmup-steps 10000 must be in"):
+        finetune_spam(SpamConfig(base=str(tiny_base), data=write_spam(tmp_path / "sms"), out=tmp_path / "o",
+                                 schedule="cosine", warmup_steps=10_000))
     assert not (tmp_path / "o").exists()
