@@ -32,12 +32,12 @@ from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.logs import AccessLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install_openapi
-from app.registry import ModelRegistry, ModelUnavailable
+from app.services.registry import ModelRegistry, ModelUnavailable
 from app.schemas import COMMON_RESPONSES
 from app.security import BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
 from app.settings import Settings
-from app.streaming import ActiveGenerations
-from app.workers import WorkerStopped
+from app.services.streaming import ActiveGenerations
+from app.services.workers import WorkerStopped
 
 logger = logging.getLogger("scratchgpt.app")
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.db import crud
 from app.db.models import Conversation
-from app.registry import ModelRegistry
+from app.services.registry import ModelRegistry
 from app.security import CSRF_HEADER, SAFE_METHODS, match_api_key
 from app.settings import Settings
 

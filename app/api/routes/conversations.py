@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from app.api.deps import ConversationDep, ModelsDep, OwnerDep, SessionDep, SettingsDep
 from app.db import crud
-from app.registry import CHAT
+from app.services.registry import CHAT
 from app.schemas import (
     NOT_FOUND,
     ConversationCreate,

@@ -1,6 +1,6 @@
 """The Lab: JSON endpoints that look inside the served models, and the pages that draw them.
 
-Every measurement runs on the model the service already holds (see ``app.lab``), in a worker
+Every measurement runs on the model the service already holds (see ``app.services.lab``), in a worker
 thread. Sizes past the Lab's limits (characters, prompt tokens, layer and head indices,
 number of words) are answered 422 with a message that says which limit.
 """
@@ -14,12 +14,12 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app import lab
+from app.services import lab
 from app.api.deps import ConversationDep, ModelsDep, OwnerDep, SessionDep, SettingsDep
 from app.api.routes.pages import _page
 from app.db import crud
 from app.db.models import STATUS_ERROR
-from app.registry import CHAT, CLASSIFIER, ModelUnavailable
+from app.services.registry import CHAT, CLASSIFIER, ModelUnavailable
 from app.schemas import MODEL_RESPONSES, NOT_FOUND, Bool, Float, Int, RequestModel, Text
 from core.generation.chat_template import ChatTemplateError
 from core.generation.sampling import SamplingConfig
@@ -351,7 +351,7 @@ async def answer_tokens(
     system = [{"role": "system", "content": conversation.system_prompt}] if conversation.system_prompt else []
 
     def measure() -> lab.AnswerProbabilities:
-        from app.chat import encode_prompt
+        from app.services.prompts import encode_prompt
 
         return lab.answer_probabilities(slot.checkpoint, encode_prompt(slot.checkpoint, system + turns), message.content)
 

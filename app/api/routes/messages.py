@@ -16,10 +16,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.api.deps import ConversationDep, ModelsDep, SessionDep, SettingsDep
-from app.chat import PromptTooLong, generation_config, plan_prompt
+from app.services.prompts import PromptTooLong, generation_config, plan_prompt
 from app.db import crud
 from app.db.models import STATUS_ERROR, STATUS_STREAMING, Conversation, Message
-from app.registry import CHAT, ModelRegistry
+from app.services.registry import CHAT, ModelRegistry
 from app.schemas import (
     MODEL_RESPONSES,
     NOT_FOUND,
@@ -29,7 +29,7 @@ from app.schemas import (
     StopResult,
 )
 from app.settings import Settings
-from app.streaming import AnswerStream, ManagedStream
+from app.services.streaming import AnswerStream, ManagedStream
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["messages"])
 

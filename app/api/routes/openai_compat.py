@@ -18,10 +18,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.api.deps import ModelsDep, SettingsDep, require_api_access
-from app.chat import PromptTooLong, generation_config, plan_prompt
-from app.registry import CHAT
+from app.services.prompts import PromptTooLong, generation_config, plan_prompt
+from app.services.registry import CHAT
 from app.schemas import Bool, Seed, Temperature, Text, TopK, TopP, _integer_only
-from app.streaming import ManagedStream
+from app.services.streaming import ManagedStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_access)])
 

@@ -18,7 +18,7 @@ import torch
 
 from app.metrics import Metrics
 from app.settings import Settings
-from app.workers import ChatWorker, ClassifierWorker
+from app.services.workers import ChatWorker, ClassifierWorker
 
 logger = logging.getLogger("scratchgpt.models")
 

@@ -210,7 +210,7 @@ class NextTokenResult:
 
 def prompt_ids(checkpoint: Any, text: str | None, token_ids: list[int] | None, chat_template: bool) -> list[int]:
     """The prompt as token ids: ``token_ids`` as given, or ``text`` encoded (as a user turn when ``chat_template``)."""
-    from app.chat import encode_prompt
+    from app.services.prompts import encode_prompt
 
     tokenizer = checkpoint.tokenizer
     if token_ids is not None:
@@ -330,7 +330,7 @@ def explain_classification(checkpoint: Any, text: str, max_chars: int) -> Explan
     The text is cut to the classifier's ``max_length`` tokens exactly as classification cuts it,
     so the explanation is of the decision the classify endpoint reports.
     """
-    from app.chat import neutralize_specials
+    from app.services.prompts import neutralize_specials
 
     _check_chars(text, limit=max_chars)
     tokenizer = checkpoint.tokenizer
