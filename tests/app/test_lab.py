@@ -366,9 +366,7 @@ def test_measurements_run_off_the_event_loop():
 
 def test_measurements_of_a_served_model_run_on_its_worker(client):
     """Issue 7: the Lab's heavy work runs in the model worker, in turn with chat and classification."""
-    from app.services.lab import lab_runner
-
-    runner = lab_runner(client.app.state)
+    runner = client.app.state.lab
     chat, classifier = served(client), served(client, "classifier")
 
     def where(checkpoint) -> str:
