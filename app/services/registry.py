@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from app.metrics import Metrics
-from app.settings import Settings
 from app.services.workers import ChatWorker, ClassifierWorker
+from app.settings import Settings
 
 logger = logging.getLogger("scratchgpt.models")
 
