@@ -22,7 +22,6 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,27 +31,19 @@ from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.logs import AccessLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install_openapi
-from app.registry import ModelRegistry, ModelUnavailable
 from app.schemas import COMMON_RESPONSES
 from app.security import BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
+from app.services.lab import LabRunner
+from app.services.registry import ModelRegistry, ModelUnavailable
+from app.services.streaming import ActiveGenerations
+from app.services.workers import WorkerStopped
 from app.settings import Settings
-from app.streaming import ActiveGenerations
-from app.workers import WorkerStopped
+from app.ui import Pages
 
 logger = logging.getLogger("scratchgpt.app")
 
 VERSION = "0.1.0"
 SWAGGER_CDN = "https://cdn.jsdelivr.net"
-
-
-def _asset_version(settings: Settings) -> str:
-    """A short hash of the static files, appended to their URLs so browsers fetch new versions."""
-    digest = hashlib.sha256()
-    for path in sorted(settings.static_dir.rglob("*")):
-        if path.is_file():
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:10]
 
 
 def _startup_database(app: FastAPI) -> None:
@@ -175,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.secret_key is not None
         else load_or_create_secret(settings.secret_key_file)
     )
+    # What routes reach through app.api.deps, and only there.
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
@@ -182,8 +174,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelRegistry(settings, metrics)
     app.state.signer = SessionSigner(secret)
     app.state.active = ActiveGenerations()
-    app.state.templates = Jinja2Templates(directory=str(settings.templates_dir))
-    app.state.asset_version = _asset_version(settings)
+    app.state.lab = LabRunner(lambda: app.state.models)  # the registry of the moment (a restart replaces it)
+    app.state.pages = Pages(settings, app.state.signer)
 
     _install_error_handlers(app)
     _install_docs(app)

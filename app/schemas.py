@@ -3,6 +3,9 @@
 Request types are strict where JSON Schema is: ``true`` is not an integer and ``"0.5"`` is not a
 number, so what the OpenAPI document promises is exactly what the server accepts.
 Unknown fields in our own API are rejected (a typo in a setting should not pass silently).
+The services build the response bodies they answer with (the Lab's measurements are these
+models, made in ``app.services.lab``), so there is one layer of result types, the contract.
+This module imports pydantic only.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 
 def _number_only(value: Any) -> Any:
@@ -56,6 +59,31 @@ Title = Annotated[str, Field(min_length=1, max_length=200), BeforeValidator(_tex
 SystemPrompt = Annotated[str, Field(max_length=8000), BeforeValidator(_text_only)]
 # Not empty and not only whitespace ("\S" is a search: somewhere a non-space character).
 NonBlank = Annotated[str, Field(min_length=1, pattern=r"\S"), BeforeValidator(_text_only)]
+
+
+
+
+def bounded(strict: Any, **limits: Any) -> Any:
+    """``Int`` or ``Float`` with limits, written as ``minimum``/``maximum`` in OpenAPI.
+
+    The limits must come before the strict-type validator: placed after it (``Annotated[Int,
+    Field(ge=...)]``), pydantic still enforces them but writes non-standard ``ge``/``le`` keys into
+    the schema, which clients and fuzzers do not read.
+    """
+    return Annotated[(strict.__origin__, Field(**limits), *strict.__metadata__)]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty or only whitespace; type some text")
+    return value
+
+
+def not_blank(max_length: int | None = None) -> Any:
+    """``Text`` with a non-space character: the schema says so with a pattern (unanchored in JSON
+    Schema, so it means "contains one"), the validator in words. Limits go first, as in ``bounded``."""
+    limits = Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": r"\S"})
+    return Annotated[(str, limits, *Text.__metadata__, AfterValidator(_not_blank))]
 
 
 class RequestModel(BaseModel):
@@ -193,3 +221,177 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such conversation for this owner"},
 }
+
+
+# --- the Lab ----------------------------------------------------------------------
+
+# Sizes past which a Lab request is refused with 422: they keep one Lab request to well under a
+# second on a laptop CPU and its JSON answer to about a megabyte. app.services.lab checks them
+# again for callers that do not come through these bodies.
+MAX_TEXT_CHARS = 4000  # tokenizer playground, attention and next-token prompts (before tokenizing)
+MAX_ATTENTION_TOKENS = 64  # a (heads, T, T) map per request
+MAX_PROMPT_TOKENS = 512  # next-token prompts
+MAX_WORDS = 40  # embeddings: points in one projection
+MAX_WORD_CHARS = 40
+MAX_MERGE_CHARS = 64  # BPE merges of one word (each step of each pre-token is returned)
+MAX_TOP_K = 50  # next-token choices shown
+
+Prompt = not_blank(MAX_TEXT_CHARS)
+Word = not_blank(MAX_WORD_CHARS)
+
+
+class Token(BaseModel):
+    id: int
+    text: str = Field(description="The token's bytes read as UTF-8 (U+FFFD where a character is cut)")
+    bytes_hex: str = Field(description="The token's bytes in hex")
+    special: bool
+
+
+class TokenizeRequest(RequestModel):
+    text: Prompt = Field(examples=["Tokenization isn't magic."])
+
+
+class Tokenization(BaseModel):
+    key: Literal["gpt2", "chat"]
+    name: str
+    count: int
+    tokens: list[Token]
+
+
+class TokenizeResult(BaseModel):
+    characters: int
+    bytes: int
+    tokenizers: list[Tokenization]
+    notes: list[str] = Field(description="Why a tokenizer is missing (the chat model is not loaded)")
+
+
+class MergesRequest(RequestModel):
+    word: Text = Field(min_length=1, max_length=MAX_MERGE_CHARS, examples=[" tokenization"])
+    tokenizer: Literal["gpt2", "chat"] = "gpt2"
+
+
+class MergePart(BaseModel):
+    bytes_hex: str
+    token: Token | None = Field(description="The token these bytes are, if they are one")
+
+
+class MergePiece(BaseModel):
+    text: str = Field(description="One pre-token: BPE merges never cross the pre-tokenizer's split")
+    steps: list[list[MergePart]] = Field(description="The parts before any merge (single bytes), then after each merge")
+
+
+class MergesResult(BaseModel):
+    word: str
+    tokenizer: str
+    pieces: list[MergePiece]
+
+
+class AttentionRequest(RequestModel):
+    text: Prompt = Field(examples=["The cat sat on the mat because it was tired."])
+    layer: bounded(Int, ge=0, le=10_000) = 0
+    head: bounded(Int, ge=0, le=10_000) | None = Field(None, description="One head only; by default all heads of the layer")
+
+
+class AttentionResult(BaseModel):
+    model: str
+    tokens: list[Token]
+    n_layers: int
+    n_heads: int
+    layer: int
+    heads: list[int]
+    weights: list[list[list[float]]] = Field(description="Per head in `heads`: rows are queries, columns keys; rows sum to 1")
+    average: list[list[float]] = Field(description="The mean over all heads of the layer")
+
+
+class NextTokenRequest(RequestModel):
+    """The prompt is either ``text`` or ``token_ids``, never both."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["token_ids"]}]}
+    )
+
+    # Not nullable: a prompt is one or the other, and null is neither.
+    text: Prompt = Field(None, examples=["The capital of France is"])  # type: ignore[assignment]
+    token_ids: list[bounded(Int, ge=0, le=2**31)] = Field(  # type: ignore[assignment]
+        None, min_length=1, max_length=MAX_PROMPT_TOKENS,
+        description="The prompt as token ids, instead of text (the step button)",
+    )
+    chat_template: Bool = Field(False, description="Wrap `text` as a user message in the model's chat template")
+    temperature: bounded(Float, ge=0.0, le=2.0) = Field(1.0, description="0 shows the model's own distribution")
+    top_k: bounded(Int, ge=1, le=1000) | None = None
+    # Not just > 0: a top_p that rounds to 0 in float32 would make core's nucleus filter drop every token.
+    top_p: bounded(Float, ge=1e-6, le=1.0) | None = None
+    k: bounded(Int, ge=1, le=MAX_TOP_K) = Field(10, description="How many of the most likely tokens to return")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "NextTokenRequest":
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("send exactly one of text and token_ids")
+        return self
+
+
+class Choice(BaseModel):
+    token: Token
+    probability: float
+    logit: float
+
+
+class NextTokenResult(BaseModel):
+    model: str
+    prompt: list[Token]
+    text: str = Field(description="The prompt's tokens decoded")
+    choices: list[Choice]
+    entropy: float = Field(description="Of the sampling distribution, in nats")
+    greedy: Token = Field(description="The model's most likely next token (what temperature 0 picks)")
+
+
+class AnswerToken(BaseModel):
+    token: Token
+    probability: float | None = Field(description="null where the context window had cut the token's history")
+
+
+class AnswerTokens(BaseModel):
+    model: str
+    conversation_id: str
+    message_id: int
+    prompt_tokens: int
+    tokens: list[AnswerToken]
+    mean_logprob: float | None
+    perplexity: float | None
+
+
+class EmbeddingsRequest(RequestModel):
+    words: list[Word] = Field(min_length=2, max_length=MAX_WORDS, examples=[["king", "queen", "man", "woman", "Paris", "London"]])
+    leading_space: Bool = Field(True, description="Encode each word after a space, as it appears in running text")
+
+
+class EmbeddingPoint(BaseModel):
+    word: str
+    tokens: list[Token]
+    x: float
+    y: float
+
+
+class EmbeddingsResult(BaseModel):
+    model: str
+    points: list[EmbeddingPoint]
+    explained_variance: list[float] = Field(description="Share of the variance along each of the two axes")
+
+
+class ExplainRequest(RequestModel):
+    text: not_blank() = Field(examples=["WINNER! Claim your free prize now"])
+
+
+class ExplainedToken(BaseModel):
+    token: Token
+    gradient_x_input: float = Field(description="Positive pushes towards `target`, negative away from it")
+    attention: float = Field(description="How much the last token attends to this one in the last layer (head mean)")
+
+
+class Explanation(BaseModel):
+    model: str
+    label: str
+    probabilities: dict[str, float]
+    target: str
+    tokens: list[ExplainedToken]
+    truncated: bool = Field(description="The text was longer than the classifier reads; only its start is explained")

@@ -9,6 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.logs import configure_logging
+from app.main import create_app
 from app.settings import Settings
 
 # Settings built by the CLI reach worker processes through this variable.
@@ -17,8 +18,6 @@ SETTINGS_ENV = "SCRATCHGPT__SERVE_SETTINGS"
 
 def app_from_environment() -> FastAPI:
     """Factory for uvicorn worker processes (``--workers > 1``): settings from the parent, else from env."""
-    from app.main import create_app
-
     raw = os.environ.get(SETTINGS_ENV)
     settings = Settings.model_validate(json.loads(raw)) if raw else Settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -34,8 +33,6 @@ def _settings_json(settings: Settings) -> str:
 
 def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Serve until interrupted. Each worker process loads its own copy of the models."""
-    from app.main import create_app
-
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
     common = dict(host=host, port=port, log_config=None, proxy_headers=True, timeout_graceful_shutdown=10)

@@ -6,6 +6,7 @@ Following the FastAPI full-stack template, every knob lives here and is passed t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -117,8 +118,6 @@ class Settings(BaseSettings):
         if not text:
             return {}
         if text.startswith("{"):
-            import json
-
             return json.loads(text)
         keys: dict[str, str] = {}
         for item in text.split(","):

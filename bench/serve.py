@@ -206,7 +206,7 @@ def prompt_of_length(chat_checkpoint: Path, tokens: int) -> str:
     """User text that makes the chat prompt (template included, no system prompt) exactly ``tokens`` long."""
     from types import SimpleNamespace
 
-    from app.chat import encode_prompt
+    from app.services.prompts import encode_prompt
     from core.weights.checkpoint import read_config
     from core.generation.chat_template import ChatTemplate
     from core.tokenizer import load_tokenizer

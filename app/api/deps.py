@@ -1,5 +1,8 @@
 """Dependencies as typed aliases, so every route reads like its contract.
 
+This is the one module that reads the app's state (what ``app.main.create_app`` put on
+``app.state``); routes ask for what they need here, by type.
+
 Owners: a request is made by
 - an API key's user (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``), owner ``key:<user>``;
 - a browser session (signed cookie set by the pages), owner ``session:<id>``; changes need the
@@ -20,9 +23,14 @@ from sqlalchemy.orm import Session
 
 from app.db import crud
 from app.db.models import Conversation
-from app.registry import ModelRegistry
+from app.metrics import Metrics
 from app.security import CSRF_HEADER, SAFE_METHODS, match_api_key
+from app.services.chat import ChatService
+from app.services.lab import LabRunner
+from app.services.registry import ModelRegistry
+from app.services.streaming import ActiveGenerations
 from app.settings import Settings
+from app.ui import Pages
 
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key from SCRATCHGPT_API_KEYS")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from SCRATCHGPT_API_KEYS")
@@ -41,9 +49,40 @@ def get_models(request: Request) -> ModelRegistry:
     return request.app.state.models
 
 
+def get_active(request: Request) -> ActiveGenerations:
+    return request.app.state.active
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_lab(request: Request) -> LabRunner:
+    return request.app.state.lab
+
+
+def get_pages(request: Request) -> Pages:
+    return request.app.state.pages
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
+ActiveDep = Annotated[ActiveGenerations, Depends(get_active)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+LabDep = Annotated[LabRunner, Depends(get_lab)]
+PagesDep = Annotated[Pages, Depends(get_pages)]
+
+
+def get_chat(
+    request: Request, session: SessionDep, active: ActiveDep, metrics: MetricsDep, models: ModelsDep,
+    settings: SettingsDep,
+) -> ChatService:
+    """The chat service over this request's session (the same one the route's conversation came from)."""
+    return ChatService(session, request.app.state.sessions, active, metrics, models, settings)
+
+
+ChatDep = Annotated[ChatService, Depends(get_chat)]
 
 
 @dataclass(frozen=True)

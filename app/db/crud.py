@@ -82,11 +82,6 @@ def delete_conversation(session: Session, conversation: Conversation) -> None:
     session.commit()
 
 
-def touch_conversation(session: Session, conversation_id: str) -> None:
-    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
-    session.commit()
-
-
 # --- messages ------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 
 from app.db.engine import make_engine
 from app.settings import asset_dir
@@ -48,8 +49,6 @@ def upgrade(database_url: str, revision: str = "head", migrations_dir: Path | No
 
 
 def current_revision(database_url: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:

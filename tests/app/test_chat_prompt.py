@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.chat import MIN_ANSWER_TOKENS, PromptTooLong, encode_prompt, generation_config, plan_prompt
+from app.services.prompts import MIN_ANSWER_TOKENS, PromptTooLong, encode_prompt, generation_config, plan_prompt
 
 
 @pytest.fixture(scope="module")

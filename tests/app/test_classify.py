@@ -9,7 +9,7 @@ import pytest
 
 from app_testing import classify_concurrently
 
-from app.workers import ClassifierWorker
+from app.services.workers import ClassifierWorker
 
 
 def test_classify_contract(client):

@@ -205,7 +205,7 @@ def _conversation_with_answer(client, headers=None) -> tuple[str, list[dict]]:
 
 
 def test_answer_token_probabilities(client):
-    from app.chat import encode_prompt
+    from app.services.prompts import encode_prompt
     from core.introspection import token_probabilities
 
     cid, messages = _conversation_with_answer(client)
@@ -354,7 +354,7 @@ def test_lab_endpoints_are_documented(client):
 
 
 def test_measurements_run_off_the_event_loop():
-    from app.lab import LabRunner
+    from app.services.lab import LabRunner
 
     async def main() -> tuple[threading.Thread, threading.Thread]:
         runner = LabRunner()
@@ -366,9 +366,7 @@ def test_measurements_run_off_the_event_loop():
 
 def test_measurements_of_a_served_model_run_on_its_worker(client):
     """Issue 7: the Lab's heavy work runs in the model worker, in turn with chat and classification."""
-    from app.lab import lab_runner
-
-    runner = lab_runner(client.app.state)
+    runner = client.app.state.lab
     chat, classifier = served(client), served(client, "classifier")
 
     def where(checkpoint) -> str:

@@ -45,7 +45,7 @@ def test_greedy_answers_are_repeatable_and_match_core_generation(client, chat_ch
     from core.weights.checkpoint import load_checkpoint
     from core.generation.generate import generate_text
 
-    from app.chat import generation_config, plan_prompt
+    from app.services.prompts import generation_config, plan_prompt
 
     cid = new_conversation(client, system_prompt="")
     events = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "hello"})

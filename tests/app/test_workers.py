@@ -10,7 +10,7 @@ import torch
 
 from app_testing import classify_concurrently
 
-from app.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
+from app.services.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
 
 
 def test_heartbeat_while_a_job_waits():

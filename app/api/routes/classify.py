@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from app.api.deps import ModelsDep, OwnerDep, SettingsDep
-from app.chat import neutralize_specials
-from app.registry import CLASSIFIER
 from app.schemas import MODEL_RESPONSES, ClassifyBatchRequest, ClassifyBatchResult, ClassifyRequest, ClassifyResult
+from app.services.prompts import neutralize_specials
+from app.services.registry import CLASSIFIER
 
 router = APIRouter(prefix="/api/v1/classify", tags=["classify"], responses=MODEL_RESPONSES)
 

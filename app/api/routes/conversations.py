@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 
-from app.api.deps import ConversationDep, ModelsDep, OwnerDep, SessionDep, SettingsDep
+from app.api.deps import ActiveDep, ConversationDep, ModelsDep, OwnerDep, SessionDep, SettingsDep
 from app.db import crud
-from app.registry import CHAT
 from app.schemas import (
     NOT_FOUND,
     ConversationCreate,
@@ -18,6 +17,8 @@ from app.schemas import (
     ConversationUpdate,
     MessagePublic,
 )
+from app.services.chat import NEW_CHAT_TITLE
+from app.services.registry import CHAT
 from app.settings import Settings
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
@@ -53,7 +54,7 @@ def create_conversation(
     _check_max_new_tokens(body.max_new_tokens, settings)
     fields = body.model_dump(exclude_none=True)
     defaults = {
-        "title": "New chat",
+        "title": NEW_CHAT_TITLE,
         "system_prompt": settings.default_system_prompt,
         "temperature": settings.default_temperature,
         "top_k": settings.default_top_k,
@@ -66,13 +67,13 @@ def create_conversation(
 
 
 @router.get("/{conversation_id}", response_model=ConversationDetail, responses=NOT_FOUND)
-def read_conversation(conversation: ConversationDep, session: SessionDep, request: Request) -> ConversationDetail:
+def read_conversation(conversation: ConversationDep, session: SessionDep, active: ActiveDep) -> ConversationDetail:
     """The conversation with all its messages, oldest first."""
     messages = [MessagePublic.model_validate(m) for m in crud.list_messages(session, conversation.id)]
     return ConversationDetail(
         **ConversationPublic.model_validate(conversation).model_dump(),
         messages=messages,
-        generating=request.app.state.active.is_active(conversation.id),
+        generating=active.is_active(conversation.id),
     )
 
 
@@ -90,8 +91,8 @@ def update_conversation(
 
 
 @router.delete("/{conversation_id}", status_code=204, response_class=Response, responses=NOT_FOUND)
-def delete_conversation(conversation: ConversationDep, session: SessionDep, request: Request) -> Response:
+def delete_conversation(conversation: ConversationDep, session: SessionDep, active: ActiveDep) -> Response:
     """Delete the conversation and its messages; a running answer is stopped first."""
-    request.app.state.active.stop(conversation.id)
+    active.stop(conversation.id)
     crud.delete_conversation(session, conversation)
     return Response(status_code=204)

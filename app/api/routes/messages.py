@@ -9,17 +9,15 @@ SSE events of a streaming answer:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 
-from app.api.deps import ConversationDep, ModelsDep, SessionDep, SettingsDep
-from app.chat import PromptTooLong, generation_config, plan_prompt
+from app.api.deps import ActiveDep, ChatDep, ConversationDep, SessionDep, SettingsDep
 from app.db import crud
-from app.db.models import STATUS_ERROR, STATUS_STREAMING, Conversation, Message
-from app.registry import CHAT, ModelRegistry
 from app.schemas import (
     MODEL_RESPONSES,
     NOT_FOUND,
@@ -28,8 +26,9 @@ from app.schemas import (
     RegenerateRequest,
     StopResult,
 )
-from app.settings import Settings
-from app.streaming import AnswerStream, ManagedStream
+from app.services.chat import ConversationBusy, NothingToAnswer
+from app.services.prompts import PromptTooLong
+from app.services.streaming import ManagedStream
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["messages"])
 
@@ -58,86 +57,15 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _history(messages: list[Message]) -> list[dict[str, str]]:
-    """The turns the model sees: user messages and answers with text (partial answers included)."""
-    return [
-        {"role": m.role, "content": m.content}
-        for m in messages
-        if m.role == "user" or (m.role == "assistant" and m.status != STATUS_ERROR and m.content)
-    ]
-
-
-def _auto_title(text: str) -> str:
-    words = " ".join(text.split())
-    return words if len(words) <= 60 else words[:57].rstrip() + "..."
-
-
-def _start_answer(
-    request: Request,
-    session: Session,
-    conversation: Conversation,
-    models: ModelRegistry,
-    settings: Settings,
-    new_user_message: str | None,
-    seed: int | None,
-    replace_last_answer: bool = False,
-) -> ManagedStream:
-    slot = models.require(CHAT)
-    checkpoint = slot.checkpoint
-    active = request.app.state.active
-    if not active.claim(conversation.id):
-        raise HTTPException(409, detail="an answer is already being generated in this conversation; stop it first")
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """The chat service's refusals as HTTP answers: 409 for the conversation's state, 422 for the prompt."""
     try:
-        messages = crud.list_messages(session, conversation.id)
-        replaced = messages.pop() if replace_last_answer and messages and messages[-1].role == "assistant" else None
-        history = _history(messages)
-        if new_user_message is not None:
-            history.append({"role": "user", "content": new_user_message})
-        if not history or history[-1]["role"] != "user":
-            raise HTTPException(409, detail="the conversation does not end with a user message; send one first")
-        max_new = min(conversation.max_new_tokens, settings.max_new_tokens_cap)
-        try:
-            plan = plan_prompt(checkpoint, conversation.system_prompt, history, max_new)
-        except PromptTooLong as exc:
-            raise HTTPException(422, detail=str(exc)) from None
-        config = generation_config(
-            checkpoint,
-            temperature=conversation.temperature,
-            top_k=conversation.top_k,
-            top_p=conversation.top_p,
-            max_new_tokens=plan.max_new_tokens,
-            seed=seed,
-        )
-        if replaced is not None:
-            crud.delete_message(session, replaced)
-        user_public = None
-        if new_user_message is not None:
-            # Stored before generation starts: whatever happens next, the question is kept.
-            user = crud.add_message(session, conversation.id, "user", new_user_message)
-            user_public = MessagePublic.model_validate(user).model_dump(mode="json")
-            if conversation.title == "New chat":
-                crud.update_conversation(session, conversation, {"title": _auto_title(new_user_message)})
-        assistant = crud.add_message(
-            session, conversation.id, "assistant", "",
-            status=STATUS_STREAMING, prompt_tokens=len(plan.prompt_ids), dropped_messages=plan.dropped_messages,
-        )
-    except BaseException:
-        active.release(conversation.id)
-        raise
-    worker = slot.worker
-    answer = AnswerStream(
-        sessions=request.app.state.sessions,
-        active=active,
-        metrics=request.app.state.metrics,
-        conversation_id=conversation.id,
-        assistant_id=assistant.id,
-        user_message=user_public,
-        plan=plan,
-        submit=lambda: worker.submit(plan.prompt_ids, config),
-        model_name=slot.name,
-        flush_seconds=settings.stream_flush_seconds,
-    )
-    return ManagedStream(answer.events(), on_close=answer.close)
+        yield
+    except (ConversationBusy, NothingToAnswer) as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+    except PromptTooLong as exc:
+        raise HTTPException(422, detail=str(exc)) from None
 
 
 @router.get("/{conversation_id}/messages", response_model=list[MessagePublic], responses=NOT_FOUND)
@@ -146,14 +74,7 @@ def list_messages(conversation: ConversationDep, session: SessionDep) -> list[Me
 
 
 @router.post("/{conversation_id}/messages", response_class=StreamingResponse, responses=SSE_RESPONSES)
-def send_message(
-    body: MessageCreate,
-    conversation: ConversationDep,
-    session: SessionDep,
-    models: ModelsDep,
-    settings: SettingsDep,
-    request: Request,
-) -> ManagedStream:
+def send_message(body: MessageCreate, conversation: ConversationDep, chat: ChatDep, settings: SettingsDep) -> ManagedStream:
     """Add the user's message and stream the assistant's answer as Server-Sent Events."""
     if len(body.content) > settings.max_message_chars:
         raise HTTPException(
@@ -161,24 +82,18 @@ def send_message(
             detail=f"the message has {len(body.content)} characters; the limit is {settings.max_message_chars} "
             "(SCRATCHGPT_MAX_MESSAGE_CHARS)",
         )
-    return _start_answer(request, session, conversation, models, settings, body.content, body.seed)
+    with _refusals():
+        return chat.start_answer(conversation, body.content, body.seed)
 
 
 @router.post("/{conversation_id}/regenerate", response_class=StreamingResponse, responses=SSE_RESPONSES)
-def regenerate(
-    conversation: ConversationDep,
-    session: SessionDep,
-    models: ModelsDep,
-    settings: SettingsDep,
-    request: Request,
-    body: RegenerateRequest | None = None,
-) -> ManagedStream:
+def regenerate(conversation: ConversationDep, chat: ChatDep, body: RegenerateRequest | None = None) -> ManagedStream:
     """Replace the last answer with a new one, streamed like a new message."""
-    seed = body.seed if body else None
-    return _start_answer(request, session, conversation, models, settings, None, seed, replace_last_answer=True)
+    with _refusals():
+        return chat.start_answer(conversation, None, body.seed if body else None, replace_last_answer=True)
 
 
 @router.post("/{conversation_id}/stop", response_model=StopResult, responses=NOT_FOUND)
-def stop(conversation: ConversationDep, request: Request) -> StopResult:
+def stop(conversation: ConversationDep, active: ActiveDep) -> StopResult:
     """Stop the answer being generated; it is kept, marked interrupted. ``stopped`` is false if none was running."""
-    return StopResult(stopped=request.app.state.active.stop(conversation.id))
+    return StopResult(stopped=active.stop(conversation.id))

@@ -13,15 +13,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import ModelsDep, SettingsDep, require_api_access
-from app.chat import PromptTooLong, generation_config, plan_prompt
-from app.registry import CHAT
-from app.schemas import Bool, Seed, Temperature, Text, TopK, TopP, _integer_only
-from app.streaming import ManagedStream
+from app.schemas import Bool, Int, Seed, Temperature, Text, TopK, TopP, bounded
+from app.services.prompts import PromptTooLong, generation_config, plan_prompt
+from app.services.registry import CHAT
+from app.services.streaming import ManagedStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_access)])
 
@@ -89,12 +89,12 @@ class ChatCompletionRequest(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = Field(None, description="Extension: top-k filtering")
-    max_tokens: Annotated[int, Field(ge=1), BeforeValidator(_integer_only)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1), BeforeValidator(_integer_only)] | None = None
+    max_tokens: bounded(Int, ge=1) | None = None
+    max_completion_tokens: bounded(Int, ge=1) | None = None
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
         None, description="Up to 4 strings that end the answer")
     seed: Seed | None = None
-    n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_integer_only)] | None = None
+    n: bounded(Int, ge=1, le=1) | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
 
@@ -152,7 +152,7 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
         },
     },
 )
-async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep, request: Request) -> Any:
+async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep) -> Any:
     slot = models.require(CHAT)
     if body.model != slot.name:
         raise OpenAIError(404, f"model {body.model!r} not found; this server serves {slot.name!r}", code="model_not_found",

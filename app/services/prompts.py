@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from app.db.models import STATUS_ERROR, Message
 from core.generation.chat_template import ALPACA, ChatTemplate
 from core.generation.generate import GenerationConfig
 
@@ -56,6 +57,20 @@ def encode_prompt(checkpoint: Any, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer.encode(text, allowed_special=frozenset(specials))
 
 
+def conversation_turns(messages: list[Message]) -> list[dict[str, str]]:
+    """The turns the model sees of stored messages: user messages and answers with text (partial answers included)."""
+    return [
+        {"role": m.role, "content": m.content}
+        for m in messages
+        if m.role == "user" or (m.role == "assistant" and m.status != STATUS_ERROR and m.content)
+    ]
+
+
+def with_system(system_prompt: str, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``turns`` under the system prompt, if there is one."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + turns
+
+
 def plan_prompt(
     checkpoint: Any,
     system_prompt: str,
@@ -70,10 +85,9 @@ def plan_prompt(
     less room than asked, the answer budget shrinks, down to ``MIN_ANSWER_TOKENS``.
     """
     context = checkpoint.config.context_length
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def encode(start: int) -> list[int]:
-        return encode_prompt(checkpoint, system + turns[start:])
+        return encode_prompt(checkpoint, with_system(system_prompt, turns[start:]))
 
     if not allow_drop:
         ids = encode(0)

@@ -22,11 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.chat import PromptPlan
 from app.db import crud
 from app.db.models import STATUS_COMPLETE, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_STREAMING
 from app.metrics import Metrics
-from app.workers import ChatJob
+from app.services.prompts import PromptPlan
+from app.services.workers import ChatJob
 
 logger = logging.getLogger("scratchgpt.chat")
 

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from app.metrics import Metrics
+from app.services.workers import ChatWorker, ClassifierWorker
 from app.settings import Settings
-from app.workers import ChatWorker, ClassifierWorker
 from core.fast.prefix_cache import PrefixCache
 from core.fast.serving import ServingDecoder
 from core.fast.transforms import fast_for_serving
+from core.weights.checkpoint import load_checkpoint
 
 logger = logging.getLogger("scratchgpt.models")
 
@@ -162,8 +163,6 @@ class ModelRegistry:
                 self._set(slot, "error", f"{type(exc).__name__}: {exc}")
 
     def _load(self, slot: ModelSlot) -> None:
-        from core.weights.checkpoint import load_checkpoint
-
         if not (slot.path / "config.json").is_file():
             self._set(slot, "missing", f"no checkpoint at {slot.path}")
             logger.warning(

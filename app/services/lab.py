@@ -4,7 +4,8 @@ Every measurement reads the very checkpoint a model worker serves (``slot.checkp
 in the registry), so the Lab never loads a second copy of a model. The model-side work
 lives in ``core.introspection`` (attention through the explicit attention path, next-token
 distributions, teacher-forced token probabilities, PCA, gradient x input); this module turns
-requests into calls of it and results into plain, JSON-ready values.
+requests into calls of it and results into the API's own bodies (``app.schemas``), the one
+layer of Lab result types.
 
 The functions here are blocking. :class:`LabRunner` runs a measurement of a served model on
 that model's worker (``worker.call``), in turn with its chat answers or classification
@@ -17,12 +18,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 import torch
 
+from app.db.models import Conversation, Message
+from app.schemas import (
+    MAX_ATTENTION_TOKENS,
+    MAX_MERGE_CHARS,
+    MAX_PROMPT_TOKENS,
+    MAX_TEXT_CHARS,
+    MAX_WORD_CHARS,
+    MAX_WORDS,
+    AnswerToken,
+    AnswerTokens,
+    AttentionResult,
+    Choice,
+    EmbeddingPoint,
+    EmbeddingsResult,
+    ExplainedToken,
+    Explanation,
+    MergePart,
+    MergePiece,
+    MergesResult,
+    NextTokenRequest,
+    NextTokenResult,
+    Token,
+    Tokenization,
+    TokenizeResult,
+)
+from app.services.prompts import conversation_turns, encode_prompt, neutralize_specials, with_system
+from core.generation.sampling import SamplingConfig
 from core.introspection import (
     attention_maps,
     embedding_vectors,
@@ -32,21 +59,11 @@ from core.introspection import (
     pca_2d,
     token_probabilities,
 )
-from core.generation.sampling import SamplingConfig
 from core.tokenizer.errors import TokenizerError
 from core.tokenizer.specials import repair_surrogates
 
 T = TypeVar("T")
 
-# Sizes past which a request is refused with 422: they keep one Lab request to well under a
-# second on a laptop CPU and its JSON answer to about a megabyte.
-MAX_TEXT_CHARS = 4000  # tokenizer playground, attention and next-token prompts (before tokenizing)
-MAX_ATTENTION_TOKENS = 64  # a (heads, T, T) map per request
-MAX_PROMPT_TOKENS = 512  # next-token prompts
-MAX_WORDS = 40  # embeddings: points in one projection
-MAX_WORD_CHARS = 40
-MAX_MERGE_CHARS = 64  # BPE merges of one word (each step of each pre-token is returned)
-MAX_TOP_K = 50  # next-token choices shown
 DECIMALS = 5  # probabilities and weights are rounded to this many places in answers
 
 
@@ -54,28 +71,21 @@ class LabInputError(ValueError):
     """A Lab request past a size limit or naming something the model does not have; answered 422."""
 
 
-@dataclass(frozen=True)
-class TokenView:
+def token(tokenizer: Any, token_id: int) -> Token:
     """One token as the pages draw it: its id, its bytes (hex) and those bytes read as UTF-8."""
-
-    id: int
-    text: str  # invalid or partial UTF-8 shows as U+FFFD
-    bytes_hex: str
-    special: bool
-
-
-def token_view(tokenizer: Any, token_id: int) -> TokenView:
     specials = set((getattr(tokenizer, "special_tokens", None) or {}).values())
     try:
         raw = tokenizer.token_bytes(token_id)
     except TokenizerError:
         # A model's vocabulary can be padded past its tokenizer's: those rows are never real text.
-        return TokenView(token_id, f"<unused {token_id}>", "", False)
-    return TokenView(token_id, raw.decode("utf-8", errors="replace"), raw.hex(), token_id in specials)
+        return Token(id=token_id, text=f"<unused {token_id}>", bytes_hex="", special=False)
+    # Invalid or partial UTF-8 shows as U+FFFD.
+    return Token(id=token_id, text=raw.decode("utf-8", errors="replace"), bytes_hex=raw.hex(),
+                 special=token_id in specials)
 
 
-def token_views(tokenizer: Any, ids: Sequence[int]) -> list[TokenView]:
-    return [token_view(tokenizer, i) for i in ids]
+def tokens(tokenizer: Any, ids: Sequence[int]) -> list[Token]:
+    return [token(tokenizer, i) for i in ids]
 
 
 def clean_text(text: str) -> str:
@@ -108,30 +118,25 @@ def _check_tokens(ids: Sequence[int], limit: int, what: str) -> None:
 # --- tokenizers ----------------------------------------------------------------------
 
 
-@dataclass
-class Tokenization:
-    key: str
-    name: str
-    tokens: list[TokenView]
+def tokenize(tokenizers: Mapping[str, tuple[str, Any]], text: str, notes: list[str]) -> TokenizeResult:
+    """``text`` split by each tokenizer (key -> (display name, tokenizer)); special-token strings count as specials.
 
-
-def tokenize(tokenizers: Mapping[str, tuple[str, Any]], text: str) -> list[Tokenization]:
-    """``text`` split by each tokenizer (key -> (display name, tokenizer)); special-token strings count as specials."""
+    ``notes`` say why a tokenizer is missing (the chat model is not loaded).
+    """
     _check_chars(text)
-    return [
-        Tokenization(key, name, token_views(tok, tok.encode(text, allowed_special="all")))
-        for key, (name, tok) in tokenizers.items()
-    ]
+    results = []
+    for key, (name, tokenizer) in tokenizers.items():
+        ids = tokenizer.encode(text, allowed_special="all")
+        results.append(Tokenization(key=key, name=name, count=len(ids), tokens=tokens(tokenizer, ids)))
+    echoed = clean_text(text)
+    return TokenizeResult(characters=len(echoed), bytes=len(echoed.encode("utf-8")), tokenizers=results, notes=notes)
 
 
-@dataclass
-class MergePiece:
-    text: str  # one pre-token of the word
-    steps: list[list[tuple[bytes, TokenView | None]]]  # parts per step; each part is a token, or bytes that are not
+def bpe_merges(tokenizer: Any, name: str, word: str) -> MergesResult:
+    """The merges BPE applies to each pre-token of ``word``, step by step (merges never cross pre-tokens).
 
-
-def bpe_merges(tokenizer: Any, word: str) -> list[MergePiece]:
-    """The merges BPE applies to each pre-token of ``word``, step by step (merges never cross pre-tokens)."""
+    Each step lists the parts of the pre-token: a token, or bytes that are not one (yet).
+    """
     word = clean_text(word)
     if not word:
         raise LabInputError("word is empty; type one word")
@@ -141,25 +146,15 @@ def bpe_merges(tokenizer: Any, word: str) -> list[MergePiece]:
     pieces = []
     for piece in tokenizer.pretokenize(word):
         steps = [
-            [(part, token_view(tokenizer, ranks[part]) if part in ranks else None) for part in step]
+            [MergePart(bytes_hex=part.hex(), token=token(tokenizer, ranks[part]) if part in ranks else None)
+             for part in step]
             for step in tokenizer.merge_steps(piece)
         ]
-        pieces.append(MergePiece(piece, steps))
-    return pieces
+        pieces.append(MergePiece(text=piece, steps=steps))
+    return MergesResult(word=word, tokenizer=name, pieces=pieces)
 
 
 # --- attention ------------------------------------------------------------------------
-
-
-@dataclass
-class AttentionResult:
-    tokens: list[TokenView]
-    n_layers: int
-    n_heads: int
-    layer: int
-    heads: list[int]
-    weights: list[Any]  # per returned head, T x T
-    average: Any  # T x T, the mean over all heads of the layer
 
 
 def attention(checkpoint: Any, text: str, layer: int, head: int | None) -> AttentionResult:
@@ -176,7 +171,8 @@ def attention(checkpoint: Any, text: str, layer: int, head: int | None) -> Atten
     maps = attention_maps(checkpoint.model, ids)[layer]  # (heads, T, T)
     heads = list(range(cfg.n_heads)) if head is None else [head]
     return AttentionResult(
-        tokens=token_views(tokenizer, ids),
+        model=checkpoint.name,
+        tokens=tokens(tokenizer, ids),
         n_layers=cfg.n_layers,
         n_heads=cfg.n_heads,
         layer=layer,
@@ -199,19 +195,8 @@ def check_token_ids(tokenizer: Any, ids: Sequence[int], model_vocab: int) -> Non
             raise LabInputError(f"token id {i} is not a token of this model's tokenizer") from None
 
 
-@dataclass
-class NextTokenResult:
-    prompt: list[TokenView]
-    text: str
-    choices: list[tuple[TokenView, float, float]]  # token, probability, logit
-    entropy: float
-    greedy: TokenView
-
-
 def prompt_ids(checkpoint: Any, text: str | None, token_ids: list[int] | None, chat_template: bool) -> list[int]:
     """The prompt as token ids: ``token_ids`` as given, or ``text`` encoded (as a user turn when ``chat_template``)."""
-    from app.chat import encode_prompt
-
     tokenizer = checkpoint.tokenizer
     if token_ids is not None:
         check_token_ids(tokenizer, token_ids, checkpoint.config.vocab_size)
@@ -227,59 +212,59 @@ def prompt_ids(checkpoint: Any, text: str | None, token_ids: list[int] | None, c
     return ids
 
 
-def next_token_distribution(checkpoint: Any, ids: list[int], sampling: SamplingConfig, k: int) -> NextTokenResult:
-    """The k most likely next tokens under ``sampling``, the distribution's entropy and the greedy choice."""
+def next_token_choices(checkpoint: Any, request: NextTokenRequest) -> NextTokenResult:
+    """The k most likely next tokens under the request's sampling settings, the entropy and the greedy choice."""
+    ids = prompt_ids(checkpoint, request.text, request.token_ids, request.chat_template)
+    sampling = SamplingConfig(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
     tokenizer = checkpoint.tokenizer
-    result = next_token(checkpoint.model, ids, sampling, k=k)
+    result = next_token(checkpoint.model, ids, sampling, k=request.k)
     return NextTokenResult(
-        prompt=token_views(tokenizer, ids),
+        model=checkpoint.name,
+        prompt=tokens(tokenizer, ids),
         text=tokenizer.decode(ids),
-        choices=[(token_view(tokenizer, c.token_id), c.probability, c.logit) for c in result.choices],
-        entropy=result.entropy,
-        greedy=token_view(tokenizer, result.greedy_id),
+        choices=[
+            Choice(token=token(tokenizer, c.token_id), probability=round(c.probability, DECIMALS), logit=round(c.logit, 4))
+            for c in result.choices
+        ],
+        entropy=round(result.entropy, DECIMALS),
+        greedy=token(tokenizer, result.greedy_id),
     )
 
 
 # --- a stored answer, token by token ---------------------------------------------------
 
 
-@dataclass
-class AnswerProbabilities:
-    prompt_tokens: int
-    tokens: list[tuple[TokenView, float | None]]
-    mean_logprob: float | None
+def answer_tokens(checkpoint: Any, conversation: Conversation, earlier: list[Message], answer: Message) -> AnswerTokens:
+    """How likely the model found each token of a stored ``answer`` after the messages ``earlier`` than it
+    (teacher forcing, one pass).
 
-
-def answer_probabilities(checkpoint: Any, prompt: list[int], answer: str) -> AnswerProbabilities:
-    """How likely the model found each token of ``answer`` after ``prompt`` (teacher forcing, one pass).
-
-    The answer's ids are its text encoded again: the ids that were sampled are not stored, and
-    re-encoding can split a few spots differently than sampling did.
+    The prompt is the one the answer was generated from: the same turns, minus the ones dropped to
+    fit then, under the conversation's system prompt as it is now (an edited one changes the
+    measurement). The answer's ids are its text encoded again: the ids that were sampled are not
+    stored, and re-encoding can split a few spots differently than sampling did.
     """
+    turns = conversation_turns(earlier)[answer.dropped_messages or 0 :]
+    prompt = encode_prompt(checkpoint, with_system(conversation.system_prompt, turns))
     tokenizer = checkpoint.tokenizer
-    ids = tokenizer.encode(answer, allowed_special="all")
+    ids = tokenizer.encode(answer.content, allowed_special="all")
     probs = token_probabilities(checkpoint.model, prompt, ids)
     known = [p for p in probs if not math.isnan(p) and p > 0]
     mean = sum(math.log(p) for p in known) / len(known) if known else None
-    return AnswerProbabilities(
+    return AnswerTokens(
+        model=checkpoint.name,
+        conversation_id=conversation.id,
+        message_id=answer.id,
         prompt_tokens=len(prompt),
-        tokens=[(token_view(tokenizer, i), _round(p)) for i, p in zip(ids, probs)],
-        mean_logprob=mean,
+        tokens=[AnswerToken(token=token(tokenizer, i), probability=_round(p)) for i, p in zip(ids, probs)],
+        mean_logprob=None if mean is None else round(mean, DECIMALS),
+        perplexity=None if mean is None else round(math.exp(min(-mean, 700.0)), 4),
     )
 
 
 # --- embeddings ------------------------------------------------------------------------
 
 
-@dataclass
-class EmbeddingPoint:
-    word: str
-    tokens: list[TokenView]
-    x: float
-    y: float
-
-
-def embedding_projection(checkpoint: Any, words: list[str], leading_space: bool) -> tuple[list[EmbeddingPoint], list[float]]:
+def embedding_projection(checkpoint: Any, words: list[str], leading_space: bool) -> EmbeddingsResult:
     """2-D PCA of the words' input embeddings (each word: the mean of its tokens' rows)."""
     if len(words) < 2:
         raise LabInputError(f"{len(words)} word given; a projection needs at least 2 words")
@@ -300,10 +285,12 @@ def embedding_projection(checkpoint: Any, words: list[str], leading_space: bool)
     vectors = embedding_vectors(_language_model(checkpoint), groups)
     coords, ratios = pca_2d(vectors)
     points = [
-        EmbeddingPoint(w, token_views(tokenizer, g), round(float(x), DECIMALS), round(float(y), DECIMALS))
+        EmbeddingPoint(word=w, tokens=tokens(tokenizer, g), x=round(float(x), DECIMALS), y=round(float(y), DECIMALS))
         for w, g, (x, y) in zip(cleaned, groups, coords.tolist())
     ]
-    return points, [round(float(r), DECIMALS) for r in ratios]
+    return EmbeddingsResult(
+        model=checkpoint.name, points=points, explained_variance=[round(float(r), DECIMALS) for r in ratios]
+    )
 
 
 def _language_model(checkpoint: Any) -> Any:
@@ -313,25 +300,12 @@ def _language_model(checkpoint: Any) -> Any:
 # --- classifier explanation -------------------------------------------------------------
 
 
-@dataclass
-class Explanation:
-    label: str
-    probabilities: dict[str, float]
-    target: str
-    tokens: list[TokenView]
-    gradient_x_input: list[float]
-    last_token_attention: list[float]
-    truncated: bool
-
-
 def explain_classification(checkpoint: Any, text: str, max_chars: int) -> Explanation:
     """Which tokens moved the classifier: gradient x input towards the spam class, and last-token attention.
 
     The text is cut to the classifier's ``max_length`` tokens exactly as classification cuts it,
     so the explanation is of the decision the classify endpoint reports.
     """
-    from app.chat import neutralize_specials
-
     _check_chars(text, limit=max_chars)
     tokenizer = checkpoint.tokenizer
     labels = list(checkpoint.labels or [])
@@ -346,13 +320,17 @@ def explain_classification(checkpoint: Any, text: str, max_chars: int) -> Explan
         probs = classifier(torch.tensor([ids], device=device)).float().softmax(-1)[0].tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
     target = labels.index("spam") if "spam" in labels else best
+    gradients = input_x_gradient(classifier, ids, target)
+    attentions = last_token_attention(classifier, ids)
     return Explanation(
+        model=checkpoint.name,
         label=labels[best] if labels else str(best),
-        probabilities={(labels[i] if labels else str(i)): p for i, p in enumerate(probs)},
+        probabilities={(labels[i] if labels else str(i)): round(p, DECIMALS) for i, p in enumerate(probs)},
         target=labels[target] if labels else str(target),
-        tokens=token_views(tokenizer, ids),
-        gradient_x_input=[round(s, 6) for s in input_x_gradient(classifier, ids, target)],
-        last_token_attention=[round(a, DECIMALS) for a in last_token_attention(classifier, ids)],
+        tokens=[
+            ExplainedToken(token=t, gradient_x_input=round(g, 6), attention=round(a, DECIMALS))
+            for t, g, a in zip(tokens(tokenizer, ids), gradients, attentions)
+        ],
         truncated=len(all_ids) > len(ids),
     )
 
@@ -364,14 +342,14 @@ class LabRunner:
     """Runs blocking Lab measurements off the event loop: on the worker of the model they read
     (a served checkpoint among their arguments), else in a thread, one at a time."""
 
-    def __init__(self, state: Any = None) -> None:
-        self._state = state  # the app's state; its registry is looked up per call (a restart replaces it)
+    def __init__(self, models: Callable[[], Any] | None = None) -> None:
+        # The app's registry, looked up per call: a restarted app replaces it.
+        self._models = models or (lambda: None)
         self._limiter: anyio.CapacityLimiter | None = None
 
     def worker_for(self, args: Sequence[Any]) -> Any:
         """The worker serving a checkpoint passed in ``args``, or None."""
-        models = getattr(self._state, "models", None)
-        for slot in getattr(models, "slots", {}).values():
+        for slot in getattr(self._models(), "slots", {}).values():
             if slot.worker is not None and any(arg is slot.checkpoint for arg in args):
                 return slot.worker
         return None
@@ -383,11 +361,3 @@ class LabRunner:
         if self._limiter is None:  # created on first use, inside the app's event loop
             self._limiter = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
-
-def lab_runner(state: Any) -> LabRunner:
-    """The app's runner (``app.state.lab``), made on first use."""
-    runner = getattr(state, "lab", None)
-    if runner is None:
-        runner = state.lab = LabRunner(state)
-    return runner
