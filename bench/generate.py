@@ -266,7 +266,7 @@ def main() -> None:
     if args.smollm2:
         gguf = args.gguf
         if gguf is None:
-            from core.weights.download import downloads_dir
+            from core.paths import downloads_dir
 
             gguf = downloads_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not gguf.is_file():

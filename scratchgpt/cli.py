@@ -31,7 +31,7 @@ def resolve_checkpoint(name_or_dir: str) -> Path:
     path = Path(name_or_dir).expanduser()
     if path.exists():
         return path
-    from core.weights.download import cache_dir
+    from core.paths import cache_dir
 
     cached = cache_dir() / "models" / name_or_dir
     if cached.exists():
@@ -169,7 +169,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     from core.weights.download import download_model
 
-    path = download_model(args.name, size=args.size, from_dir=args.from_dir, from_file=args.from_file)
+    path = download_model(args.name, size=args.size, from_dir=args.from_dir, from_file=args.from_file,
+                          from_tf_dir=args.from_tf_dir)
     print(path)
 
 
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="GPT-2 size: 124M, 355M, 774M or 1558M")
     p.add_argument("--from-dir", type=Path, default=None, help="import a local copy of the model's files")
     p.add_argument("--from-file", type=Path, default=None, help="import a local file (a GGUF for SmolLM2)")
+    p.add_argument("--from-tf-dir", type=Path, default=None,
+                   help="import OpenAI's original GPT-2 release (hparams.json + model.ckpt.*); needs "
+                        "pip install -e '.[tensorflow]'")
 
     p = verb("tokenize", cmd_tokenize, "print the GPT-2 token ids of a file as a JSON array")
     p.add_argument("--file", required=True)

@@ -26,7 +26,8 @@ def say(message: str) -> None:
 
 
 def ensure_chat_model(chosen: str | None) -> Path:
-    from core.weights.download import cache_dir, download_model
+    from core.paths import cache_dir
+    from core.weights.download import download_model
 
     if chosen:
         return Path(chosen)
@@ -43,7 +44,8 @@ def ensure_classifier(chosen: str | None, base: Path, spam_data: Path | None) ->
     Without the SMS data (offline, no --spam-data) the chat still serves: the spam page and
     API then answer that the classifier is missing and how to make it.
     """
-    from core.weights.download import DownloadError, cache_dir
+    from core.paths import cache_dir
+    from core.weights.fetch import DownloadError
 
     if chosen:
         return Path(chosen)

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
+from core.paths import models_dir
+from core.weights.catalogue import MODELS, CatalogueError, resolve_model_name
 from core.weights.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_config
+from core.weights.download import download_model
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +44,18 @@ def resolve_base(base: str | Path) -> Path:
     if isinstance(base, Path) or _looks_like_path(text):
         raise BaseModelError(f"--base {text}: no checkpoint directory there; give a checkpoint directory or a model name")
 
-    from core.weights import download
-
     try:
-        source = download.resolve_model_name(text)
-    except download.DownloadError:
+        source = resolve_model_name(text)
+    except CatalogueError:
         raise BaseModelError(
             f"--base {text!r} is neither a checkpoint directory nor a known model; "
-            f"known models: {', '.join(download.MODELS)}"
+            f"known models: {', '.join(MODELS)}"
         ) from None
-    target = download.models_dir() / source.name
+    target = models_dir() / source.name
     if (target / "config.json").is_file():
         return target
     log.info("base model %s is not in %s; obtaining it as `scratchgpt download %s` does", source.name, target, source.name)
-    raw = download.download_model(source.name)
-    return Path(download.convert_to_checkpoint(raw, source.name))
+    return Path(download_model(source.name))
 
 
 def load_base(base: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

@@ -33,7 +33,7 @@ from torch import nn
 
 from core.generation.chat_template import ALPACA, BUILTIN, ChatTemplate
 from core.weights.checkpoint import save_checkpoint, write_json
-from core.weights.download import sha256_file
+from core.weights.fetch import sha256_file
 from core.device import resolve_device
 from training.activation_cache import prefix_activations
 from training.base_model import load_base, resolve_base, weights_sha256
@@ -227,7 +227,7 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.data is None:
-        from core.weights.download import download_dataset
+        from core.weights.fetch import download_dataset
 
         data_path = download_dataset("instruction-data")
     else:

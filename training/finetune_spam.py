@@ -32,7 +32,7 @@ from torch import nn
 
 from core.weights.checkpoint import save_checkpoint, write_json
 from core.classifier import SequenceClassifier
-from core.weights.download import sha256_file
+from core.weights.fetch import sha256_file
 from core.device import resolve_device
 from training.activation_cache import pad_ids, prefix_activations
 from training.base_model import load_base, resolve_base, weights_sha256

@@ -109,11 +109,11 @@ def load_spam_splits(path: str | Path, seed: int = SEED) -> SpamSplits:
 def resolve_spam_data(data: str | Path | None) -> Path:
     """The SMSSpamCollection file: ``data`` itself (a file or the UCI zip), or the UCI download.
 
-    The download goes through ``core.weights.download`` (checksum, resume, offline message)
+    The download goes through ``core.weights.fetch`` (checksum, resume, offline message)
     and is unpacked next to the zip once.
     """
     if data is None:
-        from core.weights.download import download_dataset
+        from core.weights.fetch import download_dataset
 
         data = download_dataset("sms-spam")
     path = Path(data).expanduser()

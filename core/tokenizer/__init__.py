@@ -4,6 +4,7 @@
 * ``TiktokenTokenizer`` (``tiktoken_backend.py``): the same vocabularies run by tiktoken.
 * ``gpt2_tokenizer(impl)`` (``gpt2.py``): GPT-2's encoding from the vendored rank file.
 * ``tokenizer_from_gguf(path)`` (``gguf.py``): the vocabulary inside a GGUF file (SmolLM2).
+* ``tokenizer_from_hf(dir)`` (``hf.py``): a Hugging Face ``tokenizer.json`` + ``tokenizer_config.json``.
 * ``StreamDecoder`` (``streaming.py``): UTF-8-safe incremental decoding.
 
 A checkpoint's ``config.json`` names its tokenizer with a small spec:
@@ -30,6 +31,7 @@ from core.tokenizer.errors import (
 )
 from core.tokenizer.gguf import tokenizer_from_gguf
 from core.tokenizer.gpt2 import GPT2_EOT_ID, gpt2_tokenizer, is_gpt2
+from core.tokenizer.hf import tokenizer_from_hf
 from core.tokenizer.specials import AllowedSpecial
 from core.tokenizer.streaming import StreamDecoder
 from core.tokenizer.tiktoken_backend import TiktokenTokenizer
@@ -54,6 +56,7 @@ __all__ = [
     "save_tokenizer",
     "tokenize_file",
     "tokenizer_from_gguf",
+    "tokenizer_from_hf",
 ]
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -32,6 +32,7 @@ import functools
 import mmap
 import struct
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 from core.tokenizer.bpe import GPT2_PATTERN, BPETokenizer, UnknownBytes, bytes_to_unicode
@@ -178,7 +179,7 @@ def tokenizer_from_gguf(
 
     ``path_or_reader`` is a path or an open ``gguf.GGUFReader``. Returns the
     tokenizer (``impl`` defaults to ``DEFAULT_GGUF_IMPL``) and a metadata dict:
-    ``chat_template``, ``bos_id``, ``eos_id``, ``unk_id``, ``pad_id``,
+    ``chat_template``, ``bos_id``, ``eos_id``, ``eos_token`` (its text), ``unk_id``, ``pad_id``,
     ``add_bos_token``, ``add_eos_token``, ``model``, ``pre``, ``name``,
     ``vocab_size`` and ``absent_bytes`` (byte values without a token).
     """
@@ -214,7 +215,8 @@ def tokenizer_from_gguf(
         raise GGUFTokenizerError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
 
     ranks, specials = _ranks_and_specials(tokens, types, source)
-    _check_merge_order(merges, tokens, ranks, source)
+    normal_ids = set(ranks.values())
+    check_merge_order(merges, {token: i for i, token in enumerate(tokens) if i in normal_ids}, ranks, source)
 
     def token_id(key: str) -> int | None:
         value = meta.get(key)
@@ -239,6 +241,7 @@ def tokenizer_from_gguf(
         "vocab_size": len(tokens),
         "bos_id": bos_id,
         "eos_id": eos_id,
+        "eos_token": tokens[eos_id] if eos_id is not None else None,
         "unk_id": token_id("tokenizer.ggml.unknown_token_id"),
         "pad_id": token_id("tokenizer.ggml.padding_token_id"),
         "add_bos_token": meta.get("tokenizer.ggml.add_bos_token"),
@@ -263,8 +266,11 @@ def _byte_text_table() -> dict[int, str]:
     return table
 
 
-def _to_bytes(token: str) -> bytes:
-    """A GPT-2-style token string to its bytes; ``UnicodeEncodeError`` if it is not one."""
+def token_text_bytes(token: str) -> bytes:
+    """A GPT-2-style token string to its bytes; ``UnicodeEncodeError`` if it is not one.
+
+    GGUF files and Hugging Face ``tokenizer.json`` files (``core.tokenizer.hf``)
+    both spell tokens this way."""
     return token.translate(_byte_text_table()).encode("latin-1")
 
 
@@ -274,7 +280,7 @@ def _ranks_and_specials(tokens: list[str], types: Any, source: str) -> tuple[dic
     for token_id, (token, kind) in enumerate(zip(tokens, types)):
         if kind == TOKEN_TYPE_NORMAL:
             try:
-                data = _to_bytes(token)
+                data = token_text_bytes(token)
             except UnicodeEncodeError:
                 raise GGUFTokenizerError(
                     f"{source}: normal token {token_id} {token!r} is not a byte-level BPE token"
@@ -292,29 +298,36 @@ def _ranks_and_specials(tokens: list[str], types: Any, source: str) -> tuple[dic
     return ranks, specials
 
 
-def _check_merge_order(merges: list[str], tokens: list[str], ranks: dict[bytes, int], source: str) -> None:
+def check_merge_order(
+    merges: Sequence[str],
+    id_of: Mapping[str, int],
+    ranks: Mapping[bytes, int],
+    source: str,
+    error: type[TokenizerFileError] = GGUFTokenizerError,
+) -> None:
     """Check that merge k makes a token whose id grows with k, so ids work as ranks.
 
-    Works on the token strings: GPT-2's byte characters map one-to-one to
-    bytes, so joining two strings joins their bytes.
+    ``id_of`` maps the normal (non-special) token strings to their ids; each
+    merge is ``"left right"``. Works on the token strings: GPT-2's byte
+    characters map one-to-one to bytes, so joining two strings joins their
+    bytes. Shared with the Hugging Face reader (``core.tokenizer.hf``), which
+    passes its own ``error``.
     """
-    normal_ids = set(ranks.values())
-    id_of = {token: i for i, token in enumerate(tokens) if i in normal_ids}
     previous = -1
     for k, merge in enumerate(merges):
         left, sep, right = merge.partition(" ")
         made, a, b = id_of.get(left + right), id_of.get(left), id_of.get(right)
         if not sep or made is None or a is None or b is None:
-            raise GGUFTokenizerError(f"{source}: merge {k} {merge!r} uses or makes a token absent from the vocabulary")
+            raise error(f"{source}: merge {k} {merge!r} uses or makes a token absent from the vocabulary")
         if made <= previous or made <= a or made <= b:
-            raise GGUFTokenizerError(
+            raise error(
                 f"{source}: merge {k} {merge!r} makes token {made}, out of merge order; "
                 "this vocabulary's ids cannot serve as BPE ranks"
             )
         previous = made
     multi_byte = sum(1 for token in ranks if len(token) > 1)
     if multi_byte != len(merges):
-        raise GGUFTokenizerError(
+        raise error(
             f"{source}: {multi_byte} multi-byte normal tokens but {len(merges)} merges; "
             "tokens that no merge makes are not supported"
         )

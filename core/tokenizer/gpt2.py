@@ -81,11 +81,6 @@ def gpt2_tokenizer(impl: Impl = "tiktoken") -> GPT2Tokenizer:
     raise ValueError(f"unknown tokenizer impl {impl!r}: use 'tiktoken' or 'bpe'")
 
 
-def gpt2_from_files(encoder_json: str | Path, vocab_bpe: str | Path) -> BPETokenizer:
-    """GPT-2's tokenizer from OpenAI's ``encoder.json`` + ``vocab.bpe`` (our BPE)."""
-    return BPETokenizer.from_gpt2_files(encoder_json, vocab_bpe)
-
-
 def is_gpt2(tokenizer: object) -> bool:
     """True when ``tokenizer`` has exactly GPT-2's vocabulary, pattern and special tokens."""
     return (

@@ -1,9 +1,9 @@
 """The ``tokenizer.json`` file both backends read and write.
 
-Our own format, not Hugging Face's: the ranks a byte-level BPE needs (bytes ->
-id, as tiktoken holds them), the pre-tokenizer regex and the special tokens, so
-that ``BPETokenizer`` and ``TiktokenTokenizer`` load each other's files and give
-the same ids::
+Our own format, not Hugging Face's (``hf.py`` reads that one): the ranks a
+byte-level BPE needs (bytes -> id, as tiktoken holds them), the pre-tokenizer
+regex and the special tokens, so that ``BPETokenizer`` and ``TiktokenTokenizer``
+load each other's files and give the same ids::
 
     {"format": "scratchgpt-bpe", "version": 1, "type": "bpe",
      "name": str, "pattern": str (the pre-tokenizer regex, `regex` module syntax),

@@ -263,7 +263,7 @@ def drift_guard() -> regex.Pattern[str] | None:
 
 def _generate() -> str:  # pragma: no cover - a maintenance tool
     """Print fresh tables from ``unicodedata2`` (pip install unicodedata2==X)."""
-    import unicodedata2  # type: ignore[import-not-found]
+    import unicodedata2  # type: ignore[import-not-found]  # optional: only this maintenance tool needs it
 
     def ranges(prefix: str) -> list[tuple[int, int]]:
         found: list[list[int]] = []

@@ -26,9 +26,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.classifier import SequenceClassifier
 from core.generation.chat_template import ChatTemplate
-from core.model.config import ConfigError, ModelConfig
 from core.model import GPTModel
+from core.model.config import ConfigError, ModelConfig
+from core.model.layers import rope_tables
+from core.tokenizer import load_tokenizer, save_tokenizer
 from core.weights.gguf import BLOCKS_FILE, save_blocks
 
 FORMAT = "scratchgpt"
@@ -132,8 +135,6 @@ def save_checkpoint(
 
     ``gguf_blocks``: the quantized blocks of a GGUF file the weights came from,
     kept beside them for decoding (``core.fast.gguf_matvec``)."""
-    from core.tokenizer import save_tokenizer
-
     if task not in TASKS:
         raise CheckpointError(f"unknown task {task!r}; expected one of {TASKS}")
     final = Path(path)
@@ -190,8 +191,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def build_model(config: dict[str, Any]) -> tuple[ModelConfig, torch.nn.Module]:
-    from core.classifier import SequenceClassifier
-
     try:
         cfg = ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ConfigError) as e:
@@ -229,8 +228,6 @@ def load_weights(model: torch.nn.Module, weights_file: Path, device: str | torch
     # Buffers that are not stored (rotary tables) were created on the meta device.
     backbone = getattr(model, "backbone", model)
     if getattr(backbone, "rope_cos", None) is not None:
-        from core.model.layers import rope_tables
-
         cos, sin = rope_tables(backbone.cfg)
         backbone.rope_cos, backbone.rope_sin = cos, sin
     return model.to(device).eval()
@@ -240,8 +237,6 @@ def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Checkpoint:
     """Load a checkpoint directory written by save_checkpoint; raises CheckpointError with the reason."""
-    from core.tokenizer import load_tokenizer
-
     path = Path(path)
     config = read_config(path)
     cfg, model = build_model(config)

@@ -26,6 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from core.model.config import ModelConfig
 from core.weights.hf import HFWeightsError, check_state_dict
@@ -73,8 +77,6 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _field_value(field: Any) -> Any:
     """A reader field as a plain Python value (str, int, float, bool or list)."""
-    from gguf import GGUFValueType
-
     value = field.contents()
     kind = field.types[0] if field.types else None
     if kind == GGUFValueType.BOOL:
@@ -87,8 +89,6 @@ def _field_value(field: Any) -> Any:
 
 def _read(path: Path) -> tuple[Any, dict[str, Any]]:
     """Parse the file once: the reader (for tensors) and its metadata as a plain dict."""
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise GGUFError(f"{path}: no such GGUF file")
     try:
@@ -142,8 +142,6 @@ def config_from_gguf_metadata(meta: dict[str, Any], source: str | Path = "GGUF f
 
 
 def _dequantize(tensor: Any) -> torch.Tensor:
-    from gguf.quants import dequantize
-
     arr = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     if not arr.flags.writeable:
         # F32 tensors come back as views of the read-only memory map; copy so the
@@ -253,16 +251,12 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, StateDict, dict[str, Any]]
 
 def save_blocks(directory: Path, blocks: Blocks) -> None:
     """Write ``blocks`` into a checkpoint directory being built (``gguf_blocks.safetensors``)."""
-    from safetensors.torch import save_file
-
     save_file({name: data.contiguous() for name, (_, data) in blocks.items()}, str(directory / BLOCKS_FILE),
               metadata={name: gguf_type for name, (gguf_type, _) in blocks.items()})
 
 
 def load_blocks(directory: Path) -> Blocks:
     """The blocks a checkpoint directory carries; empty when it carries none; ValueError when damaged."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(directory) / BLOCKS_FILE
     if not path.is_file():
         return {}

