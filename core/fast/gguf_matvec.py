@@ -26,13 +26,12 @@ compiler, no AVX-512).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from core.fast.kernels import load_kernels, needs_autograd, weight_key
-from core.weights.gguf import BLOCK_BYTES, Blocks, checkpoint_blocks
+from core.weights.gguf import BLOCK_BYTES, Blocks
 
 BLOCK = 32  # weights per GGUF block
 MAX_ROWS = 8  # rows of x one kernel call takes (kMaxRows in the C++)
