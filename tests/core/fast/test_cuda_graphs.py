@@ -13,7 +13,7 @@ import torch
 from core.fast.cuda_graphs import MAX_GRAPHS, MIN_LENGTH, GraphedDecoder, StaticStep, cache_length
 from core.fast.serving import ServingDecoder
 from core.fast.transforms import FastConfig, make_fast
-from core.generation.generate import GenerationConfig, decode_steps, generate
+from core.generation.generate import GenerationConfig, generate
 from core.model.kv_cache import KVCache
 from core.model import GPTModel
 from fused_models import tiny_model as tiny

@@ -8,7 +8,7 @@ import torch
 from core.fast.fused_layers import kernels
 from core.fast.serving import ServingDecoder
 from core.fast.transforms import FastConfig, make_fast
-from core.generation.generate import GenerationConfig, decode_steps, generate
+from core.generation.generate import GenerationConfig, generate
 from core.fast.prefix_cache import MIN_REUSE, PrefixCache, common_prefix
 from fused_models import tiny_gpt2, tiny_model
 from kernel_marks import needs_kernels
