@@ -11,6 +11,7 @@ import torch
 from app_testing import classify_concurrently
 
 from app.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
+from core.fast.serving import ServingDecoder
 
 
 def test_heartbeat_while_a_job_waits():
@@ -30,7 +31,7 @@ def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoin
 
     checkpoint = load_checkpoint(chat_checkpoint)
     tokens = []
-    worker = ChatWorker(checkpoint, "chat", on_tokens=tokens.append).start()
+    worker = ChatWorker(checkpoint, ServingDecoder(checkpoint.model), "chat", on_tokens=tokens.append).start()
     prompt = checkpoint.tokenizer.encode("Once upon a time")
 
     async def main():
@@ -57,7 +58,8 @@ def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoin
 def test_a_stopped_worker_refuses_new_jobs(chat_checkpoint):
     from core.weights.checkpoint import load_checkpoint
 
-    worker = ChatWorker(load_checkpoint(chat_checkpoint), "chat").start()
+    checkpoint = load_checkpoint(chat_checkpoint)
+    worker = ChatWorker(checkpoint, ServingDecoder(checkpoint.model), "chat").start()
     worker.stop()
 
     async def main():
@@ -100,7 +102,7 @@ def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
     from core.generation.generate import GenerationConfig
 
     checkpoint = load_checkpoint(chat_checkpoint)
-    worker = ChatWorker(checkpoint, "chat").start()
+    worker = ChatWorker(checkpoint, ServingDecoder(checkpoint.model), "chat").start()
     prompt = checkpoint.tokenizer.encode("Once upon a time")
 
     def measure() -> tuple[str, float, bool]:
