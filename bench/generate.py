@@ -41,6 +41,7 @@ from harness import (  # also puts the repository on sys.path
     bench_device, describe_device, gpt2_pair, load_average, print_table, synchronized,
 )
 
+from core.fast.serving import ServingDecoder  # noqa: E402
 from core.fast.transforms import FastConfig, make_fast  # noqa: E402
 from core.generation.generate import GenerationConfig, generate  # noqa: E402
 from core.model import GPTModel  # noqa: E402
@@ -68,27 +69,36 @@ def read_bandwidth_gbs(clock, device: torch.device, size_mb: int = 1024, repeats
     return buf.numel() * 4 / best / 1e9
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a greedy decoding step reads: every parameter, a layer's GGUF blocks where it decodes
-    from them, and the bf16 screen of a screened output layer that screens one row (core.fast.transforms)."""
-    from core.fast.transforms import ScreenedHead
-    from core.fast.gguf_matvec import GGUFHead, GGUFLinear
+def as_decoder(path: GPTModel | ServingDecoder) -> ServingDecoder:
+    """A path of ours as a serving decoder: a plain model's has nothing installed."""
+    return path if isinstance(path, ServingDecoder) else ServingDecoder(path)
 
+
+def weight_bytes(decoder: ServingDecoder) -> int:
+    """Bytes a greedy decoding step reads: every parameter, a layer's GGUF blocks where it decodes
+    from them, and the bf16 screen of a screened output layer that screens one row (core.fast.screened_head)."""
+    from core.fast.gguf_matvec import GGUFHead, GGUFLinear
+    from core.fast.screened_head import ScreenedHead
+
+    model, argmax_head = decoder.model, decoder.argmax_head
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if isinstance(model.argmax_head, ScreenedHead) and model.argmax_head._panels is not None:
+    if isinstance(argmax_head, ScreenedHead) and argmax_head.panels is not None:
         total -= model.head_weight.numel() * 2  # fp32 -> bf16; the fp32 candidates are a few rows
-    for module in model.modules():
+    # The model's GGUF layers, and the decoder's GGUF output layer (not a module of the model).
+    heads = [h for h in (argmax_head,) if isinstance(h, GGUFHead)]
+    for module in [*model.modules(), *heads]:
         if isinstance(module, (GGUFLinear, GGUFHead)):
             dense = module.weight if isinstance(module, GGUFLinear) else model.head_weight
             total += module._blocks.matrix.nbytes - dense.numel() * dense.element_size()
     return total
 
 
-def bytes_per_token(model: torch.nn.Module, name: str, notes: list[str]) -> float:
+def bytes_per_token(path: GPTModel | ServingDecoder, name: str, notes: list[str]) -> float:
     """Weight bytes read per new token at batch 1: :func:`weight_bytes`, or with speculative decoding
     (core.fast.speculative) the fp32 passes' and the drafted tokens' bytes over the tokens they gave."""
-    full = weight_bytes(model)
-    draft = model.draft
+    decoder = as_decoder(path)
+    full = weight_bytes(decoder)
+    draft = decoder.draft
     if draft is None or not draft.counts["passes"]:
         return full
     c = draft.counts
@@ -111,8 +121,13 @@ def hf_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) 
     return out[:, prompts.shape[1]:].tolist()
 
 
-def our_generate(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool) -> list[list[int]]:
-    return generate(model, prompts.tolist(), GenerationConfig(max_new_tokens=new_tokens, use_cache=use_cache))
+def our_generate(path: GPTModel | ServingDecoder, prompts: torch.Tensor, new_tokens: int,
+                 use_cache: bool) -> list[list[int]]:
+    """A plain model through core.generation's loop, a serving decoder through its own decoding."""
+    cfg = GenerationConfig(max_new_tokens=new_tokens, use_cache=use_cache)
+    if isinstance(path, ServingDecoder):
+        return path.generate(prompts.tolist(), cfg)
+    return generate(path, prompts.tolist(), cfg)
 
 
 def no_eos(hf):
@@ -164,21 +179,20 @@ def bench_pair(name, ours, hf, blocks, args, clock, rows, bounds, notes):
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         hf_d, plain = hf.to(args.device, dtype), ours.to(args.device, dtype)
-        paths = {"plain": plain}
+        paths: dict[str, GPTModel | ServingDecoder] = {"plain": plain}
         if not args.no_fast:
-            paths["fast"] = copy.deepcopy(plain)
             # The GGUF blocks hold the fp32 weights exactly; a bf16 model is other weights.
-            report = make_fast(paths["fast"], FastConfig(), gguf_blocks=blocks if dtype == torch.float32 else None)
-            notes.append(f"{name} {dtype_name} fast: {report}")
+            paths["fast"] = make_fast(copy.deepcopy(plain), FastConfig(),
+                                      gguf_blocks=blocks if dtype == torch.float32 else None)
+            notes.append(f"{name} {dtype_name} fast: {paths['fast'].report}")
             if paths["fast"].draft is not None:
-                # The same fast model decoding token by token: what speculative decoding adds. A shallow
-                # copy shares every module, weight and panel copy; only the draft is left out.
+                # The same fast decoder decoding token by token: what speculative decoding adds. A shallow
+                # copy shares the model, its heads and every panel copy; only the draft is left out.
                 paths[NO_DRAFT] = copy.copy(paths["fast"])
                 paths[NO_DRAFT].draft = None
         if args.compile:
-            paths["compiled"] = copy.deepcopy(plain)
-            report = make_fast(paths["compiled"], FastConfig(compile=True))
-            notes.append(f"{name} {dtype_name} compiled: {report} (load {load_average()})")
+            paths["compiled"] = make_fast(copy.deepcopy(plain), FastConfig(compile=True))
+            notes.append(f"{name} {dtype_name} compiled: {paths['compiled'].report} (load {load_average()})")
         for batch in args.batch:
             for use_cache in (True, False):
                 if not use_cache and args.no_uncached:
@@ -191,7 +205,7 @@ def bench_pair(name, ours, hf, blocks, args, clock, rows, bounds, notes):
                 runs = {"transformers": lambda: hf_generate(hf_d, x, new, use_cache)}
                 runs.update({p: (lambda m=m: our_generate(m, x, new, use_cache)) for p, m in ours_paths.items()})
                 for m in ours_paths.values():
-                    if m.draft is not None:
+                    if isinstance(m, ServingDecoder) and m.draft is not None:
                         m.draft.counts = dict.fromkeys(m.draft.counts, 0)
                 with torch.inference_mode():
                     best, outs = interleaved(runs, args.repeats, clock)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from app.settings import Settings
-from core.fast.transforms import PackedLinear, ScreenedHead
 from core.fast.gguf_matvec import GGUFHead, GGUFLinear
+from core.fast.packed import PackedLinear
+from core.fast.screened_head import ScreenedHead
 from core.fast.panels import kernels as panel_kernels
 from kernel_marks import needs_kernels
 
@@ -24,19 +25,19 @@ def _answer(client, model: str = "gguf-chat") -> str:
 
 
 def _answers_with_and_without(make_settings, checkpoint, model_name: str, fast_path_in_place) -> None:
-    """The same greedy answer with the fast path as without; ``fast_path_in_place(model)`` says which was served."""
+    """The same greedy answer with the fast path as without; ``fast_path_in_place(decoder)`` says which was served."""
     answers = {}
     for enabled in (True, False):
         settings = make_settings(chat_checkpoint=checkpoint, classifier_enabled=False, fast_kernels=enabled)
         with running_client(settings) as client:
-            assert fast_path_in_place(client.app.state.models.slots["chat"].checkpoint.model) is enabled
+            assert fast_path_in_place(client.app.state.models.slots["chat"].decoder) is enabled
             answers[enabled] = _answer(client, model_name)
     assert answers[True] and answers[True] == answers[False]
 
 
 def test_chat_decodes_from_blocks_with_the_dense_answers(make_settings, gguf_chat_checkpoint):
-    def from_blocks(model) -> bool:
-        return isinstance(model.blocks[0].attn.qkv, GGUFLinear) and isinstance(model.fast_head, GGUFHead)
+    def from_blocks(decoder) -> bool:
+        return isinstance(decoder.model.blocks[0].attn.qkv, GGUFLinear) and isinstance(decoder.head, GGUFHead)
 
     _answers_with_and_without(make_settings, gguf_chat_checkpoint, "gguf-chat", from_blocks)
 
@@ -50,15 +51,15 @@ def test_a_damaged_blocks_file_costs_speed_not_the_chat_model(make_settings, ggu
     (damaged / BLOCKS_FILE).write_bytes(b"not safetensors")
     with running_client(make_settings(chat_checkpoint=damaged, classifier_enabled=False)) as client:
         assert client.get("/ready").json()["models"]["chat"]["state"] == "ready"
-        assert not isinstance(client.app.state.models.slots["chat"].checkpoint.model.fast_head, GGUFHead)
+        assert not isinstance(client.app.state.models.slots["chat"].decoder.head, GGUFHead)
         assert _answer(client)
 
 
 @needs_kernels(panel_kernels, "panel kernel")
 def test_a_dense_chat_model_decodes_from_panels_with_the_same_answers(make_settings, chat_checkpoint):
-    def from_panels(model) -> bool:
-        qkv = model.blocks[0].attn.qkv
-        return isinstance(qkv, PackedLinear) and qkv._panels is not None and isinstance(model.argmax_head, ScreenedHead)
+    def from_panels(decoder) -> bool:
+        qkv = decoder.model.blocks[0].attn.qkv
+        return isinstance(qkv, PackedLinear) and qkv._panels is not None and isinstance(decoder.argmax_head, ScreenedHead)
 
     _answers_with_and_without(make_settings, chat_checkpoint, "tiny-chat", from_panels)
 

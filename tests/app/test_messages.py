@@ -185,7 +185,7 @@ def test_a_conversations_next_turn_starts_from_the_last_turns_cache(make_setting
     answers = {}
     for megabytes in (0, 64):
         with running_client(make_settings(chat_prefix_cache_mb=megabytes)) as client:
-            model = client.app.state.models.slots["chat"].checkpoint.model
+            decoder = client.app.state.models.slots["chat"].decoder
             cid = new_conversation(client, system_prompt="")
             turns = [stream(client, f"/api/v1/conversations/{cid}/messages", {"content": text})
                      for text in ("Name three colors of the rainbow, please.", "And three more?")]
@@ -197,10 +197,10 @@ def test_a_conversations_next_turn_starts_from_the_last_turns_cache(make_setting
                 # All of the first prompt but its last token: the template ends in a newline that,
                 # encoded again before the answer's text, merges with the answer's first characters.
                 assert cached[0] == 0 and cached[1] >= first_prompt - 1
-                assert model.prefix_cache.reused_tokens == cached[1]
+                assert decoder.prefix_cache.reused_tokens == cached[1]
                 assert f'scratchgpt_prompt_tokens_total{{model="chat",source="cached"}} {float(cached[1])}' in metrics
             else:
-                assert model.prefix_cache is None and cached == [0, 0]
+                assert decoder.prefix_cache is None and cached == [0, 0]
             prompts = sum(events[0][1]["prompt_tokens"] for events in turns)
             prefilled = f'scratchgpt_prompt_tokens_total{{model="chat",source="prefilled"}} {float(prompts - sum(cached))}'
             assert prefilled in metrics

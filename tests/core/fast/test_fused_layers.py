@@ -10,6 +10,7 @@ import torch
 from core.fast import fused_layers
 from core.model.config import ModelConfig
 from core.fast.fused_layers import FusedGPT2Block, FusedLlamaBlock, kernels
+from core.fast.serving import ServingDecoder
 from core.fast.transforms import FastConfig, make_fast
 from core.generation.generate import GenerationConfig, generate
 from core.model.kv_cache import KVCache
@@ -21,11 +22,10 @@ from kernel_marks import needs_kernels
 pytestmark = [needs_kernels(kernels, "decode-layer kernel"), pytest.mark.usefixtures("one_torch_thread")]
 
 
-def fused_copy(model: GPTModel) -> GPTModel:
-    fast = copy.deepcopy(model)
-    report = make_fast(fast)
-    assert "fused_layers (2 layers, one kernel call each when decoding)" in report.applied
-    assert all(isinstance(block, FusedGPT2Block) for block in fast.blocks)
+def fused_copy(model: GPTModel) -> ServingDecoder:
+    fast = make_fast(copy.deepcopy(model))
+    assert "fused_layers (2 layers, one kernel call each when decoding)" in fast.report.applied
+    assert all(isinstance(block, FusedGPT2Block) for block in fast.model.blocks)
     return fast
 
 
@@ -39,7 +39,7 @@ def test_a_decoding_step_matches_the_block_to_fp32_rounding(monkeypatch):
     with torch.no_grad():  # larger activations: GELU's tails and a peaked softmax are exercised
         for p in model.parameters():
             p.mul_(3.0)
-        fast.load_state_dict(model.state_dict())
+        fast.model.load_state_dict(model.state_dict())
     prompt = torch.randint(0, 500, (3, 9), generator=torch.Generator().manual_seed(1))
     caches = [KVCache(model.cfg, 3) for _ in range(2)]
     with torch.inference_mode():
@@ -91,8 +91,8 @@ def test_greedy_tokens_equal_the_plain_model_with_padding_and_eight_rows(qkv_bia
     fast = fused_copy(model)
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20]] + [[21 + i] * (i + 1) for i in range(5)]
     cfg = GenerationConfig(max_new_tokens=24)  # past the 40-token window: the uncached fallback too
-    assert generate(fast, prompts, cfg) == generate(model, prompts, cfg)
-    assert generate(fast, prompts[:1], cfg) == generate(model, prompts[:1], cfg)
+    assert fast.generate(prompts, cfg) == generate(model, prompts, cfg)
+    assert fast.generate(prompts[:1], cfg) == generate(model, prompts[:1], cfg)
 
 
 def test_what_the_kernel_does_not_take_runs_the_blocks_own_code():
@@ -106,26 +106,26 @@ def test_what_the_kernel_does_not_take_runs_the_blocks_own_code():
             m(ids, cache=cache)
         step = ids[:, :1]
         assert torch.allclose(fast(step, cache=caches[1]), model(step, cache=caches[0]), atol=1e-4)
-        _, attentions = fast(ids[:1], return_attention=True)
+        _, attentions = fast.model(ids[:1], return_attention=True)
         assert len(attentions) == 2
     # Training: the block's code, and gradients reach the shared parameters.
-    fast.train()
+    fast.model.train()
     fast(ids[:1]).sum().backward()
-    assert fast.blocks[0].attn.qkv.weight.grad is not None
+    assert fast.model.blocks[0].attn.qkv.weight.grad is not None
 
 
 def test_state_dict_copies_and_other_families_are_kept():
     model = tiny()
     fast = fused_copy(model)
-    assert list(fast.state_dict()) == list(model.state_dict())
+    assert list(fast.model.state_dict()) == list(model.state_dict())
     twin = copy.deepcopy(fast)
     cfg = GenerationConfig(max_new_tokens=6)
-    assert generate(twin, [[1, 2, 3]], cfg) == generate(model, [[1, 2, 3]], cfg)
+    assert twin.generate([[1, 2, 3]], cfg) == generate(model, [[1, 2, 3]], cfg)
     llama = GPTModel(ModelConfig(family="llama", vocab_size=500, context_length=40, emb_dim=48, n_layers=2,
                                  n_heads=4, n_kv_heads=2, hidden_dim=96)).eval()
-    assert "fused_layers" not in str(make_fast(llama))
-    assert "fused_layers" not in str(make_fast(tiny(), FastConfig(panels=False)))
-    assert "fused_layers" not in str(make_fast(tiny().bfloat16()))
+    assert "fused_layers" not in str(make_fast(llama).report)
+    assert "fused_layers" not in str(make_fast(tiny(), FastConfig(panels=False)).report)
+    assert "fused_layers" not in str(make_fast(tiny().bfloat16()).report)
 
 
 # -- Llama layers from GGUF blocks ----------------------------------------------------------
@@ -138,13 +138,12 @@ def gguf_llama(tmp_path_factory):
 
 
 def llama_pair(gguf_llama):
-    """(GGUF blocks with torch's code around them, the same with fused layers)."""
+    """Serving decoders of (GGUF blocks with torch's code around them, the same with fused layers)."""
     model, blocks = gguf_llama
-    unfused, fused = copy.deepcopy(model), copy.deepcopy(model)
-    make_fast(unfused, FastConfig(fused_layers=False), gguf_blocks=blocks)
-    report = make_fast(fused, gguf_blocks=blocks)
-    assert f"fused_layers ({model.cfg.n_layers} layers, one kernel call each when decoding)" in report.applied
-    assert all(isinstance(block, FusedLlamaBlock) for block in fused.blocks)
+    unfused = make_fast(copy.deepcopy(model), FastConfig(fused_layers=False), gguf_blocks=blocks)
+    fused = make_fast(copy.deepcopy(model), gguf_blocks=blocks)
+    assert f"fused_layers ({model.cfg.n_layers} layers, one kernel call each when decoding)" in fused.report.applied
+    assert all(isinstance(block, FusedLlamaBlock) for block in fused.model.blocks)
     return unfused, fused
 
 
@@ -174,10 +173,10 @@ def test_llama_greedy_tokens_and_a_changed_weight(gguf_llama):
     unfused, fused = llama_pair(gguf_llama)
     prompts = [[3, 14, 15, 92, 65], [2, 71], [9, 9, 9, 9, 9, 9, 9]]  # left-padded: the key mask
     cfg = GenerationConfig(max_new_tokens=16)
-    assert generate(fused, prompts, cfg) == generate(unfused, prompts, cfg)
+    assert fused.generate(prompts, cfg) == unfused.generate(prompts, cfg)
     # A weight changed after the blocks were attached: the block's own (dense) code, not stale blocks.
     with torch.no_grad():
-        fused.blocks[1].ff.up.weight.mul_(2.0)
+        fused.model.blocks[1].ff.up.weight.mul_(2.0)
         plain = copy.deepcopy(model)
         plain.blocks[1].ff.up.weight.mul_(2.0)
-    assert generate(fused, prompts[:1], cfg) == generate(plain, prompts[:1], cfg)
+    assert fused.generate(prompts[:1], cfg) == generate(plain, prompts[:1], cfg)

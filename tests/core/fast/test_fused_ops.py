@@ -67,13 +67,12 @@ def test_autograd_and_other_dtypes_take_the_plain_code():
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_make_fast_fuses_a_llama_and_keeps_its_tokens(use_cache):
     model = tiny("llama")
-    fast = copy.deepcopy(model)
-    report = make_fast(fast, FastConfig(prepack=False, screened_head=False))
-    assert "fused_ops (7 RMSNorms and rotary embeddings)" in str(report)  # 2 layers x 2 norms + final, 2 rotations
-    assert sum(isinstance(m, FusedRMSNorm) for m in fast.modules()) == 5
-    assert fast.state_dict().keys() == model.state_dict().keys()
+    fast = make_fast(copy.deepcopy(model), FastConfig(prepack=False, screened_head=False))
+    assert "fused_ops (7 RMSNorms and rotary embeddings)" in str(fast.report)  # 2 layers x 2 norms + final, 2 rotations
+    assert sum(isinstance(m, FusedRMSNorm) for m in fast.model.modules()) == 5
+    assert fast.model.state_dict().keys() == model.state_dict().keys()
     cfg = GenerationConfig(max_new_tokens=8, use_cache=use_cache)
-    assert generate(fast, PROMPTS, cfg) == generate(model, PROMPTS, cfg)  # rows of three lengths: padded and masked
+    assert fast.generate(PROMPTS, cfg) == generate(model, PROMPTS, cfg)  # rows of three lengths: padded and masked
     ids = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
@@ -83,9 +82,9 @@ def test_make_fast_fuses_a_llama_and_keeps_its_tokens(use_cache):
 def test_models_without_the_ops_or_in_other_dtypes_are_left_alone():
     gpt2 = tiny("gpt2")
     assert use_fused_ops(gpt2) == 0
-    assert "fused_ops" not in str(make_fast(gpt2, FastConfig(prepack=False)))
+    assert "fused_ops" not in str(make_fast(gpt2, FastConfig(prepack=False)).report)
     llama = tiny("llama").bfloat16()
-    report = make_fast(llama, FastConfig(prepack=False))
+    report = make_fast(llama, FastConfig(prepack=False)).report
     assert "fp32 CPU only" in report.skipped["fused_ops"]
     assert not any(isinstance(m, FusedRMSNorm) for m in llama.modules())
 
@@ -97,7 +96,7 @@ def test_a_machine_without_a_compiler_keeps_the_plain_ops_and_is_told_why(monkey
     kernels_module._build.cache_clear()
     monkeypatch.setattr(kernels_module.shutil, "which", lambda name: None)
     try:
-        report = make_fast(model, FastConfig(prepack=False, screened_head=False))
+        report = make_fast(model, FastConfig(prepack=False, screened_head=False)).report
         assert "C++ compiler" in report.skipped["fused_ops"]
         assert type(model.final_norm) is RMSNorm
         assert model.blocks[0].attn.rotate is apply_rope

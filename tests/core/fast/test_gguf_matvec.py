@@ -94,15 +94,17 @@ def test_file_blocks_name_every_quantized_weight(gguf_model):
 
 def test_model_decodes_from_blocks_with_the_same_tokens(gguf_model):
     model, blocks = gguf_model
-    fast = copy.deepcopy(model)
     # Without the fused norms and layers (test_fused_ops.py, test_decode_layer.py), which round
     # in their own order: what is left of the dense path must then be exactly the dense path.
-    report = make_fast(fast, FastConfig(fused_ops=False, fused_layers=False), gguf_blocks=blocks)
-    assert "gguf_blocks" in str(report)
-    assert isinstance(fast.blocks[0].attn.qkv, GGUFLinear) and isinstance(fast.argmax_head, GGUFHead)
-    assert fast.state_dict().keys() == model.state_dict().keys()
+    fast = make_fast(copy.deepcopy(model), FastConfig(fused_ops=False, fused_layers=False), gguf_blocks=blocks)
+    assert "gguf_blocks" in str(fast.report)
+    # Every layer decodes from its blocks, so no panels are built (nor a reason given for their absence).
+    assert "panels" not in str(fast.report)
+    assert isinstance(fast.model.blocks[0].attn.qkv, GGUFLinear) and isinstance(fast.argmax_head, GGUFHead)
+    assert fast.head is fast.argmax_head
+    assert fast.model.state_dict().keys() == model.state_dict().keys()
     cfg = GenerationConfig(max_new_tokens=24)
-    assert generate(fast, PROMPTS, cfg) == generate(model, PROMPTS, cfg)
+    assert fast.generate(PROMPTS, cfg) == generate(model, PROMPTS, cfg)
     with torch.inference_mode():
         ids = torch.tensor([PROMPTS[0] + PROMPTS[1] + [5]])
         for n in (1, 3, 8):  # up to 8 rows take the kernel; longer inputs the dense product
@@ -112,10 +114,9 @@ def test_model_decodes_from_blocks_with_the_same_tokens(gguf_model):
 
 def test_changed_or_foreign_weights_keep_the_dense_path(gguf_model):
     model, blocks = gguf_model
-    fast = copy.deepcopy(model)
-    make_fast(fast, FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)
+    fast = make_fast(copy.deepcopy(model), FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)
     with torch.no_grad():
-        fast.blocks[0].ff.up.weight.mul_(2.0)  # fine-tuned in place after attaching
+        fast.model.blocks[0].ff.up.weight.mul_(2.0)  # fine-tuned in place after attaching
         plain = copy.deepcopy(model)
         plain.blocks[0].ff.up.weight.mul_(2.0)
     x = torch.tensor([[4, 5]])
@@ -124,16 +125,17 @@ def test_changed_or_foreign_weights_keep_the_dense_path(gguf_model):
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.blocks[1].attn.proj.weight.add_(0.01)
-    skipped = attach_gguf_blocks(other, blocks)
+    skipped, head = attach_gguf_blocks(other, blocks)
     assert skipped == ["blocks.1.attn.proj.weight (the weight is not the one the blocks hold)"]
+    assert isinstance(head, GGUFHead)  # the output layer's weight is still the one its blocks hold
     assert type(other.blocks[1].attn.proj) is torch.nn.Linear
 
 
 def test_bf16_model_is_not_given_fp32_blocks(gguf_model):
     model, blocks = gguf_model
     half = copy.deepcopy(model).to(torch.bfloat16)
-    skipped = attach_gguf_blocks(half, blocks)
-    assert len(skipped) == len(blocks) and "torch.bfloat16" in skipped[0]
+    skipped, head = attach_gguf_blocks(half, blocks)
+    assert len(skipped) == len(blocks) and "torch.bfloat16" in skipped[0] and head is None
 
 
 def test_blocks_round_trip_through_a_checkpoint_directory(gguf_model, tmp_path):
@@ -169,10 +171,9 @@ def test_a_machine_without_a_compiler_keeps_the_dense_path_and_is_told_why(gguf_
     try:
         with pytest.raises(FastPathError, match="need a C\\+\\+ compiler and ninja"):
             kernels_module.load_kernels("gguf_matvec")
-        fast = copy.deepcopy(model)
-        report = make_fast(fast, FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)
-        assert "C++ compiler" in report.skipped["gguf_blocks"]
-        assert type(fast.blocks[0].attn.qkv) is torch.nn.Linear
+        fast = make_fast(copy.deepcopy(model), FastConfig(prepack=False, screened_head=False), gguf_blocks=blocks)
+        assert "C++ compiler" in fast.report.skipped["gguf_blocks"]
+        assert type(fast.model.blocks[0].attn.qkv) is torch.nn.Linear
         assert kernels_module._build.cache_info().hits >= 1  # the failure was not rebuilt for every call
     finally:
         kernels_module._build.cache_clear()

@@ -8,6 +8,8 @@ import torch
 
 from core.model.config import ModelConfig
 from core.fast.fused_layers import kernels
+from core.fast.screened_head import ScreenedHead
+from core.fast.serving import ServingDecoder
 from core.fast.transforms import FastConfig, make_fast
 from core.generation.generate import GenerationConfig, generate
 from core.model import GPTModel
@@ -23,10 +25,9 @@ def tiny(**kw) -> GPTModel:
     return tiny_gpt2(**{"context_length": 48, **kw})  # the window the length tests run up to
 
 
-def drafted(model: GPTModel, cfg: FastConfig | None = None) -> GPTModel:
-    fast = copy.deepcopy(model)
-    report = make_fast(fast, cfg)
-    assert any(a.startswith("speculative (one sequence: int8 drafts of up to 7 tokens") for a in report.applied)
+def drafted(model: GPTModel, cfg: FastConfig | None = None) -> ServingDecoder:
+    fast = make_fast(copy.deepcopy(model), cfg)
+    assert any(a.startswith("speculative (one sequence: int8 drafts of up to 7 tokens") for a in fast.report.applied)
     return fast
 
 
@@ -38,13 +39,15 @@ def test_the_tokens_are_the_plain_models_in_fewer_passes():
     fast = drafted(model)
     cfg = GenerationConfig(max_new_tokens=30)
     for prompt in PROMPTS:
-        assert generate(fast, [prompt], cfg) == generate(model, [prompt], cfg)
+        assert fast.generate([prompt], cfg) == generate(model, [prompt], cfg)
     counts = fast.draft.counts
     assert counts["accepted"] > 0.8 * counts["drafted"]  # int8 guesses the tiny model's tokens well
     assert counts["passes"] < 0.3 * 30 * len(PROMPTS)  # about one fp32 pass per eight tokens, not one per token
     bf16 = drafted(model)
-    bf16.draft = SelfDraft(bf16, torch.bfloat16)
-    assert generate(bf16, [PROMPTS[0]], cfg) == generate(model, [PROMPTS[0]], cfg)
+    # The bf16 draft shares the screened output layer's bf16 copy, as make_fast's int8 one would.
+    screen = bf16.argmax_head.panels if isinstance(bf16.argmax_head, ScreenedHead) else None
+    bf16.draft = SelfDraft(bf16.model, torch.bfloat16, head_screen=screen)
+    assert bf16.generate([PROMPTS[0]], cfg) == generate(model, [PROMPTS[0]], cfg)
     assert bf16.draft.counts["accepted"] > 0
 
 
@@ -73,7 +76,7 @@ def test_rejected_guesses_leave_no_trace(every):
     prompt, cfg = PROMPTS[0], GenerationConfig(max_new_tokens=40)
     plain = generate(model, [prompt], cfg)[0]
     fast.draft = Oracle(fast.draft, prompt + plain, every)
-    assert generate(fast, [prompt], cfg)[0] == plain
+    assert fast.generate([prompt], cfg)[0] == plain
     counts = fast.draft.counts
     assert 0 < counts["accepted"] < counts["drafted"]
 
@@ -84,7 +87,7 @@ def test_a_draft_that_is_always_wrong_changes_nothing_and_is_given_up():
     fast.draft.scores = lambda model, token, position, cache: torch.nn.functional.one_hot(
         torch.tensor((token + 1) % 500), 500).float()
     prompt, cfg = PROMPTS[2], GenerationConfig(max_new_tokens=35)
-    assert generate(fast, [prompt], cfg) == generate(model, [prompt], cfg)
+    assert fast.generate([prompt], cfg) == generate(model, [prompt], cfg)
     counts = fast.draft.counts
     assert counts["accepted"] == 0
     # Judged after MIN_JUDGED guesses, then one token per pass.
@@ -98,11 +101,11 @@ def test_every_length_and_stop_token(max_new_tokens):
     prompt = PROMPTS[0]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     plain = generate(model, [prompt], cfg)
-    assert generate(fast, [prompt], cfg) == plain and len(plain[0]) == max_new_tokens
+    assert fast.generate([prompt], cfg) == plain and len(plain[0]) == max_new_tokens
     if max_new_tokens > 3:
         # A stop token inside an accepted draft: nothing after it comes out.
         stop = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=(plain[0][3],))
-        assert generate(fast, [prompt], stop) == generate(model, [prompt], stop)
+        assert fast.generate([prompt], stop) == generate(model, [prompt], stop)
 
 
 def test_what_the_draft_does_not_take_decodes_token_by_token():
@@ -115,7 +118,7 @@ def test_what_the_draft_does_not_take_decodes_token_by_token():
         ([PROMPTS[0]], GenerationConfig(max_new_tokens=45)),  # past the 48-token window
     ]
     for prompts, cfg in cases:
-        assert generate(fast, prompts, cfg) == generate(model, prompts, cfg)
+        assert fast.generate(prompts, cfg) == generate(model, prompts, cfg)
     assert counts == {"passes": 0, "drafted": 0, "accepted": 0}
 
 
@@ -143,7 +146,7 @@ def test_sampled_tokens_are_distributed_as_the_models_own(sampling):
     prompt, runs = [1, 2, 3], 3000
     counts = torch.zeros(3, 8)
     for seed in range(runs):
-        out = generate(fast, [prompt], GenerationConfig(max_new_tokens=3, seed=seed, **sampling))[0]
+        out = fast.generate([prompt], GenerationConfig(max_new_tokens=3, seed=seed, **sampling))[0]
         counts[torch.arange(3), torch.tensor(out)] += 1
     # The exact distributions of the three tokens, from the plain model over every two-token prefix.
     cfg = GenerationConfig(max_new_tokens=3, **sampling)
@@ -159,38 +162,36 @@ def test_sampled_tokens_are_distributed_as_the_models_own(sampling):
     assert 0 < fast.draft.counts["accepted"] < fast.draft.counts["drafted"]  # guesses kept and refused
     # The same seed, the same draws.
     again = GenerationConfig(max_new_tokens=12, seed=7, **sampling)
-    assert generate(fast, [prompt], again) == generate(fast, [prompt], again)
+    assert fast.generate([prompt], again) == fast.generate([prompt], again)
 
 
 def test_which_models_get_a_draft():
-    assert tiny().draft is None  # the plain model decodes token by token
-    off = copy.deepcopy(tiny())
-    make_fast(off, FastConfig(speculative=False))
+    assert ServingDecoder(tiny()).draft is None  # the plain model decodes token by token
+    off = make_fast(copy.deepcopy(tiny()), FastConfig(speculative=False))
     assert off.draft is None
     for model, cfg in ((tiny().bfloat16(), None), (tiny(), FastConfig(panels=False))):
-        make_fast(model, cfg)
-        assert model.draft is None
-    report = make_fast(tiny(), FastConfig(fused_layers=False))
+        assert make_fast(model, cfg).draft is None
+    report = make_fast(tiny(), FastConfig(fused_layers=False)).report
     assert "has none" in report.skipped["speculative"]
     llama = GPTModel(ModelConfig(family="llama", vocab_size=500, context_length=40, emb_dim=48, n_layers=2,
                                  n_heads=4, n_kv_heads=2, hidden_dim=96)).eval()
-    assert "speculative" not in str(make_fast(llama))
+    assert "speculative" not in str(make_fast(llama).report)
     with pytest.raises(ValueError, match="fused GPT-2 layers"):
         SelfDraft(tiny())
     with pytest.raises(ValueError, match="max_draft"):
-        SelfDraft(drafted(tiny()), max_draft=8)
+        SelfDraft(drafted(tiny()).model, max_draft=8)
 
 
 def test_the_draft_follows_changed_weights_and_copies():
     model = tiny()
     fast = drafted(model)
     cfg = GenerationConfig(max_new_tokens=20)
-    generate(fast, [PROMPTS[0]], cfg)  # builds the draft's int8 copies
+    fast.generate([PROMPTS[0]], cfg)  # builds the draft's int8 copies
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
-    fast.load_state_dict(model.state_dict())  # e.g. a fine-tuned checkpoint loaded into the served model
-    assert generate(fast, [PROMPTS[0]], cfg) == generate(model, [PROMPTS[0]], cfg)
+    fast.model.load_state_dict(model.state_dict())  # e.g. a fine-tuned checkpoint loaded into the served model
+    assert fast.generate([PROMPTS[0]], cfg) == generate(model, [PROMPTS[0]], cfg)
     assert fast.draft.counts["accepted"] > 0.8 * fast.draft.counts["drafted"]  # the copies were rebuilt
     twin = copy.deepcopy(fast)
-    assert generate(twin, [PROMPTS[3]], cfg) == generate(model, [PROMPTS[3]], cfg) and twin.draft.counts["accepted"] > 0
+    assert twin.generate([PROMPTS[3]], cfg) == generate(model, [PROMPTS[3]], cfg) and twin.draft.counts["accepted"] > 0

@@ -106,14 +106,6 @@ def test_fused_gelu_equals_the_books_formula():
     assert torch.allclose(GELU()(xb).float(), GELU.formula(xb.float()), atol=2e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_argmax_only_without_a_fast_head_is_the_full_logits(family):
-    torch.manual_seed(0)
-    model = GPTModel(tiny(family)).eval()
-    ids = torch.randint(0, 97, (2, 7))
-    assert torch.equal(model(ids, argmax_only=True), model(ids))
-
-
 def test_fused_rmsnorm_equals_the_formula():
     torch.manual_seed(0)
     norm = RMSNorm(64)
