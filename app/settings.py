@@ -43,15 +43,15 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # One model's dtype when it should differ from SCRATCHGPT_DTYPE (None: that setting). On a
-    # CPU with AMX, bfloat16 runs the classifier's micro-batches about 3x faster than float32
-    # but can move a probability by a few hundredths (docs/performance.md, "Service").
+    # CPU with AMX, bfloat16 runs the classifier's micro-batches much faster than float32 but
+    # can move a probability by a few hundredths (docs/performance.md, "Service").
     chat_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     classifier_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     # CPU threads for torch; None lets torch decide. On a busy or small machine 1-2 avoids
     # OpenMP threads fighting each other (the chat and classifier workers run side by side).
     torch_threads: int | None = Field(None, ge=1)
     # The chat model decodes through our CPU kernels (core.fast.transforms.fast_for_serving; AVX-512, a C++
-    # compiler, about 30 s to compile each kernel on first use). A checkpoint converted from a
+    # compiler, each kernel compiled once on first use). A checkpoint converted from a
     # GGUF file keeps the file's quantized blocks and, in fp32, decodes from them
     # (core.fast.gguf_matvec: the same weights, a fifth of the bytes) with its RMSNorms and rotary
     # embeddings one kernel call each (core.fast.fused_ops); any other fp32 or bf16 chat model reads

@@ -20,7 +20,7 @@ step() {  # name, command...: run it, its output also in $out/name.log
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 # --noconftest: the suite's conftest builds the CPU kernels first, minutes that these tests do not need.
-step tests "$py" -m pytest -q --noconftest tests/core/test_cuda_graphs.py
+step tests "$py" -m pytest -q --noconftest tests/core/fast/test_cuda_graphs.py
 step generate "$py" bench/generate.py --device cuda --repeats 3
 step train "$py" bench/train.py --device cuda --steps 10 --warmup 3
 step train-long "$py" bench/train.py --device cuda --batch 8 --context 1024 --steps 10 --warmup 3 --precisions bf16

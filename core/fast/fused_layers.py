@@ -5,9 +5,9 @@ small operations around them (two norms, the split into heads, rotary
 embedding, the cache write, attention over the cache, the activation, two
 residual additions), each a torch call and most a Python module call too.
 Once the products read their weights at memory speed, those small calls are a
-quarter of GPT-2 small's decoding step and two fifths of SmolLM2's on this
-machine's CPU: dispatch, not arithmetic. ``core/fast/csrc/decode_layer.cpp`` does
-the whole layer, products included, in one call:
+large share of a decoding step (docs/performance.md): dispatch, not arithmetic.
+``core/fast/csrc/decode_layer.cpp`` does the whole layer, products included, in
+one call:
 
 - GPT-2 layers whose linear layers carry panels (``core.fast.panels``),
 - Llama layers whose linear layers decode from GGUF blocks (``core.fast.gguf_matvec``).

@@ -2,10 +2,10 @@
 
 A decoding step of SmolLM2-135M runs 61 RMSNorms and 30 rotary embeddings on
 one token per sequence. torch computes each as a chain of small element-wise
-kernels, and at that size the chain's dispatch costs more than its arithmetic:
-about 30 us a call, more than a tenth of a step once the matrix products read
-GGUF blocks (``core.fast.gguf_matvec``). ``core/fast/csrc/fused_ops.cpp`` does each in
-one pass over the rows, in a few microseconds.
+kernels, and at that size the chain's dispatch costs more than its arithmetic,
+a sizeable share of a step once the matrix products read GGUF blocks
+(``core.fast.gguf_matvec``; figures in docs/performance.md).
+``core/fast/csrc/fused_ops.cpp`` does each in one pass over the rows.
 
 :func:`use_fused_ops` swaps them into a model (``core.fast.transforms.make_fast`` does it
 for fp32 CPU models). Like the other fast paths, they keep the modules'

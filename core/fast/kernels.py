@@ -6,7 +6,7 @@ memory speed (``core.fast.panels``), a whole GPT-2 layer of a decoding step
 (``core.fast.fused_layers``), and the RMSNorm and rotary embedding of a one-token
 decoding step in one call each (``core.fast.fused_ops``). Each is one C++ file
 (sharing headers beside it) that ``torch.utils.cpp_extension`` compiles with the
-machine's compiler the first time it is asked for (about 30 s), into
+machine's compiler the first time it is asked for (once per machine), into
 ``$SCRATCHGPT_HOME/extensions/torch-<version>/`` (see :func:`extensions_dir`),
 where later processes find it. :func:`load_kernels` raises :class:`FastPathError` saying why when it
 cannot (no AVX-512, no compiler); callers then keep torch's own kernels.
@@ -72,7 +72,7 @@ def _build(name: str) -> tuple[object | None, str]:
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         return None, "our CPU kernels are compiled on first use and need a C++ compiler and ninja on PATH"
-    from torch.utils.cpp_extension import load  # here: importing it costs about a second, and most runs never build
+    from torch.utils.cpp_extension import load  # here: importing it is slow, and most runs never build
 
     build = extensions_dir() / name
     build.mkdir(parents=True, exist_ok=True)

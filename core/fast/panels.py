@@ -4,9 +4,9 @@ A decoding step multiplies each weight matrix by one row of activations per
 sequence, one to eight rows. That product reads the whole matrix and does
 little arithmetic with it, so its speed is the speed at which the weights
 stream from memory (Pope et al., 2022). torch's CPU kernels are tuned for
-large matrix products and read small-batch weights at half this machine's
-bandwidth or less: MKL's fp32 matrix-vector product 19 GB/s, oneDNN's packed
-kernels 8-11 GB/s at two to eight rows and in bf16 (docs/performance.md).
+large matrix products and read small-batch weights well below the machine's
+read bandwidth, MKL's fp32 matrix-vector product and oneDNN's packed kernels
+alike (figures in docs/performance.md).
 
 ``core/fast/csrc/panel_linear.cpp`` reads a weight stored as panels of 16 output
 columns, ``(N / 16, K, 16)``: each panel is one contiguous stream with one

@@ -2,9 +2,9 @@
 
 The next turn of a chat is the last turn's prompt, the answer and a new
 message: everything but the new message was run through the model a moment
-ago. Prefilling it again costs time linear in the conversation (SmolLM2-135M
-on two CPU cores: about 1 s for 500 tokens) before the first new token
-appears. Keeping the KV cache of each finished request, keyed by the token ids
+ago. Prefilling it again costs time linear in the conversation before the
+first new token appears (figures: docs/performance.md, "The next turn of a
+chat"). Keeping the KV cache of each finished request, keyed by the token ids
 it holds, lets the next request take the longest matching prefix and run only
 the rest. This is the prefix caching of serving engines (vLLM's automatic
 prefix caching; SGLang's RadixAttention, Zheng et al., 2023), kept simple: a
@@ -21,8 +21,8 @@ next turn) takes it over: :meth:`PrefixCache.take` removes it, and
 :meth:`PrefixCache.put` stores the request's cache when it ends. A prompt that
 shares only the start of an entry (a template's preamble, a system prompt, an
 edited message) gets a copy of that start, and the entry stays for its own
-conversation. ``core.generation.generate.decode_steps`` does both for a single prompt on a model
-whose ``prefix_cache`` is set (the service and ``scratchgpt chat`` set it). If
+conversation. ``core.fast.serving.ServingDecoder`` does both for a single prompt when its
+``prefix_cache`` is set (the service and ``scratchgpt chat`` set it). If
 the model's weights change (in place, replaced or cast), every kept cache is
 stale and is dropped.
 """

@@ -96,7 +96,7 @@ class ScreenedHead(nn.Module):
             # One row: MKL's fp32 matrix-vector product streams the whole head about as fast
             # as oneDNN's bf16 kernel streams the half-size screen (docs/performance.md), so
             # screening saves nothing and its extra passes cost a little. The panel kernel
-            # streams the screen at twice that speed, so with it one row is screened too.
+            # streams the screen at full speed, so with it one row is screened too.
             return nn.functional.linear(hidden, weight)
         h = hidden.reshape(-1, shape[-1]).float()
         approx = self.screen(h, weight)

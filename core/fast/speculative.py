@@ -15,20 +15,21 @@ A good draft only makes it faster.
 Why it pays on a CPU: a decoding step of GPT-2 small in fp32 reads 340 MB of
 block weights for one token, and at up to eight rows the panel kernel
 (``core.fast.panels``) reads them no slower than for one. So scoring eight
-tokens in one pass costs about one plain step, and with a draft at a third of
-a step eight tokens cost about 7 / 3 + 1.2 steps instead of 8.
+tokens in one pass costs about one plain step, and with a draft costing a
+fraction d of a step eight tokens cost about 7 d + 1 steps instead of 8
+(measured costs: docs/performance.md, "Speculative decoding").
 
 The draft needs no second model: :class:`SelfDraft` is the same model reading
 an int8 copy of its block and output weights (a scale per output; a quarter of
 the bytes; activations, sums and the KV cache stay fp32) through the fused
 GPT-2 layers (``core.fast.fused_layers``). It shares the verifier's KV cache: it
 writes its guesses' keys and values after the verified positions, and the
-verifying pass overwrites them with the fp32 ones. On GPT-2 small with random
-weights it guessed all of the bench's greedy tokens (docs/performance.md).
+verifying pass overwrites them with the fp32 ones. How many of its guesses are
+kept, on random and trained weights: docs/performance.md.
 
 It runs where the fused GPT-2 layers run (fp32 on the CPU, weights as panels),
-one sequence at a time; ``core.generation.generate`` takes it then and otherwise decodes
-token by token.
+one sequence at a time; the serving decoder (``core.fast.serving``) takes it
+then and otherwise decodes token by token.
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
-        # Only tokens still in the running need sorting: after top-k about k of them, and
-        # sorting those instead of the whole vocabulary took GPT-2 0.8 ms a row instead of 2.5.
+        # Only tokens still in the running need sorting: after top-k about k of them, far
+        # fewer than the whole vocabulary (timings: docs/performance.md, "Speculative decoding").
         n = int(torch.isfinite(logits).sum(-1).max()) if cfg.top_k is not None else logits.shape[-1]
         if n < logits.shape[-1]:
             sorted_logits, order = torch.topk(logits, max(n, 1), dim=-1)  # descending

@@ -22,7 +22,7 @@ Building a tokenizer from it:
   with ``unknown_bytes='error'`` to raise ``UnrepresentableBytes`` instead.
 
 Reading the metadata with the ``gguf`` package parses every tensor header and
-field into numpy views (about 5-9 s for SmolLM2); ``read_gguf_metadata`` reads
+field into numpy views (seconds for SmolLM2: docs/performance.md); ``read_gguf_metadata`` reads
 only the key/value section with ``struct`` and skips the arrays it does not need.
 """
 
@@ -46,9 +46,9 @@ SMOLLM_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s
 # llama.cpp's tokenizer.ggml.pre names that we can reproduce exactly.
 PRE_TOKENIZER_PATTERNS = {"smollm": SMOLLM_PATTERN, "gpt-2": GPT2_PATTERN}
 
-# Measured with `python -m core.tokenizer.benchmark --gguf ...` on the six Austen
-# novels (4.0 MB, 995k tokens, 2 shared CPU cores): tiktoken 7.9 MB/s, our BPE
-# 2.4 MB/s cold / 3.4 MB/s warm, so tiktoken is the default.
+# tiktoken encodes several times faster than our BPE on the same ranks and gives the
+# same ids (`python bench/tokenizer.py --gguf ...`; figures in docs/performance.md,
+# "Tokenizer"), so it is the default.
 DEFAULT_GGUF_IMPL: Literal["tiktoken", "bpe"] = "tiktoken"
 
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL = 1, 2, 3

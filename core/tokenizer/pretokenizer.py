@@ -8,7 +8,7 @@ with the ``regex`` module.
 The ``regex`` module's Unicode tables are newer than the Rust regex tiktoken
 uses, so its ``\\p{L}``/``\\p{N}`` contain characters tiktoken considers
 unassigned. ``unicode_classes`` pins both to tiktoken's Unicode version; since a
-pinned pattern of explicit ranges is about ten times slower, we split with the
+pinned pattern of explicit ranges is many times slower, we split with the
 ordinary pattern and switch to the pinned one only for text that contains one
 of the drifted characters (which the tokenizer detects on its cache misses).
 """

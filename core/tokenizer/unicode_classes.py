@@ -7,7 +7,7 @@ version, in which about 17,000 more code points are letters or numbers. A
 character assigned after 16.0 would then split differently in our BPE than in
 tiktoken. So we pin both classes to Unicode 16.0 by substituting these ranges
 for ``\\p{L}`` and ``\\p{N}`` before compiling (``pin_unicode_classes``).
-``tests/core/tokenizer/test_unicode_classes.py`` checks the tables against the
+``tests/core/tokenizer/test_tok_unicode.py`` checks the tables against the
 installed tiktoken over every code point, so a tiktoken that moves to a newer
 Unicode fails there first; regenerate with ``python -m core.tokenizer.unicode_classes``
 after ``pip install unicodedata2==<that version>``.
@@ -245,7 +245,7 @@ def drift_guard() -> regex.Pattern[str] | None:
     """A regex matching the characters whose class differs between the ``regex`` module and the pins.
 
     None when the installed ``regex`` module has the pinned Unicode version.
-    Computed once per process (about 0.25 s) and only when needed.
+    Computed once per process (it scans every code point) and only when needed.
     """
     drifted = (_module_code_points(r"\p{L}") ^ _ranges_to_set(LETTER_RANGES)) | (
         _module_code_points(r"\p{N}") ^ _ranges_to_set(NUMBER_RANGES)

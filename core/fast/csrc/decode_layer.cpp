@@ -1,4 +1,4 @@
-// One transformer layer of a decoding step in one call (see core/decode_layer.py
+// One transformer layer of a decoding step in one call (see core/fast/fused_layers.py
 // for where it is used and why), for one new token per sequence (B <= 8), or for
 // GPT-2 a few new tokens of each (B T <= 8: speculative decoding's verifying pass):
 //
@@ -178,7 +178,7 @@ const float* fp32_vector(const torch::Tensor& t, int64_t n, const char* what) {
   return t.data_ptr<float>();
 }
 
-// A weight held as GGUF blocks: {qs, d} (Q8_0) or {qs, d, m} (Q4_1), as core.gguf_matvec splits them.
+// A weight held as GGUF blocks: {qs, d} (Q8_0) or {qs, d, m} (Q4_1), as core.fast.gguf_matvec splits them.
 void blocks_product(const float* x, int64_t M, int64_t K, const std::vector<torch::Tensor>& w, int64_t N, float* out,
                     const char* what) {
   TORCH_CHECK(w.size() == 2 || w.size() == 3, what, ": blocks are (qs, d) or (qs, d, m)");
@@ -307,7 +307,7 @@ torch::Tensor llama_layer(const torch::Tensor& x, const torch::Tensor& norm1, do
   std::vector<float> h(B * std::max(d, heads * D)), qkv(B * width), a(B * heads * D), g(B * ff), u(B * ff);
   for (int64_t r = 0; r < B; ++r) fused_rows::rms_norm_row(xp + r * d, n1, eps1, d, h.data() + r * d);
   blocks_product(h.data(), B, d, qkv_w, width, qkv.data(), "qkv");
-  // Queries and keys turn by the token's angles (fused_ops.h: rounded as core.layers.apply_rope).
+  // Queries and keys turn by the token's angles (fused_ops.h: rounded as core.model.layers.apply_rope).
   std::vector<float> turned(D);
   for (int64_t r = 0; r < B; ++r)
     for (int64_t head = 0; head < heads + kv_heads; ++head) {

@@ -1,19 +1,19 @@
 // RMSNorm and rotary embedding, each one pass over fp32 rows (see
-// core/fused_ops.py for where they are used and why).
+// core/fast/fused_ops.py for where they are used and why).
 //
 // A Llama decoding step runs these on a single token per sequence: 576
 // numbers for SmolLM2's RMSNorm, 12 heads of 64 for its rotation. torch
 // computes each as a chain of element-wise kernels (square, mean, add, rsqrt,
 // multiply, multiply; or slice, negate, concatenate, multiply, multiply, add),
 // and at that size the cost is the dispatch of each kernel, not the
-// arithmetic: about 30 us a call, 91 calls a step. Here each is one call of a
-// few microseconds.
+// arithmetic, 91 calls a step (figures in docs/performance.md). Here each is
+// one call.
 //
 //   rms_norm: out = weight * (x * (1 / sqrt(mean(x^2) + eps)))
 //   rope:     out[:half] = x[:half] * cos[:half] - x[half:] * sin[:half]
 //             out[half:] = x[half:] * cos[half:] + x[:half] * sin[half:]
 //
-// rope rounds exactly as core.layers.apply_rope does in fp32 (each product
+// rope rounds exactly as core.model.layers.apply_rope does in fp32 (each product
 // rounded, then the sum: no fused multiply-add), so its results are equal bit
 // for bit. rms_norm sums the squares in another order than torch's
 // reduction, so it agrees to fp32 rounding.

@@ -1,6 +1,6 @@
 // Matrix-vector products that read GGUF's block-quantized weights as they are
 // stored (the weight-only kernels of llama.cpp's ggml, written again for
-// torch's CPU tensors; see core/gguf_matvec.py for why and how it is used).
+// torch's CPU tensors; see core/fast/gguf_matvec.py for why and how it is used).
 //
 //   out[i, n] = sum_k x[i, k] * w[n, k]
 //

@@ -1,5 +1,5 @@
 // torch's binding of the panel product (panels.h) for one linear layer: see
-// core/panel_linear.py.
+// core/fast/panels.py.
 
 #include "panels.h"
 

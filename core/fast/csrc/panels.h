@@ -1,6 +1,6 @@
 // The product of a decoding step's linear layers, out = x @ w.T + bias, for
 // the few rows of activations a step has (one per sequence being decoded),
-// with the weight stored in column panels (see core/panel_linear.py for where
+// with the weight stored in column panels (see core/fast/panels.py for where
 // it is used and why). Shared by panel_linear.cpp (one layer per call) and
 // decode_layer.cpp (a whole GPT-2 layer per call).
 //
@@ -23,8 +23,8 @@
 // and widening them to fp32 is a shift (the even k) and a mask (the odd k),
 // exactly, where sixteen-wide bf16 rows need a conversion and a shift each.
 // (AVX-512's bf16 dot product reads this layout too, and was tried: with bf16
-// x it was 10-20 % slower here from four rows up, and no faster at one.)
-// int8 weights (core.speculative's draft) keep the fp32 layout, a sixteen-byte row
+// x it was slower from four rows up and no faster at one; docs/performance.md.)
+// int8 weights (core.fast.speculative's draft) keep the fp32 layout, a sixteen-byte row
 // per k, with one scale per column applied to the finished sum.
 // x is widened to fp32 once per call; sums are fp32; a bf16 output is rounded
 // to nearest even, as torch rounds.
