@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # A micro-batch's texts are packed back to back into rows of at most this many tokens
     # (core.classifier.pack_texts), so no padding is computed; 0 pads each text to the longest.
     classifier_pack_tokens: int = Field(512, ge=0)
+    # A micro-batch holds at most this many tokens, taken from every waiting owner in turn: a
+    # one-text request waits behind at most the micro-batch that is running, not a whole large batch.
+    classifier_batch_tokens: int = Field(4096, ge=1)
     # How often a streaming answer is written to the database.
     stream_flush_seconds: float = Field(0.5, gt=0)
 

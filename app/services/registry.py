@@ -240,6 +240,7 @@ class ModelRegistry:
             max_batch=self.settings.classifier_batch_size,
             max_wait_ms=self.settings.classifier_batch_wait_ms,
             pack_tokens=self.settings.classifier_pack_tokens or None,
+            batch_tokens=self.settings.classifier_batch_tokens,
             on_batch=on_batch,
             on_queue_depth=depth.set,
             threads=self.settings.torch_threads,

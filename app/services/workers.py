@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,20 +232,41 @@ class ChatWorker(_Callable):
 
 @dataclass
 class _ClassifyRequest:
+    """One caller's texts; the worker labels them a few at a time, in turn with other owners' requests."""
+
     texts: list[str]
+    owner: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    tokens: list[int] = field(default_factory=list)  # each text's tokens, as the model will see it
+    predictions: list[Prediction | None] = field(default_factory=list)
+    next: int = 0  # the first text not yet given to a micro-batch
+    done: int = 0
+
+    @property
+    def scheduled(self) -> bool:
+        return self.next == len(self.texts)
 
 
 class ClassifierWorker(_Callable):
+    """Labels texts in micro-batches, serving owners in turn.
+
+    A request is split into texts; a micro-batch takes texts round-robin from
+    every owner that is waiting, one text per owner per round, until it holds
+    ``max_batch`` texts or ``batch_tokens`` tokens. So a one-text request waits
+    behind at most the micro-batch already running, however large the requests
+    of other owners are (a 64-text batch is several micro-batches, not one).
+    """
+
     def __init__(self, checkpoint: Any, name: str, max_batch: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None, threads: int | None = None,
-                 pack_tokens: int | None = 512) -> None:
+                 pack_tokens: int | None = 512, batch_tokens: int = 4096) -> None:
         self.checkpoint = checkpoint
         self.name = name
         self.threads = threads
         self.max_batch = max_batch
+        self.batch_tokens = batch_tokens
         self.pack_tokens = pack_tokens  # None: pad each text to the batch's longest (see core.classifier)
         self.max_wait = max_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
@@ -252,16 +274,18 @@ class ClassifierWorker(_Callable):
         self._on_queue_depth = on_queue_depth or (lambda n: None)
         self._thread = threading.Thread(target=self._run, name=f"classifier-worker-{name}", daemon=True)
         self._closed = False
+        self._waiting: dict[str, deque[_ClassifyRequest]] = {}  # owner -> requests, in the order owners came
+        self.batches = 0  # micro-batches run so far
 
     def start(self) -> "ClassifierWorker":
         self._thread.start()
         return self
 
-    async def classify(self, texts: list[str]) -> list[Prediction]:
+    async def classify(self, texts: list[str], owner: str = "") -> list[Prediction]:
         if self._closed:
             raise WorkerStopped(f"the {self.name} worker has stopped")
         loop = asyncio.get_running_loop()
-        request = _ClassifyRequest(texts, loop, loop.create_future())
+        request = _ClassifyRequest(texts, owner, loop, loop.create_future())
         self._queue.put(request)
         self._on_queue_depth(self._queue.qsize())
         return await request.future
@@ -271,57 +295,118 @@ class ClassifierWorker(_Callable):
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
-    def _collect(self, first: _ClassifyRequest, calls: list[_Call]) -> tuple[list[_ClassifyRequest], bool]:
-        """The micro-batch that ``first`` opens; calls that arrive meanwhile go to ``calls``, to run after it."""
-        batch, count = [first], len(first.texts)
-        deadline = time.perf_counter() + self.max_wait
-        while count < self.max_batch:
-            remaining = deadline - time.perf_counter()
+    def _accept(self, request: _ClassifyRequest) -> None:
+        tokenizer = self.checkpoint.tokenizer
+        max_length = int(self.checkpoint.metadata.get("max_length") or self.checkpoint.model.cfg.context_length)
+        request.tokens = [min(len(tokenizer.encode(text)), max_length) for text in request.texts]
+        request.predictions = [None] * len(request.texts)
+        if not request.texts:
+            _settle(request.loop, request.future, result=[])
+            return
+        self._waiting.setdefault(request.owner, deque()).append(request)
+
+    def _take(self, calls: list[_Call], block: bool) -> bool:
+        """Move what arrived into the owners' lines (waiting for one item if ``block``); False on stop."""
+        while True:
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self._queue.get(timeout=None) if block else self._queue.get_nowait()
             except queue.Empty:
-                break
+                return True
+            block = False
             if item is _STOP:
-                return batch, True
+                return False
             if isinstance(item, _Call):
                 calls.append(item)
-                continue
-            batch.append(item)
-            count += len(item.texts)
-        return batch, False
+            else:
+                self._accept(item)
+
+    def _plan(self) -> list[tuple[_ClassifyRequest, int]]:
+        """The next micro-batch: (request, text index) pairs taken one per owner per round."""
+        batch: list[tuple[_ClassifyRequest, int]] = []
+        tokens = 0
+        while len(batch) < self.max_batch:
+            took = False
+            for owner in list(self._waiting):
+                line = self._waiting[owner]
+                request = line[0]
+                cost = request.tokens[request.next]
+                if batch and tokens + cost > self.batch_tokens:
+                    continue  # too long for what is left of this batch; a shorter text may still fit
+                batch.append((request, request.next))
+                tokens += cost
+                took = True
+                request.next += 1
+                if request.scheduled:
+                    line.popleft()
+                    if not line:
+                        del self._waiting[owner]
+                if len(batch) == self.max_batch:
+                    break
+            if not took:
+                break
+        # The owner served first this time goes last next time.
+        if self._waiting:
+            first = next(iter(self._waiting))
+            self._waiting[first] = self._waiting.pop(first)
+        return batch
 
     def _run(self) -> None:
         _thread_setup(self.threads)
-        stopping = False
         calls: list[_Call] = []
-        while not stopping:
+        running = True
+        while running:
             for call in calls:
                 call.run()
             calls.clear()
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            if isinstance(first, _Call):
-                first.run()
+            idle = not self._waiting
+            running = self._take(calls, block=idle)
+            if calls or not running:
                 continue
-            batch, stopping = self._collect(first, calls)
-            self._on_queue_depth(self._queue.qsize())
-            texts = [t for request in batch for t in request.texts]
-            try:
-                predictions = classify(self.checkpoint, texts, batch_size=self.max_batch, pack_tokens=self.pack_tokens)
-                self._on_batch(len(texts))
-            except Exception as exc:
-                logger.exception("classification failed", extra={"model": self.name})
-                for request in batch:
-                    _settle(request.loop, request.future, error=exc)
-                continue
-            start = 0
-            for request in batch:
-                _settle(request.loop, request.future, result=predictions[start : start + len(request.texts)])
-                start += len(request.texts)
+            if idle and self.max_wait and sum(len(r.texts) for line in self._waiting.values() for r in line) < self.max_batch:
+                # The first request after a quiet spell: give those arriving with it a moment to share the batch.
+                time.sleep(self.max_wait)
+                running = self._take(calls, block=False)
+            self._on_queue_depth(self._queue.qsize() + sum(len(line) for line in self._waiting.values()))
+            batch = self._plan()
+            if batch:
+                self._classify(batch)
+        self._fail_waiting(calls)
+
+    def _classify(self, batch: list[tuple[_ClassifyRequest, int]]) -> None:
+        texts = [request.texts[i] for request, i in batch]
+        try:
+            predictions = classify(self.checkpoint, texts, batch_size=self.max_batch, pack_tokens=self.pack_tokens)
+        except Exception as exc:
+            logger.exception("classification failed", extra={"model": self.name})
+            for request in {id(r): r for r, _ in batch}.values():
+                self._drop(request)
+                _settle(request.loop, request.future, error=exc)
+            return
+        self.batches += 1
+        self._on_batch(len(texts))
+        for (request, i), prediction in zip(batch, predictions):
+            request.predictions[i] = prediction
+            request.done += 1
+            if request.done == len(request.texts):
+                _settle(request.loop, request.future, result=request.predictions)
+
+    def _drop(self, request: _ClassifyRequest) -> None:
+        """Take a failed request's texts that are still waiting out of its owner's line."""
+        line = self._waiting.get(request.owner)
+        if line is not None and request in line:
+            line.remove(request)
+            if not line:
+                del self._waiting[request.owner]
+        request.next = len(request.texts)
+
+    def _fail_waiting(self, calls: list[_Call]) -> None:
         stopped = WorkerStopped(f"the {self.name} worker stopped before this request ran")
         for call in calls:
             _settle(call.loop, call.future, error=stopped)
+        for line in self._waiting.values():
+            for request in line:
+                _settle(request.loop, request.future, error=stopped)
+        self._waiting.clear()
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, (_ClassifyRequest, _Call)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from app.api.deps import ModelsDep, OwnerDep, SettingsDep
+from app.api.deps import ModelsDep, Owner, OwnerDep, SettingsDep
 from app.schemas import MODEL_RESPONSES, ClassifyBatchRequest, ClassifyBatchResult, ClassifyRequest, ClassifyResult
 from app.services.prompts import neutralize_specials
 from app.services.registry import CLASSIFIER
@@ -21,11 +21,12 @@ def _check_text(text: str, max_chars: int, where: str) -> None:
         )
 
 
-async def _classify(models: ModelsDep, texts: list[str]) -> list[ClassifyResult]:
+async def _classify(models: ModelsDep, owner: Owner, texts: list[str]) -> list[ClassifyResult]:
     slot = models.require(CLASSIFIER)
     # Text like "<|endoftext|>" in a message is text to classify, not a control token.
     specials = getattr(slot.checkpoint.tokenizer, "special_tokens", None)
-    predictions = await slot.worker.classify([neutralize_specials(t, specials) for t in texts])
+    # Owners are served in turn (ClassifierWorker), so one caller's large batch cannot hold up another's text.
+    predictions = await slot.worker.classify([neutralize_specials(t, specials) for t in texts], owner.id)
     return [
         ClassifyResult(
             label="spam" if p.label == "spam" else "ham",
@@ -40,7 +41,7 @@ async def _classify(models: ModelsDep, texts: list[str]) -> list[ClassifyResult]
 async def classify_text(body: ClassifyRequest, models: ModelsDep, settings: SettingsDep, owner: OwnerDep) -> ClassifyResult:
     """Label one message as spam or ham, with the classifier's probability of spam."""
     _check_text(body.text, settings.max_classify_chars, "text")
-    return (await _classify(models, [body.text]))[0]
+    return (await _classify(models, owner, [body.text]))[0]
 
 
 @router.post("/batch", response_model=ClassifyBatchResult, responses=LIMIT_RESPONSES)
@@ -56,4 +57,4 @@ async def classify_batch(
         )
     for i, text in enumerate(body.texts):
         _check_text(text, settings.max_classify_chars, f"texts[{i}]")
-    return ClassifyBatchResult(results=await _classify(models, body.texts))
+    return ClassifyBatchResult(results=await _classify(models, owner, body.texts))
