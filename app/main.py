@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages
 from app.api.routes.openai_compat import OpenAIError
@@ -137,6 +138,46 @@ def _install_error_handlers(app: FastAPI) -> None:
         return Response(body, status_code=422, media_type="application/json")
 
 
+class JsonServerErrors:
+    """Answers an exception no handler took with a JSON 500 (OpenAI's shape under /v1/).
+
+    Starlette's own catch-all sits outside every middleware, so its plain-text 500 went out
+    without the security headers and uncounted; added first, this one is inside them all. The
+    answer gives the request id, which the logged traceback carries.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except StarletteHTTPException:
+            raise  # the body size limit's, for the middleware that raised it
+        except Exception:
+            if started:
+                raise  # the status line is out: only dropping the connection can still say it failed
+            request_id = scope.get("state", {}).get("request_id", "-")
+            logger.exception("unhandled error", extra={"request_id": request_id, "path": scope.get("path")})
+            detail = f"internal server error (request id {request_id}); the server log has the details"
+            if scope.get("path", "").startswith("/v1/"):
+                response: Response = OpenAIError(500, detail, type_="server_error").response()
+            else:
+                response = JSONResponse({"detail": detail}, status_code=500)
+            await response(scope, receive, send)
+
+
 def _install_docs(app: FastAPI) -> None:
     """Swagger UI at /docs with a CSP that allows its CDN and exactly its one inline script (by hash)."""
 
@@ -195,6 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
 
     # add_middleware wraps what is there, so the last one added is the outermost.
+    app.add_middleware(JsonServerErrors)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
