@@ -5,9 +5,16 @@ refusal to start on a database the service cannot write.
 
 from __future__ import annotations
 
+import re
+
+import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+
+from app_testing import running_client
+
+LAB = "/api/v1/lab"
 
 
 def assert_protected(response) -> None:
@@ -42,3 +49,62 @@ def test_an_unhandled_error_is_a_json_500_with_the_security_headers(make_setting
         assert openai.status_code == 500 and openai.json()["error"]["type"] == "server_error"
         assert_protected(openai)
         assert app.state.metrics.requests.labels("GET", "/api/v1/broken", "500")._value.get() == 1
+
+
+@pytest.fixture(scope="module")
+def byteless_checkpoint(tmp_path_factory):
+    """A chat model whose vocabulary lacks the byte 0x13, as SmolLM2's lacks most control characters."""
+    import torch
+
+    from core.generation.chat_template import ALPACA
+    from core.model import GPTModel, ModelConfig
+    from core.tokenizer.bpe import BPETokenizer
+    from core.weights.checkpoint import save_checkpoint
+
+    ranks = {bytes([b]): b for b in range(256) if b != 0x13}
+    tokenizer = BPETokenizer(ranks, name="no-0x13", unknown_bytes="drop")
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=256, context_length=64, emb_dim=32, n_layers=1, n_heads=2))
+    path = tmp_path_factory.mktemp("ckpt") / "byteless"
+    return save_checkpoint(path, model, tokenizer, chat_template=ALPACA, metadata={"name": "byteless"})
+
+
+def test_an_embedding_word_without_tokens_is_a_422_that_says_so(make_settings, byteless_checkpoint):
+    with running_client(make_settings(chat_checkpoint=byteless_checkpoint, classifier_enabled=False)) as client:
+        response = client.post(f"{LAB}/embeddings", json={"words": ["\u0013", "king"], "leading_space": False})
+        assert response.status_code == 422, response.text
+        assert "words[0]" in response.json()["detail"] and "no tokens" in response.json()["detail"]
+        assert client.post(f"{LAB}/embeddings", json={"words": ["queen", "king"]}).status_code == 200
+
+
+# --- messages a client can read -------------------------------------------------------------
+
+
+def test_too_many_stop_strings_names_the_limit(client):
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "at most 4 stop sequences" in error["message"] and "got 5" in error["message"], error
+    assert error["param"] == "stop"
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"type": "array", "items": {"type": "string"}, "maxItems": 4} in schema["properties"]["stop"]["anyOf"]
+    body["stop"] = list("abcd")
+    body["max_tokens"] = 2
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_the_lab_accepts_exactly_what_its_schema_calls_text(client):
+    """The documented pattern and the server agree on what is blank: "\\u001e" is text to both
+    (Python's str.strip() took it for space), a no-break and an ideographic space are blank to both."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    pattern = schema["TokenizeRequest"]["properties"]["text"]["pattern"]
+    for text, is_text in [("\u001e", True), ("\u0085", True), ("\u001c\u001f", True), ("x", True),
+                          ("\u00a0\u3000", False), (" \t\n", False), ("\ufeff", False)]:
+        assert bool(re.search(pattern, text)) == is_text, repr(text)
+        response = client.post(f"{LAB}/tokenize", json={"text": text})
+        assert response.status_code == (200 if is_text else 422), (repr(text), response.text)
+        if is_text:
+            assert all(t["count"] >= 1 for t in response.json()["tokenizers"])
+    words = client.post(f"{LAB}/embeddings", json={"words": ["\u001e", "king"]})
+    assert words.status_code == 200 and words.json()["points"][0]["word"] == "\u001e"

@@ -20,7 +20,7 @@ from app.api.routes.pages import _page
 from app.db import crud
 from app.db.models import STATUS_ERROR
 from app.registry import CHAT, CLASSIFIER, ModelUnavailable
-from app.schemas import MODEL_RESPONSES, NOT_FOUND, Bool, Float, Int, RequestModel, Text
+from app.schemas import HAS_TEXT, MODEL_RESPONSES, NOT_FOUND, Bool, Float, Int, RequestModel, Text, is_blank
 from core.generation.chat_template import ChatTemplateError
 from core.generation.sampling import SamplingConfig
 from core.tokenizer.errors import TokenizerError
@@ -43,7 +43,7 @@ def bounded(strict: Any, **limits: Any) -> Any:
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if is_blank(value):
         raise ValueError("is empty or only whitespace; type some text")
     return value
 
@@ -51,7 +51,7 @@ def _not_blank(value: str) -> str:
 def not_blank(max_length: int | None = None) -> Any:
     """``Text`` with a non-space character: the schema says so with a pattern (unanchored in JSON
     Schema, so it means "contains one"), the validator in words. Limits go first, as in ``bounded``."""
-    limits = Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": r"\S"})
+    limits = Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": HAS_TEXT})
     return Annotated[(str, limits, *Text.__metadata__, AfterValidator(_not_blank))]
 
 
