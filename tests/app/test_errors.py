@@ -5,11 +5,13 @@ refusal to start on a database the service cannot write.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.logs import JsonFormatter, TextFormatter
 from app.main import create_app
 
 from app_testing import running_client
@@ -108,3 +110,28 @@ def test_the_lab_accepts_exactly_what_its_schema_calls_text(client):
             assert all(t["count"] >= 1 for t in response.json()["tokenizers"])
     words = client.post(f"{LAB}/embeddings", json={"words": ["\u001e", "king"]})
     assert words.status_code == 200 and words.json()["points"][0]["word"] == "\u001e"
+
+
+# --- logs ---------------------------------------------------------------------------------
+
+
+def test_a_long_url_writes_a_short_access_log_line(client):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    access = logging.getLogger("scratchgpt.access")
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        assert client.get("/" + "a" * 60_000)  # near httpx's own limit (64 KiB).status_code == 404
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    (record,) = [r for r in records if r.msg == "request"]
+    line = JsonFormatter().format(record)
+    assert len(line) < 3000 and "more characters" in line
+    assert len(record.path) == 60_001  # capped in the line, not in what the app sees
+
+    long_message = logging.LogRecord("scratchgpt.app", logging.INFO, "", 0, "x" * 100_000, None, None)
+    assert len(TextFormatter().format(long_message)) < 3000
