@@ -23,6 +23,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -56,13 +59,43 @@ def _asset_version(settings: Settings) -> str:
     return digest.hexdigest()[:10]
 
 
-def _startup_database(app: FastAPI) -> None:
-    settings: Settings = app.state.settings
-    upgrade(settings.resolved_database_url, migrations_dir=settings.migrations_dir)
-    with app.state.sessions() as session:
-        leftovers = crud.interrupt_streaming_messages(session)
+class DatabaseReadOnly(RuntimeError):
+    """The startup could not write the database; the message says which and what to do."""
+
+
+def _is_read_only(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    return (
+        str(getattr(orig, "sqlite_errorname", "")).startswith("SQLITE_READONLY")
+        or getattr(orig, "sqlstate", None) == "25006"  # PostgreSQL: read_only_sql_transaction
+        or "readonly database" in str(orig)
+    )
+
+
+def prepare_database(settings: Settings, sessions: sessionmaker[Session]) -> None:
+    """Apply the migrations and mark answers a previous process left "streaming" as "interrupted".
+
+    Both write, so a database this process may not write fails here, as ``DatabaseReadOnly``.
+    """
+    url = settings.resolved_database_url
+    try:
+        upgrade(url, migrations_dir=settings.migrations_dir)
+        with sessions() as session:
+            leftovers = crud.interrupt_streaming_messages(session)
+    except DBAPIError as exc:
+        if not _is_read_only(exc):
+            raise
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise DatabaseReadOnly(
+            f"the database {shown} is read-only for this process ({exc.orig}); make it and its folder "
+            "writable for this user, or set SCRATCHGPT_DATABASE_URL to a database it can write"
+        ) from None
     if leftovers:
         logger.warning("answers left streaming by a previous run marked interrupted", extra={"count": leftovers})
+
+
+def _startup_database(app: FastAPI) -> None:
+    prepare_database(app.state.settings, app.state.sessions)
 
 
 @asynccontextmanager

@@ -6,15 +6,20 @@ refusal to start on a database the service cannot write.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.logs import JsonFormatter, TextFormatter
 from app.main import create_app
+from app.server import EXIT_DATABASE_READ_ONLY
 
-from app_testing import running_client
+from app_testing import free_port, running_client
 
 LAB = "/api/v1/lab"
 
@@ -135,3 +140,31 @@ def test_a_long_url_writes_a_short_access_log_line(client):
 
     long_message = logging.LogRecord("scratchgpt.app", logging.INFO, "", 0, "x" * 100_000, None, None)
     assert len(TextFormatter().format(long_message)) < 3000
+
+
+# --- startup ------------------------------------------------------------------------------
+
+
+def test_a_read_only_database_stops_the_start_with_one_line(tmp_path):
+    """As in production: the real CLI in its own process, on a database file it may only read."""
+    from app.db import upgrade
+    from app.settings import Settings
+
+    db = tmp_path / "app.db"
+    url = f"sqlite:///{db}"
+    upgrade(url, migrations_dir=Settings().migrations_dir)
+    db.chmod(0o444)
+    command = [sys.executable, "-m", "scratchgpt", "serve", "--no-setup", "--port", str(free_port())]
+    if os.geteuid() == 0:
+        # Root writes any file; without these capabilities, root too is held to the file's mode.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv (util-linux) to drop the override capabilities")
+        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner", *command]
+    env = {**os.environ, "SCRATCHGPT_HOME": str(tmp_path / "home"), "SCRATCHGPT_DATABASE_URL": url,
+           "SCRATCHGPT_CHAT_ENABLED": "false", "SCRATCHGPT_CLASSIFIER_ENABLED": "false"}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_DATABASE_READ_ONLY, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    said = [line for line in done.stderr.splitlines() if "read-only" in line]
+    assert len(said) == 1 and str(db) in said[0] and "SCRATCHGPT_DATABASE_URL" in said[0], done.stderr
