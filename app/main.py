@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import make_url
@@ -38,7 +38,7 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install_openapi
 from app.registry import ModelRegistry, ModelUnavailable
 from app.schemas import COMMON_RESPONSES
-from app.security import BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
+from app.security import CSP, BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
 from app.settings import Settings
 from app.streaming import ActiveGenerations
 from app.workers import WorkerStopped
@@ -46,7 +46,6 @@ from app.workers import WorkerStopped
 logger = logging.getLogger("scratchgpt.app")
 
 VERSION = "0.1.0"
-SWAGGER_CDN = "https://cdn.jsdelivr.net"
 
 
 def _asset_version(settings: Settings) -> str:
@@ -212,22 +211,34 @@ class JsonServerErrors:
 
 
 def _install_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs with a CSP that allows its CDN and exactly its one inline script (by hash)."""
+    """Swagger UI at /docs from our pinned copy (static/vendor/, .ci/vendor-web), so it works offline.
+
+    The page's CSP is the app's own plus exactly its one inline script (by hash). /redoc, where
+    FastAPI apps usually have a second viewer, leads here.
+    """
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
-        page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API")
+        page = get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url=f"/static/vendor/swagger-ui-bundle.js?v={app.state.asset_version}",
+            swagger_css_url=f"/static/vendor/swagger-ui.css?v={app.state.asset_version}",
+            swagger_favicon_url=f"/static/favicon.svg?v={app.state.asset_version}",
+            # The validator badge would fetch from validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
         html = page.body.decode()
         hashes = " ".join(
             "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
             for script in re.findall(r"<script>(.*?)</script>", html, flags=re.S)
         )
-        csp = (
-            f"default-src 'self'; script-src 'self' {SWAGGER_CDN} {hashes}; style-src 'self' {SWAGGER_CDN}; "
-            "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; object-src 'none'; "
-            "base-uri 'none'; frame-ancestors 'none'"
-        )
+        csp = CSP.replace("script-src 'self'", f"script-src 'self' {hashes}")
         return HTMLResponse(html, headers={"Content-Security-Policy": csp})
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> RedirectResponse:
+        return RedirectResponse("/docs")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
