@@ -16,6 +16,17 @@ access_logger = logging.getLogger("scratchgpt.access")
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
+# A client chooses the path (and so its length); a line per request must not grow with it.
+MAX_FIELD_CHARS = 2000
+MAX_TRACEBACK_CHARS = 20_000
+
+
+def cap(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters]"
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -23,20 +34,34 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": cap(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = cap(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = cap(self.formatException(record.exc_info), MAX_TRACEBACK_CHARS)
         return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``LEVEL logger: message``, the message capped like JsonFormatter's fields."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = cap(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return cap(super().formatException(ei), MAX_TRACEBACK_CHARS)
 
 
 def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     """Send scratchgpt's and uvicorn's logs to stderr, as JSON lines unless ``json_lines`` is false."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     for name in ("scratchgpt", "uvicorn", "uvicorn.error"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]

@@ -20,10 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages
 from app.api.routes.openai_compat import OpenAIError
@@ -32,7 +36,7 @@ from app.logs import AccessLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install_openapi
 from app.schemas import COMMON_RESPONSES
-from app.security import BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
+from app.security import CSP, BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
 from app.services.lab import LabRunner
 from app.services.registry import ModelRegistry, ModelUnavailable
 from app.services.streaming import ActiveGenerations
@@ -43,16 +47,45 @@ from app.ui import Pages
 logger = logging.getLogger("scratchgpt.app")
 
 VERSION = "0.1.0"
-SWAGGER_CDN = "https://cdn.jsdelivr.net"
+
+
+class DatabaseReadOnly(RuntimeError):
+    """The startup could not write the database; the message says which and what to do."""
+
+
+def _is_read_only(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    return (
+        str(getattr(orig, "sqlite_errorname", "")).startswith("SQLITE_READONLY")
+        or getattr(orig, "sqlstate", None) == "25006"  # PostgreSQL: read_only_sql_transaction
+        or "readonly database" in str(orig)
+    )
+
+
+def prepare_database(settings: Settings, sessions: sessionmaker[Session]) -> None:
+    """Apply the migrations and mark answers a previous process left "streaming" as "interrupted".
+
+    Both write, so a database this process may not write fails here, as ``DatabaseReadOnly``.
+    """
+    url = settings.resolved_database_url
+    try:
+        upgrade(url, migrations_dir=settings.migrations_dir)
+        with sessions() as session:
+            leftovers = crud.interrupt_streaming_messages(session)
+    except DBAPIError as exc:
+        if not _is_read_only(exc):
+            raise
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise DatabaseReadOnly(
+            f"the database {shown} is read-only for this process ({exc.orig}); make it and its folder "
+            "writable for this user, or set SCRATCHGPT_DATABASE_URL to a database it can write"
+        ) from None
+    if leftovers:
+        logger.warning("answers left streaming by a previous run marked interrupted", extra={"count": leftovers})
 
 
 def _startup_database(app: FastAPI) -> None:
-    settings: Settings = app.state.settings
-    upgrade(settings.resolved_database_url, migrations_dir=settings.migrations_dir)
-    with app.state.sessions() as session:
-        leftovers = crud.interrupt_streaming_messages(session)
-    if leftovers:
-        logger.warning("answers left streaming by a previous run marked interrupted", extra={"count": leftovers})
+    prepare_database(app.state.settings, app.state.sessions)
 
 
 @asynccontextmanager
@@ -128,23 +161,75 @@ def _install_error_handlers(app: FastAPI) -> None:
         return Response(body, status_code=422, media_type="application/json")
 
 
+class JsonServerErrors:
+    """Answers an exception no handler took with a JSON 500 (OpenAI's shape under /v1/).
+
+    Starlette's own catch-all sits outside every middleware, so its plain-text 500 went out
+    without the security headers and uncounted; added first, this one is inside them all. The
+    answer gives the request id, which the logged traceback carries.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except StarletteHTTPException:
+            raise  # the body size limit's, for the middleware that raised it
+        except Exception:
+            if started:
+                raise  # the status line is out: only dropping the connection can still say it failed
+            request_id = scope.get("state", {}).get("request_id", "-")
+            logger.exception("unhandled error", extra={"request_id": request_id, "path": scope.get("path")})
+            detail = f"internal server error (request id {request_id}); the server log has the details"
+            if scope.get("path", "").startswith("/v1/"):
+                response: Response = OpenAIError(500, detail, type_="server_error").response()
+            else:
+                response = JSONResponse({"detail": detail}, status_code=500)
+            await response(scope, receive, send)
+
+
 def _install_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs with a CSP that allows its CDN and exactly its one inline script (by hash)."""
+    """Swagger UI at /docs from our pinned copy (static/vendor/, .ci/vendor-web), so it works offline.
+
+    The page's CSP is the app's own plus exactly its one inline script (by hash). /redoc, where
+    FastAPI apps usually have a second viewer, leads here.
+    """
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
-        page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API")
+        page = get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url=f"/static/vendor/swagger-ui-bundle.js?v={app.state.pages.asset_version}",
+            swagger_css_url=f"/static/vendor/swagger-ui.css?v={app.state.pages.asset_version}",
+            swagger_favicon_url=f"/static/favicon.svg?v={app.state.pages.asset_version}",
+            # The validator badge would fetch from validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
         html = page.body.decode()
         hashes = " ".join(
             "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
             for script in re.findall(r"<script>(.*?)</script>", html, flags=re.S)
         )
-        csp = (
-            f"default-src 'self'; script-src 'self' {SWAGGER_CDN} {hashes}; style-src 'self' {SWAGGER_CDN}; "
-            "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; object-src 'none'; "
-            "base-uri 'none'; frame-ancestors 'none'"
-        )
+        csp = CSP.replace("script-src 'self'", f"script-src 'self' {hashes}")
         return HTMLResponse(html, headers={"Content-Security-Policy": csp})
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> RedirectResponse:
+        return RedirectResponse("/docs")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -187,6 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
 
     # add_middleware wraps what is there, so the last one added is the outermost.
+    app.add_middleware(JsonServerErrors)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -10,6 +10,7 @@ This module imports pydantic only.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -41,6 +42,22 @@ def _as_utc(value: datetime) -> datetime:
 
 UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 
+# Whitespace as JSON Schema's "\s" (ECMA-262) means it, spelled out so that the schema, pydantic
+# (Rust regex) and Python read one pattern alike: their own "\s" and str.strip() differ (Python
+# strips "\x1c"-"\x1f" and "\x85", which a client reading the schema takes for text).
+BLANK_CLASS = r"[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+HAS_TEXT = "[^" + BLANK_CLASS[1:]  # a pattern that finds one character that is not whitespace
+_EDGES = re.compile(f"^{BLANK_CLASS}+|{BLANK_CLASS}+$")
+
+
+def is_blank(text: str) -> bool:
+    return re.search(HAS_TEXT, text) is None
+
+
+def strip_blank(text: str) -> str:
+    return _EDGES.sub("", text)
+
+
 # Constraints come before the strictness validator: that order keeps them in the JSON Schema
 # (minimum, maxLength...) instead of pydantic-only keys a client cannot read.
 Int = Annotated[int, BeforeValidator(_integer_only)]
@@ -57,8 +74,8 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Sampling seed, for 
                  BeforeValidator(_integer_only)]
 Title = Annotated[str, Field(min_length=1, max_length=200), BeforeValidator(_text_only)]
 SystemPrompt = Annotated[str, Field(max_length=8000), BeforeValidator(_text_only)]
-# Not empty and not only whitespace ("\S" is a search: somewhere a non-space character).
-NonBlank = Annotated[str, Field(min_length=1, pattern=r"\S"), BeforeValidator(_text_only)]
+# Not empty and not only whitespace (a pattern is a search: somewhere a non-space character).
+NonBlank = Annotated[str, Field(min_length=1, pattern=HAS_TEXT), BeforeValidator(_text_only)]
 
 
 
@@ -74,7 +91,7 @@ def bounded(strict: Any, **limits: Any) -> Any:
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if is_blank(value):
         raise ValueError("is empty or only whitespace; type some text")
     return value
 
@@ -82,7 +99,7 @@ def _not_blank(value: str) -> str:
 def not_blank(max_length: int | None = None) -> Any:
     """``Text`` with a non-space character: the schema says so with a pattern (unanchored in JSON
     Schema, so it means "contains one"), the validator in words. Limits go first, as in ``bounded``."""
-    limits = Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": r"\S"})
+    limits = Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": HAS_TEXT})
     return Annotated[(str, limits, *Text.__metadata__, AfterValidator(_not_blank))]
 
 

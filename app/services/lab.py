@@ -62,6 +62,8 @@ from core.introspection import (
 from core.tokenizer.errors import TokenizerError
 from core.tokenizer.specials import repair_surrogates
 
+from app.schemas import is_blank, strip_blank
+
 T = TypeVar("T")
 
 DECIMALS = 5  # probabilities and weights are rounded to this many places in answers
@@ -102,7 +104,7 @@ def _rounded(t: torch.Tensor) -> Any:
 
 
 def _check_chars(text: str, what: str = "text", limit: int = MAX_TEXT_CHARS) -> None:
-    if not text.strip():
+    if is_blank(text):
         raise LabInputError(f"{what} is empty; type some text")
     if len(text) > limit:
         raise LabInputError(f"{what} has {len(text)} characters; the Lab's limit is {limit}")
@@ -272,7 +274,7 @@ def embedding_projection(checkpoint: Any, words: list[str], leading_space: bool)
         raise LabInputError(f"{len(words)} words given; the limit is {MAX_WORDS}")
     cleaned = []
     for i, word in enumerate(words):
-        word = clean_text(word).strip()
+        word = strip_blank(clean_text(word))
         if not word:
             raise LabInputError(f"words[{i}] is empty")
         if len(word) > MAX_WORD_CHARS:
@@ -282,6 +284,12 @@ def embedding_projection(checkpoint: Any, words: list[str], leading_space: bool)
     # In running text a word usually follows a space, and byte-level BPE tokenizers
     # have a separate (and better trained) token for " word" than for "word".
     groups = [tokenizer.encode((" " if leading_space else "") + w, allowed_special="all") for w in cleaned]
+    for i, (word, group) in enumerate(zip(cleaned, groups)):
+        if not group:
+            # A vocabulary may lack some bytes (SmolLM2's lacks most control characters), and a
+            # tokenizer drops what it cannot encode, as Hugging Face's does: no tokens, no point.
+            raise LabInputError(f"words[{i}] ({word!r}) has no tokens: this model's vocabulary lacks its "
+                                "characters; use another word")
     vectors = embedding_vectors(_language_model(checkpoint), groups)
     coords, ratios = pca_2d(vectors)
     points = [

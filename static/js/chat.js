@@ -1,7 +1,8 @@
 // The chat page: conversations in the sidebar, answers streamed over SSE and rendered as safe Markdown.
 
 import { api, ApiError, streamEvents, CONNECTION_LOST } from "./api.js";
-import { renderMarkdown } from "./markdown.js";
+import { copyButton, renderMarkdownInto } from "./markdown.js";
+import { icon } from "./icons.js";
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -26,6 +27,7 @@ const el = {
   confirmDialog: $("confirm-dialog"),
   confirmText: $("confirm-text"),
   toggleSidebar: $("toggle-sidebar"),
+  scrim: $("scrim"),
 };
 
 const DEFAULTS_KEY = "scratchgpt.newChatSettings";
@@ -69,6 +71,13 @@ function scrollToBottom(force = false) {
 function autoResize() {
   el.input.style.height = "auto";
   el.input.style.height = `${Math.min(el.input.scrollHeight, 240)}px`;
+}
+
+// The conversation drawer of small screens (on wide ones the sidebar is always there).
+function setSidebarOpen(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  el.scrim.hidden = !open;
+  el.toggleSidebar.setAttribute("aria-expanded", String(open));
 }
 
 function conversationIdFromUrl() {
@@ -136,14 +145,14 @@ async function loadConversations() {
   }
 }
 
-// A sidebar action: a glyph for the eye, "<action> <title>" for a screen reader.
-function iconButton(kind, action, title, glyph, onClick) {
+// A sidebar action: an icon for the eye, "<action> <title>" for a screen reader.
+function iconButton(kind, action, title, iconName, onClick) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = `icon-btn ${kind}`;
   button.title = action;
   button.setAttribute("aria-label", `${action} ${title}`);
-  button.textContent = glyph;
+  button.append(icon(iconName));
   button.addEventListener("click", onClick);
   return button;
 }
@@ -173,8 +182,8 @@ function renderSidebar() {
       openConversation(c.id, true);
     });
 
-    const rename = iconButton("rename", "Rename", c.title, "✎", () => startRename(item, c));
-    const del = iconButton("delete", "Delete", c.title, "🗑", () => deleteConversation(c));
+    const rename = iconButton("rename", "Rename", c.title, "pencil", () => startRename(item, c));
+    const del = iconButton("delete", "Delete", c.title, "trash", () => deleteConversation(c));
     item.append(link, rename, del);
     el.list.append(item);
   }
@@ -241,10 +250,16 @@ async function deleteConversation(conversation) {
 
 // --- messages ----------------------------------------------------------------------
 
+// The state an answer ended in, as [icon, words], or null for a plain finish.
+function messageEnding(message) {
+  if (message.status === "interrupted") return ["stop", "stopped"];
+  if (message.status === "error") return ["warning", "failed"];
+  if (message.status === "complete" && message.finish_reason === "length") return ["cut", "cut off at the token limit"];
+  return null;
+}
+
 function messageMeta(message) {
   const parts = [];
-  if (message.status === "interrupted") parts.push("⏹ stopped");
-  if (message.status === "error") parts.push("⚠ failed");
   if (message.completion_tokens) parts.push(`${message.completion_tokens} tokens`);
   if (message.tokens_per_second) parts.push(`${formatNumber(message.tokens_per_second)} tok/s`);
   if (message.duration_ms) parts.push(`${formatNumber(message.duration_ms / 1000, 2)} s`);
@@ -276,7 +291,7 @@ function renderMessage(message) {
   footer.className = "meta";
   const metaText = document.createElement("span");
   metaText.className = "meta-text";
-  footer.append(metaText);
+  footer.append(metaText, copyButton("Copy message", () => article.messageText || ""));
   bubble.append(footer);
 
   article.append(avatar, bubble);
@@ -287,10 +302,22 @@ function renderMessage(message) {
 function updateMessage(article, message) {
   const content = article.querySelector(".content");
   if (message.role === "user") content.textContent = message.content;
-  else content.innerHTML = renderMarkdown(message.content); // renderMarkdown escapes first: safe
+  else renderMarkdownInto(content, message.content);
+  article.messageText = message.content;
   if (message.status) article.dataset.status = message.status;
   if (message.id) article.dataset.id = message.id;
-  article.querySelector(".meta-text").textContent = message.role === "assistant" ? messageMeta(message) : "";
+  const metaText = article.querySelector(".meta-text");
+  const ending = message.role === "assistant" ? messageEnding(message) : null;
+  metaText.replaceChildren();
+  if (ending) {
+    const mark = document.createElement("span");
+    mark.className = `ending ending-${ending[0]}`;
+    mark.append(icon(ending[0]), ` ${ending[1]}`);
+    metaText.append(mark);
+  }
+  const meta = message.role === "assistant" ? messageMeta(message) : "";
+  if (meta) metaText.append(`${ending ? " · " : ""}${meta}`);
+  article.dataset.finish = message.finish_reason || "";
   const notice = article.querySelector(".notice");
   const notes = [];
   if (message.dropped_messages) {
@@ -313,7 +340,7 @@ function refreshRegenerate() {
     const button = document.createElement("button");
     button.type = "button";
     button.className = "btn btn-ghost btn-small regenerate";
-    button.textContent = last.classList.contains("user") ? "↻ Answer" : "↻ Regenerate";
+    button.append(icon("refresh"), last.classList.contains("user") ? " Answer" : " Regenerate");
     button.addEventListener("click", regenerate);
     (last.querySelector(".meta") || last).append(button);
   }
@@ -348,7 +375,7 @@ async function openConversation(id, push) {
     hideBannerUnlessModel();
     renderConversation(conversation);
     renderSidebar();
-    document.body.classList.remove("sidebar-open");
+    setSidebarOpen(false);
     if (conversation.generating) showBanner("An answer is still being generated in this conversation; reload to see it when it is done.", "info");
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
@@ -580,6 +607,7 @@ el.input.addEventListener("keydown", (event) => {
 el.input.addEventListener("input", autoResize);
 el.stop.addEventListener("click", stopGenerating);
 el.newChat.addEventListener("click", () => {
+  setSidebarOpen(false);
   if (!state.streaming) showNewChat(true);
 });
 el.bannerClose.addEventListener("click", hideBanner);
@@ -587,7 +615,11 @@ el.settingsButton.addEventListener("click", openSettings);
 el.settingsForm.addEventListener("submit", saveSettings);
 $("set-temperature").addEventListener("input", syncOutputs);
 $("set-top-p").addEventListener("input", syncOutputs);
-el.toggleSidebar.addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
+el.toggleSidebar.addEventListener("click", () => setSidebarOpen(!document.body.classList.contains("sidebar-open")));
+el.scrim.addEventListener("click", () => setSidebarOpen(false));
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && document.body.classList.contains("sidebar-open")) setSidebarOpen(false);
+});
 window.addEventListener("popstate", () => {
   const id = conversationIdFromUrl();
   if (id) openConversation(id, false);

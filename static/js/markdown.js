@@ -1,118 +1,136 @@
-// A small, safe Markdown renderer for model answers.
+// Model answers as Markdown, through pinned copies of well-kept libraries (static/vendor/,
+// refreshed by .ci/vendor-web): markdown-it parses (CommonMark + GFM tables), highlight.js
+// colours fenced code, DOMPurify sanitizes what comes out. The page loads them as classic
+// scripts before its module (templates/chat.html), so they are globals here.
 //
-// Safety comes from the order of work: every piece of the source is HTML-escaped *before*
-// any markup is added, and the only markup added is a fixed set of tags whose attributes we
-// write ourselves (links only for http:, https: and mailto: URLs). So "<script>", "onerror="
-// or "javascript:" in an answer come out as text. The page's CSP (script-src 'self') is a
-// second wall: even injected inline code would not run.
+// Three walls keep an answer's HTML inert: markdown-it runs with raw HTML off (tags in an
+// answer come out as text) and links only to http(s) and mailto; DOMPurify then keeps only the
+// tags and attributes Markdown makes; and the page's CSP (script-src 'self') would stop inline
+// code that got past both.
 
-const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-const MAX_DEPTH = 6;
+import { icon } from "./icons.js";
 
-export function escapeHtml(text) {
-  return String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
+const ALLOWED_TAGS = [
+  "a", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "li", "ol", "p",
+  "pre", "s", "span", "strong", "table", "tbody", "td", "th", "thead", "tr", "ul",
+];
+const ALLOWED_ATTR = ["href", "class", "start", "target", "rel"];
+const SAFE_URL = /^(https?:\/\/|mailto:)/i;
+const ALIGN = /text-align:\s*(left|center|right)/;
+
+const md = window.markdownit({
+  html: false,
+  linkify: true,
+  breaks: true, // a model's single newlines are meant as line breaks
+  highlight: highlightCode,
+});
+md.validateLink = (url) => SAFE_URL.test(url.trim());
+// An image would load from wherever the answer says (the CSP blocks it, but loudly): images stay text.
+md.disable("image");
+
+function highlightCode(code, lang) {
+  const hljs = window.hljs;
+  if (!lang || !hljs || !hljs.getLanguage(lang)) return ""; // markdown-it escapes it
+  const html = hljs.highlight(code, { language: lang, ignoreIllegals: true }).value;
+  return `<pre><code class="hljs language-${md.utils.escapeHtml(lang)}">${html}</code></pre>`;
 }
 
-// `url` is already escaped; only absolute web and mail links are kept.
-function safeUrl(url) {
-  return /^(https?:\/\/|mailto:)[^\s]*$/i.test(url) ? url : null;
+// markdown-it aligns table cells with style attributes, which the CSP (style-src 'self') refuses:
+// a class does the same from app.css.
+for (const rule of ["th_open", "td_open"]) {
+  md.renderer.rules[rule] = (tokens, idx, options, env, self) => {
+    const token = tokens[idx];
+    const align = (token.attrGet("style") || "").match(ALIGN);
+    if (token.attrs) token.attrs = token.attrs.filter(([name]) => name !== "style");
+    if (align) token.attrJoin("class", `align-${align[1]}`);
+    return self.renderToken(tokens, idx, options);
+  };
 }
 
-// Inline markup on one escaped line: code spans, links, bold, italics, strikethrough.
-// Finished pieces are held behind NUL-delimited placeholders (renderMarkdown strips NULs from
-// the source, so only ours exist) to keep later passes out of them.
-const PLACEHOLDER = /\u0000(\d+)\u0000/g;
+const purify = window.DOMPurify;
+const PURIFY = { ALLOWED_TAGS, ALLOWED_ATTR, ALLOW_DATA_ATTR: false, ALLOW_ARIA_ATTR: false, RETURN_DOM_FRAGMENT: true };
 
-function inline(escaped) {
-  const held = [];
-  const hold = (html) => `\u0000${held.push(html) - 1}\u0000`;
-  let text = escaped.replace(/`([^`\n]+)`/g, (_, code) => hold(`<code>${code}</code>`));
-  text = text.replace(/\[([^\]\n]+)\]\(([^)\s]+)\)/g, (whole, label, url) => {
-    // A code span inside the URL makes it no link: its markup must never land in href.
-    const href = url.includes("\u0000") ? null : safeUrl(url);
-    if (!href) return whole;
-    return hold(`<a href="${href}" target="_blank" rel="noopener noreferrer nofollow">${emphasis(label)}</a>`);
-  });
-  text = emphasis(text);
-  // A held link may hold a code span ("[`x`](https://...)"), so restoring recurses; a piece
-  // only ever holds pieces made before it, so this ends.
-  const restore = (html) => html.replace(PLACEHOLDER, (_, i) => restore(held[Number(i)]));
-  return restore(text);
-}
-
-function emphasis(text) {
-  return text
-    .replace(/\*\*(?=\S)([^*\n]*?\S)\*\*/g, "<strong>$1</strong>")
-    .replace(/__(?=\S)([^_\n]*?\S)__/g, "<strong>$1</strong>")
-    .replace(/(^|[^*\w])\*(?=\S)([^*\n]*?\S)\*(?!\*)/g, "$1<em>$2</em>")
-    .replace(/(^|[^_\w])_(?=\S)([^_\n]*?\S)_(?![_\w])/g, "$1<em>$2</em>")
-    .replace(/~~(?=\S)([^~\n]*?\S)~~/g, "<del>$1</del>");
-}
-
-const FENCE = /^\s{0,3}(`{3,}|~{3,})\s*([\w+#.-]*)\s*$/;
-const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
-const RULE = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
-const QUOTE = /^\s{0,3}>\s?/;
-const BULLET = /^\s{0,3}[-*+]\s+/;
-const NUMBERED = /^\s{0,3}(\d{1,9})[.)]\s+/;
-
-function startsBlock(line) {
-  return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || BULLET.test(line) || NUMBERED.test(line);
-}
-
-function renderBlocks(lines, depth) {
-  const out = [];
-  let i = 0;
-  while (i < lines.length) {
-    const line = lines[i];
-    let m;
-    if ((m = line.match(FENCE))) {
-      // A fence still open (an answer mid-stream) runs to the end of the text.
-      const fence = m[1];
-      const lang = m[2];
-      const body = [];
-      i += 1;
-      while (i < lines.length && !lines[i].trim().startsWith(fence)) body.push(lines[i++]);
-      i += 1;
-      const cls = lang ? ` class="language-${escapeHtml(lang)}"` : "";
-      out.push(`<pre><code${cls}>${escapeHtml(body.join("\n"))}</code></pre>`);
-    } else if (!line.trim()) {
-      i += 1;
-    } else if ((m = line.match(HEADING))) {
-      const level = m[1].length;
-      out.push(`<h${level}>${inline(escapeHtml(m[2]))}</h${level}>`);
-      i += 1;
-    } else if (RULE.test(line)) {
-      out.push("<hr>");
-      i += 1;
-    } else if (QUOTE.test(line)) {
-      const quoted = [];
-      while (i < lines.length && QUOTE.test(lines[i])) quoted.push(lines[i++].replace(QUOTE, ""));
-      const inner = depth < MAX_DEPTH ? renderBlocks(quoted, depth + 1) : `<p>${inline(escapeHtml(quoted.join(" ")))}</p>`;
-      out.push(`<blockquote>${inner}</blockquote>`);
-    } else if (BULLET.test(line) || NUMBERED.test(line)) {
-      const ordered = !BULLET.test(line);
-      const marker = ordered ? NUMBERED : BULLET;
-      const items = [];
-      while (i < lines.length && marker.test(lines[i])) {
-        let item = lines[i++].replace(marker, "");
-        // Indented lines continue the item.
-        while (i < lines.length && /^\s{2,}\S/.test(lines[i]) && !marker.test(lines[i])) item += " " + lines[i++].trim();
-        items.push(`<li>${inline(escapeHtml(item))}</li>`);
-      }
-      const start = ordered ? Number(line.match(NUMBERED)[1]) : 1;
-      const attr = ordered && start !== 1 ? ` start="${start}"` : "";
-      out.push(ordered ? `<ol${attr}>${items.join("")}</ol>` : `<ul>${items.join("")}</ul>`);
+// The answer as sanitized nodes. A link markdown-it let through to an unsafe URL (it should
+// let none) loses its link and keeps its text.
+function sanitized(source) {
+  const fragment = purify.sanitize(md.render(String(source ?? "")), PURIFY);
+  for (const a of fragment.querySelectorAll("a")) {
+    const href = a.getAttribute("href");
+    if (href === null || !SAFE_URL.test(href.trim())) {
+      a.replaceWith(...a.childNodes);
     } else {
-      const para = [];
-      while (i < lines.length && lines[i].trim() && !(para.length && startsBlock(lines[i]))) para.push(lines[i++]);
-      out.push(`<p>${para.map((l) => inline(escapeHtml(l))).join("<br>")}</p>`);
+      a.setAttribute("target", "_blank");
+      a.setAttribute("rel", "noopener noreferrer nofollow");
     }
   }
-  return out.join("\n");
+  return fragment;
 }
 
+// Sanitized HTML for `source`.
 export function renderMarkdown(source) {
-  const text = String(source ?? "").replace(/\r\n?/g, "\n").replace(/\u0000/g, "");
-  return renderBlocks(text.split("\n"), 0);
+  const holder = document.createElement("div");
+  holder.append(sanitized(source));
+  return holder.innerHTML;
+}
+
+async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    await navigator.clipboard.writeText(text);
+    return;
+  }
+  // Served over plain http to another machine, the page is no secure context and has no
+  // clipboard API: the old selection-and-copy way still works there.
+  const area = document.createElement("textarea");
+  area.value = text;
+  area.setAttribute("readonly", "");
+  area.className = "offscreen";
+  document.body.append(area);
+  area.select();
+  const ok = document.execCommand("copy");
+  area.remove();
+  if (!ok) throw new Error("copy refused");
+}
+
+// A button that copies what `getText` returns, then says so for a moment.
+export function copyButton(label, getText) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "icon-btn copy";
+  button.title = label;
+  button.setAttribute("aria-label", label);
+  button.append(icon("copy"));
+  button.addEventListener("click", async () => {
+    try {
+      await copyText(getText());
+      button.dataset.copied = "true";
+      button.replaceChildren(icon("check"));
+      setTimeout(() => {
+        delete button.dataset.copied;
+        button.replaceChildren(icon("copy"));
+      }, 1500);
+    } catch {
+      button.title = "Copying was refused by the browser";
+    }
+  });
+  return button;
+}
+
+// Render `source` into `element`, each code block with its copy button.
+export function renderMarkdownInto(element, source) {
+  element.replaceChildren(sanitized(source));
+  for (const pre of element.querySelectorAll("pre")) {
+    const code = pre.querySelector("code");
+    const block = document.createElement("div");
+    block.className = "code-block";
+    const lang = code && [...code.classList].find((c) => c.startsWith("language-"));
+    const bar = document.createElement("div");
+    bar.className = "code-bar";
+    const name = document.createElement("span");
+    name.className = "code-lang";
+    name.textContent = lang ? lang.slice("language-".length) : "code";
+    // markdown-it ends a block's text with its closing newline, which a pasted snippet does not want.
+    bar.append(name, copyButton("Copy code", () => (code || pre).textContent.replace(/\n$/, "")));
+    pre.replaceWith(block);
+    block.append(bar, pre);
+  }
 }

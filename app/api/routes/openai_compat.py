@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from app.api.deps import ModelsDep, SettingsDep, require_api_access
 from app.schemas import Bool, Int, Seed, Temperature, Text, TopK, TopP, bounded
@@ -77,6 +78,18 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+MAX_STOP = 4  # OpenAI's limit
+
+
+def _stop_count(value: Any) -> Any:
+    # Before the union is tried: past the limit, each member's failure would be reported instead
+    # (the string member's first), and none of them says what is wrong.
+    if isinstance(value, list) and len(value) > MAX_STOP:
+        raise PydanticCustomError("too_many_stops", "at most {limit} stop sequences are allowed; got {count}",
+                                  {"limit": MAX_STOP, "count": len(value)})
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: Bool = False
@@ -91,8 +104,8 @@ class ChatCompletionRequest(BaseModel):
     top_k: TopK | None = Field(None, description="Extension: top-k filtering")
     max_tokens: bounded(Int, ge=1) | None = None
     max_completion_tokens: bounded(Int, ge=1) | None = None
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
-        None, description="Up to 4 strings that end the answer")
+    stop: Annotated[Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None, BeforeValidator(_stop_count)] = Field(
+        None, description=f"Up to {MAX_STOP} strings that end the answer")
     seed: Seed | None = None
     n: bounded(Int, ge=1, le=1) | None = None
     stream: Bool = False
