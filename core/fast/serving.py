@@ -156,7 +156,7 @@ class ServingDecoder:
         else:
             p = model.head_weight
             cache = KVCache(model.cfg, 1, capacity, p.device, p.dtype)
-        if self.draft is not None:
+        if self.draft is not None and not cfg.penalized:  # the draft's checks know nothing of penalties
             # The model checks the draft's guesses: the same greedy tokens, and sampled ones of the
             # same distribution (other draws for a seed than token by token).
             steps = ([token] for token in speculative_tokens(self, self.draft, prompt, cfg, cache))

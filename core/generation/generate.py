@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.generation.sampling import SamplingConfig, make_generator, sample
+from core.generation.sampling import Penalties, SamplingConfig, make_generator, sample
 from core.model import GPTModel, KVCache
 from core.tokenizer.streaming import StreamDecoder
 
@@ -125,6 +125,10 @@ def decode_steps(
         # model (Llama 3.2: 131,072 positions) would otherwise allocate gigabytes.
         cache = KVCache(model.cfg, B, min(C, total), device, dtype)
     generator = make_generator(cfg, device)
+    penalties = Penalties(cfg, prompts, model.cfg.vocab_size, device) if cfg.penalized else None
+    # A faster output layer may compute only the logits that can be the argmax; penalties move
+    # the argmax, so they need every logit.
+    argmax_only = cfg.greedy and penalties is None
     stops = set(cfg.stop_token_ids)
     finished = [False] * B
 
@@ -132,13 +136,16 @@ def decode_steps(
     for _ in range(cfg.max_new_tokens):
         if cache is not None and n <= C:
             # Prefill the whole prompt once, then feed one token per step.
-            logits = step(seq[:, cache.length:n], cache, valid[:, :n] if padded else None, cfg.greedy)
+            logits = step(seq[:, cache.length:n], cache, valid[:, :n] if padded else None, argmax_only)
         else:
             # Past the context window (or without a cache) the model sees the
             # last C tokens afresh each step, as in the book's generate().
             window = slice(max(0, n - C), n)
-            logits = step(seq[:, window], None, valid[:, window] if padded else None, cfg.greedy)
-        token = sample(logits[:, -1], cfg, generator)
+            logits = step(seq[:, window], None, valid[:, window] if padded else None, argmax_only)
+        last = logits[:, -1] if penalties is None else penalties.apply(logits[:, -1])
+        token = sample(last, cfg, generator)
+        if penalties is not None:
+            penalties.update(token)
         ids = token.tolist()  # the one host sync per step: callers need the ids
         yield [None if done else t for t, done in zip(ids, finished)]
         finished = [done or t in stops for t, done in zip(ids, finished)]

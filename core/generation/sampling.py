@@ -4,6 +4,11 @@ Greedy decoding takes the argmax. Sampling divides the logits by a
 temperature, optionally keeps only the k most likely tokens (top-k; Fan et
 al., 2018) or the smallest set whose probability reaches p (nucleus / top-p;
 Holtzman et al., 2020), and draws from what is left.
+
+Before either, penalties can push the model away from repeating itself: the
+repetition penalty of CTRL (Keskar et al., 2019) over every token already in
+the sequence, and OpenAI's frequency and presence penalties over the tokens
+generated so far (:class:`Penalties`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages any token already in the sequence; 1 is off
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated; -2 to 2, 0 is off
+    presence_penalty: float = 0.0  # subtracted once a token has been generated at all; -2 to 2, 0 is off
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -28,10 +36,57 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # also refuses nan
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:  # OpenAI's range; also refuses nan
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty changes the logits (so they depend on the sequence so far, not only the model)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+class Penalties:
+    """What each row has seen and generated, and the penalties of ``cfg`` applied to its next logits.
+
+    - repetition (CTRL, Keskar et al., 2019; as Hugging Face applies it): a token anywhere in the
+      row so far, prompt included, has a positive logit divided by the penalty and a negative one
+      multiplied by it, so a penalty above 1 always makes it less likely;
+    - frequency and presence (OpenAI's definition): ``logit[j] -= count[j] * frequency + (count[j] > 0)
+      * presence``, counting only the tokens generated so far.
+    """
+
+    def __init__(self, cfg: SamplingConfig, prompts: list[list[int]], vocab_size: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            self.seen[row, torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        self.counts = torch.zeros(len(prompts), vocab_size, device=device)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The (B, V) logits of the next tokens with the penalties applied."""
+        cfg = self.cfg
+        logits = logits.float()
+        if cfg.repetition_penalty != 1.0:
+            scaled = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+            logits = torch.where(self.seen, scaled, logits)
+        if cfg.frequency_penalty or cfg.presence_penalty:
+            logits = logits - self.counts * cfg.frequency_penalty - (self.counts > 0).float() * cfg.presence_penalty
+        return logits
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Record each row's new token (B,)."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.seen[rows, tokens] = True
+        self.counts[rows, tokens] += 1
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
