@@ -69,6 +69,11 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, descri
                         BeforeValidator(_number_only)]
 TopK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integer_only)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), BeforeValidator(_number_only)]
+# Penalties against repeating (core.generation.sampling.Penalties): OpenAI's two, and CTRL's repetition penalty.
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False), BeforeValidator(_number_only)]
+RepetitionPenalty = Annotated[float, Field(ge=0.5, le=2.0, allow_inf_nan=False,
+                                           description="above 1 discourages tokens already in the conversation"),
+                              BeforeValidator(_number_only)]
 MaxNewTokens = Annotated[int, Field(ge=1, le=32768), BeforeValidator(_integer_only)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Sampling seed, for repeatable answers"),
                  BeforeValidator(_integer_only)]

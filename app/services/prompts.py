@@ -135,6 +135,9 @@ def generation_config(
     max_new_tokens: int,
     seed: int | None = None,
     extra_stop: list[str] | None = None,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> GenerationConfig:
     """Sampling settings plus the stop conditions the checkpoint's template and tokenizer define."""
     template = template_of(checkpoint)
@@ -152,6 +155,9 @@ def generation_config(
         top_k=top_k,
         top_p=top_p if top_p is not None and top_p < 1.0 else None,
         seed=seed,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
         max_new_tokens=max_new_tokens,
         stop_token_ids=tuple(sorted(stop_ids)),
         stop_strings=tuple(stop_strings),

@@ -127,3 +127,33 @@ def test_api_keys_are_enforced_when_configured(tmp_path, chat_checkpoint):
         reply = good.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens == 3
+
+
+def test_penalties_reach_generation(openai_client, live, chat_checkpoint):
+    """frequency_penalty, presence_penalty and the repetition_penalty extension decode what the plain
+    loop decodes with the same penalties, and differ from the unpenalized answer."""
+    from app.services.prompts import generation_config, plan_prompt
+    from core.generation.generate import generate
+    from core.weights.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(chat_checkpoint)
+    messages = [{"role": "user", "content": "Count"}]
+    plan = plan_prompt(checkpoint, "", messages, 16, allow_drop=False)
+
+    def expected(**penalties) -> str:
+        config = generation_config(checkpoint, temperature=0, top_k=None, top_p=None, max_new_tokens=16, **penalties)
+        return checkpoint.tokenizer.decode(generate(checkpoint.model, [plan.prompt_ids], config)[0])
+
+    def answer(**extra) -> str:
+        return openai_client.chat.completions.create(
+            model="tiny-chat", messages=messages, temperature=0, max_tokens=16, **extra).choices[0].message.content
+
+    plain = answer()
+    for penalties in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        api = {k: v for k, v in penalties.items() if k != "repetition_penalty"}
+        extra_body = {"repetition_penalty": penalties["repetition_penalty"]} if "repetition_penalty" in penalties else None
+        got = answer(**api, extra_body=extra_body)
+        assert got == expected(**penalties).strip() or got == expected(**penalties)
+        assert got != plain, penalties
+    with pytest.raises(Exception, match="frequency_penalty"):
+        answer(frequency_penalty=3.0)

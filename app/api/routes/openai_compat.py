@@ -1,7 +1,8 @@
 """An OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` (stream and not).
 
 Enough of the Chat Completions contract for the official ``openai`` client and tools built on
-it: messages, temperature, top_p, max_tokens (or max_completion_tokens), stop, seed, stream,
+it: messages, temperature, top_p, frequency_penalty, presence_penalty, max_tokens (or max_completion_tokens),
+stop, seed, stream,
 ``stream_options.include_usage``. Unknown fields are accepted and ignored, as OpenAI's clients
 send ones we do not implement. Errors use OpenAI's ``{"error": {...}}`` shape.
 """
@@ -19,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from app.api.deps import ModelsDep, SettingsDep, require_api_access
-from app.schemas import Bool, Int, Seed, Temperature, Text, TopK, TopP, bounded
+from app.schemas import Bool, Int, Penalty, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP, bounded
 from app.services.prompts import PromptTooLong, generation_config, plan_prompt
 from app.services.registry import CHAT
 from app.services.streaming import ManagedStream
@@ -102,6 +103,9 @@ class ChatCompletionRequest(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = Field(None, description="Extension: top-k filtering")
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = Field(None, description="Extension: CTRL's repetition penalty")
     max_tokens: bounded(Int, ge=1) | None = None
     max_completion_tokens: bounded(Int, ge=1) | None = None
     stop: Annotated[Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None, BeforeValidator(_stop_count)] = Field(
@@ -193,6 +197,9 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
         max_new_tokens=plan.max_new_tokens,
         seed=body.seed,
         extra_stop=stops,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
     )
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
