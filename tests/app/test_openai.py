@@ -157,3 +157,25 @@ def test_penalties_reach_generation(openai_client, live, chat_checkpoint):
         assert got != plain, penalties
     with pytest.raises(Exception, match="frequency_penalty"):
         answer(frequency_penalty=3.0)
+
+
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(live):
+    """The client's connection closes while its 900-token answer is being written (the tiny model
+    needs seconds for it): the server stops generating, so the counter of generated tokens stays
+    far below 900 once the next request has been answered."""
+    import httpx
+
+    def generated() -> float:
+        text = httpx.get(f"{live.url}/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("scratchgpt_tokens_generated_total{"))
+
+    request = {"model": "tiny-chat", "messages": [{"role": "user", "content": "a long story"}],
+               "temperature": 0, "max_tokens": 900}
+    before = generated()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/v1/chat/completions", json=request, timeout=httpx.Timeout(30, read=0.2))
+    # The worker takes one request at a time, so this one is answered after the first has ended.
+    short = httpx.post(f"{live.url}/v1/chat/completions", json={**request, "max_tokens": 2}, timeout=60)
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 2
+    assert generated() - before < 900 - 100  # the abandoned answer stopped well short of its 900 tokens

@@ -9,13 +9,14 @@ send ones we do not implement. Errors use OpenAI's ``{"error": {...}}`` shape.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
@@ -153,6 +154,16 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+async def _collect(job: Any) -> str:
+    return "".join([c.text async for c in job.events() if c is not None])
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client closes its connection (the body was read, so the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.post(
     "/chat/completions",
     responses={
@@ -169,7 +180,9 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
         },
     },
 )
-async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep) -> Any:
+async def chat_completions(
+    body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep, request: Request
+) -> Any:
     slot = models.require(CHAT)
     if body.model != slot.name:
         raise OpenAIError(404, f"model {body.model!r} not found; this server serves {slot.name!r}", code="model_not_found",
@@ -214,12 +227,23 @@ async def chat_completions(body: ChatCompletionRequest, models: ModelsDep, setti
 
     if not body.stream:
         job = worker.submit(plan.prompt_ids, config)
+        answer = asyncio.ensure_future(_collect(job))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            text = "".join([c.text async for c in job.events() if c is not None])
+            # A client that gives up frees the model at once: its answer stops being generated.
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                job.cancel()
+                answer.cancel()
+                return Response(status_code=499)  # nobody reads it; as nginx logs a client that closed
+            text = answer.result()
+        except OpenAIError:
+            raise
         except Exception as exc:
             raise OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error") from exc
         finally:
             job.cancel()
+            gone.cancel()
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": slot.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
