@@ -142,6 +142,19 @@ def smollm2_gguf() -> Path:
     pytest.skip("SmolLM2 GGUF not found: run `scratchgpt download smollm2-135m-instruct` or set SCRATCHGPT_SMOLLM2_GGUF")
 
 
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as our checkpoint: the one `.ci/setup --dev` converted into the
+    scratchgpt home, or else converted here from the GGUF file (as `scratchgpt download` does)."""
+    converted = scratchgpt_home() / "models" / "smollm2-135m-instruct"
+    if (converted / "config.json").is_file():
+        return converted
+    from core.weights.download import convert_to_checkpoint
+
+    return convert_to_checkpoint(smollm2_gguf, "smollm2-135m-instruct",
+                                 tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (opt in with ``pytestmark = pytest.mark.usefixtures(...)``).

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -94,6 +95,17 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+@contextlib.contextmanager
+def chat_server(home: Path, chat_checkpoint: Path, **overrides: Any) -> Iterator[LiveServer]:
+    """The app under uvicorn serving only a chat model, on its own SQLite file in ``home``;
+    keyword arguments override settings."""
+    values: dict[str, Any] = dict(home=home, chat_checkpoint=chat_checkpoint, classifier_enabled=False, device="cpu",
+                                  database_url=f"sqlite:///{home / 'app.db'}", log_json=False)
+    values.update(overrides)
+    with LiveServer(Settings(**values)) as live:
+        yield live
 
 
 class TokenGate:

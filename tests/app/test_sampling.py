@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from app_testing import LiveServer, parse_sse
+from app_testing import LiveServer, chat_server, parse_sse
 from waiting import HANG_GUARD
 
 PROMPT = "pick a word"
@@ -31,12 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tes
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, chat_checkpoint):
-    from app.settings import Settings
-
-    home = tmp_path_factory.mktemp("sampling-home")
-    settings = Settings(home=home, chat_checkpoint=chat_checkpoint, classifier_enabled=False, device="cpu",
-                        database_url=f"sqlite:///{home / 'app.db'}", log_json=False)
-    with LiveServer(settings) as server:
+    with chat_server(tmp_path_factory.mktemp("sampling-home"), chat_checkpoint) as server:
         yield server
 
 
