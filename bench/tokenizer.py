@@ -2,11 +2,13 @@
 
     python bench/tokenizer.py ../shared/data/text/austen/*.txt
     python bench/tokenizer.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf FILES...
+    python bench/tokenizer.py --train 4096 ../shared/data/text/austen/emma.txt
 
 For each backend it times a *cold* encode (a fresh tokenizer, empty piece
 cache), a *warm* one (the same tokenizer again) and a decode, and checks that
-both backends return the same ids. Use the best of ``--repeat`` runs on a
-shared machine.
+both backends return the same ids. ``--train N`` also times learning an
+N-token vocabulary from the files (``BPETokenizer.train``). Use the best of
+``--repeat`` runs on a shared machine.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="UTF-8 text files, concatenated")
     parser.add_argument("--gguf", type=Path, help="benchmark this GGUF file's tokenizer instead of GPT-2's")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--train", type=int, metavar="N", help="also time training an N-token vocabulary")
     args = parser.parse_args(argv)
     text = "".join(path.read_bytes().decode("utf-8") for path in args.files)
     if args.gguf:
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['tokens'] / r['cold_s'] / 1e6:.2f} M tok/s), warm {r['warm_s']:.2f} s "
             f"({megabytes / r['warm_s']:.1f} MB/s), decode {r['decode_s']:.3f} s"
         )
+    if args.train:
+        seconds, _ = _best(lambda: BPETokenizer.train(text, vocab_size=args.train), args.repeat)
+        print(f"  train to {args.train:,} tokens: {seconds:.1f} s ({args.train - 257:,} merges over {megabytes:.2f} MB)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ its tests.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,13 @@ from app_testing import LiveServer
 
 from app.settings import Settings
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's chromium by default; SCRATCHGPT_CHROMIUM names another build.
+CHROMIUM = Path(os.environ.get("SCRATCHGPT_CHROMIUM") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 BROWSER_MARKS = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium is not installed at {CHROMIUM} (apt-get install chromium, or set SCRATCHGPT_CHROMIUM)"),
 ]
 CSP = "Content Security Policy"
 

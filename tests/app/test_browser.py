@@ -1,6 +1,6 @@
 """End to end in headless Chromium (Playwright + Debian's chromium): the chat UI and the spam page.
 
-Skipped where /usr/bin/chromium or Playwright is missing (`apt-get install chromium`).
+Skipped where Chromium (/usr/bin/chromium or $SCRATCHGPT_CHROMIUM) or Playwright is missing (`apt-get install chromium`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Lab in headless Chromium (Playwright + Debian's chromium): each page opens and its chart renders.
 
-Skipped where /usr/bin/chromium or Playwright is missing (`apt-get install chromium`).
+Skipped where Chromium (/usr/bin/chromium or $SCRATCHGPT_CHROMIUM) or Playwright is missing (`apt-get install chromium`).
 
 The same tests make the screenshots in docs/screenshots/: set SCRATCHGPT_LAB_SCREENSHOTS to a
 directory, and SCRATCHGPT_LAB_CHAT_CHECKPOINT / SCRATCHGPT_LAB_CLASSIFIER_CHECKPOINT to serve real

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
-from app_testing import parse_sse, running_client
+from app_testing import TokenGate, parse_sse, running_client
+from waiting import wait_until
 
 
 def new_conversation(client, **fields) -> str:
@@ -71,38 +70,37 @@ def test_user_message_is_stored_before_generation_and_answer_while_streaming(cli
         busy = client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "and another"})
         assert busy.status_code == 409
         received = ""
-        deadline = time.monotonic() + 20
-        for event, data in events:
+        for event, data in events:  # the answer is 600 tokens: it streams past this check
             if event == "delta":
                 received += data["text"]
             # Periodic flushes make the partial answer visible in the database.
             stored = client.get(f"/api/v1/conversations/{cid}/messages").json()[1]["content"]
             if len(stored) > 0 and received.startswith(stored):
                 break
-            assert time.monotonic() < deadline, "the streaming answer was never written to the database"
+        else:
+            raise AssertionError("the streaming answer was never written to the database")
         client.post(f"/api/v1/conversations/{cid}/stop")
         rest = list(events)
     assert rest[-1][0] == "done" and rest[-1][1]["message"]["status"] == "interrupted"
 
 
 def test_stop_cancels_promptly_and_keeps_the_partial_answer(client):
+    """Stop takes effect at the next token: the worker, held after its third token, generates no
+    fourth once the stop has been asked for."""
     cid = new_conversation(client, max_new_tokens=900)
-    with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "go on"}) as response:
+    worker = client.app.state.models.slots["chat"].worker
+    with TokenGate(worker, hold_at=3) as gate, \
+            client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "go on"}) as response:
         events = parse_sse(response.iter_lines())
-        deltas = 0
-        for event, _ in events:
-            deltas += event == "delta"
-            if deltas == 3:
-                break
-        stopped_at = time.monotonic()
+        assert next(events)[0] == "start"  # the test client's stream moves as it is read: the job is queued after this
+        held_at = gate.wait_held()
         assert client.post(f"/api/v1/conversations/{cid}/stop").json() == {"stopped": True}
+        gate.release()
         rest = list(events)
-        elapsed = time.monotonic() - stopped_at
     done = rest[-1][1]
     assert rest[-1][0] == "done"
     assert done["finish_reason"] == "cancelled" and done["message"]["status"] == "interrupted"
-    assert done["completion_tokens"] < 900
-    assert elapsed < 5
+    assert done["completion_tokens"] == held_at == gate.tokens
     answer = client.get(f"/api/v1/conversations/{cid}").json()["messages"][-1]
     assert answer["status"] == "interrupted" and answer["content"] == done["message"]["content"]
     assert client.post(f"/api/v1/conversations/{cid}/stop").json() == {"stopped": False}
@@ -119,13 +117,9 @@ def test_client_disconnect_marks_the_answer_interrupted_and_frees_the_worker(cli
             if event == "delta":
                 break
     # The response was closed mid-stream: the server cancels generation and settles the row.
-    deadline = time.monotonic() + 10
-    while True:
-        answer = client.get(f"/api/v1/conversations/{cid}").json()["messages"][-1]
-        if answer["status"] != "streaming":
-            break
-        assert time.monotonic() < deadline, "answer still streaming after the client left"
-        time.sleep(0.05)
+    answer = wait_until(
+        lambda: (a := client.get(f"/api/v1/conversations/{cid}").json()["messages"][-1])["status"] != "streaming" and a,
+        "the answer settling after the client left")
     assert answer["status"] == "interrupted"
     assert answer["finish_reason"] == "disconnected"
     assert answer["completion_tokens"] < 900

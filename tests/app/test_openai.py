@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from app_testing import LiveServer
+from app_testing import chat_server
 
 KEY = "sk-test-0123456789abcdefghij"
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, chat_checkpoint):
-    from app.settings import Settings
-
-    home = tmp_path_factory.mktemp("openai-home")
-    settings = Settings(home=home, chat_checkpoint=chat_checkpoint, classifier_enabled=False, device="cpu",
-                        database_url=f"sqlite:///{home / 'app.db'}", log_json=False)
-    with LiveServer(settings) as server:
+    with chat_server(tmp_path_factory.mktemp("openai-home"), chat_checkpoint) as server:
         yield server
 
 
@@ -115,11 +110,7 @@ def test_errors_use_openai_shapes(openai_client):
 def test_api_keys_are_enforced_when_configured(tmp_path, chat_checkpoint):
     import openai
 
-    from app.settings import Settings
-
-    settings = Settings(home=tmp_path, chat_checkpoint=chat_checkpoint, classifier_enabled=False, device="cpu",
-                        api_keys={"ci": KEY}, log_json=False)
-    with LiveServer(settings) as server:
+    with chat_server(tmp_path, chat_checkpoint, api_keys={"ci": KEY}) as server:
         bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong-key-0123456789", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
 
-from app_testing import classify_concurrently
+from app_testing import TokenGate, classify_concurrently
 
 from core.fast.serving import ServingDecoder
 from app.services.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
@@ -34,24 +33,26 @@ def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoin
     worker = ChatWorker(checkpoint, ServingDecoder(checkpoint.model), "chat", on_tokens=tokens.append).start()
     prompt = checkpoint.tokenizer.encode("Once upon a time")
 
-    async def main():
+    async def main(gate: TokenGate):
         long_job = worker.submit(prompt, GenerationConfig(max_new_tokens=900))
         short_job = worker.submit(prompt, GenerationConfig(max_new_tokens=5))
-        async for chunk in long_job.events():
-            if long_job.completion_tokens >= 3:
-                long_job.cancel()  # what a stop or a disconnect does
-        start = time.perf_counter()
+        held_at = await asyncio.to_thread(gate.wait_held)  # the worker, held after its third token
+        long_job.cancel()  # what a stop or a disconnect does
+        gate.release()
+        async for _ in long_job.events():
+            pass
         text = "".join([c.text async for c in short_job.events() if c is not None])
-        return long_job, short_job, text, time.perf_counter() - start
+        return long_job, short_job, text, held_at
 
     try:
-        long_job, short_job, text, waited = asyncio.run(main())
+        with TokenGate(worker, hold_at=3) as gate:
+            long_job, short_job, text, held_at = asyncio.run(main(gate))
     finally:
         worker.stop()
-    assert long_job.finish_reason == "cancelled" and long_job.completion_tokens < 900
+    # The cancel took effect at the next token: not one more was generated for the long job.
+    assert long_job.finish_reason == "cancelled" and long_job.completion_tokens == held_at
     assert short_job.completion_tokens == 5 and short_job.finish_reason == "length" and text
     assert short_job.started_at >= long_job.finished_at  # one job at a time
-    assert waited < 5
     assert sum(tokens) == long_job.completion_tokens + 5
 
 
@@ -104,15 +105,17 @@ def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
     checkpoint = load_checkpoint(chat_checkpoint)
     worker = ChatWorker(checkpoint, ServingDecoder(checkpoint.model), "chat").start()
     prompt = checkpoint.tokenizer.encode("Once upon a time")
+    jobs = []
 
-    def measure() -> tuple[str, float, bool]:
-        return threading.current_thread().name, time.perf_counter(), torch.is_grad_enabled()
+    def measure() -> tuple[str, bool, bool]:
+        return threading.current_thread().name, jobs[0].finished_at is not None, torch.is_grad_enabled()
 
     def fail() -> None:
         raise ValueError("bad measurement")
 
     async def main():
         job = worker.submit(prompt, GenerationConfig(max_new_tokens=20))
+        jobs.append(job)
         result = await worker.call(measure)
         async for _ in job.events():
             pass
@@ -123,11 +126,11 @@ def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
         return job, result, error, await worker.call(sum, [1, 2, 3])
 
     try:
-        job, (thread, ran_at, grad), error, total = asyncio.run(main())
+        job, (thread, answer_finished, grad), error, total = asyncio.run(main())
     finally:
         worker.stop()
     assert thread == "chat-worker-chat" and not grad  # the worker's thread and its settings
-    assert ran_at >= job.finished_at  # queued behind the answer, never beside it
+    assert answer_finished and job.completion_tokens == 20  # queued behind the answer, never beside it
     assert str(error) == "bad measurement" and total == 6  # an error reached the caller; the worker went on
 
     async def after_stop():

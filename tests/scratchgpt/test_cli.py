@@ -51,10 +51,16 @@ def fails(argv: list[str], capsys) -> str:
     return err
 
 
-def test_generate_continues_a_prompt(lm_checkpoint, capsys):
-    assert main(["generate", "--checkpoint", str(lm_checkpoint), "--prompt", "Every effort moves you", "--max-new-tokens", "5"]) == 0
-    continuation = capsys.readouterr().out
-    assert continuation.endswith("\n") and continuation.strip()
+def test_generate_continues_a_prompt(lm_checkpoint, tok, capsys):
+    """It prints the core's greedy continuation of the prompt, all five tokens of it."""
+    from core.generation.generate import GenerationConfig, generate
+    from core.weights.checkpoint import load_checkpoint
+
+    prompt = "Every effort moves you"
+    assert main(["generate", "--checkpoint", str(lm_checkpoint), "--prompt", prompt, "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    new = generate(load_checkpoint(lm_checkpoint).model, [tok.encode(prompt)], GenerationConfig(max_new_tokens=5))[0]
+    assert len(new) == 5 and printed == tok.decode(new) + "\n"
 
 
 def test_generate_decodes_from_gguf_blocks_with_the_dense_text(gguf_chat_checkpoint, capsys):

@@ -1,6 +1,7 @@
 """The spam fine-tune on tiny models: the last-real-token rule, the activation cache, the job end to end."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,38 @@ def test_finetune_writes_a_loadable_classifier_metrics_and_plots(tmp_path, tiny_
     labelled = classify_texts(out, ["WINNER! claim your FREE prize", "see you at lunch"], device="cpu")
     assert [r["label"] in ("ham", "spam") for r in labelled] == [True, True]
     assert 0.0 <= labelled[0]["spam_probability"] <= 1.0
+
+
+HAM_WORDS = "see you at lunch ok dinner tonight thanks".split()
+SPAM_WORDS = "WINNER claim FREE prize cash URGENT txt bonus".split()
+
+
+def separable_messages(n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` ham and ``n`` spam messages drawn from two vocabularies that share no word."""
+    rng = random.Random(seed)
+    draw = lambda words: " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))  # noqa: E731
+    return [pair for _ in range(n) for pair in (("ham", draw(HAM_WORDS)), ("spam", draw(SPAM_WORDS)))]
+
+
+def test_finetune_learns_a_separable_set_in_a_few_steps(tmp_path):
+    """On messages whose words tell the class, a few optimizer steps take a random base from chance
+    (0.5: the splits are balanced) to high accuracy on messages it never saw."""
+    torch.manual_seed(0)
+    backbone = GPTModel(ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_layers=2, n_heads=4)).eval()
+    base = save_checkpoint(tmp_path / "base", backbone, gpt2_tokenizer())
+    data = tmp_path / "sms"
+    data.write_text("".join(f"{label}\t{text}\n" for label, text in separable_messages(60, seed=0)), encoding="utf-8")
+    out = finetune_spam(SpamConfig(base=str(base), data=data, out=tmp_path / "spam", epochs=2, lr=1e-3,
+                                   trainable_blocks=2, device="cpu"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = metrics["history"]["step_loss"]
+    assert metrics["sizes"]["train"] == 84 and len(steps) == 2 * 11  # 84 messages, 8 a step, 2 epochs
+    assert sum(steps[-5:]) < sum(steps[:5]) / 4
+    assert metrics["train"]["accuracy"] >= 0.95 and metrics["test"]["accuracy"] >= 0.9
+    # The saved classifier, on messages drawn afresh.
+    fresh = separable_messages(20, seed=1)
+    labelled = classify_texts(out, [text for _, text in fresh], device="cpu")
+    assert sum(r["label"] == label for r, (label, _) in zip(labelled, fresh)) >= 0.9 * len(fresh)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, tiny_base):

@@ -16,7 +16,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from core.weights.checkpoint import load_checkpoint
 from training.job_config import load_job_config
 from training.pretrain import PretrainConfig, pretrain
 from training.run_state import SAVE_PAUSE_ENV, STATE_FILE, list_checkpoints
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "the cat sat on a mat while dogs ran in the park and birds sang songs of morning light".split()
@@ -53,11 +53,11 @@ def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path: Path) -> 
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     pending_state = run / "checkpoints" / "step-000010" / (STATE_FILE + ".tmp")
     try:
-        deadline = time.monotonic() + 120
-        while not pending_state.exists():
+        def saving() -> bool:
             assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the job never reached the save of step 10"
-            time.sleep(0.05)
+            return pending_state.exists()
+
+        wait_until(saving, "the job reaching the save of step 10")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

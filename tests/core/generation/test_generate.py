@@ -75,8 +75,16 @@ def test_prompt_longer_than_context_is_a_clear_error(model):
 
 
 def test_decode_steps_reports_finished_rows_as_none(model):
-    steps = list(decode_steps(model, [[1, 2]], GenerationConfig(max_new_tokens=3)))
-    assert len(steps) == 3 and all(isinstance(s[0], int) for s in steps)
+    """A row that meets its stop token yields it, then None while the other rows go on; the steps
+    end when every row has stopped."""
+    full = generate(model, PROMPTS, GenerationConfig(max_new_tokens=8))
+    # A stop token that ends the first row while another row is still going.
+    stop = next(t for i, t in enumerate(full[0]) if any(t not in row[: i + 1] for row in full[1:]))
+    steps = list(decode_steps(model, PROMPTS, GenerationConfig(max_new_tokens=8, stop_token_ids=(stop,))))
+    ends = [row.index(stop) + 1 if stop in row else len(row) for row in full]
+    assert len(steps) == max(ends) and min(ends) < max(ends)
+    for r, (row, end) in enumerate(zip(full, ends)):
+        assert [step[r] for step in steps] == row[:end] + [None] * (len(steps) - end)
 
 
 def test_top_k_keeps_k_tokens_and_top_p_keeps_the_nucleus():

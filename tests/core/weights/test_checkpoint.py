@@ -36,15 +36,28 @@ def test_round_trip_keeps_weights_template_and_tokenizer(tmp_path, tokenizer, fa
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directories left
 
 
-def test_classifier_round_trip_and_predictions(tmp_path, tokenizer):
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_classifier_round_trip_gives_equal_probabilities(tmp_path, tokenizer, family):
+    """The reloaded classifier computes exactly the saved one's logits, and classify() turns them
+    into the same labels and probabilities."""
     torch.manual_seed(0)
-    clf = SequenceClassifier(GPTModel(tiny()), num_classes=2).eval()
+    clf = SequenceClassifier(GPTModel(tiny(family)), num_classes=2).eval()
+    with torch.no_grad():
+        clf.head.weight.mul_(30.0)  # probabilities well away from 0.5, and from each other
     save_checkpoint(tmp_path / "clf", clf, tokenizer, task="classification", labels=["ham", "spam"])
     loaded = load_checkpoint(tmp_path / "clf")
-    preds = classify(loaded, ["win a prize now", "see you at lunch"])
-    assert [p.label in ("ham", "spam") for p in preds] == [True, True]
-    for p in preds:
-        assert abs(sum(p.probabilities.values()) - 1) < 1e-5
+    texts = ["win a prize now", "see you at lunch", "URGENT! call 0906 to claim your cash", "ok"]
+    preds = classify(loaded, texts)
+    with torch.no_grad():
+        for text, pred in zip(texts, preds):
+            ids = torch.tensor([tokenizer.encode(text)])
+            logits = clf(ids)[0]
+            assert torch.equal(loaded.model(ids)[0], logits)
+            probabilities = logits.softmax(-1).tolist()
+            assert [pred.probabilities["ham"], pred.probabilities["spam"]] == pytest.approx(probabilities, abs=1e-6)
+            assert pred.label == ["ham", "spam"][int(logits.argmax())]
+    spam = [p.probabilities["spam"] for p in preds]
+    assert max(spam) - min(spam) > 0.1  # different texts, different answers: a mix-up would show
 
 
 def test_padding_does_not_move_the_classification(tokenizer):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 import torch
 
+from core.weights import download
 from core.weights.checkpoint import load_checkpoint
 from core.weights.convert import convert_to_checkpoint
 from core.weights.download import download_model
@@ -27,8 +27,14 @@ def test_download_smollm2_ends_in_a_checkpoint(smollm2_gguf, tmp_path, monkeypat
     (tmp_path / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)
     out = download_model("smollm2-135m-instruct")
     assert out == tmp_path / "models" / "smollm2-135m-instruct"
-    t0 = time.perf_counter()
-    assert download_model("smollm2") == out and time.perf_counter() - t0 < 1
+    # The second call neither fetches nor converts, and leaves every file as it was.
+    files = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    calls = []
+    for name in ("fetch_model", "convert_to_checkpoint"):
+        real = getattr(download, name)
+        monkeypatch.setattr(download, name, lambda *a, _name=name, _real=real, **kw: calls.append(_name) or _real(*a, **kw))
+    assert download_model("smollm2") == out and calls == []
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == files
     # The two-step form (fetch, then convert) lands in the same place.
     assert convert_to_checkpoint(out, "smollm2-135m-instruct") == out
     ckpt = load_checkpoint(out)

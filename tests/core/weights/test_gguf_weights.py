@@ -9,7 +9,6 @@ GGUF loader and the token ids in docs/recipes-smollm2-gguf.md.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -121,21 +120,16 @@ GREEDY_32 = [504, 3575, 282, 4649, 314, 7042, 30, 2, 198, 2, 1, 9690, 198, 2, 19
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
     """Our model and transformers' from the same GGUF, loaded once for the module."""
-    t0 = time.perf_counter()
     cfg, sd, meta = load_gguf(smollm2_gguf)
     ours = GPTModel(cfg)
     ours.load_state_dict(sd, strict=True)
     ours.eval()
-    ours_s = time.perf_counter() - t0
     pytest.importorskip("accelerate")
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
-    print(f"\nload_gguf + GPTModel: {ours_s:.1f} s; transformers from_pretrained(gguf_file=...): "
-          f"{time.perf_counter() - t0:.1f} s")
     return cfg, ours, hf, meta
 
 
