@@ -219,6 +219,28 @@ def cmd_evaluate_instruct(args: argparse.Namespace) -> None:
     ))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from core.weights.checkpoint import CheckpointError, load_checkpoint
+    from core.weights.export_gguf import GGUF_OUTTYPES, export_gguf
+    from core.weights.export_hf import HF_OUTTYPES, ExportError, check_destination, export_hf
+
+    outtypes = HF_OUTTYPES if args.format == "hf" else GGUF_OUTTYPES
+    if args.outtype is not None and args.outtype not in outtypes:
+        raise ValueError(f"--outtype {args.outtype} is not a {args.format} weight type; choose {', '.join(outtypes)}")
+    try:
+        check_destination(args.out, args.format)
+    except ExportError as err:
+        raise ValueError(f"--out: {err}") from None
+    try:
+        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    except CheckpointError as err:
+        raise ValueError(f"--checkpoint: {err}") from None
+    if ckpt.task != "causal-lm":
+        raise ValueError(f"--checkpoint {ckpt.path} is a {ckpt.task} model; only causal language models export")
+    export = export_hf if args.format == "hf" else export_gguf
+    print(export(ckpt, args.out, args.outtype))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from scratchgpt.serve import serve
 
@@ -306,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("classify", cmd_classify, "label texts with a classifier checkpoint")
     add_model_arguments(p)
     p.add_argument("texts", nargs="+")
+
+    p = verb("export", cmd_export, "write a checkpoint as a Hugging Face directory or a GGUF file for other engines")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a downloaded model's name")
+    p.add_argument("--format", required=True, choices=["hf", "gguf"],
+                   help="hf: transformers/vLLM/TGI directory; gguf: one llama.cpp file")
+    p.add_argument("--out", required=True, type=Path, help="directory (hf) or file (gguf) to write")
+    p.add_argument("--outtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="weight type: hf keeps the stored dtype by default; gguf defaults to f16 (q8_0 is gguf only)")
 
     p = verb("serve", cmd_serve, "run the web service (obtains or fine-tunes missing default models first)")
     p.add_argument("--host", default="127.0.0.1")

@@ -9,6 +9,7 @@ a template read from a downloaded file is untrusted input.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -44,12 +45,63 @@ class ChatTemplate:
             messages=messages, add_generation_prompt=add_generation_prompt, default_system=self.default_system
         )
 
+    def portable(self) -> str:
+        """This template as Jinja text that renders the same in other programs.
+
+        Hugging Face (``tokenizer_config.json``'s ``chat_template``, which vLLM
+        and TGI use too) and llama.cpp (``tokenizer.chat_template`` in a GGUF
+        file) render with ``trim_blocks`` and ``lstrip_blocks``, which eat the
+        newline after a ``{% ... %}`` tag and the indentation before one; we
+        render without. The newline and the indentation are therefore written
+        as ``{{ '...' }}`` expressions, which no setting trims, and
+        ``default_system``, a variable only we pass, is set inside the text.
+        """
+        text = self.template
+        if "default_system" in text:
+            value = "none" if self.default_system is None else json.dumps(self.default_system, ensure_ascii=False)
+            text = f"{{% set default_system = {value} %}}" + text
+        return _untrimmable(text)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "template": self.template, "stop": list(self.stop), "default_system": self.default_system}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ChatTemplate":
         return cls(data["name"], data["template"], list(data.get("stop", [])), data.get("default_system"))
+
+
+_TAG_ENDS = ("block_end", "comment_end", "raw_end")
+_TAG_BEGINS = ("block_begin", "comment_begin", "raw_begin")
+
+
+def _literal(text: str) -> str:
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
+
+
+def _untrimmable(template: str) -> str:
+    """``template`` with the text that ``trim_blocks``/``lstrip_blocks`` would remove moved into expressions."""
+    tokens = [(kind, value) for _, kind, value in ImmutableSandboxedEnvironment(keep_trailing_newline=True).lex(template)]
+    out = []
+    for i, (kind, value) in enumerate(tokens):
+        before = tokens[i - 1][0] if i else None
+        # Text inside {% raw %} is left as it is (no template we know of has one).
+        if kind != "data" or before == "raw_begin":
+            out.append(value)
+            continue
+        text, head, tail = value, "", ""
+        if before in _TAG_ENDS and text.startswith("\n"):
+            head, text = _literal("\n"), text[1:]
+        after_kind, after_value = tokens[i + 1] if i + 1 < len(tokens) else (None, "")
+        # "{%-" strips anyway and "{%+" keeps; only a plain opening is lstripped.
+        if after_kind in _TAG_BEGINS and after_value[2:3] not in ("-", "+"):
+            line_start = value.rfind("\n") + 1
+            indent = value[line_start:]
+            if indent and not indent.strip(" \t") and (line_start > 0 or i == 0):
+                text, tail = text[: len(text) - len(indent)], _literal(indent)
+        if i == len(tokens) - 1 and text.endswith("\n"):  # Jinja drops one final newline by default
+            text, tail = text[:-1], _literal("\n")
+        out.append(head + text + tail)
+    return "".join(out)
 
 
 # ChatML (OpenAI; used by SmolLM2): every turn framed by <|im_start|>role ... <|im_end|>.

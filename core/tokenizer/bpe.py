@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from core.tokenizer.errors import TokenizerFileError, TrainingError, UnknownTokenId, UnrepresentableBytes
+from core.tokenizer.errors import TokenizerError, TokenizerFileError, TrainingError, UnknownTokenId, UnrepresentableBytes
 from core.tokenizer.pretokenizer import PreTokenizer
 from core.tokenizer.specials import (
     AllowedSpecial,
@@ -229,24 +229,7 @@ class BPETokenizer(TokenizerJson):
         return self._merge_scan(data)
 
     def _merge_scan(self, data: bytes) -> list[bytes]:
-        """Merge the lowest-rank adjacent pair (leftmost on a tie) until none is a token."""
-        ranks = self.ranks
-        parts = [data[i : i + 1] for i in range(len(data))]
-        # pair_ranks[i] is the rank of parts[i] + parts[i + 1] (or _NO_MERGE).
-        pair_ranks = [ranks.get(data[i : i + 2], _NO_MERGE) for i in range(len(data) - 1)]
-        while pair_ranks:
-            best = min(pair_ranks)
-            if best == _NO_MERGE:
-                break
-            i = pair_ranks.index(best)
-            parts[i] += parts[i + 1]
-            del parts[i + 1]
-            del pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], _NO_MERGE)
-            if i < len(pair_ranks):
-                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], _NO_MERGE)
-        return parts
+        return merge_scan(data, self.ranks)
 
     def _merge_heap(self, data: bytes) -> list[bytes]:
         """The same merges as ``_merge_scan`` in O(n log n), for long pieces.
@@ -460,6 +443,50 @@ class BPETokenizer(TokenizerJson):
         """Build GPT-2's tokenizer from OpenAI's ``encoder.json`` and ``vocab.bpe``."""
         ranks, specials = ranks_from_gpt2_files(encoder_json, vocab_bpe)
         return cls(ranks, GPT2_PATTERN, specials, name)
+
+
+def merge_scan(data: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
+    """Merge the lowest-rank adjacent pair (leftmost on a tie) until none is a token."""
+    parts = [data[i : i + 1] for i in range(len(data))]
+    # pair_ranks[i] is the rank of parts[i] + parts[i + 1] (or _NO_MERGE).
+    pair_ranks = [ranks.get(data[i : i + 2], _NO_MERGE) for i in range(len(data) - 1)]
+    while pair_ranks:
+        best = min(pair_ranks)
+        if best == _NO_MERGE:
+            break
+        i = pair_ranks.index(best)
+        parts[i] += parts[i + 1]
+        del parts[i + 1]
+        del pair_ranks[i]
+        if i > 0:
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], _NO_MERGE)
+        if i < len(pair_ranks):
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], _NO_MERGE)
+    return parts
+
+
+def merges_from_ranks(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list that rebuilds ``ranks``: for each multi-byte token, in rank order, the two
+    parts that BPE over the lower-ranked tokens leaves it in.
+
+    Hugging Face ``tokenizers`` and llama.cpp store a BPE vocabulary as merges
+    (Sennrich et al., 2016), tiktoken and we as ranks; this is the way back
+    (``ranks_from_gpt2_files`` goes forward). Raises ``TokenizerError`` for a
+    vocabulary some token of which no single merge can make.
+    """
+    known: dict[bytes, int] = {}
+    merges: list[tuple[bytes, bytes]] = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            parts = merge_scan(token, known)
+            if len(parts) != 2:
+                raise TokenizerError(
+                    f"token {rank} {token!r} is not one merge of lower-ranked tokens (BPE leaves it in "
+                    f"{len(parts)} parts), so this vocabulary has no merge list"
+                )
+            merges.append((parts[0], parts[1]))
+        known[token] = rank
+    return merges
 
 
 # ------------------------------------------------------------------ GPT-2's encoder.json and vocab.bpe

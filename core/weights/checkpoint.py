@@ -119,6 +119,26 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory that replaces ``path`` whole or not at all.
+
+    Yields a temporary sibling to write into; on leaving the block it is
+    fsynced and renamed over ``path`` (``replace_dir``). An exception removes it
+    and leaves ``path`` as it was.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -138,10 +158,8 @@ def save_checkpoint(
     if task not in TASKS:
         raise CheckpointError(f"unknown task {task!r}; expected one of {TASKS}")
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.cfg
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         tensors = state_dict if state_dict is not None else model.state_dict()
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
@@ -162,11 +180,6 @@ def save_checkpoint(
             "metadata": metadata or {},
         }
         write_json(tmp / "config.json", config)
-        fsync_dir(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -5,7 +5,8 @@ chat template) followed by tensors, many of them block-quantized (Q4_1 stores
 blocks of 32 weights as 4-bit integers with a per-block scale and minimum;
 Q8_0 as 8-bit integers with a per-block scale). The ``gguf`` package from
 llama.cpp parses the file and dequantizes the blocks; this module maps the
-``llama.*`` metadata to a ``ModelConfig`` and the tensor names to ours.
+``llama.*`` (or ``gpt2.*``) metadata to a ``ModelConfig`` and the tensor names
+to ours. ``core.weights.export_gguf`` writes such files with the same name tables.
 
 One detail is easy to miss: llama.cpp's converter reorders the rows of every
 query and key projection so that its RoPE can rotate adjacent pairs
@@ -41,7 +42,7 @@ class GGUFError(ValueError):
     """A GGUF file we cannot read or convert (corrupt, truncated, unsupported architecture or tensor type)."""
 
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 
 # Block-quantized tensor types that our decoding kernels read as stored (core.fast.gguf_matvec),
 # with the bytes of one 32-weight block, and the file a checkpoint keeps them in.
@@ -70,7 +71,7 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp's permutation (the inverse of ``unpermute_qk``); used to write GGUF files in tests."""
+    """llama.cpp's permutation (the inverse of ``unpermute_qk``), for writing GGUF files (core.weights.export_gguf)."""
     hd = w.shape[0] // n_heads
     return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -125,6 +126,13 @@ def config_from_gguf_metadata(meta: dict[str, Any], source: str | Path = "GGUF f
     rot = meta.get(f"{arch}.rope.dimension_count")
     if rot is not None and int(rot) != d // n_heads:
         raise GGUFError(f"{source}: partial rotary embeddings ({rot} of {d // n_heads} dims) are not supported")
+    if arch == "gpt2":
+        # llama.cpp's GPT-2 always carries the QKV biases (OpenAI's weights have them).
+        return ModelConfig(
+            family="gpt2", vocab_size=int(vocab), context_length=int(key("context_length")), emb_dim=d,
+            n_layers=int(key("block_count")), n_heads=n_heads, hidden_dim=int(key("feed_forward_length")),
+            qkv_bias=True, tie_embeddings=True, norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
+        )
     return ModelConfig(
         family="llama",
         vocab_size=int(vocab),
@@ -152,14 +160,31 @@ def _dequantize(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
 
 
-# GGUF per-block names to ours (the Q, K and V projections are fused separately).
-_BLOCK_MAP = {
+# llama.cpp's tensor names to ours, for the whole model and for each block ("blk.{i}." /
+# "blocks.{i}."); our fused attn.qkv is three GGUF tensors, with Q and K rows permuted.
+# core.weights.export_gguf writes with the same tables.
+GGUF_MODEL_NAMES = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "final_norm.weight",
+                    "output.weight": "out_head.weight"}
+GGUF_QKV_NAMES = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+GGUF_BLOCK_NAMES = {
     "attn_norm.weight": "norm1.weight",
     "attn_output.weight": "attn.proj.weight",
     "ffn_norm.weight": "norm2.weight",
     "ffn_gate.weight": "ff.gate.weight",
     "ffn_up.weight": "ff.up.weight",
     "ffn_down.weight": "ff.down.weight",
+}
+# GPT-2 as llama.cpp names it: nn.Linear's (out, in) layout, Q, K and V fused like ours.
+GPT2_GGUF_MODEL_NAMES = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_emb.weight",
+                         "output_norm.weight": "final_norm.weight", "output_norm.bias": "final_norm.bias",
+                         "output.weight": "out_head.weight"}
+GPT2_GGUF_BLOCK_NAMES = {
+    "attn_norm.weight": "norm1.weight", "attn_norm.bias": "norm1.bias",
+    "attn_qkv.weight": "attn.qkv.weight", "attn_qkv.bias": "attn.qkv.bias",
+    "attn_output.weight": "attn.proj.weight", "attn_output.bias": "attn.proj.bias",
+    "ffn_norm.weight": "norm2.weight", "ffn_norm.bias": "norm2.bias",
+    "ffn_up.weight": "ff.fc.weight", "ffn_up.bias": "ff.fc.bias",
+    "ffn_down.weight": "ff.proj.weight", "ffn_down.bias": "ff.proj.bias",
 }
 
 
@@ -175,6 +200,8 @@ def read_gguf_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
     path = Path(path)
     reader, meta = _read(path)
     cfg = config_from_gguf_metadata(meta, path)
+    if cfg.family != "llama":  # the kernels decode the Llama family only
+        return {}
     tensors = {t.name: t for t in reader.tensors}
 
     def raw(name: str) -> tuple[str, torch.Tensor] | None:
@@ -191,18 +218,18 @@ def read_gguf_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
         blocks[head[0]] = found
     for i in range(cfg.n_layers):
         g, p = f"blk.{i}.", f"blocks.{i}."
-        q, k, v = raw(g + "attn_q.weight"), raw(g + "attn_k.weight"), raw(g + "attn_v.weight")
+        q, k, v = (raw(g + name) for name in GGUF_QKV_NAMES)
         if q and k and v and q[0] == k[0] == v[0]:
             rows = [unpermute_qk(q[1], cfg.n_heads), unpermute_qk(k[1], cfg.kv_heads), v[1]]
             blocks[p + "attn.qkv.weight"] = (q[0], torch.cat(rows, dim=0))
-        for src, dst in _BLOCK_MAP.items():
+        for src, dst in GGUF_BLOCK_NAMES.items():
             if (found := raw(g + src)) is not None:
                 blocks[p + dst] = found
     return blocks
 
 
 def load_gguf(path: str | Path) -> tuple[ModelConfig, StateDict, dict[str, Any]]:
-    """Read a llama-architecture GGUF file into ``(ModelConfig, our state dict in fp32, metadata)``.
+    """Read a llama- or gpt2-architecture GGUF file into ``(ModelConfig, our state dict in fp32, metadata)``.
 
     ``metadata`` holds every key/value pair of the file as plain Python values
     (``tokenizer.ggml.tokens``, ``tokenizer.chat_template``, ...).
@@ -227,15 +254,16 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, StateDict, dict[str, Any]]
             raise GGUFError(f"{path}: tensor {name} is missing")
         return _dequantize(tensors.pop(name))
 
-    sd: StateDict = {"tok_emb.weight": take("token_embd.weight"), "final_norm.weight": take("output_norm.weight")}
-    if not cfg.tie_embeddings:
-        sd["out_head.weight"] = take("output.weight")
+    llama = cfg.family == "llama"
+    model_names = GGUF_MODEL_NAMES if llama else GPT2_GGUF_MODEL_NAMES
+    sd: StateDict = {ours: take(name) for name, ours in model_names.items()
+                     if ours != "out_head.weight" or not cfg.tie_embeddings}
     for i in range(cfg.n_layers):
         g, p = f"blk.{i}.", f"blocks.{i}."
-        q = unpermute_qk(take(g + "attn_q.weight"), cfg.n_heads)
-        k = unpermute_qk(take(g + "attn_k.weight"), cfg.kv_heads)
-        sd[p + "attn.qkv.weight"] = torch.cat([q, k, take(g + "attn_v.weight")], dim=0)
-        for src, dst in _BLOCK_MAP.items():
+        if llama:
+            q, k, v = (take(g + name) for name in GGUF_QKV_NAMES)
+            sd[p + "attn.qkv.weight"] = torch.cat([unpermute_qk(q, cfg.n_heads), unpermute_qk(k, cfg.kv_heads), v])
+        for src, dst in (GGUF_BLOCK_NAMES if llama else GPT2_GGUF_BLOCK_NAMES).items():
             sd[p + dst] = take(g + src)
     if tensors:
         raise GGUFError(f"{path}: unexpected tensor(s) the converter does not know: {', '.join(sorted(tensors)[:8])}")

@@ -211,6 +211,29 @@ def gpt2_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise HFWeightsError(f"GPT-2 config.json lacks {err.args[0]!r}") from err
 
 
+# Our names to transformers' GPT-2 names (without GPT2LMHeadModel's "transformer." prefix),
+# for the whole model and for each block ("h.{i}." / "blocks.{i}."); True marks a Conv1D
+# weight, which transformers stores (in, out). core.weights.export_hf writes with the same table.
+GPT2_MODEL_NAMES = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
+                    "final_norm.weight": "ln_f.weight", "final_norm.bias": "ln_f.bias"}
+GPT2_BLOCK_NAMES: dict[str, tuple[str, bool]] = {
+    "norm1.weight": ("ln_1.weight", False),
+    "norm1.bias": ("ln_1.bias", False),
+    # c_attn's output columns are already q | k | v, each n_heads * head_dim wide.
+    "attn.qkv.weight": ("attn.c_attn.weight", True),
+    "attn.qkv.bias": ("attn.c_attn.bias", False),
+    "attn.proj.weight": ("attn.c_proj.weight", True),
+    "attn.proj.bias": ("attn.c_proj.bias", False),
+    "norm2.weight": ("ln_2.weight", False),
+    "norm2.bias": ("ln_2.bias", False),
+    "ff.fc.weight": ("mlp.c_fc.weight", True),
+    "ff.fc.bias": ("mlp.c_fc.bias", False),
+    "ff.proj.weight": ("mlp.c_proj.weight", True),
+    "ff.proj.bias": ("mlp.c_proj.bias", False),
+}
+HEAD_NAME = "lm_head.weight"  # the untied output layer, in both families
+
+
 def convert_gpt2_state_dict(hf_sd: StateDict, cfg: ModelConfig, origin: str | Path = "checkpoint",
                             dtype: torch.dtype = torch.float32) -> StateDict:
     """Rename and transpose a transformers GPT-2 state dict into ours (Conv1D ``(in, out)`` -> Linear ``(out, in)``)."""
@@ -218,38 +241,23 @@ def convert_gpt2_state_dict(hf_sd: StateDict, cfg: ModelConfig, origin: str | Pa
     # have no "transformer." prefix; GPT2LMHeadModel's have it.
     tensors = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
     src = _Source(tensors, origin, dtype)
-    d, ff, V = cfg.emb_dim, cfg.ff_dim, cfg.vocab_size
+    want = expected_shapes(cfg)
 
-    def conv1d(name: str, n_in: int, n_out: int) -> torch.Tensor:
-        return src.take(name, (n_in, n_out)).t().contiguous()
+    def take(ours: str, theirs: str, conv1d: bool = False) -> torch.Tensor:
+        if conv1d:
+            return src.take(theirs, want[ours][::-1]).t().contiguous()
+        return src.take(theirs, want[ours])
 
-    sd: StateDict = {
-        "tok_emb.weight": src.take("wte.weight", (V, d)),
-        "pos_emb.weight": src.take("wpe.weight", (cfg.context_length, d)),
-    }
+    sd: StateDict = {ours: take(ours, theirs) for ours, theirs in GPT2_MODEL_NAMES.items()}
     for i in range(cfg.n_layers):
-        h, p = f"h.{i}.", f"blocks.{i}."
-        sd[p + "norm1.weight"] = src.take(h + "ln_1.weight", (d,))
-        sd[p + "norm1.bias"] = src.take(h + "ln_1.bias", (d,))
-        # c_attn's output columns are already q | k | v, each n_heads * head_dim wide.
-        sd[p + "attn.qkv.weight"] = conv1d(h + "attn.c_attn.weight", d, 3 * d)
-        sd[p + "attn.qkv.bias"] = src.take(h + "attn.c_attn.bias", (3 * d,))
-        sd[p + "attn.proj.weight"] = conv1d(h + "attn.c_proj.weight", d, d)
-        sd[p + "attn.proj.bias"] = src.take(h + "attn.c_proj.bias", (d,))
-        sd[p + "norm2.weight"] = src.take(h + "ln_2.weight", (d,))
-        sd[p + "norm2.bias"] = src.take(h + "ln_2.bias", (d,))
-        sd[p + "ff.fc.weight"] = conv1d(h + "mlp.c_fc.weight", d, ff)
-        sd[p + "ff.fc.bias"] = src.take(h + "mlp.c_fc.bias", (ff,))
-        sd[p + "ff.proj.weight"] = conv1d(h + "mlp.c_proj.weight", ff, d)
-        sd[p + "ff.proj.bias"] = src.take(h + "mlp.c_proj.bias", (d,))
-    sd["final_norm.weight"] = src.take("ln_f.weight", (d,))
-    sd["final_norm.bias"] = src.take("ln_f.bias", (d,))
+        for ours, (theirs, conv1d) in GPT2_BLOCK_NAMES.items():
+            sd[f"blocks.{i}.{ours}"] = take(f"blocks.{i}.{ours}", f"h.{i}.{theirs}", conv1d)
     if cfg.tie_embeddings:
         # A tied checkpoint may still list lm_head (torch.save of a tied model
         # writes it); transformers ignores it in favour of wte, and so do we.
-        src.pop_optional("lm_head.weight")
+        src.pop_optional(HEAD_NAME)
     else:
-        sd["out_head.weight"] = src.take("lm_head.weight", (V, d))
+        sd["out_head.weight"] = take("out_head.weight", HEAD_NAME)
     # attn.bias / attn.masked_bias are causal-mask buffers older transformers saved.
     src.finish(ignore_suffixes=(".attn.bias", ".attn.masked_bias"))
     check_state_dict(sd, cfg, origin)
@@ -328,30 +336,43 @@ def llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise HFWeightsError(f"Llama config.json lacks {err.args[0]!r}") from err
 
 
+# Our names to transformers' Llama names, for the whole model and for each block
+# ("model.layers.{i}." / "blocks.{i}."); our fused attn.qkv is their three projections.
+LLAMA_MODEL_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
+LLAMA_BLOCK_NAMES = {
+    "norm1.weight": "input_layernorm.weight",
+    "attn.proj.weight": "self_attn.o_proj.weight",
+    "norm2.weight": "post_attention_layernorm.weight",
+    "ff.gate.weight": "mlp.gate_proj.weight",
+    "ff.up.weight": "mlp.up_proj.weight",
+    "ff.down.weight": "mlp.down_proj.weight",
+}
+LLAMA_QKV_NAMES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
+def qkv_rows(cfg: ModelConfig) -> tuple[int, int, int]:
+    """How many rows of the fused ``attn.qkv`` are query, key and value (grouped-query attention has fewer K/V)."""
+    return cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+
+
 def convert_llama_state_dict(hf_sd: StateDict, cfg: ModelConfig, origin: str | Path = "checkpoint",
                              dtype: torch.dtype = torch.float32) -> StateDict:
     """Rename a transformers Llama state dict into ours, fusing q/k/v rows into ``attn.qkv``."""
     src = _Source(hf_sd, origin, dtype)
-    d, ff, V, hd = cfg.emb_dim, cfg.ff_dim, cfg.vocab_size, cfg.head_dim
-    sd: StateDict = {"tok_emb.weight": src.take("model.embed_tokens.weight", (V, d))}
+    want = expected_shapes(cfg)
+    sd: StateDict = {ours: src.take(theirs, want[ours]) for ours, theirs in LLAMA_MODEL_NAMES.items()}
     for i in range(cfg.n_layers):
         h, p = f"model.layers.{i}.", f"blocks.{i}."
-        sd[p + "norm1.weight"] = src.take(h + "input_layernorm.weight", (d,))
         # Q/K rows stay in Hugging Face's order, which is what rotate-half RoPE expects.
-        q = src.take(h + "self_attn.q_proj.weight", (cfg.n_heads * hd, d))
-        k = src.take(h + "self_attn.k_proj.weight", (cfg.kv_heads * hd, d))
-        v = src.take(h + "self_attn.v_proj.weight", (cfg.kv_heads * hd, d))
-        sd[p + "attn.qkv.weight"] = torch.cat([q, k, v], dim=0)
-        sd[p + "attn.proj.weight"] = src.take(h + "self_attn.o_proj.weight", (d, cfg.n_heads * hd))
-        sd[p + "norm2.weight"] = src.take(h + "post_attention_layernorm.weight", (d,))
-        sd[p + "ff.gate.weight"] = src.take(h + "mlp.gate_proj.weight", (ff, d))
-        sd[p + "ff.up.weight"] = src.take(h + "mlp.up_proj.weight", (ff, d))
-        sd[p + "ff.down.weight"] = src.take(h + "mlp.down_proj.weight", (d, ff))
-    sd["final_norm.weight"] = src.take("model.norm.weight", (d,))
+        sd[p + "attn.qkv.weight"] = torch.cat([
+            src.take(h + name, (rows, cfg.emb_dim)) for name, rows in zip(LLAMA_QKV_NAMES, qkv_rows(cfg))
+        ], dim=0)
+        for ours, theirs in LLAMA_BLOCK_NAMES.items():
+            sd[p + ours] = src.take(h + theirs, want[p + ours])
     if cfg.tie_embeddings:
-        src.pop_optional("lm_head.weight")
+        src.pop_optional(HEAD_NAME)
     else:
-        sd["out_head.weight"] = src.take("lm_head.weight", (V, d))
+        sd["out_head.weight"] = src.take(HEAD_NAME, want["out_head.weight"])
     # rotary_emb.inv_freq is a buffer some older checkpoints saved; we recompute it.
     src.finish(ignore_suffixes=("rotary_emb.inv_freq",))
     check_state_dict(sd, cfg, origin)

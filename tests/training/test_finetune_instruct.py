@@ -97,3 +97,20 @@ def test_bad_inputs_are_clear_errors(tmp_path, base, data):
     with pytest.raises(ValueError, match="--trainable-blocks 7 exceeds the base's 3 blocks"):
         finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "o", trainable_blocks=7))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_lora_fine_tune_exports_to_transformers_with_the_adapters_merged(tmp_path, base, data):
+    """The fine-tune saves merged weights, so `scratchgpt export` needs no LoRA step of its own."""
+    transformers = pytest.importorskip("transformers")
+    from core.weights.export_hf import export_hf
+
+    out = finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "lora", method="lora",
+                                           lora_rank=2, lora_alpha=4, epochs=2, batch_size=4, lr=5e-2,
+                                           test_responses=False, device="cpu"))
+    tuned = load_checkpoint(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tuned, tmp_path / "hf")).eval()
+    ids = torch.tensor([tuned.tokenizer.encode(tuned.chat_template.render([{"role": "user", "content": "Repeat red."}]))])
+    with torch.no_grad():
+        ours, theirs, before = tuned.model(ids), hf(ids).logits, load_checkpoint(base).model(ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    assert float((ours - before).abs().max()) > 100 * 1e-4  # the adapters moved the logits well past the tolerance

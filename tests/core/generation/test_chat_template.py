@@ -1,4 +1,5 @@
 import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from core.generation.chat_template import ALPACA, CHATML, ChatTemplate, ChatTemplateError, alpaca_user_content
 
@@ -39,3 +40,25 @@ def test_templates_run_sandboxed():
     evil = ChatTemplate("evil", "{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(Exception):
         evil.render([{"role": "user", "content": "x"}])
+
+
+TRIMMED = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # how transformers and llama.cpp render
+
+
+@pytest.mark.parametrize("template", [
+    CHATML,
+    ALPACA,
+    ChatTemplate("indented", "{% for m in messages %}\n  {% if m['role'] == 'user' %}\nUser: {{ m['content'] }}\n"
+                 "    {%- else %}\n  Bot:\t{{ m['content'] }}  {# note #}\n{% endif %}\n   {% endfor %}\n"
+                 "{%+ if add_generation_prompt +%}\nBot:{% endif %}\n", [], None),
+    ChatTemplate("system", "{{ default_system }}|{% if messages %}\n{{ messages[0]['content'] }}{% endif %}\n", [],
+                 'Say "hi" in café style.\nThen stop.'),
+])
+def test_portable_template_renders_the_same_when_blocks_are_trimmed(template):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi\nthere"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "x"}]
+    for conversation in (messages, messages[1:2]):
+        ours = template.render(conversation)
+        portable = template.portable()
+        assert TRIMMED.from_string(portable).render(messages=conversation, add_generation_prompt=True) == ours
+        assert ChatTemplate("p", portable).render(conversation) == ours

@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 from core.tokenizer import (
     BPETokenizer,
     TiktokenTokenizer,
+    TokenizerError,
     TokenizerFileError,
     TrainingError,
     UnrepresentableBytes,
     gpt2_tokenizer,
 )
-from core.tokenizer.bpe import GPT2_PATTERN, bytes_to_unicode
+from core.tokenizer.bpe import GPT2_PATTERN, bytes_to_unicode, merges_from_ranks, ranks_from_gpt2_files
 
 SMALL_TEXT = (
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs on and on.\n"
@@ -144,6 +145,25 @@ def test_train_is_deterministic_and_ignores_specials_in_text():
     b = BPETokenizer.train(text, vocab_size=330)
     assert a.ranks == b.ranks
     assert not any(b"<|" in t or b"|>" in t for t in a.ranks)
+
+
+def test_merges_from_ranks_rebuild_the_ranks_through_gpt2s_files(tmp_path):
+    """The merges the exports write read back, through OpenAI's file pair, to the same ranks."""
+    tok = BPETokenizer.train(SMALL_TEXT, vocab_size=400, name="tiny")
+    merges = merges_from_ranks(tok.ranks)
+    assert len(merges) == 399 - 256 and all(a + b in tok.ranks for a, b in merges)
+    spell = bytes_to_unicode()
+
+    def text(data: bytes) -> str:
+        return "".join(spell[b] for b in data)
+
+    (tmp_path / "encoder.json").write_text(json.dumps({text(t): i for t, i in tok.ranks.items()} | {"<|endoftext|>": 399}))
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(f"{text(a)} {text(b)}" for a, b in merges))
+    assert ranks_from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe") == (tok.ranks, {"<|endoftext|>": 399})
+    # A token that no single merge of lower-ranked tokens makes has no merge list.
+    ranks = {bytes((b,)): b for b in range(256)} | {b"abc": 256}
+    with pytest.raises(TokenizerError, match="3 parts"):
+        merges_from_ranks(ranks)
 
 
 def test_train_errors():

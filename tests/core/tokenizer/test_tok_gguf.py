@@ -282,3 +282,13 @@ def test_not_a_gguf_file(tmp_path):
     truncated.write_bytes(good[:200])
     with pytest.raises(GGUFTokenizerError, match="truncated"):
         read_gguf_metadata(truncated)
+
+
+def test_merges_recovered_from_ranks_are_the_files_merges(smollm2_gguf_path, smollm2_meta):
+    """What the exports write (core.tokenizer.export) for SmolLM2: its own 48,900 merges, in order."""
+    from core.tokenizer.bpe import merges_from_ranks
+
+    tok, _ = smollm2(smollm2_gguf_path, "tiktoken")
+    spell = bytes_to_unicode()
+    merges = ["".join(spell[b] for b in a) + " " + "".join(spell[b] for b in b_) for a, b_ in merges_from_ranks(tok.ranks)]
+    assert merges == list(smollm2_meta["tokenizer.ggml.merges"])

@@ -81,8 +81,8 @@ def test_quantized_types_dequantize_exactly(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    write_gguf(tmp_path / "g.gguf", hf_llama(True), types={}, arch="gpt2")
-    with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported"):
+    write_gguf(tmp_path / "g.gguf", hf_llama(True), types={}, arch="qwen2")
+    with pytest.raises(GGUFError, match="architecture 'qwen2' is not supported"):
         load_gguf(tmp_path / "g.gguf")
 
 
