@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from core.model.config import ModelConfig
-from core.generation.generate import ContextLengthError, GenerationConfig, _held_back, decode_steps, generate
+from core.generation.generate import ContextLengthError, GenerationConfig, held_back, decode_steps, generate
 from core.model import GPTModel
 from core.generation.sampling import SamplingConfig, filter_logits, sample
 
@@ -119,7 +119,7 @@ def test_sampling_respects_filters_and_greedy_is_argmax():
         SamplingConfig(top_p=1.5)
 
 
-def test_held_back_text_is_a_possible_stop_prefix():
-    assert _held_back("hello ###", ("### Instruction:",)) == 3
-    assert _held_back("hello", ("### Instruction:",)) == 0
-    assert _held_back("ab<|im", ("<|im_end|>",)) == 4
+def testheld_back_text_is_a_possible_stop_prefix():
+    assert held_back("hello ###", ("### Instruction:",)) == 3
+    assert held_back("hello", ("### Instruction:",)) == 0
+    assert held_back("ab<|im", ("<|im_end|>",)) == 4
