@@ -22,6 +22,7 @@ from core.model.kv_cache import KVCache
 from core.model import GPTModel
 from core.generation.sampling import SamplingConfig, make_generator, sample
 from core.fast.speculative import speculative_tokens
+from core.tokenizer.streaming import StreamDecoder
 
 
 class ContextLengthError(ValueError):
@@ -217,8 +218,6 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, cfg: GenerationConfig) -> None:
-        from core.tokenizer.streaming import StreamDecoder
-
         self._decoder = StreamDecoder(tokenizer)
         self._pending = ""
         self._stop_ids = set(cfg.stop_token_ids)
