@@ -318,7 +318,8 @@ class _Slots:
         p = next(model.parameters())
         self.cfg, self.slots, self.max_len = model.cfg, slots, max_len
         self.device, self.dtype = p.device, p.dtype
-        self.keys = self.values = self._zeros(min(MIN_ROW_LENGTH, max_len))
+        length = min(MIN_ROW_LENGTH, max_len)
+        self.keys, self.values = self._zeros(length), self._zeros(length)
 
     def _zeros(self, length: int) -> torch.Tensor:
         # Zeros, not empty memory: attention reads positions past a row's own under its mask,
