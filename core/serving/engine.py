@@ -38,7 +38,10 @@ What exists keeps working:
 
 - a prompt that continues a conversation kept in the prefix cache
   (``core.fast.prefix_cache``) copies those rows into its slot instead of
-  prefilling them, and every retired sequence stores its rows back;
+  prefilling them, and every retired sequence stores its rows back. Each
+  prompt's rows are also stored as soon as its prefill ends, and the cache is
+  looked up when a prefill starts, so that requests arriving together run the
+  chat template's preamble (or a shared system prompt) once, not once each;
 - the model's own modules run, so the serving transforms installed on them
   (``core.fast.transforms``: panels, oneDNN copies, the screened output layer
   for all-greedy batches) apply by themselves. A fused decoding layer
@@ -276,6 +279,7 @@ class _Sequence:
     next_token: int | None = None  # the last token sampled, fed at the next step; None while prefilling
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
+    started: bool = False  # whether its prefill has begun (and the prefix cache was looked up)
     last_token_at: float = 0.0
 
 
@@ -596,18 +600,19 @@ class Engine:
             self._observe("queue_seconds", now - seq.handle.submitted_at)
         if admitted:
             self._slots.reserve(max(min(len(s.prompt) + s.limit, self.max_len) for s in admitted), len(self._active))
-        for seq in admitted:
-            seq.cached = seq.handle.cached_prompt_tokens = self._take_kept(seq)
-            self.stats.cached_tokens += seq.cached
 
-    def _take_kept(self, seq: _Sequence) -> int:
-        """Copy the longest kept prefix of the prompt into the sequence's slot; how many positions."""
+    def _take_kept(self, seq: _Sequence) -> None:
+        """Copy the longest kept prefix of the prompt into the sequence's slot. Looked up when its
+        prefill starts, not at admission: sequences admitted together then find the prompts that
+        went before them in this very step (the chat template's preamble, a shared system prompt)."""
+        seq.started = True
         if self.prefix_cache is None:
-            return 0
+            return
         kept = self.prefix_cache.take(self.model, seq.prompt, len(seq.prompt))
         if kept.length:
             self._slots.load(seq.row, kept, kept.length)
-        return kept.length
+        seq.cached = seq.handle.cached_prompt_tokens = kept.length
+        self.stats.cached_tokens += kept.length
 
     def _prefill(self) -> None:
         """Up to ``prefill_chunk`` prompt tokens in all, oldest sequence first; a prompt whose last
@@ -618,6 +623,8 @@ class Engine:
                 return
             if seq.next_token is not None or seq.row < 0:
                 continue  # decoding already, or retired by an earlier one's first token
+            if not seq.started:
+                self._take_kept(seq)
             n = min(budget, len(seq.prompt) - seq.cached)
             ids = torch.tensor([seq.prompt[seq.cached : seq.cached + n]], device=self._slots.device)
             cache = self._slots.row(seq.row, seq.cached)
@@ -631,6 +638,8 @@ class Engine:
             budget -= n
             self.stats.prefilled_tokens += n
             if last:
+                if self.prefix_cache is not None:  # for the prompts after it that share its start
+                    self.prefix_cache.put(seq.prompt, self._slots.export(seq.row, seq.cached))
                 self._emit(seq, int(sample(logits[:, -1], seq.config, seq.generator)))
 
     def _decode(self) -> None:

@@ -190,6 +190,17 @@ def test_a_conversation_kept_in_the_prefix_cache_is_copied_into_its_slot(model, 
     assert [tokens(h) for h in handles] == [alone(model, follow_up), alone(model, PROMPTS[0])]
 
 
+def test_prompts_arriving_together_run_their_shared_start_once(model, tokenizer):
+    preamble = list(range(40, 60))  # a chat template's preamble, longer than the prefix cache's MIN_REUSE
+    prompts = [preamble + [5, 6, 7], preamble + [8, 9], preamble + [10, 11, 12, 13]]
+    engine = Engine(model, tokenizer, max_batch=3, prefix_cache=PrefixCache())
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    run(engine)
+    assert [h.cached_prompt_tokens for h in handles] == [0, len(preamble), len(preamble)]
+    assert engine.stats.prefilled_tokens == len(prompts[0]) + 2 + 4
+    assert [tokens(h) for h in handles] == [alone(model, p) for p in prompts]
+
+
 def test_an_answer_that_outgrows_its_slot_ends_with_length(model, tokenizer):
     engine = Engine(model, tokenizer, max_len=20)
     prompt = list(range(40, 55))  # 15 tokens: room for 5 more positions, so 6 new tokens
