@@ -293,23 +293,26 @@ class _RowCache(KVCache):
 
 
 class _BatchStep:
-    """The cache of a batched step over rows ``0..B-1``: each row's new keys and values land at its
-    own position, and attention reads every row up to the furthest position, masked per row."""
+    """The cache of one batched pass over some slots, each row with its own new tokens at its own
+    positions: the real ones' keys and values land there, padding's nowhere, and attention reads
+    every row up to the furthest position, masked per query."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-        self.rows = torch.arange(len(positions), device=positions.device)
-        self.positions = positions
+    def __init__(self, slots: "_Slots", rows: list[int] | range, positions: torch.Tensor, real: torch.Tensor) -> None:
+        self.keys, self.values = slots.keys, slots.values
+        device = positions.device
         self.span = int(positions.max()) + 1
+        # A range of slots reads as a view of the buffer; other rows (a prefill's) are gathered.
+        self.read = slice(rows.start, rows.stop) if isinstance(rows, range) else torch.tensor(rows, device=device)
+        row_ids = torch.tensor(list(rows), device=device)[:, None].expand_as(positions)
+        self.real, self.write_rows, self.write_positions = real, row_ids[real], positions[real]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, kv_heads, 1, head_dim). Indexing rows and positions together picks one
-        # (kv_heads, head_dim) block per row: the advanced indices' dimension comes first.
+        # k, v: (B, kv_heads, T, head_dim). Indexing slot rows and positions together addresses one
+        # (kv_heads, head_dim) block per real token: the advanced indices' dimension comes first.
         keys, values = self.keys[layer], self.values[layer]
-        keys[self.rows, :, self.positions] = k[:, :, 0]
-        values[self.rows, :, self.positions] = v[:, :, 0]
-        B = len(self.rows)
-        return keys[:B, :, : self.span], values[:B, :, : self.span]
+        keys[self.write_rows, :, self.write_positions] = k.transpose(1, 2)[self.real]
+        values[self.write_rows, :, self.write_positions] = v.transpose(1, 2)[self.real]
+        return keys[self.read, :, : self.span], values[self.read, :, : self.span]
 
     def advance(self, n: int) -> None:
         pass  # the engine counts each row's positions itself
@@ -372,6 +375,21 @@ class _Slots:
         cache.values[:, 0] = self.values[:, row, :, :length]
         cache.length = length
         return cache
+
+
+def _similar_lengths(work: list[tuple[Any, int]], waste: float = 1.25) -> list[list[tuple[Any, int]]]:
+    """``(sequence, tokens)`` pairs in groups run as one right-padded pass each: longest first, a
+    group taking the next while its padded size stays within ``waste`` times its real tokens."""
+    groups: list[list[tuple[Any, int]]] = []
+    real = 0
+    for item in sorted(work, key=lambda w: -w[1]):
+        if groups and (len(groups[-1]) + 1) * groups[-1][0][1] <= waste * (real + item[1]):
+            groups[-1].append(item)
+            real += item[1]
+        else:
+            groups.append([item])
+            real = item[1]
+    return groups
 
 
 class Engine:
@@ -615,32 +633,72 @@ class Engine:
         self.stats.cached_tokens += kept.length
 
     def _prefill(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens in all, oldest sequence first; a prompt whose last
-        token is run samples its first new token from there."""
+        """Up to ``prefill_chunk`` prompt tokens in all, oldest sequence first, batched; a prompt whose
+        last token is run samples its first new token from there.
+
+        Two passes when new prompts start: the prompts under way and the oldest new one first, then
+        the other new ones, which look up the prefix cache only then: prompts arriving together
+        mostly share their start (the chat template's preamble, a system prompt), and that start
+        is then run once and copied, not run once each."""
         budget = self.prefill_chunk
-        for seq in list(self._active):
+        first: list[tuple[_Sequence, int]] = []
+        later: list[_Sequence] = []
+        starting = False  # whether a new prompt is in the first pass
+        for seq in self._active:
             if budget == 0:
-                return
-            if seq.next_token is not None or seq.row < 0:
-                continue  # decoding already, or retired by an earlier one's first token
-            if not seq.started:
-                self._take_kept(seq)
+                break
+            if seq.next_token is not None:
+                continue  # decoding already
+            if seq.started or not starting:
+                if not seq.started:
+                    self._take_kept(seq)
+                    starting = True
+                n = min(budget, len(seq.prompt) - seq.cached)
+                first.append((seq, n))
+                budget -= n
+            else:
+                later.append(seq)
+        self._prefill_pass(first)
+        second = []
+        for seq in later:
+            if budget == 0:
+                break
+            self._take_kept(seq)
             n = min(budget, len(seq.prompt) - seq.cached)
-            ids = torch.tensor([seq.prompt[seq.cached : seq.cached + n]], device=self._slots.device)
-            cache = self._slots.row(seq.row, seq.cached)
-            last = seq.cached + n == len(seq.prompt)
-            if last:
-                logits = self.model(ids, cache=cache, last_only=True, argmax_only=seq.config.greedy)
-            else:  # no logits needed: the blocks alone fill the slot
-                ctx = self.model.context(ids, cache=cache)
-                self.model.run_blocks(self.model.embed(ids, ctx), ctx)
-            seq.cached += n
+            second.append((seq, n))
             budget -= n
-            self.stats.prefilled_tokens += n
-            if last:
-                if self.prefix_cache is not None:  # for the prompts after it that share its start
-                    self.prefix_cache.put(seq.prompt, self._slots.export(seq.row, seq.cached))
-                self._emit(seq, int(sample(logits[:, -1], seq.config, seq.generator)))
+        self._prefill_pass(second)
+
+    def _prefill_pass(self, work: list[tuple[_Sequence, int]]) -> None:
+        """Run ``n`` more prompt tokens of each sequence: alone, the model's ordinary forward (the very
+        pass ``core.generation`` runs for a lone prompt), else groups of similar lengths, one pass each."""
+        done = []
+        for group in _similar_lengths(work):
+            finishing = [i for i, (seq, n) in enumerate(group) if seq.cached + n == len(seq.prompt)]
+            greedy = all(group[i][0].config.greedy for i in finishing)
+            if len(group) == 1:
+                seq, n = group[0]
+                ids = torch.tensor([seq.prompt[seq.cached : seq.cached + n]], device=self._slots.device)
+                cache = self._slots.row(seq.row, seq.cached)
+                if finishing:
+                    logits = self.model(ids, cache=cache, last_only=True, argmax_only=greedy)[:, -1]
+                else:  # no logits needed: the blocks alone fill the slot
+                    ctx = self.model.context(ids, cache=cache)
+                    self.model.run_blocks(self.model.embed(ids, ctx), ctx)
+            else:
+                logits = self._pass(
+                    [seq.row for seq, _ in group], [seq.prompt[seq.cached : seq.cached + n] for seq, n in group],
+                    [seq.cached for seq, _ in group], finishing, greedy)
+            for seq, n in group:
+                seq.cached += n
+                self.stats.prefilled_tokens += n
+            done += [(group[i][0], logits[k : k + 1]) for k, i in enumerate(finishing)]
+        # Every slot is written before any sequence retires (a retirement moves the last slot's rows).
+        if self.prefix_cache is not None:
+            for seq, _ in done:  # for the prompts after it that share its start
+                self.prefix_cache.put(seq.prompt, self._slots.export(seq.row, seq.cached))
+        for seq, logits in done:
+            self._emit(seq, int(sample(logits, seq.config, seq.generator)))
 
     def _decode(self) -> None:
         """One token for every sequence past its prompt, in one pass."""
@@ -657,33 +715,45 @@ class Engine:
             logits = self.model(ids, cache=self._slots.row(seq.row, seq.cached), last_only=True, argmax_only=greedy)
             logits = logits[:, -1]
         else:
-            # Rows 0..last decoding one: a row still prefilling among them decodes a stand-in token
-            # at its next prompt position, which its prefill overwrites; its logits are dropped.
+            # Slots 0..last decoding one, as one view of the buffer: a slot still prefilling among them
+            # takes no token (nothing is written for it) and its logits are not computed.
             rows = self._active[: max(s.row for s in seqs) + 1]
-            tokens = [s.next_token if s.next_token is not None else 0 for s in rows]
-            logits = self._batched_step(tokens, [s.cached for s in rows], greedy)
-            logits = logits[[s.row for s in seqs]]
+            logits = self._pass(
+                range(len(rows)), [[s.next_token] if s.next_token is not None else [] for s in rows],
+                [s.cached for s in rows], [s.row for s in seqs], greedy)
         for seq in seqs:
             seq.cached += 1
         for seq, token in zip(seqs, self._sample(seqs, logits)):
             self._emit(seq, token)
 
-    def _batched_step(self, tokens: list[int], positions: list[int], argmax_only: bool) -> torch.Tensor:
-        """Last logits (B, vocab) of one new token per row, each at its own position."""
+    def _pass(self, rows: list[int] | range, chunks: list[list[int]], starts: list[int], heads: list[int],
+              argmax_only: bool) -> torch.Tensor:
+        """One forward pass over the slots ``rows``, row i taking the tokens ``chunks[i]`` at the
+        positions from ``starts[i]`` on (right-padded to the longest); the logits (len(heads),
+        vocab) after the last token of the rows whose indices are ``heads``."""
         model, device = self.model, self._slots.device
-        ids = torch.tensor(tokens, device=device)[:, None]
-        pos = torch.tensor(positions, device=device)
-        cache = _BatchStep(self._slots.keys, self._slots.values, pos)
-        visible = torch.arange(cache.span, device=device)[None, :] <= pos[:, None]  # (B, S): the keys each row sees
-        ctx = ForwardContext(pos[:, None], visible[:, None, None, :], model.rope_at(pos[:, None]), cache)
+        T = max(len(c) for c in chunks)
+        ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=device)
+        counts = torch.tensor([len(c) for c in chunks], device=device)
+        offsets = torch.arange(T, device=device)
+        real = offsets[None, :] < counts[:, None]
+        # Padding sits at its row's last real position (a row with none at its start): inside the
+        # position tables, and never written, since only real tokens store keys and values.
+        last = (counts - 1).clamp(min=0)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.minimum(offsets[None, :], last[:, None])
+        cache = _BatchStep(self._slots, rows, positions, real)
+        visible = torch.arange(cache.span, device=device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        ctx = ForwardContext(positions, visible[:, None], model.rope_at(positions), cache)
         x = model.embed(ids, ctx)
         for block in model.blocks:
             # The block's own code, even where a fused twin (core.fast.fused_layers) replaced it: the
             # fused kernel writes every row at one position. Its linear layers keep their fast paths.
             x, _ = TransformerBlock.forward(block, x, ctx)
+        heads_at = torch.tensor(heads, device=device)
+        hidden = x[heads_at, last[heads_at]][:, None]  # (len(heads), 1, d)
         if argmax_only and model.argmax_head is not None:
-            return model.argmax_head(model.final_norm(x), model.head_weight)[:, -1]
-        return model.logits(x)[:, -1]
+            return model.argmax_head(model.final_norm(hidden), model.head_weight)[:, 0]
+        return model.logits(hidden)[:, 0]
 
     @staticmethod
     def _sample(seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:

@@ -45,29 +45,32 @@ def run(engine) -> int:
 
 
 def test_sequences_decoded_together_give_each_the_tokens_and_logits_it_gets_alone(model, tokenizer):
+    # The oldest prompt is prefilled alone, the three after it in one pass, right-padded to the
+    # longest (8, 7 and 6 tokens), then every decoding step is one pass over all four rows.
+    prompts = [PROMPTS[0], list(range(20, 28)), list(range(40, 47)), list(range(60, 66))]
     # Logits from the final norm's output, which every pass goes through once per sampled token.
     seen: list[torch.Tensor] = []
     hook = model.final_norm.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
     try:
-        expected, expected_logits = [], []
-        for prompt in PROMPTS:
+        expected, expected_hidden = [], []
+        for prompt in prompts:
             seen.clear()
             expected.append(alone(model, prompt))
-            expected_logits.append(torch.cat([h[:, -1] for h in seen]))  # (steps, d): one per token
+            expected_hidden.append(torch.cat([h[:, -1] for h in seen]))  # (tokens, d)
         seen.clear()
-        engine = Engine(model, tokenizer, max_batch=len(PROMPTS), prefill_chunk=1000)
-        handles = [engine.submit(p, GREEDY) for p in PROMPTS]
+        engine = Engine(model, tokenizer, max_batch=len(prompts))
+        handles = [engine.submit(p, GREEDY) for p in prompts]
         run(engine)
     finally:
         hook.remove()
     assert [tokens(h) for h in handles] == expected
-    # The first step prefills each prompt alone (one row each), every later pass is the whole batch.
-    first = torch.cat([h[:, -1] for h in seen[: len(PROMPTS)]])
-    batched = torch.stack([h[:, -1] for h in seen[len(PROMPTS):]], dim=1)  # (rows, steps, d)
-    for row in range(len(PROMPTS)):
-        got = torch.cat([first[row : row + 1], batched[row]])
+    assert [h.shape[0] for h in seen] == [1, 3] + [4] * (GREEDY.max_new_tokens - 1)
+    prefilled = torch.cat([h[:, -1] for h in seen[:2]])  # (4, d)
+    decoded = torch.stack([h[:, -1] for h in seen[2:]], dim=1)  # (4, steps, d)
+    for row in range(len(prompts)):
+        got = torch.cat([prefilled[row : row + 1], decoded[row]])
         head = model.head_weight
-        torch.testing.assert_close(got @ head.T, expected_logits[row] @ head.T, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got @ head.T, expected_hidden[row] @ head.T, rtol=1e-4, atol=1e-4)
 
 
 def test_a_sequence_admitted_mid_flight_leaves_the_others_unchanged(model, tokenizer):
