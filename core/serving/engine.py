@@ -12,6 +12,9 @@ models. Every step it
 2. prefills their prompts, at most ``prefill_chunk`` prompt tokens in all per
    step, so a long prompt is spread over several steps instead of freezing
    everyone else's tokens (chunked prefill: Sarathi, Agrawal et al., 2023);
+   prompts of similar lengths share one right-padded pass, since on a CPU a
+   pass over 12 tokens costs about twice one over a single token, whatever
+   the batch, and 32 new prompts in one pass cost a quarter of 32 passes;
 3. decodes one token for every running sequence in ONE batched pass, each row
    at its own position and with its own sampling settings (temperature,
    top-k, top-p, seed, stop tokens and strings, token limit);
@@ -26,10 +29,10 @@ sequences shorter than the longest and share prefixes between sequences, but
 need a gather (or a custom attention kernel) to attend over scattered blocks;
 slots keep attention a plain SDPA call over a slice of one tensor, and at our
 context lengths the waste is bounded. The length of the rows grows by doubling
-to what the longest admitted sequence needs (never beyond ``max_len``, which
-defaults to the model's context window), so memory is at most ``max_batch x
-max_len`` positions and in practice ``max_batch x`` the longest live sequence
-rounded up; :attr:`Engine.kv_bytes` says how much is held. What does not find a
+as the longest sequence grows (never beyond ``max_len``: the model's context
+window, or what ``max_kv_bytes`` allows), so memory is at most ``max_batch x
+max_len`` positions and in practice ``max_batch x`` the longest sequence so
+far, rounded up; :attr:`Engine.kv_bytes` says how much is held. What does not find a
 free slot waits in the queue; a prompt longer than ``max_len`` is refused at
 :meth:`Engine.submit`, and an answer that would outgrow its slot ends there
 with finish reason "length".
@@ -339,6 +342,12 @@ class _Slots:
     def length(self) -> int:
         return self.keys.shape[3]
 
+    @staticmethod
+    def bytes_per_position(model: GPTModel) -> int:
+        """Bytes of keys and values one slot holds per position."""
+        cfg, p = model.cfg, next(model.parameters())
+        return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * p.element_size()
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -397,7 +406,8 @@ class Engine:
 
     ``max_batch``: slots, the most sequences running at once (each decoding step
     is one pass over up to this many rows). ``max_len``: positions per slot,
-    prompt and answer together (default: the model's context window).
+    prompt and answer together (default: the model's context window), lowered
+    if need be so that the slots' keys and values stay within ``max_kv_bytes``.
     ``prefill_chunk``: prompt tokens prefilled per step at most, over all
     sequences. ``prefix_cache``: a ``core.fast.prefix_cache.PrefixCache`` to
     take kept conversations from and store finished ones in. ``max_waiting``:
@@ -413,6 +423,7 @@ class Engine:
         *,
         max_batch: int = 8,
         max_len: int | None = None,
+        max_kv_bytes: int | None = None,
         prefill_chunk: int = 256,
         prefix_cache: Any = None,
         max_waiting: int | None = None,
@@ -425,6 +436,12 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not 1 <= max_len <= context:
             raise ValueError(f"max_len must be 1 to the model's context window {context}, got {max_len}")
+        if max_kv_bytes is not None:
+            per_position = max_batch * _Slots.bytes_per_position(model)
+            if max_kv_bytes < per_position:
+                raise ValueError(f"max_kv_bytes {max_kv_bytes} holds not one position of {max_batch} slots "
+                                 f"({per_position} bytes): raise it or lower max_batch")
+            max_len = min(max_len, max_kv_bytes // per_position)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if max_waiting is not None and max_waiting < 0:
@@ -616,8 +633,6 @@ class Engine:
             self._active.append(seq)
             seq.handle._position, seq.handle.admitted_at = None, now
             self._observe("queue_seconds", now - seq.handle.submitted_at)
-        if admitted:
-            self._slots.reserve(max(min(len(s.prompt) + s.limit, self.max_len) for s in admitted), len(self._active))
 
     def _take_kept(self, seq: _Sequence) -> None:
         """Copy the longest kept prefix of the prompt into the sequence's slot. Looked up when its
@@ -626,6 +641,7 @@ class Engine:
         seq.started = True
         if self.prefix_cache is None:
             return
+        self._slots.reserve(len(seq.prompt), len(self._active))
         kept = self.prefix_cache.take(self.model, seq.prompt, len(seq.prompt))
         if kept.length:
             self._slots.load(seq.row, kept, kept.length)
@@ -669,9 +685,15 @@ class Engine:
             budget -= n
         self._prefill_pass(second)
 
+    def _reserve(self, work: list[tuple[_Sequence, int]]) -> None:
+        """Room in every slot for the positions a pass writes (``n`` from each sequence's ``cached`` on)."""
+        if work:
+            self._slots.reserve(max(seq.cached + n for seq, n in work), len(self._active))
+
     def _prefill_pass(self, work: list[tuple[_Sequence, int]]) -> None:
         """Run ``n`` more prompt tokens of each sequence: alone, the model's ordinary forward (the very
         pass ``core.generation`` runs for a lone prompt), else groups of similar lengths, one pass each."""
+        self._reserve(work)
         done = []
         for group in _similar_lengths(work):
             finishing = [i for i, (seq, n) in enumerate(group) if seq.cached + n == len(seq.prompt)]
@@ -705,6 +727,7 @@ class Engine:
         seqs = [s for s in self._active if s.next_token is not None]
         if not seqs:
             return
+        self._reserve([(s, 1) for s in seqs])
         self.stats.steps += 1
         self._observe("batch_size", len(seqs))
         greedy = all(s.config.greedy for s in seqs)

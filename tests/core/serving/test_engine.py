@@ -213,6 +213,29 @@ def test_an_answer_that_outgrows_its_slot_ends_with_length(model, tokenizer):
     assert handle.finish_reason == "length"
 
 
+def test_slots_grow_as_a_sequence_outgrows_them_and_the_others_keep_their_tokens(tokenizer):
+    model = tiny_model("llama", context_length=700)
+    engine = Engine(model, tokenizer, max_batch=2)
+    start = engine.kv_bytes
+    short = engine.submit(PROMPTS[0], GREEDY)
+    engine.step()
+    long_prompt = [(7 * i) % 90 + 3 for i in range(300)]  # past the slots' first 256 positions
+    long = engine.submit(long_prompt, GREEDY)
+    run(engine)
+    assert engine.kv_bytes == 2 * start
+    assert [tokens(short), tokens(long)] == [alone(model, PROMPTS[0]), alone(model, long_prompt)]
+
+
+def test_a_memory_budget_sets_the_slots_length(model, tokenizer):
+    per_position = 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 key/value heads of 8 (llama) floats
+    if model.cfg.family == "gpt2":
+        per_position *= 2  # as many key/value heads as heads: 4
+    assert Engine(model, tokenizer, max_batch=4, max_kv_bytes=4 * per_position * 50).max_len == 50
+    assert Engine(model, tokenizer, max_batch=4, max_kv_bytes=10**9).max_len == model.cfg.context_length
+    with pytest.raises(ValueError, match="holds not one position"):
+        Engine(model, tokenizer, max_batch=4, max_kv_bytes=per_position)
+
+
 def test_zero_new_tokens_finish_at_once(model, tokenizer):
     engine = Engine(model, tokenizer)
     handle = engine.submit(PROMPTS[0], GenerationConfig(max_new_tokens=0))
