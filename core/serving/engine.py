@@ -185,9 +185,7 @@ class Handle:
                         item = None
                     else:
                         item = self._items.popleft()
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
+                if self._ends(item):
                     return
                 yield item
         finally:
@@ -217,15 +215,20 @@ class Handle:
                     except asyncio.TimeoutError:
                         yield None
                     continue
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
+                if self._ends(item):
                     return
                 yield item
         finally:
             self._waker = None
             if not self._ended:
                 self.cancel()
+
+    @staticmethod
+    def _ends(item: Any) -> bool:
+        """Whether ``item`` ends the stream; raises the error of a sequence that failed."""
+        if isinstance(item, _End) and item.error is not None:
+            raise item.error
+        return isinstance(item, _End)
 
     def __iter__(self) -> Iterator[StreamChunk]:
         events = self.events()
