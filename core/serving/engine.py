@@ -63,7 +63,9 @@ which sleeps while there is nothing to do; :meth:`Engine.step` runs one step
 in the caller's thread instead (the tests). :meth:`Engine.submit` may be
 called from any thread; the :class:`Handle` it returns is read from a worker
 thread (``for chunk in handle``) or from asyncio (``async for chunk in
-handle``), and closing either iterator cancels the sequence.
+handle``). Closing the iterator cancels the sequence; asyncio closes an async
+iterator left early only when it is collected, so a reader that leaves early
+closes it (``contextlib.aclosing``) or calls :meth:`Handle.cancel`.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class EngineStats:
     running: int = 0  # sequences holding a slot (prefilling or decoding)
     waiting: int = 0  # sequences in the queue
     submitted: int = 0
+    rejected: int = 0  # refused with EngineFull
     finished: int = 0  # ended by a stop or their length, cancelled and failed not counted
     cancelled: int = 0
     failed: int = 0
@@ -201,7 +204,8 @@ class Handle:
             try:
                 loop.call_soon_threadsafe(ready.set)
             except RuntimeError:  # the loop is closed: nobody is listening any more
-                self._engine._cancel(self)
+                # Only flagged: this runs under the engine's lock, and the next step retires it.
+                self._seq.cancelled = True
 
         self._waker = wake
         try:
@@ -493,6 +497,7 @@ class Engine:
             if self._stopping:
                 raise EngineStopped("the engine has stopped")
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                self.stats.rejected += 1
                 raise EngineFull(f"{len(self._waiting)} sequences are waiting already; try again shortly")
             self.stats.submitted += 1
             if limit == 0:
@@ -584,7 +589,9 @@ class Engine:
         with self._lock:
             left = list(self._active) + list(self._waiting)
             calls = list(self._calls)
-            self._active.clear(), self._waiting.clear(), self._calls.clear()
+            self._active.clear()
+            self._waiting.clear()
+            self._calls.clear()
         for seq in left:
             seq.handle._end(None, EngineStopped("the engine stopped before this answer finished"))
         for _, future in calls:
@@ -625,13 +632,17 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
-            admitted = []
+            admitted, dropped = [], []
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
-                admitted.append(self._waiting.popleft())
-            if admitted:
+                seq = self._waiting.popleft()
+                (dropped if seq.cancelled else admitted).append(seq)
+            if admitted or dropped:
                 self._requeue()
+            self.stats.cancelled += len(dropped)
+        for seq in dropped:  # cancelled by a reader whose event loop had closed
+            seq.handle._end("cancelled")
         now = time.perf_counter()
-        for seq in admitted:  # all in their slots first: if what follows fails, they fail with the step
+        for seq in admitted:
             seq.row = len(self._active)
             self._active.append(seq)
             seq.handle._position, seq.handle.admitted_at = None, now

@@ -299,6 +299,7 @@ def test_bad_requests_and_settings_get_clear_errors(model, tokenizer):
     engine.submit(PROMPTS[0], GREEDY)
     with pytest.raises(EngineFull, match="1 sequences are waiting"):
         engine.submit(PROMPTS[1], GREEDY)
+    assert (engine.stats.submitted, engine.stats.rejected) == (1, 1)
     for bad, match in ((dict(max_batch=0), "max_batch"), (dict(max_len=97), "max_len"),
                        (dict(prefill_chunk=0), "prefill_chunk"), (dict(max_waiting=-1), "max_waiting")):
         with pytest.raises(ValueError, match=match):
