@@ -10,8 +10,9 @@ models. Every step it
 
 1. admits waiting sequences while slots are free (first come, first served);
 2. prefills their prompts, at most ``prefill_chunk`` prompt tokens in all per
-   step, so a long prompt is spread over several steps instead of freezing
-   everyone else's tokens (chunked prefill: Sarathi, Agrawal et al., 2023);
+   step while others are running, so a long prompt is spread over several
+   steps instead of freezing everyone else's tokens (chunked prefill:
+   Sarathi, Agrawal et al., 2023);
    prompts of similar lengths share one right-padded pass, since on a CPU a
    pass over 12 tokens costs about twice one over a single token, whatever
    the batch, and 32 new prompts in one pass cost a quarter of 32 passes;
@@ -671,6 +672,9 @@ class Engine:
         mostly share their start (the chat template's preamble, a system prompt), and that start
         is then run once and copied, not run once each."""
         budget = self.prefill_chunk
+        if len(self._active) == 1 and not self._waiting:
+            # Nobody to keep waiting: a lone prompt runs whole, as core.generation runs it.
+            budget = len(self._active[0].prompt)
         first: list[tuple[_Sequence, int]] = []
         later: list[_Sequence] = []
         starting = False  # whether a new prompt is in the first pass

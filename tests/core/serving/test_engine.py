@@ -176,6 +176,9 @@ def test_prompts_longer_than_the_prefill_chunk_give_the_same_tokens_without_free
     run(engine)
     assert [tokens(short), tokens(long)] == [alone(model, PROMPTS[1]), alone(model, PROMPTS[3])]
     assert engine.stats.prefilled_tokens == len(PROMPTS[1]) + len(PROMPTS[3])
+    lone = engine.submit(PROMPTS[3], GREEDY)
+    engine.step()  # nobody else to keep waiting: the whole prompt in one step
+    assert lone.completion_tokens == 2
 
 
 def test_a_conversation_kept_in_the_prefix_cache_is_copied_into_its_slot(model, tokenizer):
