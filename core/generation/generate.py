@@ -194,35 +194,56 @@ def stream(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationCon
     return text_chunks(tokenizer, (step[0] for step in decode_steps(model, [prompt_ids], cfg)), cfg)
 
 
-def text_chunks(tokenizer, tokens: Iterator[int], cfg: GenerationConfig) -> Iterator[StreamChunk]:
-    """The text of one sequence's new ``tokens``, as it becomes final.
+class TextStream:
+    """One answer's token ids in, its final text out: what :func:`text_chunks` and the serving engine
+    (``core.serving``) both turn tokens into.
 
     Text is held back while it could be the start of a stop string, and bytes
-    while they are an incomplete UTF-8 character, so what has been yielded is
-    never taken back. The last chunk carries ``finish_reason``. Closing the
-    iterator closes ``tokens``, which stops their generation.
+    while they are an incomplete UTF-8 character, so what has been handed out is
+    never taken back.
     """
-    decoder = StreamDecoder(tokenizer)
-    pending = ""
-    stops = set(cfg.stop_token_ids)
+
+    def __init__(self, tokenizer, cfg: GenerationConfig) -> None:
+        self._decoder = StreamDecoder(tokenizer)
+        self._pending = ""
+        self._stop_ids = set(cfg.stop_token_ids)
+        self._stop_strings = cfg.stop_strings
+
+    def push(self, token: int) -> StreamChunk:
+        """The chunk for one new token; its ``finish_reason`` is "stop" when the answer ends there."""
+        if token in self._stop_ids:
+            return StreamChunk(self._pending + self._decoder.flush(), [token], "stop")
+        pending = self._pending + self._decoder.push(token)
+        at = first_stop(pending, self._stop_strings)
+        if at >= 0:
+            return StreamChunk(pending[:at], [token], "stop")
+        keep = held_back(pending, self._stop_strings)
+        self._pending = pending[len(pending) - keep:]
+        return StreamChunk(pending[: len(pending) - keep], [token])
+
+    def finish(self) -> StreamChunk:
+        """The last chunk of an answer cut by its length limit."""
+        # Bytes of an unfinished character are only decoded (as U+FFFD) now, and a stop string
+        # may end in them: then the answer was cut by that stop, not by the length limit.
+        tail = self._pending + self._decoder.flush()
+        at = first_stop(tail, self._stop_strings)
+        return StreamChunk(tail if at < 0 else tail[:at], [], "length" if at < 0 else "stop")
+
+
+def text_chunks(tokenizer, tokens: Iterator[int], cfg: GenerationConfig) -> Iterator[StreamChunk]:
+    """The text of one sequence's new ``tokens`` as it becomes final (:class:`TextStream`).
+
+    The last chunk carries ``finish_reason``. Closing the iterator closes ``tokens``,
+    which stops their generation.
+    """
+    text = TextStream(tokenizer, cfg)
     with closing(tokens) if hasattr(tokens, "close") else nullcontext():
         for token in tokens:
-            if token in stops:
-                yield StreamChunk(pending + decoder.flush(), [token], "stop")
+            chunk = text.push(token)
+            yield chunk
+            if chunk.finish_reason is not None:
                 return
-            pending += decoder.push(token)
-            at = first_stop(pending, cfg.stop_strings)
-            if at >= 0:
-                yield StreamChunk(pending[:at], [token], "stop")
-                return
-            keep = held_back(pending, cfg.stop_strings)
-            ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-            yield StreamChunk(ready, [token])
-    # Bytes of an unfinished character are only decoded (as U+FFFD) now, and a stop string
-    # may end in them: then the answer was cut by that stop, not by the length limit.
-    tail = pending + decoder.flush()
-    at = first_stop(tail, cfg.stop_strings)
-    yield StreamChunk(tail if at < 0 else tail[:at], [], "length" if at < 0 else "stop")
+    yield text.finish()
 
 
 def generate_text(model: GPTModel, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> str:

@@ -75,3 +75,21 @@ def test_penalties_apply_per_row_in_a_batch():
     prompts = [[5, 9, 5, 2, 11], [7, 7, 7]]
     cfg = GenerationConfig(max_new_tokens=12, repetition_penalty=1.5, presence_penalty=1.0)
     assert generate(model, prompts, cfg) == [generate(model, [p], cfg)[0] for p in prompts]
+
+
+def test_the_engine_applies_each_sequences_penalties_as_the_plain_loop_does():
+    from core.serving import Engine
+    from core.tokenizer import gpt2_tokenizer
+
+    model = tiny_model("llama", context_length=96)
+    prompts = [[5, 9, 5, 2, 11], [7, 7, 7], [13, 14, 15]]
+    configs = [GenerationConfig(max_new_tokens=12, repetition_penalty=1000.0),
+               GenerationConfig(max_new_tokens=12),  # unpenalized, decoded beside the others
+               GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3, frequency_penalty=2.0, presence_penalty=1.0)]
+    engine = Engine(model, gpt2_tokenizer(), max_batch=3)
+    handles = [engine.submit(p, c) for p, c in zip(prompts, configs)]
+    while engine.step():
+        pass
+    got = [[t for chunk in h for t in chunk.token_ids] for h in handles]
+    assert got == [generate(model, [p], c)[0] for p, c in zip(prompts, configs)]
+    assert got[0] != generate(model, [prompts[0]], configs[1])[0]  # the penalty mattered

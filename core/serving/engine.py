@@ -1,0 +1,881 @@
+"""Continuous batching: many sequences decoded together, each joining and leaving between steps.
+
+A server that runs one request to its end before the next makes everyone wait
+behind everyone, while a decoding step reads every weight once whether it
+decodes one sequence or eight: on a CPU or a GPU a batch of eight costs little
+more than one. Serving engines therefore schedule per step, not per request
+(iteration-level scheduling: Orca, Yu et al., 2022; vLLM, Kwon et al., 2023;
+llama.cpp's server slots; Hugging Face TGI). :class:`Engine` does it for our
+models. Every step it
+
+1. admits waiting sequences while slots are free (first come, first served);
+2. prefills their prompts, at most ``prefill_chunk`` prompt tokens in all per
+   step while others are running, so a long prompt is spread over several
+   steps instead of freezing everyone else's tokens (chunked prefill:
+   Sarathi, Agrawal et al., 2023);
+   prompts of similar lengths share one right-padded pass, since on a CPU a
+   pass over 12 tokens costs about twice one over a single token, whatever
+   the batch, and 32 new prompts in one pass cost a quarter of 32 passes;
+3. decodes one token for every running sequence in ONE batched pass, each row
+   at its own position and with its own sampling settings (temperature,
+   top-k, top-p, seed, stop tokens and strings, token limit);
+4. retires at once the sequences that finished or were cancelled.
+
+KV memory: slots, not pages. Each running sequence owns one row of a cache
+``[layers, max_batch, kv_heads, length, head_dim]``; the batched step writes
+each row's new keys and values at that row's own position and attends to the
+filled part of every row under a per-row mask (what ``core.fast.cuda_graphs``'
+static step does for one common position). vLLM's pages waste no memory on
+sequences shorter than the longest and share prefixes between sequences, but
+need a gather (or a custom attention kernel) to attend over scattered blocks;
+slots keep attention a plain SDPA call over a slice of one tensor, and at our
+context lengths the waste is bounded. The length of the rows grows by doubling
+as the longest sequence grows (never beyond ``max_len``: the model's context
+window, or what ``max_kv_bytes`` allows), so memory is at most ``max_batch x
+max_len`` positions and in practice ``max_batch x`` the longest sequence so
+far, rounded up; :attr:`Engine.kv_bytes` says how much is held. What does not find a
+free slot waits in the queue; a prompt longer than ``max_len`` is refused at
+:meth:`Engine.submit`, and an answer that would outgrow its slot ends there
+with finish reason "length".
+
+What exists keeps working:
+
+- a prompt that continues a conversation kept in the prefix cache
+  (``core.fast.prefix_cache``) copies those rows into its slot instead of
+  prefilling them, and every retired sequence stores its rows back. Each
+  prompt's rows are also stored as soon as its prefill ends, and the cache is
+  looked up when a prefill starts, so that requests arriving together run the
+  chat template's preamble (or a shared system prompt) once, not once each;
+- the model's own modules run, so the serving transforms installed on them
+  (``core.fast.transforms``: panels, oneDNN copies, the screened output layer
+  for all-greedy batches) apply by themselves. A fused decoding layer
+  (``core.fast.fused_layers``) writes every row at one common position, so the
+  batched step runs each block's own code around those fast linear layers; a
+  sequence decoding alone takes the model's ordinary forward, fused layers
+  included, and a lone request runs the very passes ``core.generation.generate``
+  runs for it.
+
+Text: each sequence turns its tokens into text with ``core.generation``'s
+:class:`~core.generation.generate.TextStream`, exactly as ``stream`` does
+(UTF-8 characters whole, possible stop-string prefixes held back).
+
+Threads: :meth:`Engine.start` runs the scheduler on a thread the engine owns,
+which sleeps while there is nothing to do; :meth:`Engine.step` runs one step
+in the caller's thread instead (the tests). :meth:`Engine.submit` may be
+called from any thread; the :class:`Handle` it returns is read from a worker
+thread (``for chunk in handle``) or from asyncio (``async for chunk in
+handle``). Closing the iterator cancels the sequence; asyncio closes an async
+iterator left early only when it is collected, so a reader that leaves early
+closes it (``contextlib.aclosing``) or calls :meth:`Handle.cancel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from core.generation.generate import GenerationConfig, StreamChunk, TextStream, check_prompt
+from core.fast.serving import ServingDecoder
+from core.generation.sampling import Penalties, make_generator, sample
+from core.model import ForwardContext, GPTModel, KVCache, TransformerBlock
+
+logger = logging.getLogger(__name__)
+
+MIN_ROW_LENGTH = 256  # the slots' first length, doubled as longer sequences arrive
+
+
+class EngineError(RuntimeError):
+    """Decoding failed; the sequences running at the time end with this error."""
+
+
+class EngineFull(EngineError):
+    """The queue holds ``max_waiting`` sequences already: try again later (a server's 503)."""
+
+
+class EngineStopped(EngineError):
+    """The engine has stopped, or stopped before this sequence finished."""
+
+
+@dataclass
+class Queued:
+    """A waiting sequence's place in the queue: ``ahead`` sequences will be admitted before it."""
+
+    ahead: int
+
+
+@dataclass
+class EngineStats:
+    """Counters a server exports (plain numbers, read any time). The timings go to the engine's
+    ``on_observe(name, value)`` hook instead, one call per event: "queue_seconds" (submit to
+    admission), "ttft_seconds" (submit to first token), "tbt_seconds" (between two tokens of a
+    sequence) and "batch_size" (sequences in each decoding step)."""
+
+    running: int = 0  # sequences holding a slot (prefilling or decoding)
+    waiting: int = 0  # sequences in the queue
+    submitted: int = 0
+    rejected: int = 0  # refused with EngineFull
+    finished: int = 0  # ended by a stop or their length, cancelled and failed not counted
+    cancelled: int = 0
+    failed: int = 0
+    steps: int = 0  # decoding steps (batched passes)
+    generated_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens run through the model
+    cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead
+
+
+@dataclass
+class _End:
+    error: BaseException | None = None
+
+
+class Handle:
+    """One submitted sequence: read its chunks, see its place in the queue, cancel it.
+
+    Iterating (``for`` in a thread, ``async for`` in asyncio) yields the
+    :class:`~core.generation.generate.StreamChunk` s of the answer; the last one
+    carries ``finish_reason`` ("stop" or "length"). :meth:`events` and
+    :meth:`aevents` also yield a :class:`Queued` whenever the place in the queue
+    changes before admission, and None after ``heartbeat`` idle seconds (for
+    keep-alives). A failed step raises :class:`EngineError` in the reader.
+    One reader per handle.
+    """
+
+    def __init__(self, engine: "Engine", prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.cached_prompt_tokens = 0  # of them, copied from the prefix cache
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # "stop", "length" or "cancelled" once done
+        self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._engine = engine
+        self._position: int | None = None
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self._waker: Callable[[], None] | None = None
+        self._ended = False
+        self._seq: _Sequence | None = None  # set by the engine
+
+    @property
+    def position(self) -> int | None:
+        """Sequences ahead of this one in the queue; None once admitted (or done)."""
+        return self._position
+
+    @property
+    def done(self) -> bool:
+        return self._ended
+
+    def cancel(self) -> None:
+        """Stop this sequence: at once while it waits, before the next step while it runs."""
+        self._engine._cancel(self)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def events(self, heartbeat: float | None = None) -> Iterator[Queued | StreamChunk | None]:
+        """Queue places and chunks as they come, in the calling thread; closing it cancels."""
+        try:
+            while True:
+                with self._cond:
+                    if not self._items and not self._cond.wait_for(lambda: self._items, heartbeat):
+                        item = None
+                    else:
+                        item = self._items.popleft()
+                if self._ends(item):
+                    return
+                yield item
+        finally:
+            if not self._ended:
+                self.cancel()
+
+    async def aevents(self, heartbeat: float | None = None) -> AsyncIterator[Queued | StreamChunk | None]:
+        """:meth:`events` for asyncio: waiting never blocks the event loop; closing it cancels."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                # Only flagged: this runs under the engine's lock, and the next step retires it.
+                self._seq.cancelled = True
+
+        self._waker = wake
+        try:
+            while True:
+                ready.clear()  # before looking: an item pushed after the look sets it again
+                with self._cond:
+                    item = self._items.popleft() if self._items else None
+                if item is None:
+                    try:
+                        await asyncio.wait_for(ready.wait(), heartbeat)
+                    except asyncio.TimeoutError:
+                        yield None
+                    continue
+                if self._ends(item):
+                    return
+                yield item
+        finally:
+            self._waker = None
+            if not self._ended:
+                self.cancel()
+
+    @staticmethod
+    def _ends(item: Any) -> bool:
+        """Whether ``item`` ends the stream; raises the error of a sequence that failed."""
+        if isinstance(item, _End) and item.error is not None:
+            raise item.error
+        return isinstance(item, _End)
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        events = self.events()
+        try:
+            for item in events:
+                if isinstance(item, StreamChunk):
+                    yield item
+        finally:
+            events.close()  # now, not when collected: closing cancels an unfinished sequence
+
+    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        events = self.aevents()
+        try:
+            async for item in events:
+                if isinstance(item, StreamChunk):
+                    yield item
+        finally:
+            await events.aclose()
+
+    def text(self) -> str:
+        """The whole answer, waiting for it in the calling thread."""
+        return "".join(chunk.text for chunk in self)
+
+    # -- written by the engine -------------------------------------------------------------
+
+    def _push(self, item: Any) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+            waker = self._waker
+        if waker is not None:
+            waker()
+
+    def _end(self, reason: str | None, error: BaseException | None = None) -> None:
+        self.finish_reason = reason
+        self.finished_at = time.perf_counter()
+        self._position = None
+        self._ended = True
+        self._push(_End(error))
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """What the scheduler keeps for one sequence."""
+
+    handle: Handle
+    prompt: list[int]
+    config: GenerationConfig
+    limit: int  # new tokens at most: max_new_tokens, or what fits the slot
+    text: TextStream
+    generator: torch.Generator | None
+    penalties: Penalties | None = None  # the sequence's history, when its settings penalize repeats
+    row: int = -1  # its slot while admitted
+    cached: int = 0  # positions of its slot holding keys and values
+    next_token: int | None = None  # the last token sampled, fed at the next step; None while prefilling
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    started: bool = False  # whether its prefill has begun (and the prefix cache was looked up)
+    last_token_at: float = 0.0
+
+
+class _RowCache(KVCache):
+    """One slot as a batch-1 :class:`KVCache` over the engine's buffer: the model's ordinary forward
+    (a prompt's chunk, a sequence decoding alone) writes straight into the slot."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        self.keys, self.values = keys, values
+        self.max_len, self.length = keys.shape[3], length
+
+
+class _BatchStep:
+    """The cache of one batched pass over some slots, each row with its own new tokens at its own
+    positions: the real ones' keys and values land there, padding's nowhere, and attention reads
+    every row up to the furthest position, masked per query."""
+
+    def __init__(self, slots: "_Slots", rows: list[int] | range, positions: torch.Tensor, real: torch.Tensor) -> None:
+        self.keys, self.values = slots.keys, slots.values
+        device = positions.device
+        self.span = int(positions.max()) + 1
+        # A range of slots reads as a view of the buffer; other rows (a prefill's) are gathered.
+        self.read = slice(rows.start, rows.stop) if isinstance(rows, range) else torch.tensor(rows, device=device)
+        row_ids = torch.tensor(list(rows), device=device)[:, None].expand_as(positions)
+        self.real, self.write_rows, self.write_positions = real, row_ids[real], positions[real]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, kv_heads, T, head_dim). Indexing slot rows and positions together addresses one
+        # (kv_heads, head_dim) block per real token: the advanced indices' dimension comes first.
+        keys, values = self.keys[layer], self.values[layer]
+        keys[self.write_rows, :, self.write_positions] = k.transpose(1, 2)[self.real]
+        values[self.write_rows, :, self.write_positions] = v.transpose(1, 2)[self.real]
+        return keys[self.read, :, : self.span], values[self.read, :, : self.span]
+
+    def advance(self, n: int) -> None:
+        pass  # the engine counts each row's positions itself
+
+
+class _Slots:
+    """The KV buffer: ``slots`` rows of ``length`` positions, the length doubled as needed up to ``max_len``."""
+
+    def __init__(self, model: GPTModel, slots: int, max_len: int) -> None:
+        p = next(model.parameters())
+        self.cfg, self.slots, self.max_len = model.cfg, slots, max_len
+        self.device, self.dtype = p.device, p.dtype
+        length = min(MIN_ROW_LENGTH, max_len)
+        self.keys, self.values = self._zeros(length), self._zeros(length)
+
+    def _zeros(self, length: int) -> torch.Tensor:
+        # Zeros, not empty memory: attention reads positions past a row's own under its mask,
+        # and a NaN left there would turn into NaN weights (0 * NaN) despite the mask.
+        cfg = self.cfg
+        shape = (cfg.n_layers, self.slots, cfg.kv_heads, length, cfg.head_dim)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+    @staticmethod
+    def bytes_per_position(model: GPTModel) -> int:
+        """Bytes of keys and values one slot holds per position."""
+        cfg, p = model.cfg, next(model.parameters())
+        return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * p.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def reserve(self, length: int, rows: int) -> None:
+        """Room for ``length`` positions per row, keeping what the first ``rows`` rows hold."""
+        if length <= self.length:
+            return
+        new = self.length
+        while new < length:
+            new *= 2
+        new = min(new, self.max_len)
+        keys, values = self._zeros(new), self._zeros(new)
+        keys[:, :rows, :, : self.length] = self.keys[:, :rows]
+        values[:, :rows, :, : self.length] = self.values[:, :rows]
+        self.keys, self.values = keys, values
+
+    def row(self, row: int, length: int) -> _RowCache:
+        return _RowCache(self.keys[:, row : row + 1], self.values[:, row : row + 1], length)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
+
+    def load(self, row: int, cache: KVCache, length: int) -> None:
+        """Copy the first ``length`` positions of a batch-1 cache into ``row``."""
+        self.keys[:, row, :, :length] = cache.keys[:, 0, :, :length]
+        self.values[:, row, :, :length] = cache.values[:, 0, :, :length]
+
+    def export(self, row: int, length: int) -> KVCache:
+        """A batch-1 cache holding a copy of the first ``length`` positions of ``row``."""
+        cache = KVCache(self.cfg, 1, length, self.device, self.dtype)
+        cache.keys[:, 0] = self.keys[:, row, :, :length]
+        cache.values[:, 0] = self.values[:, row, :, :length]
+        cache.length = length
+        return cache
+
+
+def _similar_lengths(work: list[tuple[Any, int]], waste: float = 1.25) -> list[list[tuple[Any, int]]]:
+    """``(sequence, tokens)`` pairs in groups run as one right-padded pass each: longest first, a
+    group taking the next while its padded size stays within ``waste`` times its real tokens."""
+    groups: list[list[tuple[Any, int]]] = []
+    real = 0
+    for item in sorted(work, key=lambda w: -w[1]):
+        if groups and (len(groups[-1]) + 1) * groups[-1][0][1] <= waste * (real + item[1]):
+            groups[-1].append(item)
+            real += item[1]
+        else:
+            groups.append([item])
+            real = item[1]
+    return groups
+
+
+def _argmax_only(seq: "_Sequence") -> bool:
+    """Whether only the argmax of this sequence's logits matters (greedy and no penalties to apply)."""
+    return seq.config.greedy and seq.penalties is None
+
+
+class Engine:
+    """Decodes many sequences at once for ``model`` (a ``GPTModel`` in eval mode, or the
+    ``core.fast.serving.ServingDecoder`` whose output layers its passes should use) and ``tokenizer``.
+
+    ``max_batch``: slots, the most sequences running at once (each decoding step
+    is one pass over up to this many rows). ``max_len``: positions per slot,
+    prompt and answer together (default: the model's context window), lowered
+    if need be so that the slots' keys and values stay within ``max_kv_bytes``.
+    ``prefill_chunk``: prompt tokens prefilled per step at most, over all
+    sequences. ``prefix_cache``: a ``core.fast.prefix_cache.PrefixCache`` to
+    take kept conversations from and store finished ones in. ``max_waiting``:
+    queue length past which :meth:`submit` raises :class:`EngineFull` (None: no
+    limit). ``threads``: torch threads of the scheduler's thread.
+    ``on_observe(name, value)``: timings as they happen (see :class:`EngineStats`).
+    """
+
+    def __init__(
+        self,
+        model: GPTModel | ServingDecoder,
+        tokenizer: Any,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        max_kv_bytes: int | None = None,
+        prefill_chunk: int = 256,
+        prefix_cache: Any = None,
+        max_waiting: int | None = None,
+        threads: int | None = None,
+        on_observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        # The decoder's output layers (core.fast.serving) serve every pass; a plain model gets a plain decoder.
+        self.decoder = model if isinstance(model, ServingDecoder) else ServingDecoder(model)
+        model = self.decoder.model
+        context = model.cfg.context_length
+        max_len = context if max_len is None else max_len
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 1 <= max_len <= context:
+            raise ValueError(f"max_len must be 1 to the model's context window {context}, got {max_len}")
+        if max_kv_bytes is not None:
+            per_position = max_batch * _Slots.bytes_per_position(model)
+            if max_kv_bytes < per_position:
+                raise ValueError(f"max_kv_bytes {max_kv_bytes} holds not one position of {max_batch} slots "
+                                 f"({per_position} bytes): raise it or lower max_batch")
+            max_len = min(max_len, max_kv_bytes // per_position)
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0 or None, got {max_waiting}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        if model.training:
+            raise ValueError("the engine decodes with dropout off: put the model in eval mode first")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
+        self.prefix_cache, self.max_waiting, self.threads = prefix_cache, max_waiting, threads
+        self.stats = EngineStats()
+        self._observe = on_observe or (lambda name, value: None)
+        self._slots = _Slots(model, max_batch, max_len)
+        self._active: list[_Sequence] = []  # index = slot row; touched only by the stepping thread
+        self._waiting: deque[_Sequence] = deque()
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the slots' keys and values hold now."""
+        return self._slots.nbytes
+
+    # -- the public face -------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], config: GenerationConfig) -> Handle:
+        """Queue one sequence; its :class:`Handle` streams the answer. Raises ValueError (a
+        ``ContextLengthError`` for a prompt longer than ``max_len``) for a prompt it cannot
+        decode, :class:`EngineFull` when the queue is full, :class:`EngineStopped` after :meth:`stop`."""
+        prompt = [int(t) for t in prompt_ids]
+        check_prompt(prompt, self.max_len)
+        vocab = self.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"the prompt holds token ids outside the model's vocabulary of {vocab}")
+        handle = Handle(self, len(prompt))
+        # The first new token needs no slot position (only the ones fed back do).
+        limit = min(config.max_new_tokens, self.max_len - len(prompt) + 1)
+        penalties = Penalties(config, [prompt], self.model.cfg.vocab_size, self._slots.device) if config.penalized else None
+        seq = _Sequence(handle, prompt, config, limit, TextStream(self.tokenizer, config),
+                        make_generator(config, self._slots.device), penalties)
+        handle._seq = seq
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine has stopped")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                self.stats.rejected += 1
+                raise EngineFull(f"{len(self._waiting)} sequences are waiting already; try again shortly")
+            self.stats.submitted += 1
+            if limit == 0:
+                handle._push(seq.text.finish())
+                handle._end("length")
+                self.stats.finished += 1
+                return handle
+            self._waiting.append(seq)
+            self.stats.waiting = len(self._waiting)
+            handle._position = len(self._waiting) - 1
+            handle._push(Queued(handle._position))
+            self._wake.notify()
+        return handle
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on the stepping thread between two steps (other work on the same model,
+        never at the same time as a step). Await it from asyncio with ``asyncio.wrap_future``."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine has stopped")
+            self._calls.append((lambda: fn(*args), future))
+            self._wake.notify()
+        return future
+
+    def start(self) -> "Engine":
+        """Run the scheduler on a thread of its own until :meth:`stop`."""
+        with self._lock:
+            if self._thread is not None or self._stopping:
+                raise RuntimeError("the engine's thread was started already")
+            self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """End the scheduler; sequences still waiting or running end with :class:`EngineStopped`."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        else:
+            self._abandon()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """One scheduling step in the calling thread (when no thread was started): admit, prefill
+        up to ``prefill_chunk`` prompt tokens, decode one token for every running sequence, retire.
+        Returns how many sequences are still running or waiting."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("the engine's own thread is stepping it: do not call step() as well")
+        self._run_calls()
+        try:
+            self._retire_cancelled()
+            self._admit()
+            self._prefill()
+            self._decode()
+        except Exception as err:  # one failed step ends the sequences in it, not the engine
+            logger.exception("decoding step failed; its sequences end with the error")
+            self._fail_active(err)
+        with self._lock:
+            self.stats.running = len(self._active)
+            return len(self._active) + len(self._waiting)
+
+    # -- the scheduler ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._active or self._calls):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            self.step()
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """What a stopped engine leaves: every sequence ends with EngineStopped, every call too."""
+        with self._lock:
+            left = list(self._active) + list(self._waiting)
+            calls = list(self._calls)
+            self._active.clear()
+            self._waiting.clear()
+            self._calls.clear()
+        for seq in left:
+            seq.handle._end(None, EngineStopped("the engine stopped before this answer finished"))
+        for _, future in calls:
+            future.set_exception(EngineStopped("the engine stopped before this call ran"))
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as err:  # the caller gets it; the engine carries on
+                    future.set_exception(err)
+
+    def _cancel(self, handle: Handle) -> None:
+        seq = handle._seq
+        with self._lock:
+            if handle._ended:
+                return
+            seq.cancelled = True
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                self._requeue()
+                self.stats.cancelled += 1
+                handle._end("cancelled")
+            self._wake.notify()
+
+    def _requeue(self) -> None:
+        """Tell each waiting sequence whose place changed (under the lock)."""
+        self.stats.waiting = len(self._waiting)
+        for ahead, seq in enumerate(self._waiting):
+            if seq.handle._position != ahead:
+                seq.handle._position = ahead
+                seq.handle._push(Queued(ahead))
+
+    def _admit(self) -> None:
+        with self._lock:
+            admitted, dropped = [], []
+            while self._waiting and len(self._active) + len(admitted) < self.max_batch:
+                seq = self._waiting.popleft()
+                (dropped if seq.cancelled else admitted).append(seq)
+            if admitted or dropped:
+                self._requeue()
+            self.stats.cancelled += len(dropped)
+        for seq in dropped:  # cancelled by a reader whose event loop had closed
+            seq.handle._end("cancelled")
+        now = time.perf_counter()
+        for seq in admitted:
+            seq.row = len(self._active)
+            self._active.append(seq)
+            seq.handle._position, seq.handle.admitted_at = None, now
+            self._observe("queue_seconds", now - seq.handle.submitted_at)
+
+    def _take_kept(self, seq: _Sequence) -> None:
+        """Copy the longest kept prefix of the prompt into the sequence's slot. Looked up when its
+        prefill starts, not at admission: sequences admitted together then find the prompts that
+        went before them in this very step (the chat template's preamble, a shared system prompt)."""
+        seq.started = True
+        if self.prefix_cache is None:
+            return
+        self._slots.reserve(len(seq.prompt), len(self._active))
+        kept = self.prefix_cache.take(self.model, seq.prompt, len(seq.prompt))
+        if kept.length:
+            self._slots.load(seq.row, kept, kept.length)
+        seq.cached = seq.handle.cached_prompt_tokens = kept.length
+        self.stats.cached_tokens += kept.length
+
+    def _prefill(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens in all, oldest sequence first, batched; a prompt whose
+        last token is run samples its first new token from there.
+
+        Two passes when new prompts start: the prompts under way and the oldest new one first, then
+        the other new ones, which look up the prefix cache only then: prompts arriving together
+        mostly share their start (the chat template's preamble, a system prompt), and that start
+        is then run once and copied, not run once each."""
+        budget = self.prefill_chunk
+        if len(self._active) == 1 and not self._waiting:
+            # Nobody to keep waiting: a lone prompt runs whole, as core.generation runs it.
+            budget = len(self._active[0].prompt)
+        first: list[tuple[_Sequence, int]] = []
+        later: list[_Sequence] = []
+        starting = False  # whether a new prompt is in the first pass
+        for seq in self._active:
+            if budget == 0:
+                break
+            if seq.next_token is not None:
+                continue  # decoding already
+            if seq.started or not starting:
+                if not seq.started:
+                    self._take_kept(seq)
+                    starting = True
+                n = min(budget, len(seq.prompt) - seq.cached)
+                first.append((seq, n))
+                budget -= n
+            else:
+                later.append(seq)
+        self._prefill_pass(first)
+        second = []
+        for seq in later:
+            if budget == 0:
+                break
+            self._take_kept(seq)
+            n = min(budget, len(seq.prompt) - seq.cached)
+            second.append((seq, n))
+            budget -= n
+        self._prefill_pass(second)
+
+    def _reserve(self, work: list[tuple[_Sequence, int]]) -> None:
+        """Room in every slot for the positions a pass writes (``n`` from each sequence's ``cached`` on)."""
+        if work:
+            self._slots.reserve(max(seq.cached + n for seq, n in work), len(self._active))
+
+    def _prefill_pass(self, work: list[tuple[_Sequence, int]]) -> None:
+        """Run ``n`` more prompt tokens of each sequence: alone, the model's ordinary forward (the very
+        pass ``core.generation`` runs for a lone prompt), else groups of similar lengths, one pass each."""
+        self._reserve(work)
+        done = []
+        for group in _similar_lengths(work):
+            finishing = [i for i, (seq, n) in enumerate(group) if seq.cached + n == len(seq.prompt)]
+            greedy = all(_argmax_only(group[i][0]) for i in finishing)
+            if len(group) == 1:
+                seq, n = group[0]
+                ids = torch.tensor([seq.prompt[seq.cached : seq.cached + n]], device=self._slots.device)
+                cache = self._slots.row(seq.row, seq.cached)
+                if finishing:
+                    logits = self.decoder(ids, cache=cache, last_only=True, argmax_only=greedy)[:, -1]
+                else:  # no logits needed: the blocks alone fill the slot
+                    ctx = self.model.context(ids, cache=cache)
+                    self.model.run_blocks(self.model.embed(ids, ctx), ctx)
+            else:
+                logits = self._pass(
+                    [seq.row for seq, _ in group], [seq.prompt[seq.cached : seq.cached + n] for seq, n in group],
+                    [seq.cached for seq, _ in group], finishing, greedy)
+            for seq, n in group:
+                seq.cached += n
+                self.stats.prefilled_tokens += n
+            done += [(group[i][0], logits[k : k + 1]) for k, i in enumerate(finishing)]
+        # Every slot is written before any sequence retires (a retirement moves the last slot's rows).
+        if self.prefix_cache is not None:
+            for seq, _ in done:  # for the prompts after it that share its start
+                self.prefix_cache.put(seq.prompt, self._slots.export(seq.row, seq.cached))
+        for seq, logits in done:
+            self._emit(seq, self._sample([seq], logits)[0])
+
+    def _decode(self) -> None:
+        """One token for every sequence past its prompt, in one pass."""
+        seqs = [s for s in self._active if s.next_token is not None]
+        if not seqs:
+            return
+        self._reserve([(s, 1) for s in seqs])
+        self.stats.steps += 1
+        self._observe("batch_size", len(seqs))
+        greedy = all(_argmax_only(s) for s in seqs)
+        if len(seqs) == 1:
+            # Alone: the model's ordinary step, the one core.generation runs (fused layers included).
+            seq = seqs[0]
+            ids = torch.tensor([[seq.next_token]], device=self._slots.device)
+            logits = self.decoder(ids, cache=self._slots.row(seq.row, seq.cached), last_only=True, argmax_only=greedy)
+            logits = logits[:, -1]
+        else:
+            # Slots 0..last decoding one, as one view of the buffer: a slot still prefilling among them
+            # takes no token (nothing is written for it) and its logits are not computed.
+            rows = self._active[: max(s.row for s in seqs) + 1]
+            logits = self._pass(
+                range(len(rows)), [[s.next_token] if s.next_token is not None else [] for s in rows],
+                [s.cached for s in rows], [s.row for s in seqs], greedy)
+        for seq in seqs:
+            seq.cached += 1
+        for seq, token in zip(seqs, self._sample(seqs, logits)):
+            self._emit(seq, token)
+
+    def _pass(self, rows: list[int] | range, chunks: list[list[int]], starts: list[int], heads: list[int],
+              argmax_only: bool) -> torch.Tensor:
+        """One forward pass over the slots ``rows``, row i taking the tokens ``chunks[i]`` at the
+        positions from ``starts[i]`` on (right-padded to the longest); the logits (len(heads),
+        vocab) after the last token of the rows whose indices are ``heads``."""
+        model, device = self.model, self._slots.device
+        T = max(len(c) for c in chunks)
+        ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=device)
+        counts = torch.tensor([len(c) for c in chunks], device=device)
+        offsets = torch.arange(T, device=device)
+        real = offsets[None, :] < counts[:, None]
+        # Padding sits at its row's last real position (a row with none at its start): inside the
+        # position tables, and never written, since only real tokens store keys and values.
+        last = (counts - 1).clamp(min=0)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.minimum(offsets[None, :], last[:, None])
+        cache = _BatchStep(self._slots, rows, positions, real)
+        visible = torch.arange(cache.span, device=device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        ctx = ForwardContext(positions, visible[:, None], model.rope_at(positions), cache)
+        x = model.embed(ids, ctx)
+        for block in model.blocks:
+            # The block's own code, even where a fused twin (core.fast.fused_layers) replaced it: the
+            # fused kernel writes every row at one position. Its linear layers keep their fast paths.
+            x, _ = TransformerBlock.forward(block, x, ctx)
+        heads_at = torch.tensor(heads, device=device)
+        hidden = x[heads_at, last[heads_at]][:, None]  # (len(heads), 1, d)
+        return self.decoder.logits(hidden, argmax_only)[:, 0]
+
+    @staticmethod
+    def _sample(seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's token under its own settings: greedy rows in one argmax, the others one by one
+        with their own generator (so a seed gives the tokens it gives alone)."""
+        tokens = [0] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.config.greedy and s.penalties is None]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                tokens[i] = t
+        for i, seq in enumerate(seqs):
+            if seq.penalties is not None:
+                row = seq.penalties.apply(logits[i : i + 1])
+                tokens[i] = int(sample(row, seq.config, seq.generator))
+                seq.penalties.update(torch.tensor([tokens[i]], device=row.device))
+            elif not seq.config.greedy:
+                tokens[i] = int(sample(logits[i : i + 1], seq.config, seq.generator))
+        return tokens
+
+    def _emit(self, seq: _Sequence, token: int) -> None:
+        """Hand one new token to its reader; retire the sequence if it ended there."""
+        handle, now = seq.handle, time.perf_counter()
+        if handle.first_token_at is None:
+            handle.first_token_at = now
+            self._observe("ttft_seconds", now - handle.submitted_at)
+        else:
+            self._observe("tbt_seconds", now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.generated.append(token)
+        handle.completion_tokens += 1
+        self.stats.generated_tokens += 1
+        chunk = seq.text.push(token)
+        handle._push(chunk)
+        if chunk.finish_reason is None and len(seq.generated) < seq.limit:
+            seq.next_token = token
+            return
+        if chunk.finish_reason is None:
+            chunk = seq.text.finish()
+            handle._push(chunk)
+        self._retire(seq, chunk.finish_reason)
+
+    def _retire_cancelled(self) -> None:
+        for seq in [s for s in self._active if s.cancelled]:
+            self._retire(seq, "cancelled")
+
+    def _retire(self, seq: _Sequence, reason: str) -> None:
+        """Free the sequence's slot (the last slot's sequence moves into it) and end its handle."""
+        if self.prefix_cache is not None and seq.cached:
+            # Its slot's positions hold the prompt and all but the last new token.
+            self.prefix_cache.put(seq.prompt + seq.generated, self._slots.export(seq.row, seq.cached))
+        last = self._active.pop()
+        if last is not seq:
+            self._slots.move(last.row, seq.row, last.cached)
+            self._active[seq.row] = last
+            last.row = seq.row
+        seq.row = -1
+        with self._lock:
+            self.stats.running = len(self._active)
+            if reason == "cancelled":
+                self.stats.cancelled += 1
+            else:
+                self.stats.finished += 1
+        seq.handle._end(reason)
+
+    def _fail_active(self, err: Exception) -> None:
+        failed, self._active = self._active, []
+        with self._lock:
+            self.stats.failed += len(failed)
+            self.stats.running = 0
+        for seq in failed:
+            seq.row = -1
+            error = EngineError(f"decoding failed: {type(err).__name__}: {err}")
+            error.__cause__ = err
+            seq.handle._end(None, error)

@@ -1,0 +1,309 @@
+"""core.serving.engine: sequences decoded together answer as each would alone, whoever joins, leaves or waits."""
+
+import asyncio
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from core.fast.prefix_cache import PrefixCache
+from core.generation.generate import ContextLengthError, GenerationConfig, generate, stream
+from core.serving import Engine, EngineFull, EngineStopped, Queued
+from core.tokenizer import gpt2_tokenizer
+from fused_models import tiny_model
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20], list(range(30, 61))]
+GREEDY = GenerationConfig(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # Our tiny models' ids (below 97) are printable ASCII characters in GPT-2's vocabulary.
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request):
+    return tiny_model(request.param, context_length=96)
+
+
+def alone(model, prompt, cfg=GREEDY):
+    return generate(model, [prompt], cfg)[0]
+
+
+def tokens(handle, stops=()):
+    """The new token ids a handle streamed, without a stop token (as ``generate`` returns them)."""
+    return [t for chunk in handle for t in chunk.token_ids if t not in stops]
+
+
+def run(engine) -> int:
+    steps = 0
+    while engine.step():
+        steps += 1
+    return steps
+
+
+def test_sequences_decoded_together_give_each_the_tokens_and_logits_it_gets_alone(model, tokenizer):
+    # The oldest prompt is prefilled alone, the three after it in one pass, right-padded to the
+    # longest (8, 7 and 6 tokens), then every decoding step is one pass over all four rows.
+    prompts = [PROMPTS[0], list(range(20, 28)), list(range(40, 47)), list(range(60, 66))]
+    # Logits from the final norm's output, which every pass goes through once per sampled token.
+    seen: list[torch.Tensor] = []
+    hook = model.final_norm.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
+    try:
+        expected, expected_hidden = [], []
+        for prompt in prompts:
+            seen.clear()
+            expected.append(alone(model, prompt))
+            expected_hidden.append(torch.cat([h[:, -1] for h in seen]))  # (tokens, d)
+        seen.clear()
+        engine = Engine(model, tokenizer, max_batch=len(prompts))
+        handles = [engine.submit(p, GREEDY) for p in prompts]
+        run(engine)
+    finally:
+        hook.remove()
+    assert [tokens(h) for h in handles] == expected
+    assert [h.shape[0] for h in seen] == [1, 3] + [4] * (GREEDY.max_new_tokens - 1)
+    prefilled = torch.cat([h[:, -1] for h in seen[:2]])  # (4, d)
+    decoded = torch.stack([h[:, -1] for h in seen[2:]], dim=1)  # (4, steps, d)
+    for row in range(len(prompts)):
+        got = torch.cat([prefilled[row : row + 1], decoded[row]])
+        head = model.head_weight
+        torch.testing.assert_close(got @ head.T, expected_hidden[row] @ head.T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_sequence_admitted_mid_flight_leaves_the_others_unchanged(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4)
+    first = [engine.submit(p, GREEDY) for p in PROMPTS[:2]]
+    for _ in range(4):
+        engine.step()
+    late = engine.submit(PROMPTS[2], GREEDY)
+    run(engine)
+    assert [tokens(h) for h in first + [late]] == [alone(model, p) for p in PROMPTS[:3]]
+
+
+def test_a_sequence_cancelled_mid_flight_leaves_the_others_unchanged(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4)
+    handles = [engine.submit(p, GREEDY) for p in PROMPTS[:3]]
+    for _ in range(4):
+        engine.step()
+    handles[1].cancel()
+    run(engine)
+    assert [tokens(handles[i]) for i in (0, 2)] == [alone(model, PROMPTS[i]) for i in (0, 2)]
+    cut = tokens(handles[1])
+    assert handles[1].finish_reason == "cancelled" and 0 < len(cut) < GREEDY.max_new_tokens
+    assert cut == alone(model, PROMPTS[1])[: len(cut)]
+    assert engine.stats.cancelled == 1 and engine.stats.finished == 2 and engine.stats.running == 0
+
+
+def test_a_stop_string_ends_one_sequence_as_stream_does_and_leaves_the_others_unchanged(model, tokenizer):
+    answer = tokenizer.decode(alone(model, PROMPTS[1]))
+    stopping = GenerationConfig(max_new_tokens=12, stop_strings=(answer[4:6],))
+    expected = list(stream(model, tokenizer, PROMPTS[1], stopping))
+    engine = Engine(model, tokenizer, max_batch=4)
+    handles = [engine.submit(PROMPTS[0], GREEDY), engine.submit(PROMPTS[1], stopping), engine.submit(PROMPTS[2], GREEDY)]
+    run(engine)
+    got = list(handles[1])
+    assert [(c.text, c.token_ids, c.finish_reason) for c in got] == [
+        (c.text, c.token_ids, c.finish_reason) for c in expected]
+    assert got[-1].finish_reason == "stop" and handles[1].completion_tokens < 12
+    assert [tokens(handles[i]) for i in (0, 2)] == [alone(model, PROMPTS[i]) for i in (0, 2)]
+
+
+def test_a_stop_token_ends_one_sequence_and_not_the_others(model, tokenizer):
+    stop = alone(model, PROMPTS[0])[3]
+    stopping = GenerationConfig(max_new_tokens=12, stop_token_ids=(stop,))
+    engine = Engine(model, tokenizer, max_batch=4)
+    handles = [engine.submit(PROMPTS[0], stopping), engine.submit(PROMPTS[2], GREEDY)]
+    run(engine)
+    assert tokens(handles[0], stops=(stop,)) == alone(model, PROMPTS[0], stopping)
+    assert handles[0].finish_reason == "stop"
+    assert tokens(handles[1]) == alone(model, PROMPTS[2])
+
+
+def test_each_sequence_samples_with_its_own_settings_and_seed(model, tokenizer):
+    configs = [
+        GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7),
+        GenerationConfig(max_new_tokens=12),
+        GenerationConfig(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=11),
+        GenerationConfig(max_new_tokens=12, temperature=1.3, top_p=0.7, seed=7),
+    ]
+    engine = Engine(model, tokenizer, max_batch=4)
+    handles = [engine.submit(p, c) for p, c in zip(PROMPTS, configs)]
+    run(engine)
+    got = [tokens(h) for h in handles]
+    assert got == [alone(model, p, c) for p, c in zip(PROMPTS, configs)]
+    # The same seeded request again, now beside other company: the same tokens.
+    again = Engine(model, tokenizer, max_batch=2)
+    handles = [again.submit(PROMPTS[3], GREEDY), again.submit(PROMPTS[0], configs[0])]
+    run(again)
+    assert tokens(handles[1]) == got[0]
+    other_seed = Engine(model, tokenizer)
+    handle = other_seed.submit(PROMPTS[0], GenerationConfig(max_new_tokens=12, temperature=1.0, seed=8))
+    run(other_seed)
+    assert tokens(handle) != got[0]
+
+
+def test_the_queue_waits_for_a_free_slot_and_tells_each_sequence_its_place(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2)
+    handles = [engine.submit(p, GREEDY) for p in PROMPTS]
+    assert [h.position for h in handles] == [0, 1, 2, 3]
+    assert engine.stats.waiting == 4
+    engine.step()
+    assert [h.position for h in handles] == [None, None, 0, 1]
+    assert (engine.stats.running, engine.stats.waiting) == (2, 2)
+    assert handles[2].completion_tokens == 0  # no slot, no token
+    run(engine)
+    events = [list(h.events()) for h in handles]
+    assert [[e.ahead for e in got if isinstance(e, Queued)] for got in events] == [[0], [1], [2, 0], [3, 1]]
+    assert [[t for e in got if not isinstance(e, Queued) for t in e.token_ids] for got in events] == [
+        alone(model, p) for p in PROMPTS]
+
+
+def test_prompts_longer_than_the_prefill_chunk_give_the_same_tokens_without_freezing_the_others(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=4)
+    short = engine.submit(PROMPTS[1], GREEDY)
+    engine.step()  # its prompt, then its first decoding step: two tokens
+    long = engine.submit(PROMPTS[3], GREEDY)  # 31 tokens: eight steps of prefill
+    steps = 0
+    while long.completion_tokens == 0:
+        before = short.completion_tokens
+        engine.step()
+        steps += 1
+        assert short.completion_tokens == before + 1  # a token every step meanwhile
+    assert steps == 8
+    run(engine)
+    assert [tokens(short), tokens(long)] == [alone(model, PROMPTS[1]), alone(model, PROMPTS[3])]
+    assert engine.stats.prefilled_tokens == len(PROMPTS[1]) + len(PROMPTS[3])
+    lone = engine.submit(PROMPTS[3], GREEDY)
+    engine.step()  # nobody else to keep waiting: the whole prompt in one step
+    assert lone.completion_tokens == 2
+
+
+def test_a_conversation_kept_in_the_prefix_cache_is_copied_into_its_slot(model, tokenizer):
+    store = PrefixCache()
+    engine = Engine(model, tokenizer, max_batch=2, prefix_cache=store)
+    first = engine.submit(PROMPTS[3], GREEDY)
+    run(engine)
+    answer = tokens(first)
+    follow_up = PROMPTS[3] + answer + [40, 41, 42]
+    handles = [engine.submit(follow_up, GREEDY), engine.submit(PROMPTS[0], GREEDY)]
+    run(engine)
+    # The first answer's last token was never run through the model, so its keys are not kept.
+    assert handles[0].cached_prompt_tokens == len(PROMPTS[3]) + len(answer) - 1
+    assert engine.stats.prefilled_tokens == len(PROMPTS[3]) + 4 + len(PROMPTS[0])
+    assert [tokens(h) for h in handles] == [alone(model, follow_up), alone(model, PROMPTS[0])]
+
+
+def test_prompts_arriving_together_run_their_shared_start_once(model, tokenizer):
+    preamble = list(range(40, 60))  # a chat template's preamble, longer than the prefix cache's MIN_REUSE
+    prompts = [preamble + [5, 6, 7], preamble + [8, 9], preamble + [10, 11, 12, 13]]
+    engine = Engine(model, tokenizer, max_batch=3, prefix_cache=PrefixCache())
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    run(engine)
+    assert [h.cached_prompt_tokens for h in handles] == [0, len(preamble), len(preamble)]
+    assert engine.stats.prefilled_tokens == len(prompts[0]) + 2 + 4
+    assert [tokens(h) for h in handles] == [alone(model, p) for p in prompts]
+
+
+def test_an_answer_that_outgrows_its_slot_ends_with_length(model, tokenizer):
+    engine = Engine(model, tokenizer, max_len=20)
+    prompt = list(range(40, 55))  # 15 tokens: room for 5 more positions, so 6 new tokens
+    handle = engine.submit(prompt, GenerationConfig(max_new_tokens=50))
+    run(engine)
+    assert tokens(handle) == alone(model, prompt)[:6]
+    assert handle.finish_reason == "length"
+
+
+def test_slots_grow_as_a_sequence_outgrows_them_and_the_others_keep_their_tokens(tokenizer):
+    model = tiny_model("llama", context_length=700)
+    engine = Engine(model, tokenizer, max_batch=2)
+    start = engine.kv_bytes
+    short = engine.submit(PROMPTS[0], GREEDY)
+    engine.step()
+    long_prompt = [(7 * i) % 90 + 3 for i in range(300)]  # past the slots' first 256 positions
+    long = engine.submit(long_prompt, GREEDY)
+    run(engine)
+    assert engine.kv_bytes == 2 * start
+    assert [tokens(short), tokens(long)] == [alone(model, PROMPTS[0]), alone(model, long_prompt)]
+
+
+def test_a_memory_budget_sets_the_slots_length(model, tokenizer):
+    per_position = 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 key/value heads of 8 (llama) floats
+    if model.cfg.family == "gpt2":
+        per_position *= 2  # as many key/value heads as heads: 4
+    assert Engine(model, tokenizer, max_batch=4, max_kv_bytes=4 * per_position * 50).max_len == 50
+    assert Engine(model, tokenizer, max_batch=4, max_kv_bytes=10**9).max_len == model.cfg.context_length
+    with pytest.raises(ValueError, match="holds not one position"):
+        Engine(model, tokenizer, max_batch=4, max_kv_bytes=per_position)
+
+
+def test_zero_new_tokens_finish_at_once(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    handle = engine.submit(PROMPTS[0], GenerationConfig(max_new_tokens=0))
+    assert handle.done and [c.finish_reason for c in handle] == ["length"]
+
+
+def test_the_engine_thread_serves_a_thread_and_asyncio_and_a_reader_that_leaves_cancels(model, tokenizer):
+    observed: list[str] = []
+    engine = Engine(model, tokenizer, max_batch=4, on_observe=lambda name, value: observed.append(name))
+    with engine:
+        from_thread: list[list[int]] = []
+        threaded = engine.submit(PROMPTS[0], GREEDY)
+        reader = threading.Thread(target=lambda: from_thread.append(tokens(threaded)))
+        reader.start()
+
+        async def read_async() -> tuple[list[int], str]:
+            handle = engine.submit(PROMPTS[2], GREEDY)
+            got = [t async for chunk in handle for t in chunk.token_ids]
+            leaving = engine.submit(PROMPTS[3], GenerationConfig(max_new_tokens=200))
+            async with contextlib.aclosing(aiter(leaving)) as chunks:
+                async for _ in chunks:
+                    break  # the client went away after one chunk
+
+            async def retired() -> None:
+                while not leaving.done:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(retired(), 30)
+            return got, leaving.finish_reason
+
+        from_asyncio, reason = asyncio.run(read_async())
+        reader.join(30)
+        assert engine.call(lambda: "between steps").result(30) == "between steps"
+    assert from_thread == [alone(model, PROMPTS[0])]
+    assert from_asyncio == alone(model, PROMPTS[2])
+    assert reason == "cancelled"
+    assert observed.count("ttft_seconds") == observed.count("queue_seconds") == 3
+    assert "batch_size" in observed and "tbt_seconds" in observed
+    with pytest.raises(EngineStopped):
+        engine.submit(PROMPTS[0], GREEDY)
+
+
+def test_stopping_ends_what_is_left_with_an_error(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1)
+    running, waiting = engine.submit(PROMPTS[0], GREEDY), engine.submit(PROMPTS[1], GREEDY)
+    engine.step()
+    engine.stop()
+    for handle in (running, waiting):
+        with pytest.raises(EngineStopped):
+            list(handle)
+
+
+def test_bad_requests_and_settings_get_clear_errors(model, tokenizer):
+    engine = Engine(model, tokenizer, max_len=32, max_waiting=1)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], GREEDY)
+    with pytest.raises(ContextLengthError, match="context window is 32"):
+        engine.submit(list(range(33)), GREEDY)
+    with pytest.raises(ValueError, match="vocabulary of 97"):
+        engine.submit([5, 97], GREEDY)
+    engine.submit(PROMPTS[0], GREEDY)
+    with pytest.raises(EngineFull, match="1 sequences are waiting"):
+        engine.submit(PROMPTS[1], GREEDY)
+    assert (engine.stats.submitted, engine.stats.rejected) == (1, 1)
+    for bad, match in ((dict(max_batch=0), "max_batch"), (dict(max_len=97), "max_len"),
+                       (dict(prefill_chunk=0), "prefill_chunk"), (dict(max_waiting=-1), "max_waiting")):
+        with pytest.raises(ValueError, match=match):
+            Engine(model, tokenizer, **bad)
