@@ -298,7 +298,11 @@ class ClassifierWorker(_Callable):
     def _accept(self, request: _ClassifyRequest) -> None:
         tokenizer = self.checkpoint.tokenizer
         max_length = int(self.checkpoint.metadata.get("max_length") or self.checkpoint.model.cfg.context_length)
-        request.tokens = [min(len(tokenizer.encode(text)), max_length) for text in request.texts]
+        try:
+            request.tokens = [min(len(tokenizer.encode(text)), max_length) for text in request.texts]
+        except Exception as exc:  # a text the tokenizer refuses: that caller's error; the worker carries on
+            _settle(request.loop, request.future, error=exc)
+            return
         request.predictions = [None] * len(request.texts)
         if not request.texts:
             _settle(request.loop, request.future, result=[])
