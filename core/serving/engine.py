@@ -287,6 +287,7 @@ class _Sequence:
     text: TextStream
     generator: torch.Generator | None
     penalties: Penalties | None = None  # the sequence's history, when its settings penalize repeats
+    owner: str | None = None  # who sent it (max_running_per_owner)
     row: int = -1  # its slot while admitted
     cached: int = 0  # positions of its slot holding keys and values
     next_token: int | None = None  # the last token sampled, fed at the next step; None while prefilling
@@ -428,7 +429,9 @@ class Engine:
     sequences. ``prefix_cache``: a ``core.fast.prefix_cache.PrefixCache`` to
     take kept conversations from and store finished ones in. ``max_waiting``:
     queue length past which :meth:`submit` raises :class:`EngineFull` (None: no
-    limit). ``threads``: torch threads of the scheduler's thread.
+    limit). ``max_running_per_owner``: slots one owner's sequences hold at most (None: no
+    limit); a sequence past it waits while other owners' sequences behind it are admitted.
+    ``threads``: torch threads of the scheduler's thread.
     ``on_observe(name, value)``: timings as they happen (see :class:`EngineStats`).
     """
 
@@ -443,6 +446,7 @@ class Engine:
         prefill_chunk: int = 256,
         prefix_cache: Any = None,
         max_waiting: int | None = None,
+        max_running_per_owner: int | None = None,
         threads: int | None = None,
         on_observe: Callable[[str, float], None] | None = None,
     ) -> None:
@@ -472,6 +476,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
         self.prefix_cache, self.max_waiting, self.threads = prefix_cache, max_waiting, threads
+        if max_running_per_owner is not None and max_running_per_owner < 1:
+            raise ValueError(f"max_running_per_owner must be >= 1 or None, got {max_running_per_owner}")
+        self.max_running_per_owner = max_running_per_owner
         self.stats = EngineStats()
         self._observe = on_observe or (lambda name, value: None)
         self._slots = _Slots(model, max_batch, max_len)
@@ -490,8 +497,9 @@ class Engine:
 
     # -- the public face -------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], config: GenerationConfig) -> Handle:
-        """Queue one sequence; its :class:`Handle` streams the answer. Raises ValueError (a
+    def submit(self, prompt_ids: list[int], config: GenerationConfig, owner: str | None = None) -> Handle:
+        """Queue one sequence for ``owner`` (who sent it, for ``max_running_per_owner``; None: nobody
+        in particular); its :class:`Handle` streams the answer. Raises ValueError (a
         ``ContextLengthError`` for a prompt longer than ``max_len``) for a prompt it cannot
         decode, :class:`EngineFull` when the queue is full, :class:`EngineStopped` after :meth:`stop`."""
         prompt = [int(t) for t in prompt_ids]
@@ -504,7 +512,7 @@ class Engine:
         limit = min(config.max_new_tokens, self.max_len - len(prompt) + 1)
         penalties = Penalties(config, [prompt], self.model.cfg.vocab_size, self._slots.device) if config.penalized else None
         seq = _Sequence(handle, prompt, config, limit, TextStream(self.tokenizer, config),
-                        make_generator(config, self._slots.device), penalties)
+                        make_generator(config, self._slots.device), penalties, owner)
         handle._seq = seq
         with self._lock:
             if self._stopping:
@@ -645,10 +653,21 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
-            admitted, dropped = [], []
+            admitted, dropped, held = [], [], []
+            running: dict[str | None, int] = {}
+            for seq in self._active:
+                running[seq.owner] = running.get(seq.owner, 0) + 1
+            cap = self.max_running_per_owner
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                 seq = self._waiting.popleft()
-                (dropped if seq.cancelled else admitted).append(seq)
+                if seq.cancelled:
+                    dropped.append(seq)
+                elif cap is not None and seq.owner is not None and running.get(seq.owner, 0) >= cap:
+                    held.append(seq)  # its owner has enough running: the next owner's sequence goes first
+                else:
+                    admitted.append(seq)
+                    running[seq.owner] = running.get(seq.owner, 0) + 1
+            self._waiting.extendleft(reversed(held))
             if admitted or dropped:
                 self._requeue()
             self.stats.cancelled += len(dropped)
