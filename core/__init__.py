@@ -13,6 +13,8 @@
 6. ``core.fast.transforms``: what makes a trained model fast to serve (our C++ kernels,
    fused layers, speculative decoding, CUDA graphs, prefix caching) and the
    serving decoder and batching engine that own them. Nothing above imports it.
+7. ``core.serving``: what a server runs, the engine that decodes many sequences
+   at once (continuous batching). Only the service and the command line import it.
 
 This package knows nothing of the web service, the database or training jobs;
 ``tests/test_imports.py`` holds it to that and to the order above.

@@ -142,7 +142,8 @@ class Handle:
 
     Iterating (``for`` in a thread, ``async for`` in asyncio) yields the
     :class:`~core.generation.generate.StreamChunk` s of the answer; the last one
-    carries ``finish_reason`` ("stop" or "length"). :meth:`events` and
+    carries ``finish_reason`` ("stop" or "length"), while a cancelled sequence's
+    chunks just end (the handle's ``finish_reason`` says "cancelled"). :meth:`events` and
     :meth:`aevents` also yield a :class:`Queued` whenever the place in the queue
     changes before admission, and None after ``heartbeat`` idle seconds (for
     keep-alives). A failed step raises :class:`EngineError` in the reader.
