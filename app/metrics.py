@@ -44,6 +44,37 @@ class Metrics:
             registry=r,
         )
 
+        # The chat engine (core.serving): what it holds, and how long answers wait and stream.
+        self.engine_batch = Histogram(
+            "scratchgpt_chat_batch_size", "Answers decoded together in each step of the chat engine",
+            ["model"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.ttft = Histogram(
+            "scratchgpt_chat_time_to_first_token_seconds", "From an answer's request to its first token (queue included)",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tbt = Histogram(
+            "scratchgpt_chat_time_between_tokens_seconds", "Between two tokens of one answer",
+            ["model"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
+        self.queue_wait = Histogram(
+            "scratchgpt_chat_queue_seconds", "From an answer's request to its place in the engine",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_running = Gauge("scratchgpt_chat_running", "Answers holding a place in the chat engine", ["model"],
+                                    registry=r)
+        self.engine_waiting = Gauge("scratchgpt_chat_waiting", "Answers waiting for a place in the chat engine",
+                                    ["model"], registry=r)
+
+    def engine_observer(self, model: str):
+        """The chat engine's ``on_observe(name, value)`` for ``model``, into these histograms."""
+        histograms = {"batch_size": self.engine_batch, "ttft_seconds": self.ttft, "tbt_seconds": self.tbt,
+                      "queue_seconds": self.queue_wait}
+        children = {name: h.labels(model) for name, h in histograms.items()}
+
+        def observe(name: str, value: float) -> None:
+            child = children.get(name)
+            if child is not None:
+                child.observe(value)
+
+        return observe
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -63,6 +63,20 @@ class Settings(BaseSettings):
     # Recent chats' KV caches kept for their next turn (core.fast.prefix_cache), in MiB; 0 keeps none.
     # A turn then prefills only the new message instead of the whole conversation.
     chat_prefix_cache_mb: int = Field(256, ge=0)
+    # The chat engine (core.serving) decodes many answers together, each step. Answers decoded
+    # together at most; 1 decodes one at a time (the service before continuous batching).
+    chat_max_batch: int = Field(8, ge=1)
+    # Answers waiting for a place, over all users; past it a new one is refused (503, Retry-After).
+    chat_max_waiting: int = Field(64, ge=0)
+    # Per user (an API key or a browser session): answers decoding at once, and answers waiting (past
+    # it, 429 with Retry-After). Clients of an open server without a session share no such limit.
+    chat_max_running_per_owner: int = Field(4, ge=1)
+    chat_max_waiting_per_owner: int = Field(8, ge=0)
+    # Prompt tokens prefilled per step over all new answers: a long prompt is spread over several
+    # steps, so the answers already streaming keep getting tokens.
+    chat_prefill_chunk: int = Field(256, ge=1)
+    # The engine's keys and values at most, in MiB; 0: room for the model's whole context in every place.
+    chat_kv_cache_mb: int = Field(0, ge=0)
 
     # --- storage ----------------------------------------------------------
     # None means sqlite:///<home>/scratchgpt.db.

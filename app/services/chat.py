@@ -5,10 +5,12 @@ both run. In order: the chat model must be serving; the conversation is claimed 
 at a time); its stored messages become the model's turns and are fitted into the context
 window (``app.services.prompts``); only then is anything written: the replaced answer
 deleted, the user's message committed (whatever happens next, the question is kept), and the
-answer's row created as "streaming". :class:`app.services.streaming.AnswerStream` takes it
-from there. A refusal is an error of its own (:class:`ConversationBusy`,
-:class:`NothingToAnswer`, :class:`app.services.prompts.PromptTooLong`), which the route turns
-into an HTTP status; this module knows nothing of requests.
+answer's row created as "streaming". The answer is queued in the chat engine before anything is
+written, so a refusal leaves the conversation as it was. :class:`app.services.streaming.AnswerStream`
+takes it from there. A refusal is an error of its own (:class:`ConversationBusy`,
+:class:`NothingToAnswer`, :class:`app.services.prompts.PromptTooLong`, and the engine's limits
+:class:`app.services.workers.OwnerBusy` and :class:`~app.services.workers.ServerBusy`), which the
+route turns into an HTTP status; this module knows nothing of requests.
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ class ChatService:
                 max_new_tokens=plan.max_new_tokens,
                 seed=seed,
             )
+            # Queued before anything is written: an owner or a server past its limits is refused
+            # (OwnerBusy, ServerBusy) with the conversation as it was.
+            # The owner "local" is every client of an open server without a session: not one user to limit.
+            owner = None if conversation.owner == "local" else conversation.owner
+            job = slot.worker.submit(plan.prompt_ids, config, owner=owner)
+        except BaseException:
+            active.release(conversation.id)
+            raise
+        try:
             if replaced is not None:
                 crud.delete_message(session, replaced)
             user_public = None
@@ -105,9 +116,9 @@ class ChatService:
                 status=STATUS_STREAMING, prompt_tokens=len(plan.prompt_ids), dropped_messages=plan.dropped_messages,
             )
         except BaseException:
+            job.cancel()
             active.release(conversation.id)
             raise
-        worker = slot.worker
         answer = AnswerStream(
             sessions=self.sessions,
             active=active,
@@ -116,7 +127,7 @@ class ChatService:
             assistant_id=assistant.id,
             user_message=user_public,
             plan=plan,
-            submit=lambda: worker.submit(plan.prompt_ids, config),
+            job=job,
             model_name=slot.name,
             flush_seconds=self.settings.stream_flush_seconds,
         )

@@ -228,8 +228,17 @@ class ModelRegistry:
                 computed.inc(prompt - reused)
                 cached.inc(reused)
 
-            return ChatWorker(checkpoint, decoder, role, on_tokens=tokens.inc, on_queue_depth=depth.set,
-                              threads=self.settings.torch_threads, on_prompt=on_prompt)
+            s = self.settings
+            worker = ChatWorker(
+                checkpoint, decoder, role, max_batch=s.chat_max_batch, max_waiting=s.chat_max_waiting,
+                max_running_per_owner=s.chat_max_running_per_owner, max_waiting_per_owner=s.chat_max_waiting_per_owner,
+                prefill_chunk=s.chat_prefill_chunk, max_kv_bytes=s.chat_kv_cache_mb * 2**20 or None,
+                threads=s.torch_threads, on_tokens=tokens.inc, on_queue_depth=depth.set, on_prompt=on_prompt,
+                on_observe=self.metrics.engine_observer(role))
+            stats = worker.engine.stats  # read when /metrics is scraped
+            self.metrics.engine_running.labels(role).set_function(lambda: stats.running)
+            self.metrics.engine_waiting.labels(role).set_function(lambda: stats.waiting)
+            return worker
 
         def on_batch(n: int) -> None:
             self.metrics.classify_batch.observe(n)

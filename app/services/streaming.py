@@ -27,6 +27,7 @@ from app.db.models import STATUS_COMPLETE, STATUS_ERROR, STATUS_INTERRUPTED, STA
 from app.metrics import Metrics
 from app.services.prompts import PromptPlan
 from app.services.workers import ChatJob
+from core.serving import Queued
 
 logger = logging.getLogger("scratchgpt.chat")
 
@@ -106,18 +107,16 @@ class AnswerStream:
     assistant_id: int
     user_message: dict[str, Any] | None
     plan: PromptPlan
-    submit: Callable[[], ChatJob]
+    job: ChatJob  # already queued in the chat engine
     model_name: str
     flush_seconds: float = 0.5
     text: str = ""
     status: str = STATUS_STREAMING
-    job: ChatJob | None = None
     started: float = field(default_factory=time.perf_counter)
 
     def _final_fields(self, status: str, **extra: Any) -> dict[str, Any]:
-        job = self.job
-        tokens = job.completion_tokens if job else 0
-        seconds = job.generation_seconds if job else 0.0
+        tokens = self.job.completion_tokens
+        seconds = self.job.generation_seconds
         return dict(
             content=self.text,
             status=status,
@@ -139,13 +138,15 @@ class AnswerStream:
         if self.user_message is not None:
             start["user_message"] = self.user_message
         yield sse("start", start)
-        self.job = self.submit()
         self.active.attach(self.conversation_id, self.job)
         last_flush = time.perf_counter()
         try:
             async for chunk in self.job.events(heartbeat=KEEPALIVE_SECONDS):
                 if chunk is None:
                     yield ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+                    continue
+                if isinstance(chunk, Queued):  # still waiting for a slot: how many answers go first
+                    yield sse("queued", {"ahead": chunk.ahead})
                     continue
                 if chunk.text:
                     self.text += chunk.text
@@ -197,8 +198,7 @@ class AnswerStream:
 
     async def close(self) -> None:
         """Runs when the response ends for any reason: cancel the job and settle the row."""
-        if self.job is not None:
-            self.job.cancel()
+        self.job.cancel()
         self.active.release(self.conversation_id)
         if self.status == STATUS_STREAMING:
             # The client went away (or the server is stopping) mid-answer.

@@ -847,15 +847,16 @@ class Engine:
     def _emit(self, seq: _Sequence, token: int) -> None:
         """Hand one new token to its reader; retire the sequence if it ended there."""
         handle, now = seq.handle, time.perf_counter()
+        seq.generated.append(token)
+        handle.completion_tokens += 1
+        self.stats.generated_tokens += 1
+        # Observed once counted, before its text reaches the reader.
         if handle.first_token_at is None:
             handle.first_token_at = now
             self._observe("ttft_seconds", now - handle.submitted_at)
         else:
             self._observe("tbt_seconds", now - seq.last_token_at)
         seq.last_token_at = now
-        seq.generated.append(token)
-        handle.completion_tokens += 1
-        self.stats.generated_tokens += 1
         chunk = seq.text.push(token)
         handle._push(chunk)
         if chunk.finish_reason is None and len(seq.generated) < seq.limit:

@@ -377,8 +377,8 @@ def test_measurements_of_a_served_model_run_on_its_worker(client):
         return await runner.run(where, chat), await runner.run(where, classifier), plain
 
     on_chat, on_classifier, plain = anyio.run(main)
-    assert on_chat == "chat-worker-chat" and on_classifier == "classifier-worker-classifier"
-    assert not plain.startswith(("chat-worker", "classifier-worker"))  # no model read: a plain thread
+    assert on_chat == "serving-engine" and on_classifier == "classifier-worker-classifier"
+    assert not plain.startswith(("serving-engine", "classifier-worker"))  # no model read: a plain thread
     # An endpoint's measurement goes the same way and still answers.
     response = client.post(f"{LAB}/attention", json={"text": "Hello there", "layer": 0})
     assert response.status_code == 200, response.text

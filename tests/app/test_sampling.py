@@ -39,7 +39,7 @@ def live(tmp_path_factory, chat_checkpoint):
 def allowed(chat_checkpoint) -> Callable[..., set[str]]:
     """The answers (one token, decoded) that the plain model allows for PROMPT under the given
     settings: the tokens that core.generation.sampling's filters leave finite."""
-    from app.chat import generation_config, plan_prompt
+    from app.services.prompts import generation_config, plan_prompt
     from core.generation.sampling import SamplingConfig, filter_logits
     from core.weights.checkpoint import load_checkpoint
 

@@ -71,7 +71,7 @@ def transformers_model(smollm2_gguf):
 def references(plain, hf, system: str, turns: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """Greedy tokens for the prompt the app builds from ``system`` and ``turns``: ours, without the
     stop token, and transformers', cut at the same stop tokens."""
-    from app.chat import generation_config, plan_prompt
+    from app.services.prompts import generation_config, plan_prompt
     from core.generation.generate import generate
 
     prompt = plan_prompt(plain, system, turns, MAX_NEW).prompt_ids

@@ -1,4 +1,5 @@
-"""The chat worker thread: jobs run one at a time, cancellation frees it, idle streams get heartbeats."""
+"""The chat worker (the engine as the service uses it): answers decode together, cancelling takes one out,
+limits refuse with a reason, waiting streams hear their place; and the classifier worker."""
 
 from __future__ import annotations
 
@@ -10,38 +11,57 @@ import torch
 from app_testing import TokenGate, classify_concurrently
 
 from core.fast.serving import ServingDecoder
-from app.services.workers import ChatJob, ChatWorker, ClassifierWorker, WorkerStopped, _End
+from app.services.workers import ChatWorker, ClassifierWorker, OwnerBusy, ServerBusy, WorkerStopped
+from core.generation.generate import StreamChunk
+from core.serving import Queued
 
 
-def test_heartbeat_while_a_job_waits():
-    async def main():
-        job = ChatJob([1], config=None, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
-        events = job.events(heartbeat=0.02)
-        assert await events.__anext__() is None  # nothing yet: a heartbeat
-        job._post(_End())
-        return [e async for e in events]
-
-    assert asyncio.run(main()) == []
-
-
-def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoint):
+def make_worker(chat_checkpoint, **limits) -> ChatWorker:
     from core.weights.checkpoint import load_checkpoint
-    from core.generation.generate import GenerationConfig
 
     checkpoint = load_checkpoint(chat_checkpoint)
+    return ChatWorker(checkpoint, ServingDecoder(checkpoint.model), "chat", **limits)
+
+
+def test_a_waiting_job_hears_its_place_then_heartbeats(chat_checkpoint):
+    from core.generation.generate import GenerationConfig
+
+    worker = make_worker(chat_checkpoint)  # not started: nothing is admitted
+
+    async def main():
+        job = worker.submit([1, 2, 3], GenerationConfig(max_new_tokens=2))
+        events = job.events(heartbeat=0.02)
+        first, second = await events.__anext__(), await events.__anext__()
+        await events.aclose()  # leaving cancels it
+        return job, first, second
+
+    try:
+        job, first, second = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert first == Queued(0) and second is None  # its place, then a heartbeat while nothing happens
+    assert job.finish_reason == "cancelled"
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_answers_decode_together_and_cancel_takes_one_out(chat_checkpoint, max_batch):
+    """Two answers: with two places they decode together, with one the second waits for the first
+    (the service before continuous batching); a cancel ends the long one at the token it was on."""
+    from core.generation.generate import GenerationConfig
+
     tokens = []
-    worker = ChatWorker(checkpoint, ServingDecoder(checkpoint.model), "chat", on_tokens=tokens.append).start()
-    prompt = checkpoint.tokenizer.encode("Once upon a time")
+    worker = make_worker(chat_checkpoint, max_batch=max_batch, on_tokens=tokens.append).start()
+    prompt = worker.checkpoint.tokenizer.encode("Once upon a time")
 
     async def main(gate: TokenGate):
         long_job = worker.submit(prompt, GenerationConfig(max_new_tokens=900))
         short_job = worker.submit(prompt, GenerationConfig(max_new_tokens=5))
-        held_at = await asyncio.to_thread(gate.wait_held)  # the worker, held after its third token
+        held_at = await asyncio.to_thread(gate.wait_held)  # the engine, held after the third token
         long_job.cancel()  # what a stop or a disconnect does
         gate.release()
         async for _ in long_job.events():
             pass
-        text = "".join([c.text async for c in short_job.events() if c is not None])
+        text = "".join([c.text async for c in short_job.events() if isinstance(c, StreamChunk)])
         return long_job, short_job, text, held_at
 
     try:
@@ -49,11 +69,41 @@ def test_jobs_queue_behind_each_other_and_cancel_frees_the_worker(chat_checkpoin
             long_job, short_job, text, held_at = asyncio.run(main(gate))
     finally:
         worker.stop()
-    # The cancel took effect at the next token: not one more was generated for the long job.
-    assert long_job.finish_reason == "cancelled" and long_job.completion_tokens == held_at
     assert short_job.completion_tokens == 5 and short_job.finish_reason == "length" and text
-    assert short_job.started_at >= long_job.finished_at  # one job at a time
+    assert long_job.finish_reason == "cancelled"
+    if max_batch == 1:
+        # One at a time: the cancel took effect at the next token, and the short answer started after.
+        assert long_job.completion_tokens == held_at
+        assert short_job.handle.admitted_at >= long_job.handle.finished_at
+    else:
+        # Together: both were admitted at once, and the short one's tokens counted towards the hold.
+        assert short_job.handle.admitted_at < long_job.handle.finished_at
+        assert long_job.completion_tokens <= held_at
     assert sum(tokens) == long_job.completion_tokens + 5
+
+
+def test_limits_per_owner_and_for_the_queue(chat_checkpoint):
+    from core.generation.generate import GenerationConfig
+
+    worker = make_worker(chat_checkpoint, max_waiting=3, max_waiting_per_owner=2)  # not started: all wait
+    cfg = GenerationConfig(max_new_tokens=2)
+
+    async def main():
+        jobs = [worker.submit([1, 2], cfg, owner="session:a") for _ in range(2)]
+        with pytest.raises(OwnerBusy, match="SCRATCHGPT_CHAT_MAX_WAITING_PER_OWNER") as busy:
+            worker.submit([1, 2], cfg, owner="session:a")
+        jobs.append(worker.submit([1, 2], cfg, owner="session:b"))  # another user still gets in
+        with pytest.raises(ServerBusy, match="SCRATCHGPT_CHAT_MAX_WAITING") as full:
+            worker.submit([1, 2], cfg)  # the queue holds 3: full, whoever asks
+        jobs[0].cancel()
+        await asyncio.sleep(0)
+        return jobs, busy.value, full.value
+
+    try:
+        jobs, busy, full = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert busy.retry_after >= 1 and full.retry_after >= 1
 
 
 def test_a_stopped_worker_refuses_new_jobs(chat_checkpoint):
@@ -94,7 +144,7 @@ def test_micro_batches_pack_texts_and_answer_as_one_at_a_time(classifier_checkpo
         assert abs(got.probabilities["spam"] - want.probabilities["spam"]) < 1e-5
 
 
-def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
+def test_call_runs_on_the_engines_thread_between_steps(chat_checkpoint):
     """worker.call(fn): fn runs on the worker's own thread, after the job in front of it, and
     its result or error comes back to the caller."""
     import threading
@@ -108,7 +158,7 @@ def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
     jobs = []
 
     def measure() -> tuple[str, bool, bool]:
-        return threading.current_thread().name, jobs[0].finished_at is not None, torch.is_grad_enabled()
+        return threading.current_thread().name, jobs[0].completion_tokens < 20, torch.is_grad_enabled()
 
     def fail() -> None:
         raise ValueError("bad measurement")
@@ -126,11 +176,12 @@ def test_call_runs_on_the_worker_thread_in_turn_with_its_jobs(chat_checkpoint):
         return job, result, error, await worker.call(sum, [1, 2, 3])
 
     try:
-        job, (thread, answer_finished, grad), error, total = asyncio.run(main())
+        job, (thread, answer_midway, grad), error, total = asyncio.run(main())
     finally:
         worker.stop()
-    assert thread == "chat-worker-chat" and not grad  # the worker's thread and its settings
-    assert answer_finished and job.completion_tokens == 20  # queued behind the answer, never beside it
+    assert thread == "serving-engine" and not grad  # the engine's thread and its settings
+    # Between two steps of the answer, not after it (nor beside a step: one thread runs both).
+    assert answer_midway and job.completion_tokens == 20
     assert str(error) == "bad measurement" and total == 6  # an error reached the caller; the worker went on
 
     async def after_stop():

@@ -28,6 +28,7 @@ from app.schemas import (
 )
 from app.services.chat import ConversationBusy, NothingToAnswer
 from app.services.prompts import PromptTooLong
+from app.services.workers import OwnerBusy, ServerBusy
 from app.services.streaming import ManagedStream
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["messages"])
@@ -43,7 +44,7 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
                     "type": "object",
                     "required": ["event", "data"],
                     "properties": {
-                        "event": {"type": "string", "enum": ["start", "delta", "done", "error"]},
+                        "event": {"type": "string", "enum": ["start", "queued", "delta", "done", "error"]},
                         "data": {"type": "string", "contentMediaType": "application/json"},
                     },
                 }
@@ -52,6 +53,8 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     409: {"description": "An answer is already being generated in this conversation"},
     422: {"description": "Invalid message, or too long for the model's context window"},
+    429: {"description": "This user has as many answers waiting as it may; retry after Retry-After seconds"},
+    503: {"description": "The chat queue is full (or the model is not serving); retry after Retry-After seconds"},
     **NOT_FOUND,
     **MODEL_RESPONSES,
 }
@@ -59,13 +62,18 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @contextmanager
 def _refusals() -> Iterator[None]:
-    """The chat service's refusals as HTTP answers: 409 for the conversation's state, 422 for the prompt."""
+    """The chat service's refusals as HTTP answers: 409 for the conversation's state, 422 for the prompt,
+    429 for an owner past its queue limit and 503 for a full queue (both with Retry-After)."""
     try:
         yield
     except (ConversationBusy, NothingToAnswer) as exc:
         raise HTTPException(409, detail=str(exc)) from None
     except PromptTooLong as exc:
         raise HTTPException(422, detail=str(exc)) from None
+    except OwnerBusy as exc:
+        raise HTTPException(429, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    except ServerBusy as exc:
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
 
 
 @router.get("/{conversation_id}/messages", response_model=list[MessagePublic], responses=NOT_FOUND)

@@ -20,11 +20,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from app.api.deps import ModelsDep, SettingsDep, require_api_access
+from app.api.deps import ApiOwnerDep, ModelsDep, SettingsDep, require_api_access
 from app.schemas import Bool, Int, Penalty, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP, bounded
 from app.services.prompts import PromptTooLong, generation_config, plan_prompt
 from app.services.registry import CHAT
 from app.services.streaming import ManagedStream
+from app.services.workers import OwnerBusy, ServerBusy
+from core.generation.generate import StreamChunk
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_access)])
 
@@ -33,13 +35,14 @@ class OpenAIError(Exception):
     """Rendered as OpenAI's error object by the handler in app.main."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 class OpenAIErrorBody(BaseModel):
@@ -52,7 +55,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": OpenAIErrorBody, "description": "Unknown model"},
     422: {"model": OpenAIErrorBody, "description": "Invalid request body"},
     500: {"model": OpenAIErrorBody, "description": "Generation failed"},
-    503: {"model": OpenAIErrorBody, "description": "The chat model is loading or missing"},
+    429: {"model": OpenAIErrorBody, "description": "This API key has as many answers waiting as it may (Retry-After)"},
+    503: {"model": OpenAIErrorBody, "description": "The chat model is loading or missing, or its queue is full (Retry-After)"},
 }
 
 
@@ -155,7 +159,7 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
 
 
 async def _collect(job: Any) -> str:
-    return "".join([c.text async for c in job.events() if c is not None])
+    return "".join([c.text async for c in job.events() if isinstance(c, StreamChunk)])
 
 
 async def _client_gone(request: Request) -> None:
@@ -181,7 +185,7 @@ async def _client_gone(request: Request) -> None:
     },
 )
 async def chat_completions(
-    body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep, request: Request
+    body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep, request: Request, owner: ApiOwnerDep
 ) -> Any:
     slot = models.require(CHAT)
     if body.model != slot.name:
@@ -225,8 +229,14 @@ async def chat_completions(
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
 
+    # Queued now, so that a refusal is this request's status (429, 503), not an error inside a stream.
+    try:
+        job = worker.submit(plan.prompt_ids, config, owner=owner.id if owner is not None else None)
+    except (OwnerBusy, ServerBusy) as exc:
+        raise OpenAIError(429 if isinstance(exc, OwnerBusy) else 503, str(exc), type_="rate_limit_exceeded",
+                          headers={"Retry-After": str(exc.retry_after)}) from None
+
     if not body.stream:
-        job = worker.submit(plan.prompt_ids, config)
         answer = asyncio.ensure_future(_collect(job))
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -251,15 +261,11 @@ async def chat_completions(
             "usage": _usage(prompt_tokens, job.completion_tokens, job.cached_prompt_tokens),
         }
 
-    jobs: list[Any] = []
-
     async def events() -> Any:
-        job = worker.submit(plan.prompt_ids, config)
-        jobs.append(job)
         yield f"data: {json.dumps(chunk({'role': 'assistant', 'content': ''}, None))}\n\n"
         try:
             async for piece in job.events():
-                if piece is not None and piece.text:
+                if isinstance(piece, StreamChunk) and piece.text:
                     yield f"data: {json.dumps(chunk({'content': piece.text}, None), ensure_ascii=False)}\n\n"
         except Exception as exc:
             error = {"error": {"message": f"generation failed: {exc}", "type": "server_error"}}
@@ -273,7 +279,6 @@ async def chat_completions(
         yield "data: [DONE]\n\n"
 
     async def close() -> None:
-        for job in jobs:
-            job.cancel()
+        job.cancel()
 
     return ManagedStream(events(), on_close=close)
