@@ -317,6 +317,12 @@ function updateMessage(article, message) {
   }
   const meta = message.role === "assistant" ? messageMeta(message) : "";
   if (meta) metaText.append(`${ending ? " · " : ""}${meta}`);
+  if (message.status === "streaming" && message.waiting != null && !message.content) {
+    const waiting = document.createElement("span");
+    waiting.className = "waiting";
+    waiting.textContent = message.waiting ? `waiting: ${message.waiting} ahead` : "waiting: next in line";
+    metaText.append(waiting);
+  }
   article.dataset.finish = message.finish_reason || "";
   const notice = article.querySelector(".notice");
   const notes = [];
@@ -438,7 +444,12 @@ async function streamAnswer(path, body, userText) {
           answer.dropped_messages = data.dropped_messages;
           if (userArticle && data.user_message) updateMessage(userArticle, data.user_message);
           paint();
+        } else if (event === "queued") {
+          // Other answers hold the model's places: how many go before this one.
+          answer.waiting = data.ahead;
+          paint();
         } else if (event === "delta") {
+          answer.waiting = null;
           answer.content += data.text;
           if (!frame) frame = requestAnimationFrame(paint);
         } else if (event === "done") {
