@@ -1,16 +1,18 @@
-"""Inference workers: one thread per model, fed by a queue, so the event loop never runs a forward pass.
+"""Inference workers, so the event loop never runs a forward pass.
 
-- :class:`ChatWorker` runs one generation at a time and pushes text deltas back to the
-  request's event loop. Cancelling a job (stop button, client gone) is checked between
-  tokens, so the worker moves on to the next job within one decoding step.
-- :class:`ClassifierWorker` does dynamic micro-batching: it waits for the first request,
-  then keeps collecting until it holds ``max_batch`` texts or ``max_wait_ms`` have passed,
-  and classifies them in one forward pass (the batching idea of Clipper, Crankshaw et al., 2017),
-  packed back to back without padding (``core.classifier.pack_texts``).
+- :class:`ChatWorker` is the chat model's continuous-batching engine (``core.serving``): every
+  answer is a sequence of it, up to ``max_batch`` decoding together each step, the rest waiting
+  for a place and told how many go first. The service's limits sit on top (per owner, and for
+  the queue: :class:`OwnerBusy` is a 429, :class:`ServerBusy` a 503). Cancelling an answer (stop
+  button, client gone) takes effect before the engine's next step.
+- :class:`ClassifierWorker` does dynamic micro-batching on a thread of its own: it splits
+  requests into texts and fills each micro-batch from every waiting owner in turn, up to
+  ``max_batch`` texts or ``batch_tokens`` tokens (the batching idea of Clipper, Crankshaw et al.,
+  2017), packed back to back without padding (``core.classifier.pack_texts``).
 
-Both also run other work on their model in turn with the jobs (``await worker.call(fn, *args)``):
-the Lab's measurements go through it, so a Lab request and a chat answer never compute on the
-same model at the same time and the worker's thread settings apply to both.
+Both also run other work on their model between their own (``await worker.call(fn, *args)``):
+the Lab's measurements go through it, so a Lab request and a forward pass never compute on the
+same model at the same time.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 
 from core.classifier import Prediction, classify
 from core.fast.serving import ServingDecoder
-from core.serving import Engine, EngineFull, EngineStopped, Handle, Queued
 from core.generation.generate import GenerationConfig, StreamChunk
+from core.serving import Engine, EngineFull, EngineStopped, Handle, Queued
 
 logger = logging.getLogger("scratchgpt.workers")
 
