@@ -10,9 +10,9 @@
 5. ``core.data``, ``core.classifier``, ``core.introspection``, ``core.device``,
    ``core.paths``: data sampling, the classification head, what the Lab shows,
    where to run, where to cache.
-6. ``core.fast.transforms``: what makes a trained model fast to serve (our C++ kernels,
+6. ``core.fast``: what makes a trained model fast to serve (our C++ kernels,
    fused layers, speculative decoding, CUDA graphs, prefix caching) and the
-   serving decoder and batching engine that own them. Nothing above imports it.
+   serving decoder that owns them (``core.fast.serving``). Nothing above imports it.
 7. ``core.serving``: what a server runs, the engine that decodes many sequences
    at once (continuous batching). Only the service and the command line import it.
 
