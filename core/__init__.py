@@ -14,7 +14,7 @@
    fused layers, speculative decoding, CUDA graphs, prefix caching) and the
    serving decoder that owns them (``core.fast.serving``). Nothing above imports it.
 7. ``core.serving``: what a server runs, the engine that decodes many sequences
-   at once (continuous batching). Only the service and the command line import it.
+   at once (continuous batching). Only the service (and bench/) imports it.
 
 This package knows nothing of the web service, the database or training jobs;
 ``tests/test_imports.py`` holds it to that and to the order above.

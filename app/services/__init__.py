@@ -1,7 +1,8 @@
 """The service's work, apart from HTTP.
 
-``registry`` loads the models and holds their slots; ``workers`` runs each model on a thread of
-its own (chat jobs one at a time, classification in micro-batches); ``prompts`` turns a
+``registry`` loads the models and holds their slots; ``workers`` runs each model on a thread
+of its own (the chat model's continuous-batching engine, classification in micro-batches
+served to owners in turn); ``prompts`` turns a
 conversation into prompt token ids and sampling settings; ``chat`` is one chat turn (the
 question stored, the prompt planned, the answer started) and ``streaming`` relays that answer
 as Server-Sent Events while keeping its row current; ``lab`` measures the served models for the

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from core.classifier import Prediction, classify
+from core.classifier import Prediction, classify, encode_texts
 from core.fast.serving import ServingDecoder
 from core.generation.generate import GenerationConfig, StreamChunk
 from core.serving import Engine, EngineFull, EngineStopped, Handle, Queued
@@ -317,10 +317,10 @@ class ClassifierWorker(_Callable):
         self._thread.join(timeout)
 
     def _accept(self, request: _ClassifyRequest) -> None:
-        tokenizer = self.checkpoint.tokenizer
-        max_length = int(self.checkpoint.metadata.get("max_length") or self.checkpoint.model.cfg.context_length)
-        try:
-            request.tokens = [min(len(tokenizer.encode(text)), max_length) for text in request.texts]
+        checkpoint = self.checkpoint
+        max_length = int(checkpoint.metadata.get("max_length") or checkpoint.model.cfg.context_length)
+        try:  # counted as core.classifier will encode them
+            request.tokens = [len(ids) for ids in encode_texts(checkpoint.tokenizer, request.texts, max_length, 0)]
         except Exception as exc:  # a text the tokenizer refuses: that caller's error; the worker carries on
             _settle(request.loop, request.future, error=exc)
             return

@@ -21,8 +21,9 @@ next turn) takes it over: :meth:`PrefixCache.take` removes it, and
 :meth:`PrefixCache.put` stores the request's cache when it ends. A prompt that
 shares only the start of an entry (a template's preamble, a system prompt, an
 edited message) gets a copy of that start, and the entry stays for its own
-conversation. ``core.fast.serving.ServingDecoder`` does both for a single prompt when its
-``prefix_cache`` is set (the service and ``scratchgpt chat`` set it). If
+conversation. ``core.serving``'s engine does both for every sequence it serves (the service),
+and ``core.fast.serving.ServingDecoder`` for a single prompt when its ``prefix_cache`` is set
+(``scratchgpt chat``). If
 the model's weights change (in place, replaced or cast), every kept cache is
 stale and is dropped.
 """

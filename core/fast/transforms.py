@@ -171,9 +171,15 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
     return decoder
 
 
-def fast_for_serving(checkpoint, prefix_cache=None) -> ServingDecoder:
+def fast_for_serving(checkpoint, prefix_cache=None, *, batched: bool = False) -> ServingDecoder:
     """The serving decoder the service and the CLI decode with, for a loaded causal-LM checkpoint,
     keeping recent caches in ``prefix_cache`` (``core.fast.prefix_cache.PrefixCache``) if given.
+
+    ``batched``: the decoder serves ``core.serving``'s engine, whose steps decode many sequences,
+    each at its own position. The draft of speculative decoding and CUDA graphs both decode one
+    request at one common position, so they are not built for it (memory and start-up for
+    nothing); its output layers, kernels and prefix cache serve the engine as they serve the
+    command line.
 
     On the CPU: a checkpoint that carries GGUF blocks decodes from them in fp32
     (``core.fast.gguf_matvec``: the same weights in a fifth of the bytes); any other
@@ -184,9 +190,10 @@ def fast_for_serving(checkpoint, prefix_cache=None) -> ServingDecoder:
     """
     model = checkpoint.model
     weight = model.head_weight
+    one_at_a_time = dict(speculative=False, cuda_graphs=False) if batched else {}
     if weight.device.type == "cuda":
         cpu_only = ("prepack", "panels", "screened_head", "fused_ops", "fused_layers", "speculative")
-        decoder = make_fast(model, FastConfig(**dict.fromkeys(cpu_only, False)))
+        decoder = make_fast(model, FastConfig(**{**dict.fromkeys(cpu_only, False), **one_at_a_time}))
     elif weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         decoder = ServingDecoder(model)
         decoder.report.skipped["all"] = f"no fast path for {weight.dtype} on {weight.device.type}"
@@ -194,9 +201,10 @@ def fast_for_serving(checkpoint, prefix_cache=None) -> ServingDecoder:
         blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata) if weight.dtype == torch.float32 else {}
         if blocks:
             # Every layer decodes from its blocks: packed copies would hold the weights twice more for nothing.
-            decoder = make_fast(model, FastConfig(prepack=False, panels=False, screened_head=False), gguf_blocks=blocks)
+            decoder = make_fast(model, FastConfig(prepack=False, panels=False, screened_head=False, **one_at_a_time),
+                                gguf_blocks=blocks)
         else:
-            decoder = make_fast(model, FastConfig())
+            decoder = make_fast(model, FastConfig(**one_at_a_time))
     decoder.prefix_cache = prefix_cache
     return decoder
 

@@ -1,9 +1,11 @@
 """Messages: send one and stream the answer (SSE), regenerate the last answer, stop.
 
 SSE events of a streaming answer:
-  ``start``  {assistant_message_id, user_message?, prompt_tokens, max_new_tokens, dropped_messages, model}
+  ``start``  {conversation_id, assistant_message_id, user_message?, prompt_tokens, max_new_tokens, dropped_messages, model}
+  ``queued`` {ahead}                                 (while other answers hold the engine's places; repeated)
   ``delta``  {text}                                  (repeated)
-  ``done``   {message, prompt_tokens, completion_tokens, tokens_per_second, duration_ms, finish_reason, dropped_messages}
+  ``done``   {message, prompt_tokens, cached_prompt_tokens, completion_tokens, tokens_per_second, duration_ms,
+              finish_reason, dropped_messages}
   ``error``  {detail, message}                       (instead of done, when generation fails)
 """
 
@@ -28,14 +30,14 @@ from app.schemas import (
 )
 from app.services.chat import ConversationBusy, NothingToAnswer
 from app.services.prompts import PromptTooLong
-from app.services.workers import OwnerBusy, ServerBusy
 from app.services.streaming import ManagedStream
+from app.services.workers import OwnerBusy, ServerBusy
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["messages"])
 
 SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "Server-Sent Events: start, delta..., then done (or error)",
+        "description": "Server-Sent Events: start, queued..., delta..., then done (or error)",
         # itemSchema (OpenAPI 3.2, as FastAPI's own SSE routes write it) describes one event;
         # a "schema" here would claim the whole stream is a single string.
         "content": {
