@@ -60,6 +60,9 @@ def load_or_create_secret(path: Path) -> bytes:
     return data
 
 
+SIGNED_IN = "~"  # separates a signed-in session's random id from its user (not in either alphabet)
+
+
 class SessionSigner:
     """Issues and verifies ``<session id>.<hmac>`` cookie values and the CSRF token bound to each session."""
 
@@ -69,9 +72,24 @@ class SessionSigner:
     def _mac(self, purpose: str, value: str) -> str:
         return _b64(hmac.new(self._secret, f"{purpose}:{value}".encode(), hashlib.sha256).digest())
 
-    def new_session(self) -> tuple[str, str]:
+    def new_session(self, user: str | None = None) -> tuple[str, str]:
+        """A fresh session id and its cookie value; with ``user``, a session signed in as that
+        API key's user (the name rides in the signed id, so it cannot be changed by the browser)."""
         session_id = secrets.token_urlsafe(18)
+        if user is not None:
+            session_id += SIGNED_IN + _b64(user.encode())
         return session_id, f"{session_id}.{self._mac('session', session_id)}"
+
+    @staticmethod
+    def session_user(session_id: str) -> str | None:
+        """The user a session was signed in as, or None for an anonymous one."""
+        if SIGNED_IN not in session_id:
+            return None
+        encoded = session_id.split(SIGNED_IN, 1)[1]
+        try:
+            return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
 
     def verify(self, cookie: str | None) -> str | None:
         if not cookie or cookie.count(".") != 1:

@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     # --- security ---------------------------------------------------------
     # API keys as {"user": "key"}; env: JSON, or "user:key,user2:key2".
     api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    # /metrics and the details of /ready (model paths, errors) for anyone, or only for API keys.
+    # Unset: public without API keys (a single-user install), keys-only with them.
+    public_service_details: bool | None = None
+
+    @property
+    def details_public(self) -> bool:
+        return not self.api_keys if self.public_service_details is None else self.public_service_details
     # Signs session cookies and CSRF tokens. None means a random key kept in <home>/secret_key.
     secret_key: SecretStr | None = None
     secret_key_file: Path | None = None  # None means <home>/secret_key

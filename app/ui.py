@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import HTTPException, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from app.security import SessionSigner
@@ -39,23 +40,35 @@ class Pages:
         self.templates = Jinja2Templates(directory=str(settings.templates_dir))
         self.asset_version = asset_version(settings.static_dir)
 
-    def render(self, request: Request, template: str, **context: object) -> HTMLResponse:
+    def render(self, request: Request, template: str, *, signed_in_only: bool = True,
+               **context: object) -> HTMLResponse | RedirectResponse:
+        """The page, with the browser's session (a new one if it has none) and its CSRF token.
+
+        With API keys configured, a page other than the sign-in page (``signed_in_only=False``)
+        sends a browser that is not signed in to ``/login`` first."""
         settings, signer = self.settings, self.signer
         if not settings.ui_enabled:
             raise HTTPException(404, detail="the browser UI is switched off (SCRATCHGPT_UI_ENABLED=false)")
         session_id = signer.verify(request.cookies.get(settings.session_cookie))
+        user = signer.session_user(session_id) if session_id else None
+        if signed_in_only and settings.api_keys and user not in settings.api_keys:
+            return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
         new_cookie = None
         if session_id is None:
             session_id, new_cookie = signer.new_session()
         response = self.templates.TemplateResponse(
             request,
             template,
-            {"csrf_token": signer.csrf_token(session_id), "asset_version": self.asset_version, **context},
+            {"csrf_token": signer.csrf_token(session_id), "asset_version": self.asset_version,
+             "signed_in_as": user if settings.api_keys else None, **context},
         )
         if new_cookie is not None:
-            response.set_cookie(
-                settings.session_cookie, new_cookie, max_age=SESSION_MAX_AGE, httponly=True, samesite="lax",
-                secure=settings.cookie_secure, path="/",
-            )
+            self.set_session(response, new_cookie)
         response.headers["Cache-Control"] = "no-store"
         return response
+
+    def set_session(self, response: Response, cookie: str) -> None:
+        response.set_cookie(
+            self.settings.session_cookie, cookie, max_age=SESSION_MAX_AGE, httponly=True, samesite="lax",
+            secure=self.settings.cookie_secure, path="/",
+        )

@@ -6,7 +6,8 @@ This is the one module that reads the app's state (what ``app.main.create_app`` 
 Owners: a request is made by
 - an API key's user (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``), owner ``key:<user>``;
 - a browser session (signed cookie set by the pages), owner ``session:<id>``; changes need the
-  page's CSRF token in ``X-CSRF-Token``;
+  page's CSRF token in ``X-CSRF-Token``. With API keys configured a session opens nothing until
+  it is signed in with a key at ``/login``, and is then that key's user, ``key:<user>``;
 - nobody in particular, owner ``local``, allowed only when no API keys are configured
   (a single-user install on a laptop).
 """
@@ -124,6 +125,13 @@ def get_owner(
             raise _unauthorized("your browser session is invalid or expired; reload the page")
         if request.method not in SAFE_METHODS and not signer.check_csrf(session_id, request.headers.get(CSRF_HEADER)):
             raise HTTPException(403, detail="missing or wrong CSRF token (send the page's token in X-CSRF-Token)")
+        if settings.api_keys:
+            # With keys, a browser is one of the keys' users, signed in at /login: the same owner, and so
+            # the same conversations, as that user's API calls. An anonymous cookie opens nothing.
+            user = signer.session_user(session_id)
+            if user is None or user not in settings.api_keys:
+                raise _unauthorized("sign in with your API key at /login, or send Authorization: Bearer <key>")
+            return Owner(f"key:{user}", "session")
         return Owner(f"session:{session_id}", "session")
     if settings.api_keys:
         raise _unauthorized("an API key is required: send Authorization: Bearer <key>")
@@ -144,6 +152,18 @@ def require_api_access(
 
 
 ApiOwnerDep = Annotated[Owner | None, Depends(require_api_access)]
+
+
+def key_owner(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    header_key: Annotated[str | None, Depends(api_key_scheme)],
+) -> Owner | None:
+    """The presented API key's user, None when none was sent (a wrong key is still a 401)."""
+    return _api_key_owner(request, bearer, header_key)
+
+
+KeyOwnerDep = Annotated[Owner | None, Depends(key_owner)]
 
 
 OwnerDep = Annotated[Owner, Depends(get_owner)]

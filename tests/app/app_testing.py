@@ -40,9 +40,10 @@ def running_client(settings: Settings, wait: bool = True) -> Iterator[TestClient
         yield client
 
 
-def browser_session(client: TestClient) -> str:
-    """Open the chat page like a browser: the client keeps the session cookie; returns the CSRF token."""
-    page = client.get("/")
+def browser_session(client: TestClient, follow_sign_in: bool = False) -> str:
+    """Open the chat page like a browser: the client keeps the session cookie; returns the CSRF token.
+    ``follow_sign_in``: a server with API keys sends the browser to its sign-in page; take that one."""
+    page = client.get("/", follow_redirects=follow_sign_in)
     assert page.status_code == 200
     match = re.search(r'<meta name="csrf-token" content="([^"]+)"', page.text)
     assert match, "chat page has no CSRF token"

@@ -125,9 +125,9 @@ def test_api_keys_required_when_configured(make_settings):
         assert ALICE not in wrong.text
         assert client.post("/api/v1/classify", json={"text": "hi"}).status_code == 401
         assert client.post("/api/v1/classify", json={"text": "hi"}, headers={"X-API-Key": ALICE}).status_code == 200
-        # Browser sessions still work for the UI.
-        csrf = browser_session(client)
-        assert client.post("/api/v1/classify", json={"text": "hi"}, headers={"X-CSRF-Token": csrf}).status_code == 200
+        # A browser session opens nothing until it signs in with a key (tests/app/test_sign_in.py).
+        csrf = browser_session(client, follow_sign_in=True)
+        assert client.post("/api/v1/classify", json={"text": "hi"}, headers={"X-CSRF-Token": csrf}).status_code == 401
 
 
 def test_cookie_changes_need_the_csrf_token(client):

@@ -113,7 +113,7 @@ def test_api_keys_never_reach_the_logs_or_responses(make_settings):
             client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
                         headers={"Authorization": f"Bearer {near_miss}"}),
             client.get("/ready"),
-            client.get("/metrics"),
+            client.get("/metrics", headers=good),  # with keys, metrics are for keys (test_sign_in.py)
             client.get(f"/api/v1/conversations?api_key={near_miss}", headers=wrong),
         ]
         assert [r.status_code for r in responses] == [200, 401, 200, 401, 200, 401, 200, 200, 401]

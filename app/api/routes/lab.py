@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from app.api.deps import ConversationDep, LabDep, ModelsDep, OwnerDep, PagesDep, SessionDep, SettingsDep
 from app.db import crud
@@ -141,12 +141,12 @@ LAB_PAGES = {
 
 
 @pages.get("/lab", response_class=HTMLResponse)
-def lab_index(request: Request, ui: PagesDep) -> HTMLResponse:
+def lab_index(request: Request, ui: PagesDep) -> Response:
     return ui.render(request, "lab/index.html", page="lab", lab_page="index")
 
 
 @pages.get("/lab/{name}", response_class=HTMLResponse)
-def lab_page(request: Request, ui: PagesDep, name: str) -> HTMLResponse:
+def lab_page(request: Request, ui: PagesDep, name: str) -> Response:
     template = LAB_PAGES.get(name)
     if template is None:
         raise HTTPException(404, detail=f"no Lab page {name!r}; try /lab")
