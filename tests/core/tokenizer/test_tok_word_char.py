@@ -108,3 +108,23 @@ def test_trained_on_a_text_both_encode_it_without_unknowns(text):
     # The spacing is not kept, but decoding then splitting again gives the same words.
     ids = word.encode_ordinary(text)
     assert word.split(word.decode(ids)) == word.split(text)
+
+
+def test_compare_counts_each_level_on_the_same_text():
+    from core.tokenizer import gpt2_tokenizer
+    from core.tokenizer.compare import compare_tokenizers, reference_tokenizers
+
+    tokenizers = reference_tokenizers(TEXT * 3, bpe_vocab_size=280)
+    tokenizers["gpt2"] = ("GPT-2", gpt2_tokenizer())
+    text = "The cat sat on the sofa, purring."
+    counts = {c.key: c for c in compare_tokenizers(tokenizers, text)}
+    assert list(counts) == ["word", "char", "bpe", "gpt2"]
+    assert all(c.words == 7 for c in counts.values())
+    word, char, bpe, gpt2 = counts.values()
+    assert word.tokens == 9 and word.unknown == 3  # sofa, ",", purring
+    assert word.vocab_size == len(set(WordTokenizer.split(TEXT))) + 2
+    assert char.tokens == len(text) and char.unknown == sum(ch not in TEXT for ch in text)
+    assert bpe.vocab_size == 280 and bpe.unknown == 0 and tokenizers["bpe"][1].decode(bpe.ids) == text
+    assert gpt2.ids == gpt2_tokenizer().encode(text) and gpt2.unknown == 0
+    assert word.tokens < gpt2.tokens < bpe.tokens < char.tokens
+    assert char.tokens_per_word == pytest.approx(len(text) / 7)
