@@ -22,10 +22,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from core.generation.chat_template import ChatTemplate
 from core.generation.generate import GenerationConfig, generate_text
-from core.introspection import token_probabilities
-from core.model import GPTModel
+from core.model import GPTModel, KVCache
 
 
 class FewShotError(ValueError):
@@ -158,13 +159,29 @@ class FewShotResult:
         return sum(math.exp(s.logprob) for s in self.scores)
 
 
+@torch.inference_mode()
 def score_labels(model: GPTModel, tokenizer, prompt_ids: list[int], labels: Sequence[str], prefix: str) -> list[LabelScore]:
-    """log P(prefix + label | prompt) per label, by teacher forcing; probabilities normalised over the labels."""
+    """log P(prefix + label | prompt) per label, probabilities normalised over the labels.
+
+    The prompt runs through the model once into a KV cache; each label's later
+    tokens (if it has more than one) run on top of that cache, which is rewound
+    between labels, so scoring costs one prompt pass instead of one per label.
+    """
+    label_ids = [tokenizer.encode_ordinary(prefix + label) for label in labels]
+    weight = model.head_weight
+    cache = KVCache(model.cfg, 1, max_len=len(prompt_ids) + max(map(len, label_ids)),
+                    device=weight.device, dtype=weight.dtype)
+    first = model(torch.tensor([prompt_ids], device=weight.device), cache=cache, last_only=True)
+    first = first[0, -1].float().log_softmax(-1)
+    prompt_length = cache.length
     logprobs = []
-    for label in labels:
-        ids = tokenizer.encode_ordinary(prefix + label)
-        probs = token_probabilities(model, prompt_ids, ids)
-        logprobs.append(sum(math.log(p) if p > 0 else -math.inf for p in probs))
+    for ids in label_ids:
+        logprob = first[ids[0]].item()
+        if len(ids) > 1:
+            cache.length = prompt_length  # rewind: this label's keys overwrite the last one's
+            rest = model(torch.tensor([ids[:-1]], device=weight.device), cache=cache)[0].float().log_softmax(-1)
+            logprob += rest[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+        logprobs.append(logprob)
     top = max(logprobs)
     weights = [math.exp(lp - top) if top > -math.inf else 1.0 for lp in logprobs]
     total = sum(weights)

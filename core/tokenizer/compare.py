@@ -47,13 +47,18 @@ def count_words(text: str) -> int:
 
 
 def reference_tokenizers(reference: str, bpe_vocab_size: int | None = None) -> dict[str, tuple[str, Any]]:
-    """Word and character tokenizers learned from ``reference`` and, given a size, our BPE trained on it too."""
+    """Word and character tokenizers learned from ``reference`` and, given a size, our BPE trained on it too.
+
+    The BPE gets at most ``bpe_vocab_size`` tokens: a short reference runs out of pairs to merge
+    sooner, and its vocabulary size says where.
+    """
     tokenizers: dict[str, tuple[str, Any]] = {
         "word": ("Word-level", WordTokenizer.train(reference)),
         "char": ("Character-level", CharTokenizer.train(reference)),
     }
     if bpe_vocab_size is not None:
-        tokenizers["bpe"] = (f"BPE trained here ({bpe_vocab_size} tokens)", BPETokenizer.train(reference, bpe_vocab_size))
+        bpe = BPETokenizer.train(reference, bpe_vocab_size, at_most=True)
+        tokenizers["bpe"] = ("BPE trained on the reference", bpe)
     return tokenizers
 
 

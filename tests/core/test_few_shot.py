@@ -56,9 +56,13 @@ def test_small_k_sees_both_labels_in_turn():
         assert {e.label for e in task.demonstrations(2)} == set(task.labels)
 
 
-def test_label_scores_are_the_models_own_probabilities(model, tok):
+# One token per label, and labels of one to three tokens (the cached path for the later ones).
+@pytest.mark.parametrize("labels", [SENTIMENT.labels, ("definitely not spam", "spam", "ham sandwich")])
+def test_label_scores_are_the_models_own_probabilities(model, tok, labels):
+    """Against one full forward pass per label (the scores come from a cache rewound between labels)."""
     prompt = tok.encode(few_shot_prompt(SENTIMENT, "Great fun.", 1))
-    scores = score_labels(model, tok, prompt, SENTIMENT.labels, " ")
+    scores = score_labels(model, tok, prompt, labels, " ")
+    assert [s.label for s in scores] == list(labels)
     with torch.no_grad():
         for score in scores:
             label_ids = tok.encode(" " + score.label)

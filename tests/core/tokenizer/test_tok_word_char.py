@@ -128,3 +128,15 @@ def test_compare_counts_each_level_on_the_same_text():
     assert gpt2.ids == gpt2_tokenizer().encode(text) and gpt2.unknown == 0
     assert word.tokens < gpt2.tokens < bpe.tokens < char.tokens
     assert char.tokens_per_word == pytest.approx(len(text) / 7)
+
+
+def test_bpe_trained_at_most_stops_where_the_text_runs_out_of_pairs():
+    from core.tokenizer import BPETokenizer
+
+    with pytest.raises(TrainingError, match="supports only"):
+        BPETokenizer.train(TEXT, 1000)
+    bpe = BPETokenizer.train(TEXT, 1000, at_most=True)
+    assert 257 < bpe.vocab_size < 1000 and bpe.decode(bpe.encode(TEXT)) == TEXT
+    # Every piece of the text is one token now: nothing was left to merge.
+    assert len(bpe.encode_ordinary(TEXT)) == len(bpe.pretokenize(TEXT))
+    assert BPETokenizer.train(TEXT, 280, at_most=True).ranks == BPETokenizer.train(TEXT, 280).ranks
