@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages
+from app.api.routes import lab_prompting, lab_tokenizers
 from app.api.routes.openai_compat import OpenAIError
 from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.logs import AccessLogMiddleware
@@ -265,7 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     _install_docs(app)
     install_openapi(app, settings)
-    for module in (health, classify, conversations, messages, openai_compat, pages):
+    for module in (health, classify, conversations, messages, openai_compat, pages, lab_tokenizers, lab_prompting):
         app.include_router(module.router)
     app.include_router(lab.router)
     app.include_router(lab.pages)  # the Lab's pages (not in the API schema)

@@ -83,6 +83,10 @@ class PretrainConfig:
     drop_rate: float | None = _opt(None, "dropout rate; default: the preset's (0.0)")
     qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection; default: the preset's")
     tie_embeddings: bool | None = _opt(None, "share the token embedding with the output head; default: the preset's")
+    pos_encoding: str | None = _opt(
+        None, "positions: 'learned' (GPT-2) or 'sinusoidal' (Vaswani et al., 2017) for GPT-2 presets, 'rotary' for "
+        "Llama presets; default: the preset's", choices=("learned", "sinusoidal", "rotary"),
+    )
     init: str = _opt(
         "gpt2", "weight init: 'gpt2' (normal, std 0.02, residual projections scaled by 1/sqrt(2 n_layers)) "
         "or 'torch' (PyTorch's layer defaults, which the book's GPTModel gets)", choices=("gpt2", "torch"),
@@ -163,7 +167,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         raise JobConfigError(f"--model {cfg.model!r} is not a preset; choose one of {', '.join([*PRESETS, *PRESET_ALIASES])}")
     overrides = {
         k: getattr(cfg, k)
-        for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_embeddings")
+        for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_embeddings", "pos_encoding")
         if getattr(cfg, k) is not None
     }
     try:

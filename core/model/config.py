@@ -3,7 +3,9 @@
 GPT-2 (Radford et al., 2019; the book's chapter 4) and Llama (Touvron et al.,
 2023; the book's bonus chapter that converts GPT to Llama) differ only in
 which normalisation, position encoding and feed-forward they use, so one set
-of numbers plus a ``family`` field describes either.
+of numbers plus a ``family`` field describes either. ``pos_encoding`` lets a
+GPT-2 swap its learned position table for the original Transformer's fixed
+sinusoids (Vaswani et al., 2017), to compare the two on the same model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAMILIES = ("gpt2", "llama")
+# Which position encodings each family can run: rotary positions live inside
+# attention (core.model.attention and the fused Llama kernels), learned and
+# sinusoidal ones are added to the token embeddings, which is GPT-2's layout.
+POS_ENCODINGS = {"gpt2": ("learned", "sinusoidal"), "llama": ("rotary",)}
 
 
 class ConfigError(ValueError):
@@ -37,6 +43,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # "learned" (GPT-2), "sinusoidal" (Vaswani et al., 2017) or "rotary" (Llama);
+    # None means the family's own, so configs written before this key still load.
+    pos_encoding: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,6 +60,14 @@ class ModelConfig:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        allowed = POS_ENCODINGS[self.family]
+        if self.pos_encoding is None:
+            self.pos_encoding = allowed[0]
+        elif self.pos_encoding not in allowed:
+            raise ConfigError(
+                f"pos_encoding {self.pos_encoding!r} is not available for the {self.family} family; "
+                f"choose {' or '.join(allowed)}"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from core.model.attention import CausalSelfAttention
 from core.model.config import ModelConfig
 from core.model.kv_cache import KVCache
-from core.model.layers import make_feed_forward, make_norm, rope_tables
+from core.model.layers import make_feed_forward, make_norm, make_position_embedding, rope_tables
 from core.model.loss import linear_cross_entropy
 
 
@@ -56,7 +56,7 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.family == "gpt2" else None
+        self.pos_emb = make_position_embedding(cfg)  # learned, sinusoidal, or None for rotary
         self.drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)

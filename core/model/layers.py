@@ -4,6 +4,8 @@ GPT-2 uses LayerNorm (Ba et al., 2016), a GELU MLP and learned positions;
 Llama swaps in RMSNorm (Zhang & Sennrich, 2019), the SwiGLU feed-forward
 (Shazeer, 2020) and rotary position embeddings (Su et al., 2021). The book
 builds each of these by hand in chapter 4 and its Llama bonus chapter; so do we.
+The original Transformer's fixed sinusoidal positions (Vaswani et al., 2017)
+are here too, as the alternative to GPT-2's learned table.
 """
 
 from __future__ import annotations
@@ -105,6 +107,52 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 def make_feed_forward(cfg: ModelConfig) -> nn.Module:
     return FeedForward(cfg) if cfg.family == "gpt2" else SwiGLU(cfg)
+
+
+def sinusoidal_table(context_length: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The fixed position encodings of Vaswani et al. (2017), section 3.5, shape (context_length, dim):
+
+        PE(pos, 2i)     = sin(pos / base^(2i / dim))
+        PE(pos, 2i + 1) = cos(pos / base^(2i / dim))
+
+    Each pair of columns is a clock turning at its own speed, from one turn per
+    2 pi positions down to one per 2 pi * base, so every position gets a distinct
+    pattern and a fixed offset is the same rotation wherever it starts.
+    """
+    # float64 angles: at position 1000 float32 loses the third decimal of sin().
+    positions = torch.arange(context_length, dtype=torch.float64)[:, None]
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions * inv_freq  # (context_length, ceil(dim / 2))
+    table = torch.empty(context_length, dim, dtype=torch.float64)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles.cos()[:, : dim // 2]  # an odd dim ends on a sine
+    return table.float()
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal position vectors, added to the token embeddings like GPT-2's learned table.
+
+    The table is a buffer, not a parameter: nothing trains it. It is stored with
+    the weights under the learned table's name (``pos_emb.weight``), so a
+    checkpoint loads, and every reader of ``pos_emb.weight`` works, the same way
+    for either encoding.
+    """
+
+    def __init__(self, context_length: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", sinusoidal_table(context_length, dim))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.weight[positions]
+
+
+def make_position_embedding(cfg: ModelConfig) -> nn.Module | None:
+    """What the model adds to its token embeddings for position; None when attention rotates instead (rotary)."""
+    if cfg.pos_encoding == "learned":
+        return nn.Embedding(cfg.context_length, cfg.emb_dim)
+    if cfg.pos_encoding == "sinusoidal":
+        return SinusoidalPositions(cfg.context_length, cfg.emb_dim)
+    return None
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

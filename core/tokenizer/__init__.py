@@ -1,6 +1,9 @@
 """Tokenizers: the ``Tokenizer`` protocol, its two backends, and checkpoint (de)serialization.
 
 * ``BPETokenizer`` (``bpe.py``): byte-level BPE from scratch, trainable.
+* ``WordTokenizer`` (``word.py``) and ``CharTokenizer`` (``char.py``): the
+  lookup-table tokenizers BPE replaced (``vocab.py``), trainable, with ``<|unk|>``
+  for what their vocabulary lacks; for comparing the three (the Lab, notebook 1).
 * ``TiktokenTokenizer`` (``tiktoken_backend.py``): the same vocabularies run by tiktoken.
 * ``gpt2_tokenizer(impl)`` (``gpt2.py``): GPT-2's encoding from the vendored rank file.
 * ``tokenizer_from_gguf(path)`` (``gguf.py``): the vocabulary inside a GGUF file (SmolLM2).
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from core.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+from core.tokenizer.char import CharTokenizer
 from core.tokenizer.errors import (
     DisallowedSpecialToken,
     TokenizerError,
@@ -36,12 +40,15 @@ from core.tokenizer.specials import AllowedSpecial
 from core.tokenizer.streaming import StreamDecoder
 from core.tokenizer.tiktoken_backend import TiktokenTokenizer
 from core.tokenizer.tokenizer_json import read_tokenizer_json, write_tokenizer_json
+from core.tokenizer.vocab import UNK, UnknownPiece
+from core.tokenizer.word import WordTokenizer
 
 __all__ = [
     "ENDOFTEXT",
     "GPT2_EOT_ID",
     "GPT2_PATTERN",
     "BPETokenizer",
+    "CharTokenizer",
     "DisallowedSpecialToken",
     "StreamDecoder",
     "TiktokenTokenizer",
@@ -49,8 +56,11 @@ __all__ = [
     "TokenizerError",
     "TokenizerFileError",
     "TrainingError",
+    "UNK",
+    "UnknownPiece",
     "UnknownTokenId",
     "UnrepresentableBytes",
+    "WordTokenizer",
     "gpt2_tokenizer",
     "load_tokenizer",
     "save_tokenizer",

@@ -333,8 +333,14 @@ class BPETokenizer(TokenizerJson):
         pattern: str = GPT2_PATTERN,
         special_tokens: Sequence[str] = (ENDOFTEXT,),
         name: str = "bpe",
+        *,
+        at_most: bool = False,
     ) -> BPETokenizer:
         """Learn a byte-level BPE vocabulary of exactly ``vocab_size`` tokens from ``text``.
+
+        A text too short for that many merges raises ``TrainingError``; with
+        ``at_most`` training stops when no adjacent pair is left instead, and the
+        vocabulary is as large as the text allows (a small demo text, say).
 
         ``vocab_size`` counts the 256 bytes, the learned merges and the special
         tokens (which take the last ids). Text between special-token strings is
@@ -388,6 +394,8 @@ class BPETokenizer(TokenizerJson):
                 if current > 0:  # the count fell since it was pushed: requeue at its true count
                     heapq.heappush(heap, (-current, candidate))
             if pair is None:
+                if at_most:
+                    break
                 raise TrainingError(
                     f"the training text supports only {len(ranks) - 256} merges "
                     f"({len(ranks) + len(special_tokens)} tokens), fewer than vocab_size={vocab_size}; "

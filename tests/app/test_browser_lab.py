@@ -54,7 +54,7 @@ def shoot(page, name: str) -> None:
 def test_overview_links_every_tool(page):
     page.goto("/lab")
     cards = page.locator(".lab-card")
-    assert cards.count() == 5
+    assert cards.count() == 7
     shoot(page, "overview")
     page.click("a.lab-card[href='/lab/tokens']")
     page.wait_for_selector("body[data-ready='true']")
@@ -188,3 +188,43 @@ def test_spam_page_explains_the_decision(page):
     shoot(page, "spam-explain")
     explain.locator(".seg-btn[data-mode='attention']").click()
     expect(explain.locator(".explain-note")).to_contain_text("last token")
+
+
+def test_word_char_bpe_table_and_columns(page):
+    from playwright.sync_api import expect
+
+    open_ready(page, "/lab/levels")
+    rows = page.locator("#lv-table tbody tr")
+    expect(rows).to_have_count(4)  # word, char, BPE trained on the reference, GPT-2
+    assert [rows.nth(i).get_attribute("data-key") for i in range(4)] == ["word", "char", "bpe", "gpt2"]
+    # The default text has words the reference paragraph lacks: the word level marks them unknown.
+    assert int(rows.first.locator("td").nth(3).inner_text()) > 0
+    assert rows.nth(2).locator("td").nth(3).inner_text() == "0"
+    columns = page.locator("#lv-results .tok-column")
+    word_chips = columns.first.locator(".chips .tok")
+    assert word_chips.count() == int(rows.first.locator("td").nth(2).inner_text())
+    assert columns.first.locator(".tok-special").count() == int(rows.first.locator("td").nth(3).inner_text())
+    shoot(page, "levels")
+    page.fill("#lv-text", "")
+    page.click("#lv-run")
+    expect(page.locator("#lab-banner")).to_contain_text("at least 1 character")
+
+
+def test_few_shot_columns_per_k(page):
+    from playwright.sync_api import expect
+
+    open_ready(page, "/lab/few-shot")
+    columns = page.locator("#fs-results .fs-column")
+    expect(columns).to_have_count(3)
+    assert [columns.nth(i).get_attribute("data-k") for i in range(3)] == ["0", "1", "3"]
+    for i in range(3):
+        expect(columns.nth(i).locator(".fs-label")).to_have_count(2)
+        assert columns.nth(i).locator(".fs-predicted").count() == 1
+    columns.last.locator(".fs-prompt summary").click()
+    expect(columns.last.locator(".fs-prompt pre")).to_contain_text("Sentiment: negative")
+    shoot(page, "few-shot")
+    page.select_option("#fs-task", "spam")
+    page.fill("#fs-shots", "9")
+    page.click("#fs-run")
+    expect(page.locator("#lab-banner")).to_contain_text("less than or equal to 6")
+    assert page.locator("#fs-text").input_value().startswith("Your parcel")

@@ -346,6 +346,7 @@ def test_lab_endpoints_are_documented(client):
     assert set(lab_paths) == {
         f"{LAB}/tokenize", f"{LAB}/merges", f"{LAB}/attention", f"{LAB}/next-token", f"{LAB}/embeddings",
         f"{LAB}/explain", f"{LAB}/conversations/{{conversation_id}}/messages/{{message_id}}/tokens",
+        f"{LAB}/tokenizer-levels", f"{LAB}/few-shot",
     }
     for ops in lab_paths.values():
         for op in ops.values():

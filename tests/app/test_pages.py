@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-PAGES = ["/", "/spam", "/lab", "/lab/tokens", "/lab/attention", "/lab/next-token", "/lab/embeddings"]
+PAGES = ["/", "/spam", "/lab", "/lab/tokens", "/lab/levels", "/lab/attention", "/lab/next-token", "/lab/few-shot",
+         "/lab/embeddings"]
 SECTIONS = ["/", "/spam", "/lab", "/docs"]
 
 

@@ -188,3 +188,21 @@ def test_torch_default_init_matches_the_books_model() -> None:
     bound = 1 / 64**0.5  # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     w = model.blocks[0].ff.fc.weight
     assert w.abs().max().item() <= bound and w.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+
+
+def test_sinusoidal_positions_train_end_to_end(tmp_path: Path) -> None:
+    """--pos-encoding sinusoidal: the fixed table of Vaswani et al. (2017) instead of a learned one; the loss falls."""
+    from core.model.layers import sinusoidal_table
+
+    data = write_corpus(tmp_path / "corpus.txt")
+    run = pretrain(tiny(data, tmp_path / "run", pos_encoding="sinusoidal"))
+    losses = train_losses(run)
+    assert len(losses) == 20 and losses[-1] < losses[0] - 2.0
+    ckpt = load_checkpoint(run / "checkpoints" / "step-000020")
+    assert ckpt.config.pos_encoding == "sinusoidal"
+    # The table is a buffer: twenty optimizer steps leave it as the formula made it.
+    assert torch.equal(final_weights(run)["pos_emb.weight"], sinusoidal_table(32, 32))
+    with pytest.raises(JobConfigError, match="not available for the gpt2 family"):
+        pretrain(tiny(data, tmp_path / "bad", pos_encoding="rotary"))
+    with pytest.raises(JobConfigError, match="--pos-encoding: .absolute. is not one of learned, sinusoidal, rotary"):
+        tiny(data, tmp_path / "bad", pos_encoding="absolute")

@@ -137,6 +137,8 @@ LAB_PAGES = {
     "attention": "lab/attention.html",
     "next-token": "lab/next_token.html",
     "embeddings": "lab/embeddings.html",
+    "levels": "lab/levels.html",
+    "few-shot": "lab/few_shot.html",
 }
 
 
