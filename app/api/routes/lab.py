@@ -43,7 +43,8 @@ pages = APIRouter(include_in_schema=False)
 LIMITS = {422: {"description": "Invalid request, or past one of the Lab's size limits (the detail says which)"}}
 
 
-async def _measure(runner: lab.LabRunner, fn: Any, *args: Any) -> Any:
+async def measure(runner: lab.LabRunner, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on the worker of the model it reads; the Lab's input errors as 422s (every Lab route)."""
     try:
         return await runner.run(fn, *args)
     except (lab.LabInputError, TokenizerError) as exc:
@@ -60,7 +61,7 @@ async def tokenize(body: TokenizeRequest, runner: LabDep, models: ModelsDep, own
         tokenizers["chat"] = (f"{slot.name} (chat model)", slot.checkpoint.tokenizer)
     except ModelUnavailable as exc:
         notes.append(exc.detail)
-    return await _measure(runner, lab.tokenize, tokenizers, body.text, notes)
+    return await measure(runner, lab.tokenize, tokenizers, body.text, notes)
 
 
 @router.post("/merges", response_model=MergesResult, responses=LIMITS)
@@ -71,14 +72,14 @@ async def merges(body: MergesRequest, runner: LabDep, models: ModelsDep, owner: 
     else:
         slot = models.require(CHAT)
         tokenizer, name = slot.checkpoint.tokenizer, slot.name
-    return await _measure(runner, lab.bpe_merges, tokenizer, name, body.word)
+    return await measure(runner, lab.bpe_merges, tokenizer, name, body.word)
 
 
 @router.post("/attention", response_model=AttentionResult, responses=LIMITS)
 async def attention(body: AttentionRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> AttentionResult:
     """Attention weights of one layer of the chat model, per head and averaged over heads."""
     slot = models.require(CHAT)
-    return await _measure(runner, lab.attention, slot.checkpoint, body.text, body.layer, body.head)
+    return await measure(runner, lab.attention, slot.checkpoint, body.text, body.layer, body.head)
 
 
 @router.post("/next-token", response_model=NextTokenResult, responses=LIMITS)
@@ -86,7 +87,7 @@ async def next_token(body: NextTokenRequest, runner: LabDep, models: ModelsDep, 
     """The chat model's most likely next tokens under a temperature and top-k/top-p, with the entropy."""
     slot = models.require(CHAT)
     try:
-        return await _measure(runner, lab.next_token_choices, slot.checkpoint, body)
+        return await measure(runner, lab.next_token_choices, slot.checkpoint, body)
     except ChatTemplateError as exc:
         raise HTTPException(422, detail=str(exc)) from None
 
@@ -112,14 +113,14 @@ async def answer_tokens(
     message = messages[index]
     if message.role != "assistant":
         raise HTTPException(422, detail=f"message {message_id} is a {message.role} message; pick an assistant answer")
-    return await _measure(runner, lab.answer_tokens, slot.checkpoint, conversation, messages[:index], message)
+    return await measure(runner, lab.answer_tokens, slot.checkpoint, conversation, messages[:index], message)
 
 
 @router.post("/embeddings", response_model=EmbeddingsResult, responses=LIMITS)
 async def embeddings(body: EmbeddingsRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> EmbeddingsResult:
     """A 2-D PCA projection of the chat model's token embeddings of the given words."""
     slot = models.require(CHAT)
-    return await _measure(runner, lab.embedding_projection, slot.checkpoint, body.words, body.leading_space)
+    return await measure(runner, lab.embedding_projection, slot.checkpoint, body.words, body.leading_space)
 
 
 @router.post("/explain", response_model=Explanation, responses=LIMITS)
@@ -127,7 +128,7 @@ async def explain(body: ExplainRequest, runner: LabDep, models: ModelsDep, setti
                   owner: OwnerDep) -> Explanation:
     """Which tokens moved the spam classifier's decision: gradient x input, and last-token attention."""
     slot = models.require(CLASSIFIER)
-    return await _measure(runner, lab.explain_classification, slot.checkpoint, body.text, settings.max_classify_chars)
+    return await measure(runner, lab.explain_classification, slot.checkpoint, body.text, settings.max_classify_chars)
 
 
 # --- pages -------------------------------------------------------------------------------

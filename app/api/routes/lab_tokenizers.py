@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from app import lab
-from app.api.deps import OwnerDep
-from app.api.routes.lab import LIMITS, Prompt, Token, _measure, _token, bounded, not_blank
-from app.schemas import MODEL_RESPONSES, Int, RequestModel
+from app.api.deps import LabDep, OwnerDep
+from app.api.routes.lab import LIMITS, measure
+from app.schemas import MODEL_RESPONSES, Int, Prompt, RequestModel, Token, bounded, not_blank
+from app.services import lab
 from core.tokenizer.compare import compare_tokenizers, reference_tokenizers
 from core.tokenizer.gpt2 import gpt2_tokenizer
 
@@ -61,21 +61,21 @@ def _compare(body: LevelsRequest) -> list[Any]:
     tokenizers = reference_tokenizers(lab.clean_text(body.reference), body.bpe_vocab_size)
     tokenizers["gpt2"] = ("GPT-2 BPE (50,257 tokens, learned from WebText)", gpt2_tokenizer())
     counts = compare_tokenizers(tokenizers, lab.clean_text(body.text))
-    return [(c, lab.token_views(tokenizers[c.key][1], c.ids)) for c in counts]
+    return [(c, lab.tokens(tokenizers[c.key][1], c.ids)) for c in counts]
 
 
 @router.post("/tokenizer-levels", response_model=LevelsResult, responses=LIMITS)
-async def tokenizer_levels(body: LevelsRequest, request: Request, owner: OwnerDep) -> LevelsResult:
+async def tokenizer_levels(body: LevelsRequest, runner: LabDep, owner: OwnerDep) -> LevelsResult:
     """The text cut by word-level, character-level and BPE tokenizers, with vocabulary size, tokens and unknowns."""
     # A reference too short for the asked BPE vocabulary raises TrainingError: a 422 that says so.
-    results = await _measure(request, _compare, body)
+    results = await measure(runner, _compare, body)
     text = lab.clean_text(body.text)
     return LevelsResult(
         characters=len(text),
         words=results[0][0].words,
         levels=[
             Level(key=c.key, name=c.name, vocab_size=c.vocab_size, count=c.tokens, unknown=c.unknown,
-                  tokens_per_word=round(c.tokens_per_word, 3), tokens=[_token(v) for v in views])
+                  tokens_per_word=round(c.tokens_per_word, 3), tokens=views)
             for c, views in results
         ],
     )
