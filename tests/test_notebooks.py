@@ -60,6 +60,7 @@ def _missing(needs: tuple[str, ...]) -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.notebooks
 @pytest.mark.parametrize("name", sorted(NEEDS))
 def test_notebook_runs_top_to_bottom(name, monkeypatch):
     from nbclient import NotebookClient
