@@ -40,10 +40,9 @@ from serve import (  # noqa: E402
     build_checkpoints,
     ms,
     parse_events,
-    percentile,
     sms_texts,
 )
-from harness import load_average, print_table  # noqa: E402
+from harness import cpu_model, load_average, percentile, print_table  # noqa: E402
 
 
 @dataclass
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chat, classifier = build_tiny(workdir) if args.tiny else build_checkpoints(workdir, None, None)
         load_before = load_average()
-        print(f"machine: {os.cpu_count()} CPUs, load average {load_before}; chat {chat.name}, classifier "
+        print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_before}; chat {chat.name}, classifier "
               f"{classifier.name}; texts: {source}")
         with ServerProcess(workdir, "load", threads=args.threads, chat_checkpoint=chat, classifier_checkpoint=classifier,
                            stream_flush_seconds=0.5) as server:
