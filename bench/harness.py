@@ -1,4 +1,5 @@
-"""What the bench scripts share: the machine's load, the tables they print, and the GPT-2 pair.
+"""What the bench scripts share: the machine and its load, percentiles, the tables they print, the
+chat questions of the concurrency sweeps, and the GPT-2 pair.
 
 Each bench runs as a script (``python bench/<name>.py``), which puts this
 folder on ``sys.path``; the repository root is added here for ``core``.
@@ -23,6 +24,17 @@ def load_average() -> str:
         return "n/a"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), which the figures depend on as much as on the core count."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def bench_device(parser, name: str) -> torch.device:
     """``--device NAME`` as the jobs resolve it (core.device); one this machine lacks ends the bench
     at once with the flag named, before any model is built or server started."""
@@ -39,7 +51,7 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"GPU figures: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch CUDA {torch.version.cuda}"
-    return f"CPU: {os.cpu_count()} cores"
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores"
 
 
 def synchronized(clock, device: torch.device):
@@ -52,6 +64,35 @@ def synchronized(clock, device: torch.device):
         return clock()
 
     return read
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+# Each request of a concurrency sweep asks its own question (no two alike, so a prefix cache can
+# share only the chat template's preamble), and asks for a story, so that no answer ends early.
+TOPICS = [
+    "a lighthouse keeper", "the first train across a desert", "a cat that learned to swim", "a city under ice",
+    "bread baking at dawn", "a violin maker", "the last bookshop in town", "a storm at sea", "a garden on the moon",
+    "an old clock tower", "a child's first kite", "a mountain rescue", "a market in the rain", "a forgotten letter",
+    "the deepest cave", "a robot that paints", "a river ferry", "a winter festival", "a lost dog finding home",
+    "a beekeeper's year", "a night at the observatory", "a shipwreck diver", "a village without roads",
+    "the coldest morning", "a circus leaving town", "a chess match in the park", "a map with a missing island",
+    "a desert well", "a tailor's shop", "a race across the ice", "a quiet library", "an orchard in autumn",
+]
+
+
+def story_question(i: int) -> str:
+    """The ``i``-th request's user message."""
+    topic = TOPICS[i % len(TOPICS)] + (f" (take {i // len(TOPICS) + 1})" if i >= len(TOPICS) else "")
+    return f"Tell me a long story about {topic}."
 
 
 def print_table(rows: list[list] | list[tuple]) -> None:

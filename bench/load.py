@@ -40,10 +40,9 @@ from serve import (  # noqa: E402
     build_checkpoints,
     ms,
     parse_events,
-    percentile,
     sms_texts,
 )
-from harness import load_average, print_table  # noqa: E402
+from harness import cpu_model, load_average, percentile, print_table  # noqa: E402
 
 
 @dataclass
@@ -243,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=50_000, help="cap on requests started, all clients")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before one request counts as failed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (SCRATCHGPT_TORCH_THREADS)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=None,
+                        help="SCRATCHGPT_CHAT_PREFIX_CACHE_MB of the server (default: the service's; 0: none)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models instead of GPT-2 124M")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server log)")
     args = parser.parse_args(argv)
@@ -252,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chat, classifier = build_tiny(workdir) if args.tiny else build_checkpoints(workdir, None, None)
         load_before = load_average()
-        print(f"machine: {os.cpu_count()} CPUs, load average {load_before}; chat {chat.name}, classifier "
+        print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_before}; chat {chat.name}, classifier "
               f"{classifier.name}; texts: {source}")
+        settings = {} if args.prefix_cache_mb is None else {"chat_prefix_cache_mb": args.prefix_cache_mb}
         with ServerProcess(workdir, "load", threads=args.threads, chat_checkpoint=chat, classifier_checkpoint=classifier,
-                           stream_flush_seconds=0.5) as server:
+                           stream_flush_seconds=0.5, **settings) as server:
             # Warm-up (not counted): one answer and one classification, so start RSS includes the first passes.
             import httpx
 
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     finished = sum(tally.outcomes.values())
     print()
     print(f"Load: {args.chat_clients} chat streams + {args.classify_clients} classify clients, {args.duration:.0f} s, "
-          f"{'tiny models' if args.tiny else 'GPT-2 124M random weights'}")
+          f"{'tiny models' if args.tiny else 'GPT-2 124M random weights'}; chat prefix cache "
+          f"{'the default' if args.prefix_cache_mb is None else f'{args.prefix_cache_mb} MB'}")
     rows = [
         ("measure", "value"),
         ("answers started / ended", f"{tally.started} / {finished}"),

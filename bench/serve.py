@@ -3,6 +3,7 @@
     python bench/serve.py                        # 32 clients, 20 s a phase, GPT-2 124M random weights
     python bench/serve.py --duration 10 --ttft-samples 10
     python bench/serve.py --classifier ~/.cache/scratchgpt/models/spam-classifier --chat ~/.cache/scratchgpt/models/smollm2-135m-instruct
+    python bench/serve.py --sweep 1,2,4,8,16,32 --threads 1   # many users at once, SmolLM2 (only this phase)
 
 What runs: the real service (uvicorn in a subprocess, started as production starts it) on
 127.0.0.1, and clients in this process (asyncio + httpx, one event loop). Two servers in turn:
@@ -27,6 +28,21 @@ By default both models are GPT-2 124M with random weights, saved with core's
 ``save_checkpoint`` (the classifier is the book's chapter 6 model: the backbone with a 2-class
 head). Everything is bounded: each phase by its duration and ``--max-requests``, each request
 by a timeout, the servers by a start timeout. Loopback only.
+
+``--sweep N,N,...`` runs only the concurrency sweep (issue 19): the default chat model
+(SmolLM2-135M-Instruct from the model cache, or ``--chat``) behind two servers up side by side, one
+decoding through the continuous-batching engine (``SCRATCHGPT_CHAT_MAX_BATCH``, ``--sweep-batch``),
+one a single answer at a time (``SCRATCHGPT_CHAT_MAX_BATCH=1``). For each N, N clients each open a
+conversation of their own, then all send their message at once and stream the answer
+(``--sweep-tokens`` new tokens, greedy) to its ``done`` event; first one server, then the other,
+with the same questions (each level its own, so no level finds an earlier one's prompts in the
+prefix cache). Aggregate tokens/s is all answers' tokens over the level's wall time; time to first
+token is from sending to the first ``delta`` event, time between tokens between a stream's
+``delta`` events (one token each, unless a partial character was held back), p50 and p99 over all
+answers; "mean batch" is the engine's answers per decoding step (``/metrics``). A reference row,
+static batch 8, is ``generate`` on the 8-client level's questions at once in this process
+(bench/engine.py's ``static_batch``), the figure continuous batching is held to. The clients run
+on the same machine as the servers.
 """
 
 from __future__ import annotations
@@ -47,7 +63,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import bench_device, describe_device, load_average, print_table  # also puts the repository on sys.path
+from harness import (  # also puts the repository on sys.path
+    bench_device, describe_device, load_average, percentile, print_table, story_question,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,12 +178,11 @@ class ServerProcess:
 
 
 def metric(url: str, name: str) -> float:
-    """One unlabelled sample of the server's Prometheus metrics (0 when absent)."""
+    """A sample of the server's Prometheus metrics, summed over its labels (0 when absent)."""
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, flags=re.M)
-    return float(match.group(1)) if match else 0.0
+    return sum(float(value) for value in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, flags=re.M))
 
 
 # --- checkpoints ----------------------------------------------------------------------------
@@ -248,16 +265,6 @@ class Phase:
         return len(self.latencies) / self.server_cpu if self.server_cpu else float("nan")
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) with linear interpolation; nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 async def classify_flood(server: ServerProcess, clients: int, duration: float, max_requests: int, texts: list[str],
                          timeout: float, name: str) -> Phase:
     """``clients`` tasks posting one text each, back to back, until ``duration`` s or ``max_requests`` in all."""
@@ -325,8 +332,10 @@ async def new_conversation(client, max_new_tokens: int) -> str:
     return created.json()["id"]
 
 
-async def send_message(client, cid: str, content: str) -> tuple[float, float, float, dict, dict]:
-    """A message to conversation ``cid``, streamed: as :func:`chat_once`."""
+async def send_message(client, cid: str, content: str,
+                       deltas: list[float] | None = None) -> tuple[float, float, float, dict, dict]:
+    """A message to conversation ``cid``, streamed: as :func:`chat_once`; each ``delta`` event's
+    seconds since the request are appended to ``deltas`` when given."""
     t0 = time.perf_counter()
     first = started = None
     start_event: dict = {}
@@ -339,8 +348,11 @@ async def send_message(client, cid: str, content: str) -> tuple[float, float, fl
             for event, data in events:
                 if event == "start":
                     start_event, started = data, time.perf_counter() - t0
-                elif event == "delta" and first is None:
-                    first = time.perf_counter() - t0
+                elif event == "delta":
+                    now = time.perf_counter() - t0
+                    first = now if first is None else first
+                    if deltas is not None:
+                        deltas.append(now)
                 elif event == "done":
                     done = data
                     if first is None:  # the one token's text was held back to the end (a partial character)
@@ -439,7 +451,185 @@ def padding_overhead(classifier: Path, texts: list[str], batch: float, pack_toke
     return computed / real
 
 
+# --- many users at once: the concurrency sweep ----------------------------------------------
+
+SWEEP_MODES = ("one at a time", "continuous")
+# Issue 19's targets: at 8 clients against one at a time and against static batch 8 (generate), and
+# the first tokens of 32 clients arriving together.
+STATIC_BATCH, CROWD = 8, 32
+
+
+def default_chat_checkpoint() -> Path:
+    """The service's default chat model where ``scratchgpt download`` puts it (SmolLM2-135M-Instruct)."""
+    from core.paths import models_dir
+
+    return models_dir() / "smollm2-135m-instruct"
+
+
+async def arrive_together(server: ServerProcess, contents: list[str], max_new_tokens: int, timeout: float):
+    """One client per message, each in a conversation of its own, all sending at once and reading their
+    answers to the end: an ``engine.Level`` whose time between tokens is between ``delta`` events, its
+    CPU the server's, plus the engine's mean batch (``/metrics``) and the errors' text."""
+    import httpx
+
+    from engine import Level
+
+    level, problems = Level(), []
+    limits = httpx.Limits(max_connections=len(contents), max_keepalive_connections=len(contents))
+    async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as client:
+        cids = [await new_conversation(client, max_new_tokens) for _ in contents]  # not timed
+
+        async def one(key: int, cid: str, content: str) -> None:
+            deltas: list[float] = []
+            try:
+                _, first, _, _, done = await send_message(client, cid, content, deltas)
+            except (httpx.HTTPError, RuntimeError) as exc:
+                level.errors += 1
+                problems.append(f"{type(exc).__name__}: {exc}")
+                return
+            level.ttft.append(first)
+            level.tbt.extend(b - a for a, b in zip(deltas, deltas[1:]))
+            level.tokens += done["completion_tokens"]
+            level.answers[key] = done["message"]["content"]
+
+        steps = [metric(server.url, f"scratchgpt_chat_batch_size_{part}") for part in ("sum", "count")]
+        cpu, start = server.cpu_seconds(), time.perf_counter()
+        await asyncio.gather(*(one(key, cid, content) for key, (cid, content) in enumerate(zip(cids, contents))))
+        level.seconds, level.cpu_seconds = time.perf_counter() - start, server.cpu_seconds() - cpu
+    answers, passes = (metric(server.url, f"scratchgpt_chat_batch_size_{part}") - before
+                       for part, before in zip(("sum", "count"), steps))
+    return level, (answers / passes if passes else float("nan")), problems
+
+
+def static_reference(chat: Path, device, prompts_from: int, batch: int):
+    """The model loaded and made fast as the service loads it, and ``batch`` of the sweep's prompts, for
+    ``static_batch`` (bench/engine.py): ``generate`` on them at once in this process, the figure the
+    engine is held to. Warmed up here; timed beside the sweep's level of as many clients."""
+    import torch
+
+    from engine import chat_prompts, static_batch
+
+    from core.fast.transforms import fast_for_serving
+    from core.weights.checkpoint import load_checkpoint
+
+    with torch.no_grad():
+        checkpoint = load_checkpoint(chat, device=str(device), dtype=torch.float32)
+        fast_for_serving(checkpoint)
+        prompts = chat_prompts(checkpoint, prompts_from + batch)[prompts_from:]
+        static_batch(checkpoint.model, prompts, 2)  # first allocations
+    return checkpoint.model, prompts
+
+
+def concurrency_sweep(args: argparse.Namespace, device, workdir: Path) -> int:
+    """Each number of clients arriving together at a continuous-batching server and at a one-at-a-time
+    one (``SCRATCHGPT_CHAT_MAX_BATCH`` 1), both up for the whole run, taking each level in turn."""
+    import contextlib
+    import torch
+
+    clients = args.sweep
+    chat = args.chat or default_chat_checkpoint()
+    if not (chat / "config.json").is_file():
+        raise SystemExit(f"--sweep: no chat checkpoint at {chat}; run `scratchgpt download smollm2-135m-instruct` "
+                         "or pass --chat")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Request i asks story_question(i) in both modes; each level its own questions, so no level finds
+    # an earlier one's prompts in the prefix cache.
+    offsets = [sum(clients[:n]) for n in range(len(clients))]
+    load_before = load_average()
+    print(f"machine: {describe_device(device)}; load average {load_before}; torch threads in the servers and "
+          f"the static reference: {args.threads or 'torch default'}")
+    print(f"chat model {chat}; {args.sweep_tokens} new tokens, greedy; continuous: SCRATCHGPT_CHAT_MAX_BATCH="
+          f"{args.sweep_batch}, one at a time: 1; the clients are asyncio tasks in this process", flush=True)
+    static = reference = None
+    if STATIC_BATCH in clients:
+        reference = static_reference(chat, device, offsets[clients.index(STATIC_BATCH)], STATIC_BATCH)
+    results: dict[tuple[int, str], tuple] = {}
+    common: dict = dict(threads=args.threads, start_timeout=args.start_timeout, chat_checkpoint=chat,
+                        classifier_enabled=False, device=args.device, chat_max_waiting=max(64, max(clients)))
+    if args.chat_dtype:
+        common["chat_dtype"] = args.chat_dtype
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for mode, slots in zip(SWEEP_MODES, (1, args.sweep_batch)):  # both load at once
+            servers[mode] = ServerProcess(workdir, mode.replace(" ", "-"), chat_max_batch=slots, **common)
+            stack.callback(servers[mode].close)
+        for server in servers.values():
+            stack.enter_context(server)
+            asyncio.run(arrive_together(server, ["Say hello."], args.sweep_tokens, args.timeout))  # warm-up
+        for n, offset in zip(clients, offsets):
+            contents = [story_question(offset + i) for i in range(n)]
+            for mode, server in servers.items():
+                results[n, mode] = asyncio.run(arrive_together(server, contents, args.sweep_tokens, args.timeout))
+                level = results[n, mode][0]
+                print(f"  {n} clients, {mode}: {level.tokens / level.seconds:.1f} tok/s, {level.errors} errors, "
+                      f"load {load_average()}", file=sys.stderr, flush=True)
+            if n == STATIC_BATCH and reference:  # timed beside that level, under the same load
+                from engine import static_batch
+
+                with torch.no_grad():
+                    static = static_batch(*reference, args.sweep_tokens)
+                reference = None  # the model's memory back before the larger levels
+    load_after = load_average()
+
+    print()
+    print(f"Many users at once: 1 to {max(clients)} clients streaming together, {args.sweep_tokens} new tokens each")
+    rows = [["clients", "mode", "tok/s", "TTFT p50 s", "TTFT p99 s", "TBT p50 ms", "TBT p99 ms", "errors",
+             "tok per server CPU-s", "vs one", "mean batch", "same answers"]]
+    for n in clients:
+        one = results[n, SWEEP_MODES[0]][0]
+        for mode in SWEEP_MODES:
+            level, batch, _ = results[n, mode]
+            label, _, *cells = level.row(mode, n, one.tokens / one.seconds if mode != SWEEP_MODES[0] else None)
+            same = "yes" if level.answers == one.answers else "NO"
+            rows.append([n, label, *cells, f"{batch:.1f}", same if mode != SWEEP_MODES[0] else ""])
+    if static is not None:
+        label, _, *cells = static.row(f"static batch {STATIC_BATCH}", STATIC_BATCH)
+        cells = ["" if cell == "nan" else cell for cell in cells[:-1]]  # no stream: no TTFT, no TBT
+        rows.append([STATIC_BATCH, f"{label} (generate, this process)", *cells, "", STATIC_BATCH, ""])
+    print_table(rows)
+    print(f"load average before {load_before}, after {load_after}")
+
+    def tps(level) -> float:
+        return level.tokens / level.seconds
+
+    checks = []
+    if STATIC_BATCH in clients:
+        many, one = (results[STATIC_BATCH, mode][0] for mode in reversed(SWEEP_MODES))
+        checks.append((f"{STATIC_BATCH} clients: continuous / one at a time tokens/s {tps(many) / tps(one):.2f}x",
+                       ">= 2.5x", tps(many) >= 2.5 * tps(one)))
+        share = tps(many) / tps(static)
+        per_cpu = (many.tokens / many.cpu_seconds) / (static.tokens / static.cpu_seconds)
+        checks.append((f"{STATIC_BATCH} clients: continuous {tps(many):.1f} tok/s = {100 * share:.0f}% of static batch "
+                       f"{STATIC_BATCH} ({tps(static):.1f}); per CPU-second {100 * per_cpu:.0f}%", ">= 80%",
+                       share >= 0.8))
+    if CROWD in clients:
+        many = results[CROWD, SWEEP_MODES[1]][0]
+        p50, p99 = percentile(many.ttft, 0.5), percentile(many.ttft, 0.99)
+        checks.append((f"{CROWD} clients, continuous: TTFT p50 {p50:.2f} s, p99 {p99:.2f} s", "p50 <= 2 s, p99 <= 4 s",
+                       p50 <= 2 and p99 <= 4))
+    errors = sum(result[0].errors for result in results.values())
+    checks.append((f"errors: {errors}", "0", errors == 0))
+    for text, target, met in checks:
+        print(f"- {text} (target {target}): {'met' if met else 'NOT met'}")
+    for (n, mode), (_, _, problems) in results.items():
+        for problem in problems[:3]:
+            print(f"  {n} clients, {mode} error: {problem}")
+    return 1 if errors else 0
+
+
 # --- report ---------------------------------------------------------------------------------
+
+
+def client_counts(text: str) -> list[int]:
+    """``--sweep``'s list: positive whole numbers, comma-separated."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected client counts like 1,2,4,8, got {text!r}")
+    return counts
 
 
 def ms(seconds: float) -> str:
@@ -470,16 +660,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="SCRATCHGPT_DEVICE of both servers")
     parser.add_argument("--classifier-dtype", default=None, help="SCRATCHGPT_CLASSIFIER_DTYPE of both servers")
     parser.add_argument("--chat-dtype", default=None, help="SCRATCHGPT_CHAT_DTYPE of the server that answers chats")
-    parser.add_argument("--chat", type=Path, default=None, help="a chat checkpoint (default: GPT-2 124M random)")
+    parser.add_argument("--chat", type=Path, default=None, help="a chat checkpoint (default: GPT-2 124M random; "
+                        "with --sweep, SmolLM2-135M-Instruct from the model cache)")
     parser.add_argument("--classifier", type=Path, default=None, help="a classifier checkpoint (default: random)")
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds a server may take to load its models")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server logs)")
+    parser.add_argument("--sweep", type=client_counts, default=None, metavar="N,N,...",
+                        help="run only the concurrency sweep: these numbers of chat clients streaming at once, "
+                             "against continuous batching and one at a time (e.g. 1,2,4,8,16,32)")
+    parser.add_argument("--sweep-batch", type=int, default=None,
+                        help="SCRATCHGPT_CHAT_MAX_BATCH of the sweep's continuous server (default: the service's)")
+    parser.add_argument("--sweep-tokens", type=int, default=32, help="max_new_tokens of each sweep answer")
     args = parser.parse_args(argv)
     device = bench_device(parser, args.device)  # here, not in a server that would only fail to load its models
 
     from app.settings import Settings
 
     defaults = Settings(home=Path(tempfile.gettempdir()))
+    if args.sweep:
+        args.sweep_batch = args.sweep_batch or defaults.chat_max_batch
+        if args.sweep_batch < 2:
+            parser.error("--sweep-batch: the continuous server needs at least 2 places to batch")
+        workdir = Path(tempfile.mkdtemp(prefix="scratchgpt-bench-sweep-"))
+        try:
+            return concurrency_sweep(args, device, workdir)
+        finally:
+            if args.keep:
+                print(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
     batch_size = args.batch_size or defaults.classifier_batch_size
     batch_wait = defaults.classifier_batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
     pack_tokens = defaults.classifier_pack_tokens if args.pack_tokens is None else args.pack_tokens
