@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import logging
 import threading
 import time
@@ -413,6 +414,26 @@ def _similar_lengths(work: list[tuple[Any, int]], waste: float = 1.25) -> list[l
     return groups
 
 
+# glibc's malloc raises its mmap threshold to the size of any large block freed (up to 32 MiB),
+# after which blocks of that size come from the heap, where a KV copy freed between two live ones
+# stays behind as a hole: a server that keeps and drops conversations' caches (the prefix cache)
+# then grows for as long as it runs. A fixed threshold (which also turns the dynamic one off) keeps
+# every large tensor in its own mapping, given back to the system when it is freed.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _large_blocks_mapped() -> None:
+    """Keep large allocations out of glibc's heap (see above); nothing elsewhere (no glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def _argmax_only(seq: "_Sequence") -> bool:
     """Whether only the argmax of this sequence's logits matters (greedy and no penalties to apply)."""
     return seq.config.greedy and seq.penalties is None
@@ -475,6 +496,7 @@ class Engine:
         if model.training:
             raise ValueError("the engine decodes with dropout off: put the model in eval mode first")
         self.model, self.tokenizer = model, tokenizer
+        _large_blocks_mapped()
         self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
         self.prefix_cache, self.max_waiting, self.threads = prefix_cache, max_waiting, threads
         if max_running_per_owner is not None and max_running_per_owner < 1:
