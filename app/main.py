@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages
 from app.api.routes import lab_prompting, lab_tokenizers
@@ -37,7 +37,14 @@ from app.logs import AccessLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install_openapi
 from app.schemas import COMMON_RESPONSES
-from app.security import CSP, BodySizeLimitMiddleware, SecurityHeadersMiddleware, SessionSigner, load_or_create_secret
+from app.security import (
+    CSP,
+    BodySizeLimitMiddleware,
+    SecurityHeadersMiddleware,
+    SessionSigner,
+    TrackedSend,
+    load_or_create_secret,
+)
 from app.services.lab import LabRunner
 from app.services.registry import ModelRegistry, ModelUnavailable
 from app.services.streaming import ActiveGenerations
@@ -177,20 +184,13 @@ class JsonServerErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except StarletteHTTPException:
             raise  # the body size limit's, for the middleware that raised it
         except Exception:
-            if started:
+            if tracked.started:
                 raise  # the status line is out: only dropping the connection can still say it failed
             request_id = scope.get("state", {}).get("request_id", "-")
             logger.exception("unhandled error", extra={"request_id": request_id, "path": scope.get("path")})

@@ -138,22 +138,6 @@ def get_owner(
     return Owner("local", "local")
 
 
-def require_api_access(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-    header_key: Annotated[str | None, Depends(api_key_scheme)],
-) -> Owner | None:
-    """For the stateless OpenAI-compatible API: a valid key when keys are configured, else open.
-    The key's owner, or None for a client without one (an open server)."""
-    owner = _api_key_owner(request, bearer, header_key)
-    if owner is None and request.app.state.settings.api_keys:
-        raise _unauthorized("an API key is required: send Authorization: Bearer <key>")
-    return owner
-
-
-ApiOwnerDep = Annotated[Owner | None, Depends(require_api_access)]
-
-
 def key_owner(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
@@ -164,6 +148,17 @@ def key_owner(
 
 
 KeyOwnerDep = Annotated[Owner | None, Depends(key_owner)]
+
+
+def require_api_access(request: Request, owner: KeyOwnerDep) -> Owner | None:
+    """For the stateless OpenAI-compatible API: a valid key when keys are configured, else open.
+    The key's owner, or None for a client without one (an open server)."""
+    if owner is None and request.app.state.settings.api_keys:
+        raise _unauthorized("an API key is required: send Authorization: Bearer <key>")
+    return owner
+
+
+ApiOwnerDep = Annotated[Owner | None, Depends(require_api_access)]
 
 
 OwnerDep = Annotated[Owner, Depends(get_owner)]
