@@ -38,7 +38,7 @@ def _model_limits(schema: dict[str, Any], app: FastAPI) -> None:
     """What the loaded chat model bounds: the Lab's layer and head indices, token ids and prompt length."""
     models = getattr(app.state, "models", None)
     chat = models.slots.get("chat") if models is not None else None
-    if chat is None or chat.checkpoint is None:
+    if chat is None or chat.checkpoint is None or chat.checkpoint.model is None:  # none here: a remote chat
         return
     config = chat.checkpoint.config
     _limit(schema, "AttentionRequest", "layer", maximum=config.n_layers - 1)

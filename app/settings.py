@@ -78,6 +78,28 @@ class Settings(BaseSettings):
     # The engine's keys and values at most, in MiB; 0: room for the model's whole context in every place.
     chat_kv_cache_mb: int = Field(0, ge=0)
 
+    # --- an external inference engine (app.services.remote_chat) ----------------
+    # An OpenAI-compatible server (vLLM, llama.cpp's server, TGI, SGLang, another scratchgpt) that
+    # generates the chat's answers instead of a model in this process: conversations, the UI, the
+    # API, the limits above and storage stay here. Its root (http://host:8000 or .../v1), its API key,
+    # the model's name there (None: the first its /v1/models lists) and its context window in tokens
+    # (None: vLLM's max_model_len from that list, else 4096). SCRATCHGPT_CHAT_MAX_BATCH is then how
+    # many answers stream from it at once. The timeout: seconds without a byte from it before an answer fails.
+    chat_backend_url: str | None = None
+    chat_backend_key: SecretStr | None = None
+    chat_backend_model: str | None = None
+    chat_backend_context_length: int | None = Field(None, ge=16)
+    chat_backend_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("chat_backend_url")
+    @classmethod
+    def _check_backend_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("SCRATCHGPT_CHAT_BACKEND_URL must be an http:// or https:// URL, like http://vllm:8000/v1")
+        return value
+
     # --- storage ----------------------------------------------------------
     # None means sqlite:///<home>/scratchgpt.db.
     database_url: str | None = None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from app.metrics import Metrics
+from app.services.remote_chat import RemoteBackend, RemoteChatWorker
 from app.services.workers import ChatWorker, ClassifierWorker
 from app.settings import Settings
 from core.fast.prefix_cache import PrefixCache
@@ -54,20 +55,26 @@ class ModelSlot:
     decoder: Any = None  # the chat model's core.fast.serving.ServingDecoder
     worker: Any = None
     load_seconds: float | None = None
+    backend: RemoteBackend | None = None  # the chat, when an external engine serves it (remote_chat_slot)
 
     @property
     def name(self) -> str:
         if self.checkpoint is not None:
             return self.checkpoint.name
+        if self.backend is not None:
+            return self.backend.model or "remote"
         return self.path.name
 
     def public(self) -> dict[str, Any]:
         info: dict[str, Any] = {"state": self.state, "name": self.name, "path": str(self.path)}
+        if self.backend is not None:
+            del info["path"]
+            info["backend"] = self.backend.public()
         if self.detail:
             info["detail"] = self.detail
         if self.load_seconds is not None:
             info["load_seconds"] = round(self.load_seconds, 3)
-        if self.state == "missing":
+        if self.state == "missing" and self.backend is None:
             info["make_with"] = MAKE_COMMANDS[self.role]
         if self.checkpoint is not None:
             info["context_length"] = self.checkpoint.config.context_length
@@ -100,6 +107,8 @@ class ModelRegistry:
         }
         if not settings.chat_enabled:
             self._set(self.slots[CHAT], "disabled", "the chat model is switched off (SCRATCHGPT_CHAT_ENABLED=false)")
+        elif settings.chat_backend_url:
+            self.slots[CHAT] = remote_chat_slot(settings)
         if not settings.classifier_enabled:
             self._set(
                 self.slots[CLASSIFIER], "disabled",
@@ -163,6 +172,9 @@ class ModelRegistry:
                 self._set(slot, "error", f"{type(exc).__name__}: {exc}")
 
     def _load(self, slot: ModelSlot) -> None:
+        if slot.backend is not None:
+            self._connect(slot)
+            return
         if not (slot.path / "config.json").is_file():
             self._set(slot, "missing", f"no checkpoint at {slot.path}")
             logger.warning(
@@ -189,6 +201,38 @@ class ModelRegistry:
             extra={"model": slot.role, "model_name": checkpoint.name, "path": str(slot.path), "device": str(device),
                    "dtype": str(dtype).removeprefix("torch."), "seconds": round(slot.load_seconds, 3)},
         )
+
+    def _connect(self, slot: ModelSlot) -> None:
+        """Serve the chat through its external engine: one look at the backend (its model's name and
+        window), then ready whether or not it answered: it may start after us, and each answer that
+        finds it down fails with a message that says so (stored on the answer)."""
+        backend, s = slot.backend, self.settings
+        start = time.perf_counter()
+        backend.probe()
+        role, tokens = slot.role, self.metrics.tokens_generated.labels(slot.role)
+        computed, cached = (self.metrics.prompt_tokens.labels(role, kind) for kind in ("prefilled", "cached"))
+
+        def on_prompt(prompt: int, reused: int) -> None:
+            computed.inc(prompt - reused)
+            cached.inc(reused)
+
+        worker = RemoteChatWorker(
+            backend, role, max_batch=s.chat_max_batch, max_waiting=s.chat_max_waiting,
+            max_running_per_owner=s.chat_max_running_per_owner, max_waiting_per_owner=s.chat_max_waiting_per_owner,
+            on_tokens=tokens.inc, on_queue_depth=self.metrics.queue_depth.labels(role).set, on_prompt=on_prompt,
+            on_observe=self.metrics.engine_observer(role))
+        stats = worker.stats  # read when /metrics is scraped
+        self.metrics.engine_running.labels(role).set_function(lambda: stats.running)
+        self.metrics.engine_waiting.labels(role).set_function(lambda: stats.waiting)
+        with self._lock:
+            if self._stopping:
+                return
+            slot.checkpoint, slot.worker = worker.checkpoint, worker.start()
+            slot.load_seconds = time.perf_counter() - start
+            self._set(slot, "ready")
+        logger.info("chat served by an external engine",
+                    extra={"model": role, "backend": backend.url, "model_name": backend.model,
+                           "reachable": backend.reachable, "detail": backend.detail})
 
     def _serving_decoder(self, checkpoint: Any) -> ServingDecoder:
         """The chat model's decoder: our kernels where the settings ask and they fit, and recent chats'
@@ -265,3 +309,12 @@ class ModelRegistry:
         for slot in self.slots.values():
             if slot.worker is not None:
                 slot.worker.stop()
+
+
+def remote_chat_slot(settings: Settings) -> ModelSlot:
+    """The chat's slot when ``SCRATCHGPT_CHAT_BACKEND_URL`` names an OpenAI-compatible server to
+    generate its answers (``app.services.remote_chat``); it is "loading" until the registry has looked at it."""
+    key = settings.chat_backend_key.get_secret_value() if settings.chat_backend_key else None
+    backend = RemoteBackend(settings.chat_backend_url or "", key, settings.chat_backend_model,
+                            settings.chat_backend_context_length, settings.chat_backend_timeout)
+    return ModelSlot(CHAT, Path(backend.url), backend=backend)

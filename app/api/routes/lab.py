@@ -2,7 +2,9 @@
 
 Every measurement runs on the model the service already holds (see ``app.services.lab``), in a
 worker thread. Sizes past the Lab's limits (characters, prompt tokens, layer and head indices,
-number of words) are answered 422 with a message that says which limit.
+number of words) are answered 422 with a message that says which limit. Where an external engine
+serves the chat (``SCRATCHGPT_CHAT_BACKEND_URL``), the views that read its weights or tokenizer
+(:data:`IN_PROCESS_VIEWS`) answer 503 saying so, and the Lab's pages say it before anyone asks.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from app.schemas import (
     TokenizeResult,
 )
 from app.services import lab
-from app.services.registry import CHAT, CLASSIFIER, ModelUnavailable
+from app.services.registry import CHAT, CLASSIFIER, ModelRegistry, ModelSlot, ModelUnavailable
 from core.generation.chat_template import ChatTemplateError
 from core.tokenizer.errors import TokenizerError
 from core.tokenizer.gpt2 import gpt2_tokenizer
@@ -41,6 +43,31 @@ router = APIRouter(prefix="/api/v1/lab", tags=["lab"], responses=MODEL_RESPONSES
 pages = APIRouter(include_in_schema=False)
 
 LIMITS = {422: {"description": "Invalid request, or past one of the Lab's size limits (the detail says which)"}}
+
+
+# The Lab's pages that read the chat model's weights or tokenizer in this process, and what each page
+# says where an external engine serves the chat (it gives answers, not attention maps or logits).
+_ELSEWHERE = "which are not in this process: an external inference engine serves the chat. This view is unavailable here."
+IN_PROCESS_VIEWS = {
+    "tokens": "The chat model's own tokenizer is not in this process (an external inference engine serves the "
+              "chat): only GPT-2's tokenizer is shown, and merges are GPT-2's.",
+    "attention": f"This view reads the chat model's attention weights, {_ELSEWHERE}",
+    "next-token": f"This view reads the chat model's next-token probabilities, {_ELSEWHERE}",
+    "few-shot": f"This view reads the chat model's label probabilities, {_ELSEWHERE}",
+    "embeddings": f"This view reads the chat model's token embeddings, {_ELSEWHERE}",
+}
+REMOTE_CHAT = ("the chat model runs on an external inference engine (SCRATCHGPT_CHAT_BACKEND_URL), which gives "
+               "answers, not its weights: this Lab view needs the model in this process. Unset "
+               "SCRATCHGPT_CHAT_BACKEND_URL and point SCRATCHGPT_CHAT_CHECKPOINT at the model to use it")
+
+
+def in_process_chat(models: ModelRegistry) -> ModelSlot:
+    """The chat's slot for a view that reads its weights or tokenizer; a 503 that says why where the
+    chat is served by an external engine, as for a model that is not loaded."""
+    slot = models.require(CHAT)
+    if slot.backend is not None:
+        raise ModelUnavailable(CHAT, "remote", REMOTE_CHAT)
+    return slot
 
 
 async def measure(runner: lab.LabRunner, fn: Any, *args: Any) -> Any:
@@ -57,7 +84,7 @@ async def tokenize(body: TokenizeRequest, runner: LabDep, models: ModelsDep, own
     tokenizers: dict[str, tuple[str, Any]] = {"gpt2": ("GPT-2 (tiktoken ranks)", gpt2_tokenizer())}
     notes = []
     try:
-        slot = models.require(CHAT)
+        slot = in_process_chat(models)
         tokenizers["chat"] = (f"{slot.name} (chat model)", slot.checkpoint.tokenizer)
     except ModelUnavailable as exc:
         notes.append(exc.detail)
@@ -70,7 +97,7 @@ async def merges(body: MergesRequest, runner: LabDep, models: ModelsDep, owner: 
     if body.tokenizer == "gpt2":
         tokenizer, name = gpt2_tokenizer(impl="bpe"), "GPT-2"
     else:
-        slot = models.require(CHAT)
+        slot = in_process_chat(models)
         tokenizer, name = slot.checkpoint.tokenizer, slot.name
     return await measure(runner, lab.bpe_merges, tokenizer, name, body.word)
 
@@ -78,14 +105,14 @@ async def merges(body: MergesRequest, runner: LabDep, models: ModelsDep, owner: 
 @router.post("/attention", response_model=AttentionResult, responses=LIMITS)
 async def attention(body: AttentionRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> AttentionResult:
     """Attention weights of one layer of the chat model, per head and averaged over heads."""
-    slot = models.require(CHAT)
+    slot = in_process_chat(models)
     return await measure(runner, lab.attention, slot.checkpoint, body.text, body.layer, body.head)
 
 
 @router.post("/next-token", response_model=NextTokenResult, responses=LIMITS)
 async def next_token(body: NextTokenRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> NextTokenResult:
     """The chat model's most likely next tokens under a temperature and top-k/top-p, with the entropy."""
-    slot = models.require(CHAT)
+    slot = in_process_chat(models)
     try:
         return await measure(runner, lab.next_token_choices, slot.checkpoint, body)
     except ChatTemplateError as exc:
@@ -105,7 +132,7 @@ async def answer_tokens(
     models: ModelsDep,
 ) -> AnswerTokens:
     """How likely the chat model found each token of one of this owner's stored answers."""
-    slot = models.require(CHAT)
+    slot = in_process_chat(models)
     messages = crud.list_messages(session, conversation.id)
     index = next((i for i, m in enumerate(messages) if m.id == message_id), None)
     if index is None:
@@ -119,7 +146,7 @@ async def answer_tokens(
 @router.post("/embeddings", response_model=EmbeddingsResult, responses=LIMITS)
 async def embeddings(body: EmbeddingsRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> EmbeddingsResult:
     """A 2-D PCA projection of the chat model's token embeddings of the given words."""
-    slot = models.require(CHAT)
+    slot = in_process_chat(models)
     return await measure(runner, lab.embedding_projection, slot.checkpoint, body.words, body.leading_space)
 
 
@@ -143,15 +170,20 @@ LAB_PAGES = {
 }
 
 
+def _remote_views(models: ModelRegistry) -> dict[str, str]:
+    """What each Lab page lacks, where an external engine serves the chat; nothing otherwise."""
+    return IN_PROCESS_VIEWS if models.slots[CHAT].backend is not None else {}
+
+
 @pages.get("/lab", response_class=HTMLResponse)
-def lab_index(request: Request, ui: PagesDep) -> Response:
-    return ui.render(request, "lab/index.html", page="lab", lab_page="index")
+def lab_index(request: Request, ui: PagesDep, models: ModelsDep) -> Response:
+    return ui.render(request, "lab/index.html", page="lab", lab_page="index", remote_views=_remote_views(models))
 
 
 @pages.get("/lab/{name}", response_class=HTMLResponse)
-def lab_page(request: Request, ui: PagesDep, name: str) -> Response:
+def lab_page(request: Request, ui: PagesDep, models: ModelsDep, name: str) -> Response:
     template = LAB_PAGES.get(name)
     if template is None:
         raise HTTPException(404, detail=f"no Lab page {name!r}; try /lab")
-    return ui.render(request, template, page="lab", lab_page=name)
+    return ui.render(request, template, page="lab", lab_page=name, remote_views=_remote_views(models))
 

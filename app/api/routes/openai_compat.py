@@ -25,6 +25,7 @@ from app.schemas import Bool, Int, Penalty, RepetitionPenalty, Seed, Temperature
 from app.services.prompts import PromptTooLong, generation_config, plan_prompt
 from app.services.registry import CHAT
 from app.services.streaming import ManagedStream
+from app.services.remote_chat import BackendError
 from app.services.workers import OwnerBusy, ServerBusy
 from core.generation.generate import StreamChunk
 
@@ -249,6 +250,8 @@ async def chat_completions(
             text = answer.result()
         except OpenAIError:
             raise
+        except BackendError as exc:  # an external engine failed: what a gateway answers (502, 503, 504)
+            raise OpenAIError(exc.status, f"generation failed: {exc}", type_="server_error") from None
         except Exception as exc:
             raise OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error") from exc
         finally:
