@@ -138,8 +138,6 @@ class RemoteModel:
     task = "causal-lm"
     model = None
     stop_token_ids: tuple[int, ...] = ()
-    labels = None
-    metadata: dict[str, Any] = {}
 
     def __init__(self, backend: "RemoteBackend") -> None:
         self.backend = backend
