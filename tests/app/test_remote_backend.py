@@ -102,6 +102,14 @@ def test_a_streamed_answer_is_the_backends_and_is_stored(front, backend):
     assert stored[1]["completion_tokens"] == direct["usage"]["completion_tokens"] == done["completion_tokens"]
     assert done["finish_reason"] == direct["choices"][0]["finish_reason"]
 
+    # The front's own OpenAI-compatible route relays the same answer, with the backend's count.
+    relayed = httpx.post(f"{front.url}/v1/chat/completions", json={
+        "model": "tiny-chat", "temperature": 0.0, "max_tokens": 24,
+        "messages": [{"role": "system", "content": conversation["system_prompt"]}, {"role": "user", "content": question}],
+    }, timeout=HANG_GUARD).json()
+    assert relayed["choices"][0]["message"]["content"] == expected
+    assert relayed["usage"]["completion_tokens"] == direct["usage"]["completion_tokens"]
+
 
 def test_ready_reports_the_backend_without_its_key(front, backend):
     body = httpx.get(f"{front.url}/ready", timeout=HANG_GUARD)
