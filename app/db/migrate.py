@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
-from app.db.engine import make_engine
+from app.db.engine import make_engine, normalize_url
 from app.settings import asset_dir
 
 DEFAULT_MIGRATIONS_DIR = asset_dir("migrations")
@@ -32,7 +32,7 @@ def alembic_config(database_url: str, migrations_dir: Path | None = None) -> Con
     config = Config()
     config.set_main_option("script_location", str(script_location))
     # configparser interpolation treats % specially (URL-encoded passwords).
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", normalize_url(database_url).replace("%", "%%"))
     return config
 
 
