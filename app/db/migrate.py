@@ -16,6 +16,7 @@ from app.db.engine import make_engine, normalize_url
 from app.settings import asset_dir
 
 DEFAULT_MIGRATIONS_DIR = asset_dir("migrations")
+MIGRATION_LOCK = 0x5C7A7C9  # an arbitrary key of PostgreSQL's advisory locks, ours alone
 
 
 class MigrationError(RuntimeError):
@@ -42,6 +43,10 @@ def upgrade(database_url: str, revision: str = "head", migrations_dir: Path | No
     engine = make_engine(database_url)  # creates the SQLite folder and sets WAL
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together would each run the migrations: the first takes this lock,
+                # the others wait for its commit (PostgreSQL's DDL is transactional) and find nothing to do.
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     finally:

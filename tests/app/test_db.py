@@ -4,8 +4,12 @@ and match the models; the crud and the streaming flushes; owner isolation; crash
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -19,6 +23,9 @@ from app.services.cancellation import StopWatcher
 from app.services.streaming import ActiveGenerations
 
 from app_testing import parse_sse, running_client
+from waiting import HANG_GUARD
+
+REPO = Path(__file__).resolve().parents[2]
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef00"
@@ -187,3 +194,17 @@ def test_the_service_end_to_end_with_two_owners(make_settings, database_url):
         assert client.post(f"/api/v1/conversations/{cid}/stop", headers=alice).json() == {"stopped": False}
         assert client.delete(f"/api/v1/conversations/{cid}", headers=alice).status_code == 204
         assert client.get(f"/api/v1/conversations/{cid}", headers=alice).status_code == 404
+
+
+@pytest.mark.slow  # four fresh interpreters importing the app
+def test_replicas_starting_together_on_postgres_migrate_once(postgres_cluster):
+    """Every replica's start applies the migrations: four processes started at once on an empty
+    PostgreSQL database all succeed (one migrates, the others wait on its lock and find it done)."""
+    url = postgres_cluster.database()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    script = "import sys; from app.db import upgrade; upgrade(sys.argv[1])"
+    starts = [subprocess.Popen([sys.executable, "-c", script, url], env=env, stderr=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    failures = [err for p in starts if (err := p.communicate(timeout=HANG_GUARD)[1]) and p.returncode != 0]
+    assert failures == []
+    assert current_revision(url) == "0001"
