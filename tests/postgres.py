@@ -116,7 +116,11 @@ class PostgresCluster:
         return self.url(name)
 
     def __enter__(self) -> "PostgresCluster":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # a half-started server is not left running, nor its folder behind
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
