@@ -27,8 +27,9 @@ COPY scratchgpt/ scratchgpt/
 COPY migrations/ migrations/
 COPY templates/ templates/
 COPY static/ static/
-# Editable, so the app finds templates/, static/ and migrations/ beside its package.
-RUN pip install -e .
+# Editable, so the app finds templates/, static/ and migrations/ beside its package; with psycopg,
+# so the same image serves from PostgreSQL (docker-compose.scale.yml).
+RUN pip install -e ".[postgres]"
 
 RUN useradd --create-home --uid 10001 scratchgpt \
     && mkdir -p /data/models /data/db /data/downloads \

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from datetime import timedelta
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 
@@ -33,6 +34,7 @@ from app.api.routes import classify, conversations, health, lab, messages, opena
 from app.api.routes import lab_prompting, lab_tokenizers
 from app.api.routes.openai_compat import OpenAIError
 from app.db import crud, make_engine, make_sessionmaker, upgrade
+from app.db.models import utcnow
 from app.logs import AccessLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install_openapi
@@ -45,6 +47,7 @@ from app.security import (
     TrackedSend,
     load_or_create_secret,
 )
+from app.services.cancellation import StopWatcher
 from app.services.lab import LabRunner
 from app.services.registry import ModelRegistry, ModelUnavailable
 from app.services.streaming import ActiveGenerations
@@ -76,10 +79,13 @@ def prepare_database(settings: Settings, sessions: sessionmaker[Session]) -> Non
     Both write, so a database this process may not write fails here, as ``DatabaseReadOnly``.
     """
     url = settings.resolved_database_url
+    # Alone on the database, every answer still "streaming" is a previous run's; shared with other
+    # replicas, only one whose lease lapsed is (app.services.cancellation).
+    renewed_before = utcnow() - timedelta(seconds=settings.stream_lease_seconds) if settings.shared_database else None
     try:
         upgrade(url, migrations_dir=settings.migrations_dir)
         with sessions() as session:
-            leftovers = crud.interrupt_streaming_messages(session)
+            leftovers = crud.interrupt_streaming_messages(session, renewed_before=renewed_before)
     except DBAPIError as exc:
         if not _is_read_only(exc):
             raise
@@ -102,11 +108,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if app.state.models.stopped:  # the same app started again (tests, embedding servers)
         app.state.models = ModelRegistry(app.state.settings, app.state.metrics)
     app.state.models.start_loading()
+    app.state.stops.start()
     logger.info("service started", extra={"database": app.state.engine.url.render_as_string(hide_password=True)})
     try:
         yield
     finally:
         app.state.active.cancel_all()
+        await run_in_threadpool(app.state.stops.close)
         await run_in_threadpool(app.state.models.stop)
         app.state.engine.dispose()
 
@@ -260,6 +268,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelRegistry(settings, metrics)
     app.state.signer = SessionSigner(secret)
     app.state.active = ActiveGenerations()
+    app.state.stops = StopWatcher(app.state.sessions, app.state.active, settings.stop_poll_seconds,
+                                  settings.stream_lease_seconds)
     app.state.lab = LabRunner(lambda: app.state.models)  # the registry of the moment (a restart replaces it)
     app.state.pages = Pages(settings, app.state.signer)
 

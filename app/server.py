@@ -63,6 +63,8 @@ def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int =
         uvicorn.run(create_app(settings), **common)
         return
     # Worker processes must build their own app, so pass an import string and the settings by env.
+    # They share the database as replicas do: a worker's restart must not end its siblings' answers.
+    settings = settings.model_copy(update={"shared_database": True})
     os.environ[SETTINGS_ENV] = _settings_json(settings)
     uvicorn.run("app.server:app_from_environment", factory=True, workers=workers, **common)
 

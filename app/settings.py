@@ -124,6 +124,15 @@ class Settings(BaseSettings):
     # How often a streaming answer is written to the database.
     stream_flush_seconds: float = Field(0.5, gt=0)
 
+    # --- replicas (app.services.cancellation; docs/architecture.md "Scaling out") ----------------
+    # Other processes (web replicas, uvicorn workers) serve from this database too: a start then takes
+    # only answers whose lease lapsed for a dead process's leftovers, not every answer still "streaming".
+    shared_database: bool = False
+    # How often each process looks in the database for stops and deletes another process received.
+    stop_poll_seconds: float = Field(0.25, gt=0, le=5)
+    # A streaming answer renewed by no process for this long is a dead process's: it becomes "interrupted".
+    stream_lease_seconds: float = Field(15.0, ge=1)
+
     # --- generation defaults for new conversations -------------------------
     default_temperature: float = Field(0.7, ge=0, le=2)
     default_top_k: int | None = Field(50, ge=1)

@@ -49,6 +49,12 @@ def _onednn(dtype: torch.dtype) -> bool:
     return onednn_available(dtype)
 
 
+def _no_postgres() -> bool:
+    from postgres import postgres_missing
+
+    return postgres_missing()
+
+
 # (what the machine lacks, a pattern of the skip reasons it explains, whether it truly lacks it here)
 ALLOWED_SKIPS: list[tuple[str, str, Callable[[], bool]]] = [
     ("no CUDA GPU", r"needs a CUDA GPU", lambda: not torch.cuda.is_available()),
@@ -60,6 +66,8 @@ ALLOWED_SKIPS: list[tuple[str, str, Callable[[], bool]]] = [
     ("no C++ compiler or ninja for our kernels", r"need a C\+\+ compiler and ninja", _no_kernel_compiler),
     ("no oneDNN bf16 on this CPU", r"no oneDNN bf16 on this CPU", lambda: not _onednn(torch.bfloat16)),
     ("torch without oneDNN", r"torch built without oneDNN", lambda: not _onednn(torch.float32)),
+    # tests/postgres.py's SKIP_REASON: the PostgreSQL half of the database tests
+    ("no PostgreSQL server binaries", r"PostgreSQL is not installed here", _no_postgres),
 ]
 _skips: list[tuple[str, str]] = []  # (test or file, reason)
 

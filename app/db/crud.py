@@ -7,7 +7,8 @@ streaming answer never holds the SQLite write lock between tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
@@ -114,10 +115,46 @@ def write_message(sessions: sessionmaker[Session], message_id: int, **fields: An
     retry_on_busy(_write)
 
 
-def interrupt_streaming_messages(session: Session) -> int:
-    """Mark answers left "streaming" by a stopped or killed server as "interrupted"; returns how many."""
+def interrupt_streaming_messages(session: Session, renewed_before: datetime | None = None) -> int:
+    """Mark answers left "streaming" by a stopped or killed server as "interrupted"; returns how many.
+
+    ``renewed_before``: only those whose row was last written before then (where other processes
+    share the database, a recent row is a live answer of theirs; app.services.cancellation).
+    """
+    query = update(Message).where(Message.status == STATUS_STREAMING)
+    if renewed_before is not None:
+        query = query.where(Message.updated_at < renewed_before)
+    result = session.execute(query.values(status=STATUS_INTERRUPTED, updated_at=utcnow()))
+    session.commit()
+    return result.rowcount or 0
+
+
+# --- answers across processes (app.services.cancellation) -------------------------
+
+
+def stop_streaming(session: Session, conversation_id: str) -> int:
+    """Mark the conversation's streaming answer "interrupted", whichever process generates it (that
+    process sees the row change at its next poll and cancels the generation); returns how many."""
     result = session.execute(
-        update(Message).where(Message.status == STATUS_STREAMING).values(status=STATUS_INTERRUPTED, updated_at=utcnow())
+        update(Message)
+        .where(Message.conversation_id == conversation_id, Message.status == STATUS_STREAMING)
+        .values(status=STATUS_INTERRUPTED, updated_at=utcnow())
     )
     session.commit()
     return result.rowcount or 0
+
+
+def still_streaming(session: Session, message_ids: Collection[int]) -> set[int]:
+    """Which of these answers are still "streaming" (not stopped, not deleted)."""
+    query = select(Message.id).where(Message.id.in_(list(message_ids)), Message.status == STATUS_STREAMING)
+    return set(session.scalars(query))
+
+
+def renew_streaming(session: Session, message_ids: Collection[int]) -> None:
+    """Touch these streaming answers: a row renewed within the lease belongs to a live process."""
+    session.execute(
+        update(Message)
+        .where(Message.id.in_(list(message_ids)), Message.status == STATUS_STREAMING)
+        .values(updated_at=utcnow())
+    )
+    session.commit()

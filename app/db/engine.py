@@ -1,4 +1,4 @@
-"""The database engine: SQLite in WAL mode with a busy timeout, or any SQLAlchemy URL.
+"""The database engine: SQLite in WAL mode with a busy timeout, or PostgreSQL (psycopg 3).
 
 WAL lets readers run while one writer commits, and the busy timeout makes a
 second writer wait instead of failing with "database is locked"; together with
@@ -23,8 +23,22 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+class DatabaseDriverMissing(RuntimeError):
+    """The URL names a database whose Python driver is not installed."""
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` (what hosting services hand out) mean psycopg 3, the driver we
+    ship in the ``postgres`` extra; SQLAlchemy's own default for them is psycopg2, which we do not."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine; for a SQLite file, create its folder and switch it to WAL."""
+    url = normalize_url(url)
     path = _sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +60,15 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        # pre_ping: a replica outlives server restarts and idle-connection timeouts of a proxy.
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise DatabaseDriverMissing(
+            f"the database URL {shown} needs the Python module {exc.name!r}, which is not installed; "
+            "for PostgreSQL install psycopg 3 (pip install 'scratchgpt[postgres]') and use postgresql+psycopg://"
+        ) from None
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -12,10 +12,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
-from app.db.engine import make_engine
+from app.db.engine import make_engine, normalize_url
 from app.settings import asset_dir
 
 DEFAULT_MIGRATIONS_DIR = asset_dir("migrations")
+MIGRATION_LOCK = 0x5C7A7C9  # an arbitrary key of PostgreSQL's advisory locks, ours alone
 
 
 class MigrationError(RuntimeError):
@@ -32,7 +33,7 @@ def alembic_config(database_url: str, migrations_dir: Path | None = None) -> Con
     config = Config()
     config.set_main_option("script_location", str(script_location))
     # configparser interpolation treats % specially (URL-encoded passwords).
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", normalize_url(database_url).replace("%", "%%"))
     return config
 
 
@@ -42,6 +43,10 @@ def upgrade(database_url: str, revision: str = "head", migrations_dir: Path | No
     engine = make_engine(database_url)  # creates the SQLite folder and sets WAL
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together would each run the migrations: the first takes this lock,
+                # the others wait for its commit (PostgreSQL's DDL is transactional) and find nothing to do.
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     finally:

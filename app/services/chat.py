@@ -77,6 +77,8 @@ class ChatService:
             raise ConversationBusy("an answer is already being generated in this conversation; stop it first")
         try:
             messages = crud.list_messages(session, conversation.id)
+            if any(m.status == STATUS_STREAMING for m in messages):  # another replica is answering here
+                raise ConversationBusy("an answer is already being generated in this conversation; stop it first")
             replaced = messages.pop() if replace_last_answer and messages and messages[-1].role == "assistant" else None
             history = conversation_turns(messages)
             if new_user_message is not None:

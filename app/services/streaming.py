@@ -41,10 +41,13 @@ def sse(event: str, data: Any) -> str:
 
 
 class ActiveGenerations:
-    """Which conversation is generating now, so a second send answers 409 and stop can find the job."""
+    """Which conversation is generating now, so a second send answers 409 and stop can find the job;
+    and which answer row each job writes, which app.services.cancellation watches for a stop or a
+    delete that another process received."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, ChatJob | None] = {}
+        self._rows: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def claim(self, conversation_id: str) -> bool:
@@ -54,13 +57,21 @@ class ActiveGenerations:
             self._jobs[conversation_id] = None
             return True
 
-    def attach(self, conversation_id: str, job: ChatJob) -> None:
+    def attach(self, conversation_id: str, job: ChatJob, message_id: int | None = None) -> None:
         with self._lock:
             self._jobs[conversation_id] = job
+            if message_id is not None:
+                self._rows[conversation_id] = message_id
 
     def release(self, conversation_id: str) -> None:
         with self._lock:
             self._jobs.pop(conversation_id, None)
+            self._rows.pop(conversation_id, None)
+
+    def watched(self) -> dict[int, ChatJob]:
+        """The answer rows being generated here, with their jobs."""
+        with self._lock:
+            return {row: job for cid, row in self._rows.items() if (job := self._jobs.get(cid)) is not None}
 
     def is_active(self, conversation_id: str) -> bool:
         with self._lock:
@@ -138,7 +149,7 @@ class AnswerStream:
         if self.user_message is not None:
             start["user_message"] = self.user_message
         yield sse("start", start)
-        self.active.attach(self.conversation_id, self.job)
+        self.active.attach(self.conversation_id, self.job, self.assistant_id)
         last_flush = time.perf_counter()
         try:
             async for chunk in self.job.events(heartbeat=KEEPALIVE_SECONDS):
@@ -197,9 +208,15 @@ class AnswerStream:
         }
 
     async def close(self) -> None:
-        """Runs when the response ends for any reason: cancel the job and settle the row."""
+        """Runs when the response ends for any reason: cancel the job, settle the row, free the conversation
+        (in that order: a row still "streaming" tells every replica the conversation is busy)."""
         self.job.cancel()
-        self.active.release(self.conversation_id)
+        try:
+            await self._settle()
+        finally:
+            self.active.release(self.conversation_id)
+
+    async def _settle(self) -> None:
         if self.status == STATUS_STREAMING:
             # The client went away (or the server is stopping) mid-answer.
             self.status = STATUS_INTERRUPTED

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from app_testing import running_client
+from postgres import SKIP_REASON, PostgresCluster, postgres_missing
 from fastapi.testclient import TestClient
 
 from app.settings import Settings
@@ -87,6 +88,23 @@ def make_settings(tmp_path, chat_checkpoint, classifier_checkpoint):
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL server for the run (tests/postgres.py); skips where none can start."""
+    if postgres_missing():
+        pytest.skip(SKIP_REASON)
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """An empty database of each kind the service runs on: a SQLite file, and a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'app.db'}"
+    return request.getfixturevalue("postgres_cluster").database()
 
 
 @pytest.fixture

@@ -1,33 +1,58 @@
-"""Database: migrations apply, reverse and match the models; WAL; crash leftovers become "interrupted"."""
+"""Database, on SQLite and on a real PostgreSQL server (tests/postgres.py): migrations apply, reverse
+and match the models; the crud and the streaming flushes; owner isolation; crash leftovers become
+"interrupted" (at once when alone on the database, after their lease when replicas share it); WAL."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
 
+import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import inspect, update
 
 from app.db import crud, make_engine, make_sessionmaker, upgrade
+from app.db.engine import DatabaseDriverMissing, normalize_url
 from app.db.migrate import alembic_config, current_revision
-from app.db.models import STATUS_INTERRUPTED, STATUS_STREAMING
+from app.db.models import STATUS_COMPLETE, STATUS_INTERRUPTED, STATUS_STREAMING, Message, utcnow
+from app.services.cancellation import StopWatcher
+from app.services.streaming import ActiveGenerations
 
-from app_testing import running_client
+from app_testing import parse_sse, running_client
+from waiting import HANG_GUARD
+
+REPO = Path(__file__).resolve().parents[2]
+
+ALICE = "alice-key-0123456789abcdef"
+BOB = "bob-key-0123456789abcdef00"
 
 
-def test_migrations_upgrade_downgrade_and_match_models(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.db'}"
-    upgrade(url)
-    assert current_revision(url) == "0001"
-    engine = make_engine(url)
+@pytest.fixture
+def sessions(database_url):
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def test_migrations_upgrade_downgrade_and_match_models(database_url):
+    upgrade(database_url)
+    assert current_revision(database_url) == "0001"
+    engine = make_engine(database_url)
+    assert engine.dialect.name == database_url.split(":")[0].split("+")[0]
     tables = set(inspect(engine).get_table_names())
     assert {"conversations", "messages", "alembic_version"} <= tables
     engine.dispose()
-    config = alembic_config(url)
-    command.check(config)  # the models and the migrations describe the same schema
+    config = alembic_config(database_url)
+    command.check(config)  # the models and the migrations describe the same schema, on this database too
     command.downgrade(config, "base")
-    assert current_revision(url) is None
-    upgrade(url)
-    assert current_revision(url) == "0001"
+    assert current_revision(database_url) is None
+    upgrade(database_url)
+    assert current_revision(database_url) == "0001"
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
@@ -43,29 +68,143 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
     assert sqlite3.connect(tmp_path / "w.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_deleting_a_conversation_deletes_its_messages(tmp_path):
-    url = f"sqlite:///{tmp_path / 'd.db'}"
-    upgrade(url)
-    sessions = make_sessionmaker(make_engine(url))
+def test_postgres_urls_mean_psycopg_and_a_missing_driver_says_what_to_install():
+    assert normalize_url("postgres://u:p@db:5432/app") == "postgresql+psycopg://u:p@db:5432/app"
+    assert normalize_url("postgresql://u@db/app") == "postgresql+psycopg://u@db/app"
+    assert normalize_url("postgresql+psycopg://u@db/app") == "postgresql+psycopg://u@db/app"
+    assert normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+    with pytest.raises(DatabaseDriverMissing, match=r"not installed.*postgresql\+psycopg") as err:
+        make_engine("postgresql+psycopg2://u:hunter2@db/app")  # psycopg2 is not ours to install
+    assert "hunter2" not in str(err.value)
+
+
+def test_crud_and_streaming_flushes(sessions):
+    with sessions() as s:
+        first = crud.create_conversation(s, "alice", title="first", temperature=0.2, top_k=None)
+        second = crud.create_conversation(s, "alice", title="second")
+        crud.create_conversation(s, "bob", title="bob's")
+        crud.add_message(s, first.id, "user", "hello ✓ ünïcode")
+        answer = crud.add_message(s, first.id, "assistant", "", status=STATUS_STREAMING, prompt_tokens=7)
+        # Adding a message makes the conversation the most recently active.
+        assert [c.title for c in crud.list_conversations(s, "alice")] == ["first", "second"]
+        assert crud.count_conversations(s, "alice") == 2
+        crud.update_conversation(s, second, {"title": "renamed", "max_new_tokens": 12})
+        with pytest.raises(ValueError, match="no editable field 'owner'"):
+            crud.update_conversation(s, second, {"owner": "bob"})
+        first_id, answer_id = first.id, answer.id
+    # The stream's flushes: each its own short transaction, from outside the request's session.
+    crud.write_message(sessions, answer_id, content="Hel", completion_tokens=1)
+    crud.write_message(sessions, answer_id, content="Hello", completion_tokens=2, status=STATUS_COMPLETE)
+    with sessions() as s:
+        user, stored = crud.list_messages(s, first_id)
+        assert user.content == "hello ✓ ünïcode"
+        assert (stored.content, stored.status, stored.completion_tokens, stored.prompt_tokens) == (
+            "Hello", STATUS_COMPLETE, 2, 7)
+        renamed = crud.get_conversation(s, "alice", second.id)
+        assert (renamed.title, renamed.max_new_tokens, renamed.temperature) == ("renamed", 12, 0.7)
+        # Owner isolation is in the query: another owner's id is simply not found.
+        assert crud.get_conversation(s, "bob", first_id) is None
+        assert [c.title for c in crud.list_conversations(s, "bob")] == ["bob's"]
+        assert crud.list_conversations(s, "alice", limit=1, offset=1)[0].title == "first"
+
+
+def test_deleting_a_conversation_deletes_its_messages(sessions):
     with sessions() as s:
         c = crud.create_conversation(s, "alice", title="t")
         crud.add_message(s, c.id, "user", "hello")
         crud.delete_conversation(s, c)
         assert crud.list_messages(s, c.id) == []
-
-
-def test_startup_marks_leftover_streaming_answers_interrupted(make_settings):
-    settings = make_settings()
-    upgrade(settings.database_url)
-    sessions = make_sessionmaker(make_engine(settings.database_url))
+    # Ids are never reused: a message added later gets a new one.
     with sessions() as s:
-        c = crud.create_conversation(s, "local", title="crashed")
+        c = crud.create_conversation(s, "alice", title="t2")
+        assert crud.add_message(s, c.id, "user", "again").id > 1
+
+
+def _leftover(sessions, owner: str, age: timedelta) -> tuple[str, int]:
+    """A conversation whose answer a process left "streaming", last written ``age`` ago."""
+    with sessions() as s:
+        c = crud.create_conversation(s, owner, title="crashed")
         crud.add_message(s, c.id, "user", "question")
         answer = crud.add_message(s, c.id, "assistant", "half an ans", status=STATUS_STREAMING)
-        conversation_id, answer_id = c.id, answer.id
-    # A new server process starts on the same file (as after a kill -9).
+        s.execute(update(Message).where(Message.id == answer.id).values(updated_at=utcnow() - age))
+        s.commit()
+        return c.id, answer.id
+
+
+def test_startup_marks_leftover_streaming_answers_interrupted(make_settings, database_url):
+    settings = make_settings(database_url=database_url)
+    upgrade(database_url)
+    conversation_id, answer_id = _leftover(make_sessionmaker(make_engine(database_url)), "local", timedelta(0))
+    # A new server process starts on the same database (as after a kill -9).
     with running_client(settings) as client:
         body = client.get(f"/api/v1/conversations/{conversation_id}").json()
     statuses = {m["id"]: m["status"] for m in body["messages"]}
     assert statuses[answer_id] == STATUS_INTERRUPTED
     assert body["messages"][-1]["content"] == "half an ans"
+    assert body["generating"] is False
+
+
+def test_a_replica_starting_leaves_live_answers_alone_and_the_lapsed_ones_are_interrupted(make_settings, database_url):
+    settings = make_settings(database_url=database_url, shared_database=True, stream_lease_seconds=60)
+    upgrade(database_url)
+    sessions = make_sessionmaker(make_engine(database_url))
+    live_conversation, live = _leftover(sessions, "local", timedelta(seconds=1))  # another replica's, renewed just now
+    _, dead = _leftover(sessions, "local", timedelta(minutes=5))  # a killed replica's
+    with running_client(settings) as client:
+        body = client.get(f"/api/v1/conversations/{live_conversation}").json()
+        assert body["generating"] is True  # generated elsewhere: this replica says so too
+        # ... and will not start a second answer in it.
+        busy = client.post(f"/api/v1/conversations/{live_conversation}/messages", json={"content": "more"})
+        assert busy.status_code == 409
+    with sessions() as s:
+        assert s.get(Message, live).status == STATUS_STREAMING
+        assert s.get(Message, dead).status == STATUS_INTERRUPTED
+
+
+def test_the_watcher_sweeps_answers_nobody_renews(sessions):
+    """What a replica killed mid-answer leaves while the others go on: the next sweep interrupts it."""
+    _, fresh = _leftover(sessions, "a", timedelta(seconds=1))
+    _, lapsed = _leftover(sessions, "a", timedelta(seconds=31))
+    watcher = StopWatcher(sessions, ActiveGenerations(), poll_seconds=0.25, lease_seconds=30)
+    assert watcher.poll() == 0
+    with sessions() as s:
+        assert (s.get(Message, fresh).status, s.get(Message, lapsed).status) == (STATUS_STREAMING, STATUS_INTERRUPTED)
+
+
+def test_the_service_end_to_end_with_two_owners(make_settings, database_url):
+    """The API on this database: a streamed answer flushed and stored, stop, another owner's 404s, delete."""
+    settings = make_settings(database_url=database_url, api_keys={"alice": ALICE, "bob": BOB},
+                             classifier_enabled=False)
+    alice, bob = {"Authorization": f"Bearer {ALICE}"}, {"Authorization": f"Bearer {BOB}"}
+    with running_client(settings) as client:
+        cid = client.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 16},
+                          headers=alice).json()["id"]
+        with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "hi"},
+                           headers=alice) as response:
+            events = list(parse_sse(response.iter_lines()))
+        assert events[-1][0] == "done" and events[-1][1]["completion_tokens"] == 16
+        text = "".join(d["text"] for e, d in events if e == "delta")
+        stored = client.get(f"/api/v1/conversations/{cid}", headers=alice).json()
+        assert [(m["role"], m["status"]) for m in stored["messages"]] == [("user", "complete"), ("assistant", "complete")]
+        assert stored["messages"][1]["content"] == text
+
+        assert client.get(f"/api/v1/conversations/{cid}", headers=bob).status_code == 404
+        assert client.delete(f"/api/v1/conversations/{cid}", headers=bob).status_code == 404
+        assert client.get("/api/v1/conversations", headers=bob).json()["total"] == 0
+        assert client.post(f"/api/v1/conversations/{cid}/stop", headers=alice).json() == {"stopped": False}
+        assert client.delete(f"/api/v1/conversations/{cid}", headers=alice).status_code == 204
+        assert client.get(f"/api/v1/conversations/{cid}", headers=alice).status_code == 404
+
+
+@pytest.mark.slow  # four fresh interpreters importing the app
+def test_replicas_starting_together_on_postgres_migrate_once(postgres_cluster):
+    """Every replica's start applies the migrations: four processes started at once on an empty
+    PostgreSQL database all succeed (one migrates, the others wait on its lock and find it done)."""
+    url = postgres_cluster.database()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    script = "import sys; from app.db import upgrade; upgrade(sys.argv[1])"
+    starts = [subprocess.Popen([sys.executable, "-c", script, url], env=env, stderr=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    failures = [err for p in starts if (err := p.communicate(timeout=HANG_GUARD)[1]) and p.returncode != 0]
+    assert failures == []
+    assert current_revision(url) == "0001"

@@ -111,3 +111,68 @@ def test_dockerfile_basics_and_command_matches_readme():
     assert words[:2] == ["scratchgpt", "serve"] and "--host" in words
     readme = (REPO / "README.md").read_text()
     assert "scratchgpt serve" in readme, "README must document the command the image runs"
+
+
+# --- docker-compose.scale.yml: PostgreSQL, N web replicas, nginx ------------------------------------
+
+SCALE_ENV = {"POSTGRES_PASSWORD": "test-password", "SCRATCHGPT_SECRET_KEY": "test-signing-key-0123456789"}
+
+
+def scale_config(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(compose_binary()), "-f", "docker-compose.scale.yml", "config", "--format", "json"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if k not in SCALE_ENV and not k.startswith("SCRATCHGPT_")},
+             "COMPOSE_PROJECT_NAME": "scratchgpt-test", **env},
+    )
+
+
+def test_scale_compose_runs_replicas_on_postgres_behind_nginx():
+    result = scale_config(**SCALE_ENV)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert services["nginx"]["image"].startswith("nginx:")
+    web = services["web"]
+    assert web["deploy"]["replicas"] == 2
+    env = web["environment"]
+    assert env["SCRATCHGPT_DATABASE_URL"] == "postgresql+psycopg://scratchgpt:test-password@postgres:5432/scratchgpt"
+    assert env["SCRATCHGPT_SECRET_KEY"] == SCALE_ENV["SCRATCHGPT_SECRET_KEY"]  # one key for every replica
+    assert env["SCRATCHGPT_SHARED_DATABASE"] == "true"
+    assert "ports" not in web  # reached through nginx only
+    assert web["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+    assert services["prepare"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "scratchgpt db upgrade" in " ".join(services["prepare"]["command"])
+    # The models the replicas serve are the ones prepare leaves in the shared volume, read-only to them.
+    models = {v["target"]: v for v in web["volumes"]}["/data/models"]
+    assert models["read_only"] and env["SCRATCHGPT_CHAT_CHECKPOINT"].startswith("/data/models/")
+    (conf,) = [v for v in services["nginx"]["volumes"] if v["target"] == "/etc/nginx/conf.d/default.conf"]
+    assert Path(conf["source"]) == REPO / "docs" / "deploy" / "nginx.conf"
+
+    scaled = json.loads(scale_config(**SCALE_ENV, SCRATCHGPT_REPLICAS="5").stdout)["services"]["web"]
+    assert scaled["deploy"]["replicas"] == 5
+
+
+def test_scale_compose_refuses_to_start_without_its_secrets():
+    result = scale_config(POSTGRES_PASSWORD="x")
+    assert result.returncode != 0 and "SCRATCHGPT_SECRET_KEY" in result.stderr
+    result = scale_config(SCRATCHGPT_SECRET_KEY="x")
+    assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr
+
+
+def nginx_blocks(text: str) -> dict[str, str]:
+    """The bodies of nginx's ``upstream NAME``/``location PATH`` blocks (no nesting inside them here)."""
+    text = re.sub(r"#.*", "", text)
+    return {m.group(1).strip(): m.group(2) for m in re.finditer(r"((?:upstream|location)\s+[^{]+)\{([^{}]*)\}", text)}
+
+
+def test_nginx_passes_server_sent_events_unbuffered_to_every_replica():
+    blocks = nginx_blocks((REPO / "docs" / "deploy" / "nginx.conf").read_text())
+    assert re.search(r"\bserver\s+web:8000\s*;", blocks["upstream scratchgpt"])
+    proxy = blocks["location /"]
+    directives = dict(re.findall(r"^\s*(proxy_\w+)\s+([^;]+);", proxy, flags=re.M))
+    assert directives["proxy_pass"] == "http://scratchgpt"
+    assert directives["proxy_buffering"] == "off"  # a token reaches the browser when it is generated
+    assert directives["proxy_http_version"] == "1.1"
+    timeout = directives["proxy_read_timeout"]
+    assert timeout.endswith("h") or int(timeout.rstrip("s")) > 15  # longer than the streams' keep-alive

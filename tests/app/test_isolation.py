@@ -2,7 +2,7 @@
 
 tests/app/test_conversations.py checks a hand-written list of routes for API-key users and
 browser sessions; this test reads the list from the app itself, so a route added later is
-covered without anyone remembering to add it.
+covered without anyone remembering to add it. It runs on SQLite and on PostgreSQL (``database_url``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ def body_for(method: str, path: str) -> dict | None:
     return None
 
 
-def test_every_route_with_a_conversation_id_is_404_to_another_owner(make_settings):
-    with running_client(make_settings(api_keys={"alice": ALICE, "bob": BOB}, classifier_enabled=False)) as client:
+def test_every_route_with_a_conversation_id_is_404_to_another_owner(make_settings, database_url):
+    settings = make_settings(api_keys={"alice": ALICE, "bob": BOB}, classifier_enabled=False, database_url=database_url)
+    with running_client(settings) as client:
         alice, bob = {"Authorization": f"Bearer {ALICE}"}, {"Authorization": f"Bearer {BOB}"}
         cid = client.post("/api/v1/conversations", json={"title": "alice's", "max_new_tokens": 4}, headers=alice).json()["id"]
         with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "secret"},

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 
 from app.api.deps import ActiveDep, ConversationDep, ModelsDep, OwnerDep, SessionDep, SettingsDep
 from app.db import crud
+from app.db.models import STATUS_STREAMING
 from app.schemas import (
     NOT_FOUND,
     ConversationCreate,
@@ -73,7 +74,8 @@ def read_conversation(conversation: ConversationDep, session: SessionDep, active
     return ConversationDetail(
         **ConversationPublic.model_validate(conversation).model_dump(),
         messages=messages,
-        generating=active.is_active(conversation.id),
+        # A streaming row: this process or another replica is generating it.
+        generating=active.is_active(conversation.id) or any(m.status == STATUS_STREAMING for m in messages),
     )
 
 
@@ -92,7 +94,8 @@ def update_conversation(
 
 @router.delete("/{conversation_id}", status_code=204, response_class=Response, responses=NOT_FOUND)
 def delete_conversation(conversation: ConversationDep, session: SessionDep, active: ActiveDep) -> Response:
-    """Delete the conversation and its messages; a running answer is stopped first."""
+    """Delete the conversation and its messages; a running answer is stopped first (on another replica,
+    at its next poll of the deleted row)."""
     active.stop(conversation.id)
     crud.delete_conversation(session, conversation)
     return Response(status_code=204)
