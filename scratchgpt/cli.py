@@ -249,11 +249,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> None:
     from app.db import upgrade
+    from app.db.engine import shown_url
     from app.settings import Settings
 
     url = args.database_url or Settings().database_url
     upgrade(url)
-    print(f"database at {url} is at the latest migration")
+    # The compose prepare step logs this line: never with the password.
+    print(f"database at {shown_url(url)} is at the latest migration")
 
 
 # -- the parser --------------------------------------------------------------------

@@ -36,6 +36,11 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def shown_url(url: str) -> str:
+    """The URL as it may be printed or logged: the password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine; for a SQLite file, create its folder and switch it to WAL."""
     url = normalize_url(url)
@@ -64,9 +69,8 @@ def make_engine(url: str) -> Engine:
         # pre_ping: a replica outlives server restarts and idle-connection timeouts of a proxy.
         return create_engine(url, pool_pre_ping=True)
     except ModuleNotFoundError as exc:
-        shown = make_url(url).render_as_string(hide_password=True)
         raise DatabaseDriverMissing(
-            f"the database URL {shown} needs the Python module {exc.name!r}, which is not installed; "
+            f"the database URL {shown_url(url)} needs the Python module {exc.name!r}, which is not installed; "
             "for PostgreSQL install psycopg 3 (pip install 'scratchgpt[postgres]') and use postgresql+psycopg://"
         ) from None
 

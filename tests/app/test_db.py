@@ -16,7 +16,7 @@ from alembic import command
 from sqlalchemy import inspect, update
 
 from app.db import crud, make_engine, make_sessionmaker, upgrade
-from app.db.engine import DatabaseDriverMissing, normalize_url
+from app.db.engine import DatabaseDriverMissing, normalize_url, shown_url
 from app.db.migrate import alembic_config, current_revision
 from app.db.models import STATUS_COMPLETE, STATUS_INTERRUPTED, STATUS_STREAMING, Message, utcnow
 from app.services.cancellation import StopWatcher
@@ -208,3 +208,12 @@ def test_replicas_starting_together_on_postgres_migrate_once(postgres_cluster):
     failures = [err for p in starts if (err := p.communicate(timeout=HANG_GUARD)[1]) and p.returncode != 0]
     assert failures == []
     assert current_revision(url) == "0001"
+
+
+def test_db_upgrade_prints_the_url_without_its_password(tmp_path, capsys):
+    from scratchgpt.cli import main
+
+    assert "s3cret" not in shown_url("postgresql+psycopg://web:s3cret@db:5432/scratchgpt")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    main(["db", "upgrade", "--database-url", url])
+    assert f"database at {url} is at the latest migration" in capsys.readouterr().out
