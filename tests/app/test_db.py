@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from app.db import crud, make_engine, make_sessionmaker, upgrade
@@ -17,7 +18,8 @@ from app_testing import running_client
 def test_migrations_upgrade_downgrade_and_match_models(tmp_path):
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)
-    assert current_revision(url) == "0001"
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    assert current_revision(url) == head and head is not None
     engine = make_engine(url)
     tables = set(inspect(engine).get_table_names())
     assert {"conversations", "messages", "alembic_version"} <= tables
@@ -27,7 +29,24 @@ def test_migrations_upgrade_downgrade_and_match_models(tmp_path):
     command.downgrade(config, "base")
     assert current_revision(url) is None
     upgrade(url)
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == head
+
+
+def test_a_conversation_stored_before_penalties_decodes_without_them(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    upgrade(url, revision="0001")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO conversations (id, owner, title, model, system_prompt, temperature, max_new_tokens) "
+            "VALUES ('old', 'local', 't', 'm', '', 0.5, 10)")
+    engine.dispose()
+    upgrade(url, revision="0002")
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as session:
+        old = crud.get_conversation(session, "local", "old")
+        assert (old.repetition_penalty, old.frequency_penalty, old.presence_penalty) == (1.0, 0.0, 0.0)
+    engine.dispose()
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
