@@ -162,7 +162,7 @@ def test_a_conversation_keeps_its_model_and_every_answer_comes_from_it(two, chat
 
 def test_an_unknown_model_is_refused_with_the_served_names(two):
     created = two.post("/api/v1/conversations", json={"model": "gpt-4"})
-    assert created.status_code == 422
+    assert created.status_code == 404
     assert "'gpt-4'" in created.json()["detail"] and f"'{SECOND}'" in created.json()["detail"]
     unknown = v1(two, "gpt-4")
     assert unknown.status_code == 404

@@ -20,6 +20,7 @@ from app.schemas import (
     ConversationList,
     ConversationPublic,
     ConversationUpdate,
+    ErrorBody,
     MessagePublic,
 )
 from app.services.chat import NEW_CHAT_TITLE
@@ -51,7 +52,8 @@ def list_conversations(
     )
 
 
-@router.post("", response_model=ConversationPublic, status_code=201)
+@router.post("", response_model=ConversationPublic, status_code=201,
+             responses={404: {"model": ErrorBody, "description": "No chat model of that name is served (the detail lists those that are)"}})
 def create_conversation(
     body: ConversationCreate, session: SessionDep, owner: OwnerDep, settings: SettingsDep, models: ModelsDep
 ) -> ConversationPublic:
@@ -62,7 +64,7 @@ def create_conversation(
     try:
         slot = models.chat_slot(body.model)
     except UnknownModel as exc:
-        raise HTTPException(422, detail=str(exc)) from None
+        raise HTTPException(404, detail=str(exc)) from None
     fields = body.model_dump(exclude_none=True)
     defaults = {
         "title": NEW_CHAT_TITLE,
