@@ -14,34 +14,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from app_testing import parse_sse, running_client
+from chat_models_testing import SECOND, SECOND_DEFAULTS, expected_answer, second_chat
 
 from app.services.registry import generation_defaults
 from app.settings import Settings
 
-SECOND = "tiny-chat-b"
-# The second model's decoding defaults, as a fine-tuning job writes them into its checkpoint.
-SECOND_DEFAULTS = {"temperature": 0.0, "top_k": None, "repetition_penalty": 1.3}
 PROMPT = [{"role": "user", "content": "Name a colour."}]
-
-
-def tiny_chat(path: Path, tokenizer, seed: int, metadata: dict) -> Path:
-    from core.generation.chat_template import ALPACA
-    from core.model import GPTModel
-    from core.model.config import ModelConfig
-    from core.weights.checkpoint import save_checkpoint
-
-    torch.manual_seed(seed)
-    model = GPTModel(ModelConfig(context_length=256, vocab_size=50257, emb_dim=32, n_layers=2, n_heads=2))
-    return save_checkpoint(path, model, tokenizer, chat_template=ALPACA, metadata=metadata)
 
 
 @pytest.fixture(scope="module")
 def second_checkpoint(tmp_path_factory, gpt2_tok) -> Path:
-    return tiny_chat(tmp_path_factory.mktemp("ckpt") / SECOND, gpt2_tok, seed=7,
-                     metadata={"name": SECOND, "generation_defaults": SECOND_DEFAULTS})
+    return second_chat(tmp_path_factory.mktemp("ckpt") / SECOND, gpt2_tok)
 
 
 @pytest.fixture
@@ -55,19 +40,6 @@ def stream(client, path: str, body: dict) -> list:
     with client.stream("POST", path, json=body) as response:
         assert response.status_code == 200, response.read()
         return list(parse_sse(response.iter_lines()))
-
-
-def expected_answer(checkpoint: Path, system: str, turns: list[dict], tokens: int, **sampling) -> str:
-    """What core generates from ``checkpoint`` itself: what the service must answer with that model."""
-    from core.generation.generate import generate_text
-    from core.weights.checkpoint import load_checkpoint
-
-    from app.services.prompts import generation_config, plan_prompt
-
-    ckpt = load_checkpoint(checkpoint)
-    plan = plan_prompt(ckpt, system, turns, tokens)
-    return generate_text(ckpt.model, ckpt.tokenizer, plan.prompt_ids,
-                         generation_config(ckpt, max_new_tokens=tokens, **sampling))
 
 
 def v1(client, model: str, **extra):
