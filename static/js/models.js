@@ -7,10 +7,11 @@ const $ = (id) => document.getElementById(id);
 const el = { pill: $("model-status"), choice: $("model-choice"), picker: $("model-picker"), note: $("model-note") };
 
 const STATE_WORDS = { loading: "loading", missing: "not made yet", error: "failed to load", disabled: "switched off" };
-// Which settings a model's decoding defaults show, as the settings dialog names them.
+// A model's decoding defaults as the settings dialog names them, with the value that changes nothing.
 const DECODING_WORDS = [
-  ["temperature", "temperature"], ["top_p", "top-p"], ["top_k", "top-k"],
-  ["repetition_penalty", "repetition penalty"], ["frequency_penalty", "frequency penalty"], ["presence_penalty", "presence penalty"],
+  ["temperature", "temperature"], ["top_p", "top-p", 1], ["top_k", "top-k"],
+  ["repetition_penalty", "repetition penalty", 1], ["frequency_penalty", "frequency penalty", 0],
+  ["presence_penalty", "presence penalty", 0],
 ];
 
 const models = {
@@ -48,7 +49,7 @@ export function showModel(conversation) {
 }
 
 function describeDecoding(decoding) {
-  return DECODING_WORDS.filter(([key]) => decoding[key] !== null && decoding[key] !== undefined)
+  return DECODING_WORDS.filter(([key, , neutral]) => decoding[key] !== null && decoding[key] !== undefined && decoding[key] !== neutral)
     .map(([key, words]) => `${words} ${decoding[key]}`).join(" · ");
 }
 
@@ -63,7 +64,7 @@ function renderPicker() {
   }
   el.choice.hidden = models.shown !== null || models.list.length < 2;
   const model = byName(el.picker.value);
-  el.note.textContent = model ? `Its defaults: ${describeDecoding(model.decoding)}.` : "";
+  el.note.textContent = model ? `Decodes with ${describeDecoding(model.decoding) || "no sampling filters"} unless you change the settings.` : "";
 }
 
 function renderPill() {
