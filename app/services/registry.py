@@ -48,6 +48,7 @@ SETTING_NAMES = {CHAT: "SCRATCHGPT_CHAT_MODELS", CLASSIFIER: "SCRATCHGPT_CLASSIF
 # A finished answer or classification batch takes seconds; a model being replaced stops after its
 # last one, or after this long.
 DRAIN_SECONDS = 300.0
+RETIRE_GRACE_SECONDS = 1.0
 
 # A checkpoint's decoding defaults (its config.json metadata "generation_defaults"): the
 # settings a conversation or a /v1 request that does not choose its own decodes with. None for
@@ -408,6 +409,8 @@ class ModelRegistry:
         self._retiring.append(old)
 
         def drain() -> None:
+            # A request that looked the old model up just before the swap may still hand it work.
+            time.sleep(RETIRE_GRACE_SECONDS)
             deadline = time.monotonic() + DRAIN_SECONDS
             # A chat worker finishes its answers; the classifier's queue ends with its stop sentinel.
             while getattr(worker, "current", None) is not None and time.monotonic() < deadline and not self._stopping:
