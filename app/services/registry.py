@@ -201,7 +201,11 @@ class ModelRegistry:
         if slot.name in self.chat:
             raise ValueError(f"two chat models are named {slot.name!r} ({self.chat[slot.name].path} and {slot.path}); "
                              "name them in SCRATCHGPT_CHAT_MODELS (name=folder)")
-        self.chat[slot.name] = slot
+        self._replace_chat(slot)
+
+    def _replace_chat(self, slot: ModelSlot) -> None:
+        # A new dict, never one changed in place: requests iterate the chat models while a load adds one.
+        self.chat = {**self.chat, slot.name: slot}
 
     # --- state --------------------------------------------------------------
 
@@ -399,7 +403,7 @@ class ModelRegistry:
         elif old is slot:
             self._add_chat(slot)
         else:
-            self.chat[slot.name] = slot
+            self._replace_chat(slot)
 
     def _retire(self, old: ModelSlot) -> None:
         """Stop a replaced model's worker once the work it had taken is done (in a thread of its own)."""
