@@ -11,7 +11,6 @@ const el = {
   list: $("conversation-list"),
   newChat: $("new-chat"),
   title: $("chat-title"),
-  modelStatus: $("model-status"),
   messages: $("messages"),
   empty: $("empty-state"),
   composer: $("composer"),
