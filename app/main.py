@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages
 from app.api.routes import lab_prompting, lab_tokenizers
+from app.api.routes import models as chat_models
 from app.api.routes.openai_compat import OpenAIError
 from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.db.models import utcnow
@@ -276,7 +277,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     _install_docs(app)
     install_openapi(app, settings)
-    for module in (health, classify, conversations, messages, openai_compat, pages, lab_tokenizers, lab_prompting):
+    for module in (health, classify, conversations, messages, openai_compat, pages, lab_tokenizers, lab_prompting,
+                   chat_models):
         app.include_router(module.router)
     app.include_router(lab.router)
     app.include_router(lab.pages)  # the Lab's pages (not in the API schema)

@@ -136,13 +136,22 @@ class ClassifyBatchResult(BaseModel):
 # --- conversations ----------------------------------------------------------------
 
 
+ModelName = Annotated[str, Field(min_length=1, max_length=200), BeforeValidator(_text_only)]
+
+
 class ConversationCreate(RequestModel):
+    """Unset settings take the chat model's decoding defaults, then the service's."""
+
     title: Title | None = None
+    model: ModelName | None = Field(None, description="A chat model of GET /api/v1/models; by default the default one")
     system_prompt: SystemPrompt | None = None
     temperature: Temperature | None = None
     top_k: TopK | None = None
     top_p: TopP | None = None
     max_new_tokens: MaxNewTokens | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
 
 
 class ConversationUpdate(RequestModel):
@@ -155,6 +164,9 @@ class ConversationUpdate(RequestModel):
     top_k: TopK | None = None
     top_p: TopP | None = None
     max_new_tokens: MaxNewTokens = Field(default=None)  # type: ignore[assignment]
+    repetition_penalty: RepetitionPenalty = Field(default=None)  # type: ignore[assignment]
+    frequency_penalty: Penalty = Field(default=None)  # type: ignore[assignment]
+    presence_penalty: Penalty = Field(default=None)  # type: ignore[assignment]
 
 
 class ConversationPublic(BaseModel):
@@ -168,6 +180,9 @@ class ConversationPublic(BaseModel):
     top_k: int | None
     top_p: float | None
     max_new_tokens: int
+    repetition_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
     created_at: UTCDateTime
     updated_at: UTCDateTime
 
@@ -223,6 +238,31 @@ class Readiness(BaseModel):
     ready: bool
     loading: list[str]
     models: dict[str, dict[str, Any]]
+
+
+class DecodingDefaults(BaseModel):
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+
+
+class ChatModelInfo(BaseModel):
+    name: str
+    state: Literal["loading", "ready", "missing", "error", "disabled"]
+    default: bool = Field(description="What a new conversation gets when it names no model")
+    detail: str | None = Field(None, description="Why it is not serving")
+    make_with: str | None = Field(None, description="The command that makes a missing checkpoint")
+    context_length: int | None = None
+    decoding: DecodingDefaults = Field(description="A new conversation's settings with this model: its own "
+                                                   "defaults (checkpoint metadata) over the service's")
+
+
+class ChatModels(BaseModel):
+    default: str
+    models: list[ChatModelInfo]
 
 
 class ErrorBody(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,13 +31,33 @@ def scratchgpt_home() -> Path:
     return Path(os.environ.get("SCRATCHGPT_HOME") or Path.home() / ".cache" / "scratchgpt").expanduser()
 
 
+# The default chat models, in the order a new conversation prefers them (under <home>/models).
+DEFAULT_CHAT_MODELS = ("smollm2-135m-chat", "smollm2-135m-instruct")
+CHAT_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
+
+
+def split_chat_model(item: str) -> tuple[str | None, Path]:
+    """One SCRATCHGPT_CHAT_MODELS item: "name=folder" or "folder" (a folder whose name holds "=" needs a name)."""
+    name, sep, path = item.partition("=")
+    if not sep:
+        name, path = "", item
+    return (name.strip() or None), Path(path.strip()).expanduser()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCRATCHGPT_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # --- models -----------------------------------------------------------
     home: Path = Field(default_factory=scratchgpt_home)  # SCRATCHGPT_HOME, shared with the CLI's cache
-    # None means <home>/models/smollm2-135m-instruct and <home>/models/spam-classifier.
+    # One chat model (the setting before several could be served); SCRATCHGPT_CHAT_MODELS wins over it.
     chat_checkpoint: Path | None = None
+    # The chat models served side by side: comma-separated checkpoint folders, each "path" or
+    # "name=path" (the name is what /v1's `model` and a conversation's model say; by default the
+    # checkpoint's own name). Unset (and no SCRATCHGPT_CHAT_CHECKPOINT): <home>/models/smollm2-135m-chat
+    # (our instruction-tuned SmolLM2, made by `scratchgpt finetune instruct`) then
+    # <home>/models/smollm2-135m-instruct (the released one). A new conversation gets the first that is ready.
+    chat_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # None means <home>/models/spam-classifier.
     classifier_checkpoint: Path | None = None
     chat_enabled: bool = True
     classifier_enabled: bool = True
@@ -192,19 +213,44 @@ class Settings(BaseSettings):
                 raise ValueError(f"API key for user {user!r} is shorter than 16 characters; use a long random key")
         return value
 
+    @field_validator("chat_models", mode="before")
+    @classmethod
+    def _parse_chat_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [item for item in value.split(",") if item.strip()]
+        if isinstance(value, (list, tuple)):
+            return [str(item).strip() for item in value]
+        return value
+
+    @field_validator("chat_models")
+    @classmethod
+    def _check_chat_models(cls, value: list[str]) -> list[str]:
+        names: set[str] = set()
+        for item in value:
+            name, path = split_chat_model(item)
+            if not item.rpartition("=")[2].strip() or (name is not None and not CHAT_MODEL_NAME.fullmatch(name)):
+                raise ValueError(
+                    f"SCRATCHGPT_CHAT_MODELS item {item!r}: give a checkpoint folder, or name=folder with a name of "
+                    "letters, digits and . _ - : / (at most 200)"
+                )
+            shown = name or path.name
+            if shown in names:
+                raise ValueError(f"SCRATCHGPT_CHAT_MODELS names {shown!r} twice; give one of them a name (name=folder)")
+            names.add(shown)
+        return value
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
         # Defaults that depend on home are filled here so that every reader sees concrete values
         # (the CLI's `scratchgpt download` / `finetune spam` write to these same places).
-        if self.chat_checkpoint is None:
-            self.chat_checkpoint = self.home / "models" / "smollm2-135m-instruct"
         if self.classifier_checkpoint is None:
             self.classifier_checkpoint = self.home / "models" / "spam-classifier"
         if self.secret_key_file is None:
             self.secret_key_file = self.home / "secret_key"
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'scratchgpt.db'}"
-        self.chat_checkpoint = Path(self.chat_checkpoint).expanduser()
+        if self.chat_checkpoint is not None:
+            self.chat_checkpoint = Path(self.chat_checkpoint).expanduser()
         self.classifier_checkpoint = Path(self.classifier_checkpoint).expanduser()
         return self
 
@@ -213,10 +259,18 @@ class Settings(BaseSettings):
         own = {"chat": self.chat_dtype, "classifier": self.classifier_dtype}[role]
         return own or self.dtype
 
+    def chat_model_entries(self) -> list[tuple[str | None, Path]]:
+        """(name or None for the checkpoint's own, folder) of each chat model to serve, in order."""
+        if self.chat_models:
+            return [split_chat_model(item) for item in self.chat_models]
+        if self.chat_checkpoint is not None:
+            return [(None, self.chat_checkpoint)]
+        return [(None, self.home / "models" / name) for name in DEFAULT_CHAT_MODELS]
+
     @property
     def resolved_chat_checkpoint(self) -> Path:
-        assert self.chat_checkpoint is not None
-        return self.chat_checkpoint
+        """The first chat model's folder."""
+        return self.chat_model_entries()[0][1]
 
     @property
     def resolved_classifier_checkpoint(self) -> Path:

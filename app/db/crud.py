@@ -19,7 +19,8 @@ from app.db.models import STATUS_INTERRUPTED, STATUS_STREAMING, Conversation, Me
 
 T = TypeVar("T")
 
-CONVERSATION_FIELDS = ("title", "system_prompt", "temperature", "top_k", "top_p", "max_new_tokens", "model")
+CONVERSATION_FIELDS = ("title", "system_prompt", "temperature", "top_k", "top_p", "max_new_tokens", "model",
+                       "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 def retry_on_busy(fn: Callable[[], T], attempts: int = 5, delay: float = 0.05) -> T:

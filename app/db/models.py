@@ -48,6 +48,10 @@ class Conversation(Base):
     max_new_tokens: Mapped[int] = mapped_column(Integer, default=256)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.current_timestamp())
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.current_timestamp())
+    # Penalties against repeating (core.generation.sampling.Penalties); the defaults penalize nothing.
+    repetition_penalty: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    frequency_penalty: Mapped[float] = mapped_column(Float, default=0.0, server_default="0.0")
+    presence_penalty: Mapped[float] = mapped_column(Float, default=0.0, server_default="0.0")
 
     messages: Mapped[list["Message"]] = relationship(
         back_populates="conversation",

@@ -24,7 +24,7 @@ from app.db.models import STATUS_STREAMING, Conversation
 from app.metrics import Metrics
 from app.schemas import MessagePublic
 from app.services.prompts import conversation_turns, generation_config, plan_prompt
-from app.services.registry import CHAT, ModelRegistry
+from app.services.registry import CHAT, ModelRegistry, ModelSlot, ModelUnavailable, UnknownModel
 from app.services.streaming import ActiveGenerations, AnswerStream, ManagedStream
 from app.settings import Settings
 
@@ -58,6 +58,18 @@ class ChatService:
     models: ModelRegistry
     settings: Settings
 
+    def chat_model(self, conversation: Conversation) -> ModelSlot:
+        """The chat model that answers in ``conversation``: the one it was started with (a conversation
+        stored before it had one: the default), if it is serving; else :class:`ModelUnavailable`."""
+        try:
+            return self.models.require_chat(conversation.model or None)
+        except UnknownModel as exc:
+            raise ModelUnavailable(
+                CHAT, "not served",
+                f"this conversation is held with the chat model {exc.name!r}, which this server does not serve "
+                f"now ({exc}); start a new chat, or serve it again (SCRATCHGPT_CHAT_MODELS)",
+            ) from None
+
     def start_answer(
         self,
         conversation: Conversation,
@@ -70,7 +82,7 @@ class ChatService:
         With ``replace_last_answer`` the conversation's last answer, if it ends the conversation,
         is deleted once the new prompt is known to fit.
         """
-        slot = self.models.require(CHAT)
+        slot = self.chat_model(conversation)
         checkpoint = slot.checkpoint
         session, active = self.session, self.active
         if not active.claim(conversation.id):
@@ -94,6 +106,9 @@ class ChatService:
                 top_p=conversation.top_p,
                 max_new_tokens=plan.max_new_tokens,
                 seed=seed,
+                repetition_penalty=conversation.repetition_penalty,
+                frequency_penalty=conversation.frequency_penalty,
+                presence_penalty=conversation.presence_penalty,
             )
             # Queued before anything is written: an owner or a server past its limits is refused
             # (OwnerBusy, ServerBusy) with the conversation as it was.

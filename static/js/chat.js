@@ -3,6 +3,7 @@
 import { api, ApiError, streamEvents, CONNECTION_LOST } from "./api.js";
 import { copyButton, renderMarkdownInto } from "./markdown.js";
 import { icon } from "./icons.js";
+import { decodingDefaults, modelForNewChat, showModel, startModels } from "./models.js";
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -10,7 +11,6 @@ const el = {
   list: $("conversation-list"),
   newChat: $("new-chat"),
   title: $("chat-title"),
-  modelStatus: $("model-status"),
   messages: $("messages"),
   empty: $("empty-state"),
   composer: $("composer"),
@@ -36,7 +36,6 @@ const state = {
   conversations: [],
   current: null, // the open conversation (with its settings)
   streaming: null, // { controller, stopTimer, conversationId }
-  modelReady: false,
 };
 
 // --- small helpers ---------------------------------------------------------------
@@ -91,39 +90,6 @@ function newChatSettings() {
   } catch {
     return {};
   }
-}
-
-// --- model status -------------------------------------------------------------------
-
-async function pollModel() {
-  let info;
-  try {
-    const response = await fetch("/ready", { headers: { Accept: "application/json" } });
-    info = await response.json();
-  } catch {
-    el.modelStatus.textContent = "offline";
-    el.modelStatus.className = "pill pill-error";
-    setTimeout(pollModel, 5000);
-    return;
-  }
-  const chat = info.models && info.models.chat;
-  if (!chat || chat.state === "loading") {
-    el.modelStatus.textContent = "model loading…";
-    el.modelStatus.className = "pill pill-warn";
-    setTimeout(pollModel, 2000);
-    return;
-  }
-  if (chat.state === "ready") {
-    state.modelReady = true;
-    el.modelStatus.textContent = chat.name;
-    el.modelStatus.title = `Chat model ${chat.name} (context ${chat.context_length} tokens)`;
-    el.modelStatus.className = "pill pill-ok";
-    return;
-  }
-  el.modelStatus.textContent = "model unavailable";
-  el.modelStatus.className = "pill pill-error";
-  const how = chat.make_with ? ` Create it with: ${chat.make_with}` : "";
-  showBanner(`The chat model is not available (${chat.detail || chat.state}).${how}`, "warn");
 }
 
 // --- sidebar ---------------------------------------------------------------------
@@ -353,6 +319,7 @@ function refreshRegenerate() {
 }
 
 function renderConversation(conversation) {
+  showModel(conversation);
   el.messages.replaceChildren();
   el.title.textContent = conversation.title;
   document.title = `${conversation.title} · scratchgpt`;
@@ -364,6 +331,7 @@ function renderConversation(conversation) {
 
 function showNewChat(push) {
   state.current = null;
+  showModel(null);
   el.messages.replaceChildren(el.empty);
   el.title.textContent = "New chat";
   document.title = "Chat · scratchgpt";
@@ -399,8 +367,9 @@ function hideBannerUnlessModel() {
 
 async function ensureConversation() {
   if (state.current) return state.current;
-  const created = await api("/api/v1/conversations", { method: "POST", body: newChatSettings() });
+  const created = await api("/api/v1/conversations", { method: "POST", body: { ...newChatSettings(), model: modelForNewChat() } });
   state.current = { ...created, messages: [] };
+  showModel(created);
   state.conversations.unshift(created);
   history.pushState({ id: created.id }, "", `/c/${created.id}`);
   renderSidebar();
@@ -542,9 +511,12 @@ async function stopGenerating() {
 
 // --- settings --------------------------------------------------------------------------
 
+// The penalties against repeating: [input, field, the value that penalizes nothing].
+const PENALTIES = [["set-repetition", "repetition_penalty", 1], ["set-frequency", "frequency_penalty", 0], ["set-presence", "presence_penalty", 0]];
+
 function settingsSource() {
   if (state.current) return state.current;
-  return { temperature: 0.7, top_p: 0.95, top_k: 50, max_new_tokens: 256, system_prompt: "", ...newChatSettings() };
+  return { temperature: 0.7, top_p: 0.95, top_k: 50, max_new_tokens: 256, system_prompt: "", ...decodingDefaults(), ...newChatSettings() };
 }
 
 function openSettings() {
@@ -554,6 +526,7 @@ function openSettings() {
   $("set-top-p").value = s.top_p ?? 1;
   $("set-top-k").value = s.top_k ?? "";
   $("set-max-tokens").value = s.max_new_tokens ?? 256;
+  for (const [id, key, neutral] of PENALTIES) $(id).value = s[key] ?? neutral;
   syncOutputs();
   el.settingsError.hidden = true;
   el.settingsDialog.showModal();
@@ -576,6 +549,7 @@ async function saveSettings(event) {
     top_k: topK === "" ? null : Number(topK),
     max_new_tokens: Number($("set-max-tokens").value),
   };
+  for (const [id, key, neutral] of PENALTIES) changes[key] = $(id).value.trim() === "" ? neutral : Number($(id).value);
   if (!Number.isInteger(changes.max_new_tokens) || changes.max_new_tokens < 1) {
     el.settingsError.textContent = "Max new tokens must be a whole number of at least 1.";
     el.settingsError.hidden = false;
@@ -638,7 +612,7 @@ window.addEventListener("popstate", () => {
 });
 
 async function start() {
-  pollModel();
+  startModels({ onUnavailable: (text) => showBanner(text, "warn") });
   await loadConversations();
   const id = conversationIdFromUrl();
   if (id) await openConversation(id, false);

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, update
 
 from app.db import crud, make_engine, make_sessionmaker, upgrade
@@ -41,7 +42,8 @@ def sessions(database_url):
 
 def test_migrations_upgrade_downgrade_and_match_models(database_url):
     upgrade(database_url)
-    assert current_revision(database_url) == "0001"
+    head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+    assert current_revision(database_url) == head and head is not None
     engine = make_engine(database_url)
     assert engine.dialect.name == database_url.split(":")[0].split("+")[0]
     tables = set(inspect(engine).get_table_names())
@@ -52,7 +54,24 @@ def test_migrations_upgrade_downgrade_and_match_models(database_url):
     command.downgrade(config, "base")
     assert current_revision(database_url) is None
     upgrade(database_url)
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == head
+
+
+def test_a_conversation_stored_before_penalties_decodes_without_them(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    upgrade(url, revision="0001")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO conversations (id, owner, title, model, system_prompt, temperature, max_new_tokens) "
+            "VALUES ('old', 'local', 't', 'm', '', 0.5, 10)")
+    engine.dispose()
+    upgrade(url, revision="0002")
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as session:
+        old = crud.get_conversation(session, "local", "old")
+        assert (old.repetition_penalty, old.frequency_penalty, old.presence_penalty) == (1.0, 0.0, 0.0)
+    engine.dispose()
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
@@ -207,7 +226,7 @@ def test_replicas_starting_together_on_postgres_migrate_once(postgres_cluster):
               for _ in range(4)]
     failures = [err for p in starts if (err := p.communicate(timeout=HANG_GUARD)[1]) and p.returncode != 0]
     assert failures == []
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == ScriptDirectory.from_config(alembic_config(url)).get_current_head()
 
 
 def test_db_upgrade_prints_the_url_without_its_password(tmp_path, capsys):

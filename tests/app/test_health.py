@@ -54,9 +54,13 @@ def test_missing_checkpoints_disable_only_their_endpoints(make_settings, tmp_pat
         assert "scratchgpt download smollm2-135m-instruct" in chat.json()["detail"]
         assert client.get(f"/api/v1/conversations/{conversation['id']}").json()["messages"] == []
 
-        openai = client.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        hi = [{"role": "user", "content": "hi"}]
+        openai = client.post("/v1/chat/completions", json={"model": "nope-chat", "messages": hi})
         assert openai.status_code == 503 and "scratchgpt download" in openai.json()["error"]["message"]
-        assert client.get("/v1/models").json()["data"] == []
+        assert openai.headers["retry-after"] == "60"  # a checkpoint still to be made: minutes, not seconds
+        unknown = client.post("/v1/chat/completions", json={"model": "x", "messages": hi})
+        assert unknown.status_code == 404 and "'nope-chat'" in unknown.json()["error"]["message"]
+        assert [(m["id"], m["state"]) for m in client.get("/v1/models").json()["data"]] == [("nope-chat", "missing")]
         assert client.get("/").status_code == 200
 
 

@@ -1,4 +1,9 @@
-"""Conversations: list, create, read (with messages), update settings or title, delete."""
+"""Conversations: list, create, read (with messages), update settings or title, delete.
+
+A conversation is held with one chat model, chosen when it is created (by default the
+registry's default) and used for all its answers; its decoding settings start from that
+model's defaults (``generation_defaults`` in its checkpoint's metadata) over the service's.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,11 @@ from app.schemas import (
     ConversationList,
     ConversationPublic,
     ConversationUpdate,
+    ErrorBody,
     MessagePublic,
 )
 from app.services.chat import NEW_CHAT_TITLE
-from app.services.registry import CHAT
+from app.services.registry import UnknownModel
 from app.settings import Settings
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
@@ -47,21 +53,26 @@ def list_conversations(
     )
 
 
-@router.post("", response_model=ConversationPublic, status_code=201)
+@router.post("", response_model=ConversationPublic, status_code=201,
+             responses={404: {"model": ErrorBody, "description": "No chat model of that name is served (the detail lists those that are)"}})
 def create_conversation(
     body: ConversationCreate, session: SessionDep, owner: OwnerDep, settings: SettingsDep, models: ModelsDep
 ) -> ConversationPublic:
-    """Start a conversation; unset settings take the service's defaults."""
+    """Start a conversation with a chat model (by default the default one); unset settings take that
+    model's decoding defaults, then the service's. A model that is not ready yet may be chosen: its
+    answers wait for it (503 with the reason until then)."""
     _check_max_new_tokens(body.max_new_tokens, settings)
+    try:
+        slot = models.chat_slot(body.model)
+    except UnknownModel as exc:
+        raise HTTPException(404, detail=str(exc)) from None
     fields = body.model_dump(exclude_none=True)
     defaults = {
         "title": NEW_CHAT_TITLE,
         "system_prompt": settings.default_system_prompt,
-        "temperature": settings.default_temperature,
-        "top_k": settings.default_top_k,
-        "top_p": settings.default_top_p,
+        **models.conversation_defaults(slot),
         "max_new_tokens": min(settings.default_max_new_tokens, settings.max_new_tokens_cap),
-        "model": models.slots[CHAT].name,
+        "model": slot.name,
     }
     conversation = crud.create_conversation(session, owner.id, **{**defaults, **fields})
     return ConversationPublic.model_validate(conversation)

@@ -1,9 +1,11 @@
 """The Lab: JSON endpoints that look inside the served models, and the pages that draw them.
 
 Every measurement runs on the model the service already holds (see ``app.services.lab``), in a
-worker thread. Sizes past the Lab's limits (characters, prompt tokens, layer and head indices,
-number of words) are answered 422 with a message that says which limit. Where an external engine
-serves the chat (``SCRATCHGPT_CHAT_BACKEND_URL``), the views that read its weights or tokenizer
+worker thread. The routes that read a chat model take ``?model=`` (a name of GET /api/v1/models;
+by default the default chat model); a stored answer is read by the model of its conversation. Sizes
+past the Lab's limits (characters, prompt tokens, layer and head indices, number of words) are
+answered 422 with a message that says which limit. Where an external engine serves the chat
+(``SCRATCHGPT_CHAT_BACKEND_URL``), the views that read its weights or tokenizer
 (:data:`IN_PROCESS_VIEWS`) answer 503 saying so, and the Lab's pages say it before anyone asks.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from app.api.deps import ConversationDep, LabDep, ModelsDep, OwnerDep, PagesDep, SessionDep, SettingsDep
@@ -34,7 +36,7 @@ from app.schemas import (
     TokenizeResult,
 )
 from app.services import lab
-from app.services.registry import CHAT, CLASSIFIER, ModelRegistry, ModelSlot, ModelUnavailable
+from app.services.registry import CLASSIFIER, ModelRegistry, ModelSlot, ModelUnavailable, UnknownModel
 from core.generation.chat_template import ChatTemplateError
 from core.tokenizer.errors import TokenizerError
 from core.tokenizer.gpt2 import gpt2_tokenizer
@@ -43,6 +45,18 @@ router = APIRouter(prefix="/api/v1/lab", tags=["lab"], responses=MODEL_RESPONSES
 pages = APIRouter(include_in_schema=False)
 
 LIMITS = {422: {"description": "Invalid request, or past one of the Lab's size limits (the detail says which)"}}
+CHAT_LIMITS = {**LIMITS, 404: {"description": "No chat model of that name is served"}}
+
+ModelName = Annotated[str | None, Query(min_length=1, max_length=200,
+                                        description="A chat model of GET /api/v1/models; by default the default one")]
+
+
+def chat_model(models: ModelRegistry, name: str | None) -> ModelSlot:
+    """The chat model ``name`` (None: the default) if it is serving: 404 for a name not served, else 503 if not ready."""
+    try:
+        return models.require_chat(name)
+    except UnknownModel as exc:
+        raise HTTPException(404, detail=str(exc)) from None
 
 
 # The Lab's pages that read the chat model's weights or tokenizer in this process, and what each page
@@ -61,12 +75,12 @@ REMOTE_CHAT = ("the chat model runs on an external inference engine (SCRATCHGPT_
                "SCRATCHGPT_CHAT_BACKEND_URL and point SCRATCHGPT_CHAT_CHECKPOINT at the model to use it")
 
 
-def in_process_chat(models: ModelRegistry) -> ModelSlot:
-    """The chat's slot for a view that reads its weights or tokenizer; a 503 that says why where the
-    chat is served by an external engine, as for a model that is not loaded."""
-    slot = models.require(CHAT)
+def in_process_chat(models: ModelRegistry, name: str | None) -> ModelSlot:
+    """The chat model ``name`` (None: the default) for a view that reads its weights or tokenizer: as
+    :func:`chat_model`, and a 503 that says why where an external engine serves the chat."""
+    slot = chat_model(models, name)
     if slot.backend is not None:
-        raise ModelUnavailable(CHAT, "remote", REMOTE_CHAT)
+        raise ModelUnavailable(slot.role, "remote", REMOTE_CHAT)
     return slot
 
 
@@ -78,41 +92,45 @@ async def measure(runner: lab.LabRunner, fn: Any, *args: Any) -> Any:
         raise HTTPException(422, detail=str(exc)) from None
 
 
-@router.post("/tokenize", response_model=TokenizeResult, responses=LIMITS)
-async def tokenize(body: TokenizeRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> TokenizeResult:
+@router.post("/tokenize", response_model=TokenizeResult, responses=CHAT_LIMITS)
+async def tokenize(body: TokenizeRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep,
+                   model: ModelName = None) -> TokenizeResult:
     """The text as tokens of GPT-2's tokenizer and of the chat model's, side by side."""
     tokenizers: dict[str, tuple[str, Any]] = {"gpt2": ("GPT-2 (tiktoken ranks)", gpt2_tokenizer())}
     notes = []
     try:
-        slot = in_process_chat(models)
+        slot = in_process_chat(models, model)
         tokenizers["chat"] = (f"{slot.name} (chat model)", slot.checkpoint.tokenizer)
     except ModelUnavailable as exc:
         notes.append(exc.detail)
     return await measure(runner, lab.tokenize, tokenizers, body.text, notes)
 
 
-@router.post("/merges", response_model=MergesResult, responses=LIMITS)
-async def merges(body: MergesRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> MergesResult:
+@router.post("/merges", response_model=MergesResult, responses=CHAT_LIMITS)
+async def merges(body: MergesRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep,
+                 model: ModelName = None) -> MergesResult:
     """Byte-pair merges of one word, step by step, by our from-scratch BPE (GPT-2's ranks, or the chat model's)."""
     if body.tokenizer == "gpt2":
         tokenizer, name = gpt2_tokenizer(impl="bpe"), "GPT-2"
     else:
-        slot = in_process_chat(models)
+        slot = in_process_chat(models, model)
         tokenizer, name = slot.checkpoint.tokenizer, slot.name
     return await measure(runner, lab.bpe_merges, tokenizer, name, body.word)
 
 
-@router.post("/attention", response_model=AttentionResult, responses=LIMITS)
-async def attention(body: AttentionRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> AttentionResult:
+@router.post("/attention", response_model=AttentionResult, responses=CHAT_LIMITS)
+async def attention(body: AttentionRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep,
+                    model: ModelName = None) -> AttentionResult:
     """Attention weights of one layer of the chat model, per head and averaged over heads."""
-    slot = in_process_chat(models)
+    slot = in_process_chat(models, model)
     return await measure(runner, lab.attention, slot.checkpoint, body.text, body.layer, body.head)
 
 
-@router.post("/next-token", response_model=NextTokenResult, responses=LIMITS)
-async def next_token(body: NextTokenRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> NextTokenResult:
+@router.post("/next-token", response_model=NextTokenResult, responses=CHAT_LIMITS)
+async def next_token(body: NextTokenRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep,
+                     model: ModelName = None) -> NextTokenResult:
     """The chat model's most likely next tokens under a temperature and top-k/top-p, with the entropy."""
-    slot = in_process_chat(models)
+    slot = in_process_chat(models, model)
     try:
         return await measure(runner, lab.next_token_choices, slot.checkpoint, body)
     except ChatTemplateError as exc:
@@ -131,8 +149,8 @@ async def answer_tokens(
     runner: LabDep,
     models: ModelsDep,
 ) -> AnswerTokens:
-    """How likely the chat model found each token of one of this owner's stored answers."""
-    slot = in_process_chat(models)
+    """How likely the conversation's chat model found each token of one of this owner's stored answers."""
+    slot = in_process_chat(models, conversation.model or None)
     messages = crud.list_messages(session, conversation.id)
     index = next((i for i, m in enumerate(messages) if m.id == message_id), None)
     if index is None:
@@ -143,10 +161,11 @@ async def answer_tokens(
     return await measure(runner, lab.answer_tokens, slot.checkpoint, conversation, messages[:index], message)
 
 
-@router.post("/embeddings", response_model=EmbeddingsResult, responses=LIMITS)
-async def embeddings(body: EmbeddingsRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> EmbeddingsResult:
+@router.post("/embeddings", response_model=EmbeddingsResult, responses=CHAT_LIMITS)
+async def embeddings(body: EmbeddingsRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep,
+                     model: ModelName = None) -> EmbeddingsResult:
     """A 2-D PCA projection of the chat model's token embeddings of the given words."""
-    slot = in_process_chat(models)
+    slot = in_process_chat(models, model)
     return await measure(runner, lab.embedding_projection, slot.checkpoint, body.words, body.leading_space)
 
 
@@ -172,7 +191,7 @@ LAB_PAGES = {
 
 def _remote_views(models: ModelRegistry) -> dict[str, str]:
     """What each Lab page lacks, where an external engine serves the chat; nothing otherwise."""
-    return IN_PROCESS_VIEWS if models.slots[CHAT].backend is not None else {}
+    return IN_PROCESS_VIEWS if models.default_chat().backend is not None else {}
 
 
 @pages.get("/lab", response_class=HTMLResponse)

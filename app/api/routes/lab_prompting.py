@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from app.api.deps import LabDep, ModelsDep, OwnerDep
-from app.api.routes.lab import LIMITS, in_process_chat, measure
+from app.api.routes.lab import CHAT_LIMITS, ModelName, in_process_chat, measure
 from app.schemas import MODEL_RESPONSES, Bool, Int, RequestModel, bounded, not_blank
 from app.services import lab
 from app.services.prompts import neutralize_specials, template_of
@@ -78,10 +78,11 @@ def _finite(x: float) -> float | None:
     return round(x, 4) if math.isfinite(x) else None
 
 
-@router.post("/few-shot", response_model=FewShotResponse, responses=LIMITS)
-async def few_shot(body: FewShotRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep) -> FewShotResponse:
+@router.post("/few-shot", response_model=FewShotResponse, responses=CHAT_LIMITS)
+async def few_shot(body: FewShotRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep,
+                   model: ModelName = None) -> FewShotResponse:
     """The chat model's answer and label probabilities for one text after k examples, for each k asked."""
-    slot = in_process_chat(models)
+    slot = in_process_chat(models, model)
     results = await measure(runner, _attempts, slot.checkpoint, body)
     task = get_task(body.task)
     return FewShotResponse(

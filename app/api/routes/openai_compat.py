@@ -1,5 +1,10 @@
 """An OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` (stream and not).
 
+Every chat model the service holds is listed (the default first); ``model`` picks one. A name not
+served is a 404 that lists the served ones; a served model that is not ready (loading, or its
+checkpoint not made yet) a 503 with ``Retry-After``. Sampling settings a request leaves out take
+the model's decoding defaults (its checkpoint's ``generation_defaults``), then OpenAI's.
+
 Enough of the Chat Completions contract for the official ``openai`` client and tools built on
 it: messages, temperature, top_p, frequency_penalty, presence_penalty, max_tokens (or max_completion_tokens),
 stop, seed, stream,
@@ -23,7 +28,7 @@ from pydantic_core import PydanticCustomError
 from app.api.deps import ApiOwnerDep, ModelsDep, SettingsDep, require_api_access
 from app.schemas import Bool, Int, Penalty, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP, bounded
 from app.services.prompts import PromptTooLong, generation_config, plan_prompt
-from app.services.registry import CHAT
+from app.services.registry import NO_PENALTIES, ModelSlot, ModelUnavailable, UnknownModel
 from app.services.streaming import ManagedStream
 from app.services.remote_chat import BackendError
 from app.services.workers import OwnerBusy, ServerBusy
@@ -127,6 +132,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "scratchgpt"
+    state: str = Field("ready", description="Extension: ready, loading, missing, error or disabled")
 
 
 class ModelList(BaseModel):
@@ -136,12 +142,35 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
 def list_models(models: ModelsDep) -> ModelList:
-    slot = models.slots[CHAT]
-    cards = []
-    if slot.state == "ready":
-        created = int(slot.path.stat().st_mtime) if slot.path.exists() else 0
-        cards.append(ModelCard(id=slot.name, created=created))
-    return ModelList(data=cards)
+    """The chat models, the default first (what a client that takes the first one should use)."""
+    default = models.default_chat()
+    slots = [default, *(slot for slot in models.chat.values() if slot is not default)]
+    return ModelList(data=[ModelCard(id=slot.name, created=int(slot.path.stat().st_mtime) if slot.path.exists() else 0,
+                                     state=slot.state) for slot in slots])
+
+
+# Seconds a client should wait before asking a model that is not ready again: one loading is
+# there in seconds; one whose checkpoint is still to be made (a fine-tuning job) in minutes.
+RETRY_LOADING, RETRY_NOT_READY = 5, 60
+
+
+def chat_model(models: Any, name: str) -> ModelSlot:
+    """The served chat model ``name``: 404 if it is not one, 503 with Retry-After if it is not ready."""
+    try:
+        return models.require_chat(name)
+    except UnknownModel as exc:
+        raise OpenAIError(404, str(exc), code="model_not_found", param="model") from None
+    except ModelUnavailable as exc:
+        retry = RETRY_LOADING if exc.state == "loading" else RETRY_NOT_READY
+        raise OpenAIError(503, exc.detail, type_="server_error", code=f"model_{exc.state}",
+                          headers={"Retry-After": str(retry)}) from None
+
+
+def sampling(slot: ModelSlot, body: "ChatCompletionRequest") -> dict[str, Any]:
+    """The request's sampling settings; those it leaves out, the model's defaults, then OpenAI's."""
+    chosen = {key: value for key in ("temperature", "top_p", "top_k", *NO_PENALTIES)
+              if (value := getattr(body, key)) is not None}
+    return {"temperature": 1.0, "top_p": None, "top_k": None, **NO_PENALTIES, **slot.defaults, **chosen}
 
 
 def _split_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str, str]]]:
@@ -188,10 +217,7 @@ async def _client_gone(request: Request) -> None:
 async def chat_completions(
     body: ChatCompletionRequest, models: ModelsDep, settings: SettingsDep, request: Request, owner: ApiOwnerDep
 ) -> Any:
-    slot = models.require(CHAT)
-    if body.model != slot.name:
-        raise OpenAIError(404, f"model {body.model!r} not found; this server serves {slot.name!r}", code="model_not_found",
-                          param="model")
+    slot = chat_model(models, body.model)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     requested = body.max_completion_tokens or body.max_tokens
     if requested is not None and requested > settings.max_new_tokens_cap:
@@ -207,18 +233,8 @@ async def chat_completions(
         plan = plan_prompt(checkpoint, system, turns, requested or settings.max_new_tokens_cap, allow_drop=False)
     except PromptTooLong as exc:
         raise OpenAIError(400, str(exc), code="context_length_exceeded", param="messages") from None
-    config = generation_config(
-        checkpoint,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        max_new_tokens=plan.max_new_tokens,
-        seed=body.seed,
-        extra_stop=stops,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-    )
+    config = generation_config(checkpoint, max_new_tokens=plan.max_new_tokens, seed=body.seed, extra_stop=stops,
+                               **sampling(slot, body))
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     worker = slot.worker
