@@ -379,6 +379,10 @@ class ModelRegistry:
         with self._lock:
             if self._stopping:
                 return
+            if backend.model and slot.fixed_name != backend.model:
+                # Unnamed in settings: the chat model goes by the name the backend gave it.
+                self.chat = {backend.model if s is slot else name: s for name, s in self.chat.items()}
+                slot.fixed_name = backend.model
             slot.checkpoint, slot.worker = worker.checkpoint, worker.start()
             slot.load_seconds = time.perf_counter() - start
             self._set(slot, "ready")
