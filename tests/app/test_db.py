@@ -17,7 +17,7 @@ from app_testing import running_client
 def test_migrations_upgrade_downgrade_and_match_models(tmp_path):
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == "0003"
     engine = make_engine(url)
     tables = set(inspect(engine).get_table_names())
     assert {"conversations", "messages", "alembic_version"} <= tables
@@ -27,7 +27,7 @@ def test_migrations_upgrade_downgrade_and_match_models(tmp_path):
     command.downgrade(config, "base")
     assert current_revision(url) is None
     upgrade(url)
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == "0003"
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
