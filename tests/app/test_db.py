@@ -62,7 +62,7 @@ def test_startup_marks_leftover_streaming_answers_interrupted(make_settings):
         c = crud.create_conversation(s, "local", title="crashed")
         crud.add_message(s, c.id, "user", "question")
         answer = crud.add_message(s, c.id, "assistant", "half an ans", status=STATUS_STREAMING)
-        conversation_id, answer_id = c.id, answer.id
+        conversation_id, answer_id = c.id, answer.public_id
     # A new server process starts on the same file (as after a kill -9).
     with running_client(settings) as client:
         body = client.get(f"/api/v1/conversations/{conversation_id}").json()
