@@ -194,7 +194,7 @@ def test_regenerate_keeps_earlier_answers_as_alternatives_and_the_selected_one_i
     assert nxt[-1][0] == "done"
     assert [m["id"] for m in conversation_of(client, cid)["messages"]][:2] == [messages[0]["id"], first_id]
 
-    assert client.post(f"/api/v1/conversations/{cid}/messages/{messages[0]['id']}/select").status_code == 422
+    assert client.post(f"/api/v1/conversations/{cid}/messages/{messages[0]['id']}/select").status_code == 409
     missing = client.post(f"/api/v1/conversations/{cid}/messages/{'0' * 32}/select")
     assert missing.status_code == 404 and "no message" in missing.json()["detail"]
 
@@ -216,7 +216,7 @@ def test_edit_and_resend_replaces_what_followed_in_one_step(client):
     assert abs(events[0][1]["prompt_tokens"] - turns[1][0][1]["prompt_tokens"]) <= 3
     # Only one's own messages can be edited; an unknown id is a 404; a refused edit changes nothing.
     answer = client.post(f"/api/v1/conversations/{cid}/messages/{after[1]['id']}/edit", json={"content": "x"})
-    assert answer.status_code == 422 and "only your own messages" in answer.json()["detail"]
+    assert answer.status_code == 409 and "only your own messages" in answer.json()["detail"]
     assert client.post(f"/api/v1/conversations/{cid}/messages/nope/edit", json={"content": "x"}).status_code == 404
     assert conversation_of(client, cid)["messages"] == after
 

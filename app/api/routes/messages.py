@@ -82,13 +82,14 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @contextmanager
 def _refusals() -> Iterator[None]:
-    """The chat service's refusals as HTTP answers: 409 for the conversation's state, 422 for the prompt,
+    """The chat service's refusals as HTTP answers: 409 for the conversation's state (or a message that
+    is not one this turn can start from: a well-formed id of the wrong kind), 422 for the prompt,
     429 for an owner past its queue limit and 503 for a full queue (both with Retry-After)."""
     try:
         yield
-    except (ConversationBusy, NothingToAnswer, NothingToContinue) as exc:
+    except (ConversationBusy, NothingToAnswer, NothingToContinue, NotAUserMessage) as exc:
         raise HTTPException(409, detail=str(exc)) from None
-    except (PromptTooLong, NotAUserMessage) as exc:
+    except PromptTooLong as exc:
         raise HTTPException(422, detail=str(exc)) from None
     except OwnerBusy as exc:
         raise HTTPException(429, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
@@ -136,7 +137,8 @@ def send_message(body: MessageCreate, conversation: ConversationDep, chat: ChatD
 
 
 @router.post("/{conversation_id}/messages/{message_id}/edit", response_class=StreamingResponse,
-             responses={**SSE_RESPONSES, **MESSAGE_NOT_FOUND})
+             responses={**SSE_RESPONSES, **MESSAGE_NOT_FOUND,
+                        409: {"description": "An answer is already being generated, or the message is an answer"}})
 def edit_message(
     body: MessageCreate, conversation: ConversationDep, message: MessageDep, chat: ChatDep, settings: SettingsDep
 ) -> ManagedStream:
@@ -166,7 +168,8 @@ def continue_answer(conversation: ConversationDep, chat: ChatDep, body: Regenera
 
 
 @router.post("/{conversation_id}/messages/{message_id}/select", response_model=list[MessagePublic],
-             responses={409: {"model": ErrorBody, "description": "An answer is being generated in this conversation"},
+             responses={409: {"model": ErrorBody,
+                              "description": "An answer is being generated in this conversation, or the message is a question"},
                         **MESSAGE_NOT_FOUND})
 def select_answer(
     conversation: ConversationDep, message: MessageDep, session: SessionDep, active: ActiveDep
@@ -174,7 +177,7 @@ def select_answer(
     """Show this answer for its question (one of its ``alternatives``); the next turn's prompt uses it.
     Answers the conversation as it now reads."""
     if message.role != "assistant":
-        raise HTTPException(422, detail=f"message {message.public_id} is a user message; pick one of an answer's alternatives")
+        raise HTTPException(409, detail=f"message {message.public_id} is a user message; pick one of an answer's alternatives")
     if active.is_active(conversation.id):
         raise HTTPException(409, detail="an answer is being generated in this conversation; wait for it or stop it")
     crud.select_answer(session, message)
