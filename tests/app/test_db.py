@@ -93,3 +93,11 @@ def test_0003_gives_existing_messages_random_public_ids_and_their_questions(tmp_
         assert len({m.public_id for m in messages}) == 4 and all(len(m.public_id) == 32 for m in messages)
         assert [m.parent_id for m in messages] == [None, messages[0].id, None, messages[2].id]
         assert all(m.selected for m in messages)
+    # The rebuilt table still never reuses an id, and going back keeps every selected message.
+    db = sqlite3.connect(tmp_path / "old.db")
+    assert "AUTOINCREMENT" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    db.close()
+    command.downgrade(config, "0001")
+    db = sqlite3.connect(tmp_path / "old.db")
+    assert [r[0] for r in db.execute("SELECT content FROM messages ORDER BY id")] == ["q1", "a1", "q2", "a2"]
+    assert "AUTOINCREMENT" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
