@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: waiting.py, which app_testing uses
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app_testing import LiveServer  # noqa: E402
