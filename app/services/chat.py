@@ -216,5 +216,11 @@ class ChatService:
         )
         active.attach(conversation.id, answer)
         response = answer.response()  # this request follows it from the start
-        anyio.from_thread.run_sync(answer.launch)
+        try:
+            anyio.from_thread.run_sync(answer.launch)  # on the event loop: the task outlives this request
+        except BaseException:
+            job.cancel()
+            active.release(conversation.id)
+            crud.write_message(self.sessions, assistant.id, status=STATUS_INTERRUPTED, finish_reason="cancelled")
+            raise
         return response
