@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages
+from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages, settings as chat_settings
 from app.api.routes import lab_prompting, lab_tokenizers
 from app.api.routes import models as chat_models
 from app.api.routes.openai_compat import OpenAIError
@@ -115,6 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         app.state.active.cancel_all()
+        await app.state.active.drain()  # the answers store their last state before the models go
         await run_in_threadpool(app.state.stops.close)
         await run_in_threadpool(app.state.models.stop)
         app.state.engine.dispose()
@@ -277,8 +278,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     _install_docs(app)
     install_openapi(app, settings)
-    for module in (health, classify, conversations, messages, openai_compat, pages, lab_tokenizers, lab_prompting,
-                   chat_models):
+    for module in (health, classify, conversations, messages, chat_settings, openai_compat, pages, lab_tokenizers,
+                   lab_prompting, chat_models):
         app.include_router(module.router)
     app.include_router(lab.router)
     app.include_router(lab.pages)  # the Lab's pages (not in the API schema)

@@ -14,7 +14,7 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 
 def _number_only(value: Any) -> Any:
@@ -190,7 +190,8 @@ class ConversationPublic(BaseModel):
 class MessagePublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    id: int
+    # A stored message's public id (random); the internal row number is never shown.
+    id: str = Field(validation_alias=AliasChoices("public_id", "id"))
     role: str
     content: str
     status: str
@@ -202,6 +203,11 @@ class MessagePublic(BaseModel):
     finish_reason: str | None = None
     dropped_messages: int = 0
     created_at: UTCDateTime
+    alternatives: list[str] = Field(
+        default_factory=list,
+        description="For an answer regenerated before: the ids of every answer to the same question, oldest first, "
+        "this one included (select one with POST .../messages/{id}/select); empty otherwise",
+    )
 
 
 class ConversationDetail(ConversationPublic):
@@ -221,6 +227,29 @@ class MessageCreate(RequestModel):
 
 class RegenerateRequest(RequestModel):
     seed: Seed | None = None
+
+
+class Limit(BaseModel):
+    minimum: float
+    maximum: float
+    exclusive_minimum: bool = Field(False, description="The minimum itself is not allowed")
+
+
+class ChatDefaults(BaseModel):
+    system_prompt: str
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_new_tokens: int
+
+
+class ChatSettings(BaseModel):
+    """What a conversation's settings may be on this server, and what a new chat gets."""
+
+    limits: dict[str, Limit] = Field(description="Per setting: the range the server accepts")
+    max_system_prompt_chars: int
+    max_message_chars: int
+    defaults: ChatDefaults = Field(description="What a new conversation gets for the settings it does not send")
 
 
 class StopResult(BaseModel):
@@ -415,7 +444,7 @@ class AnswerToken(BaseModel):
 class AnswerTokens(BaseModel):
     model: str
     conversation_id: str
-    message_id: int
+    message_id: str
     prompt_tokens: int
     tokens: list[AnswerToken]
     mean_logprob: float | None

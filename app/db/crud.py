@@ -88,8 +88,43 @@ def delete_conversation(session: Session, conversation: Conversation) -> None:
 
 
 def list_messages(session: Session, conversation_id: str) -> list[Message]:
-    query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id)
+    """The conversation as it reads: its user messages and the selected answer to each, oldest first."""
+    query = (
+        select(Message)
+        .where(Message.conversation_id == conversation_id, Message.selected.is_(True))
+        .order_by(Message.id)
+    )
     return list(session.scalars(query))
+
+
+def get_message(session: Session, conversation_id: str, public_id: str) -> Message | None:
+    """A message of this conversation by its public id, alternatives included; None if there is none."""
+    query = select(Message).where(Message.conversation_id == conversation_id, Message.public_id == public_id)
+    return session.scalars(query).first()
+
+
+def alternatives(session: Session, conversation_id: str) -> dict[int, list[str]]:
+    """For each user message answered more than once: the public ids of its answers, oldest first."""
+    query = (
+        select(Message.parent_id, Message.public_id)
+        .where(Message.conversation_id == conversation_id, Message.role == "assistant", Message.parent_id.is_not(None))
+        .order_by(Message.id)
+    )
+    answers: dict[int, list[str]] = {}
+    for parent_id, public_id in session.execute(query):
+        answers.setdefault(parent_id, []).append(public_id)
+    return {parent: ids for parent, ids in answers.items() if len(ids) > 1}
+
+
+def select_answer(session: Session, answer: Message) -> None:
+    """Make ``answer`` the one shown for its question (and put in the next prompt); its siblings step back."""
+    session.execute(
+        update(Message)
+        .where(Message.conversation_id == answer.conversation_id, Message.parent_id == answer.parent_id)
+        .values(selected=Message.id == answer.id)
+    )
+    session.execute(update(Conversation).where(Conversation.id == answer.conversation_id).values(updated_at=utcnow()))
+    session.commit()
 
 
 def add_message(session: Session, conversation_id: str, role: str, content: str, **fields: Any) -> Message:
@@ -103,6 +138,57 @@ def add_message(session: Session, conversation_id: str, role: str, content: str,
 def delete_message(session: Session, message: Message) -> None:
     session.delete(message)
     session.commit()
+
+
+def begin_turn(
+    session: Session,
+    conversation_id: str,
+    *,
+    user_content: str | None,
+    parent: Message | None,
+    truncate_from: Message | None = None,
+    set_aside: Message | None = None,
+    continued: Message | None = None,
+    **answer_fields: Any,
+) -> tuple[Message | None, Message]:
+    """Write a turn's start in one transaction, so the conversation is never half changed.
+
+    ``truncate_from``: that message and every later one go (an edited question is asked again).
+    ``set_aside``: the answer being regenerated; kept as an alternative if it has text, else deleted.
+    ``user_content``: a new user message, which the answer then answers; else ``parent`` is the
+    question answered. ``continued``: no new row, that answer is written into again.
+    Returns the new user message (or None) and the answer's row.
+    """
+    if truncate_from is not None:
+        session.execute(
+            delete(Message).where(Message.conversation_id == conversation_id, Message.id >= truncate_from.id)
+        )
+    if set_aside is not None:
+        if set_aside.content:
+            set_aside.selected = False
+        else:
+            session.delete(set_aside)
+    user = None
+    if user_content is not None:
+        user = parent = Message(conversation_id=conversation_id, role="user", content=user_content)
+        session.add(user)
+        session.flush()  # its id, for the answer's parent_id
+    if continued is not None:
+        answer = continued
+        for key, value in answer_fields.items():
+            setattr(answer, key, value)
+        answer.updated_at = utcnow()
+    else:
+        if parent is not None:  # earlier answers to the same question step back
+            session.execute(
+                update(Message).where(Message.parent_id == parent.id, Message.selected.is_(True)).values(selected=False)
+            )
+        answer = Message(conversation_id=conversation_id, role="assistant", content="",
+                         parent_id=parent.id if parent is not None else None, **answer_fields)
+        session.add(answer)
+    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
+    session.commit()
+    return user, answer
 
 
 def write_message(sessions: sessionmaker[Session], message_id: int, **fields: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, func
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, func, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Message.status values. "streaming" rows exist only while a worker writes into
@@ -58,15 +58,27 @@ class Conversation(Base):
         cascade="all, delete-orphan",
         passive_deletes=True,
         order_by="Message.id",
+        foreign_keys="Message.conversation_id",
     )
 
     __table_args__ = (Index("ix_conversations_owner_updated", "owner", "updated_at"),)
 
 
 class Message(Base):
+    """One message. ``id`` is internal (the order of a conversation's messages); clients see
+    ``public_id``, random, so a message id says nothing about how many messages the service holds.
+
+    Regenerating keeps the earlier answers: every answer to one user message points to it with
+    ``parent_id``, and exactly one of them is ``selected``, the one shown and put in the next
+    turn's prompt. The others are its alternatives.
+    """
+
     __tablename__ = "messages"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True, index=True, default=new_id)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), nullable=True, index=True)
+    selected: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
     role: Mapped[str] = mapped_column(String(16))  # "user" | "assistant"
     content: Mapped[str] = mapped_column(Text, default="")

@@ -255,7 +255,7 @@ def answer_tokens(checkpoint: Any, conversation: Conversation, earlier: list[Mes
     return AnswerTokens(
         model=checkpoint.name,
         conversation_id=conversation.id,
-        message_id=answer.id,
+        message_id=answer.public_id,
         prompt_tokens=len(prompt),
         tokens=[AnswerToken(token=token(tokenizer, i), probability=_round(p)) for i, p in zip(ids, probs)],
         mean_logprob=None if mean is None else round(mean, DECIMALS),

@@ -49,11 +49,14 @@ def template_of(checkpoint: Any) -> ChatTemplate:
     return checkpoint.chat_template or FALLBACK_TEMPLATE
 
 
-def encode_prompt(checkpoint: Any, messages: list[dict[str, str]]) -> list[int]:
+def encode_prompt(checkpoint: Any, messages: list[dict[str, str]], answer_prefix: str = "") -> list[int]:
+    """The template's prompt for ``messages`` and the assistant's turn opened; ``answer_prefix``
+    is written into that turn without closing it, so the model goes on from it (continuing a cut answer)."""
     tokenizer = checkpoint.tokenizer
     specials = getattr(tokenizer, "special_tokens", {}) or {}
     clean = [{"role": m["role"], "content": neutralize_specials(m["content"], specials)} for m in messages]
     text = template_of(checkpoint).render(clean, add_generation_prompt=True)
+    text += neutralize_specials(answer_prefix, specials)
     return tokenizer.encode(text, allowed_special=frozenset(specials))
 
 
@@ -77,17 +80,19 @@ def plan_prompt(
     turns: list[dict[str, str]],
     max_new_tokens: int,
     allow_drop: bool = True,
+    answer_prefix: str = "",
 ) -> PromptPlan:
     """Fit ``system_prompt`` + ``turns`` (oldest first, ending with the user's message) into the window.
 
     Drops turns from the oldest end, always at a user message so the kept history starts with a
     question, until ``prompt + max_new_tokens`` fits; if even the last user message alone leaves
     less room than asked, the answer budget shrinks, down to ``MIN_ANSWER_TOKENS``.
+    ``answer_prefix``: the start of the answer, already written (see :func:`encode_prompt`).
     """
     context = checkpoint.config.context_length
 
     def encode(start: int) -> list[int]:
-        return encode_prompt(checkpoint, with_system(system_prompt, turns[start:]))
+        return encode_prompt(checkpoint, with_system(system_prompt, turns[start:]), answer_prefix)
 
     if not allow_drop:
         ids = encode(0)

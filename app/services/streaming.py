@@ -1,13 +1,21 @@
-"""Streaming an answer into a conversation: SSE events out, the message row kept current.
+"""Streaming an answer into a conversation: generated in the background, followed over SSE.
 
-Nothing is lost: the user's message is committed before generation starts; the answer row
-is created as "streaming" and rewritten every ``stream_flush_seconds`` in a short transaction;
-a stop, a client disconnect or a server shutdown leaves it "interrupted" with the text so far,
-and startup marks rows a killed server left "streaming" as "interrupted".
+An answer is not tied to the request that asked for it. :class:`AnswerStream` runs as a task of
+the event loop: it reads the engine's chunks, keeps the message row current and hands every
+event to whoever follows the answer. The request that started it follows it first; a client
+that leaves (another conversation opened, the tab closed) only stops following, and the answer
+is written to the end. A client that comes back follows it again
+(``GET /api/v1/conversations/{id}/answer``) from the text so far. Only ``POST .../stop``,
+deleting the conversation, or a server shutdown stop an answer; each leaves it "interrupted"
+with its text so far, and startup marks rows a killed server left "streaming" as "interrupted".
+
+Nothing is lost: the user's message and the answer's row are committed before generation
+starts, and the row is rewritten every ``stream_flush_seconds`` in a short transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -33,6 +41,8 @@ logger = logging.getLogger("scratchgpt.chat")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE_SECONDS = 15.0
+# How long a stopping server waits for its answers to write their last state.
+DRAIN_SECONDS = 10.0
 
 
 def sse(event: str, data: Any) -> str:
@@ -41,55 +51,61 @@ def sse(event: str, data: Any) -> str:
 
 
 class ActiveGenerations:
-    """Which conversation is generating now, so a second send answers 409 and stop can find the job;
-    and which answer row each job writes, which app.services.cancellation watches for a stop or a
+    """The answer each conversation is generating now: a second send answers 409, stop and a
+    returning client find it here, and app.services.cancellation watches its row for a stop or a
     delete that another process received."""
 
     def __init__(self) -> None:
-        self._jobs: dict[str, ChatJob | None] = {}
-        self._rows: dict[str, int] = {}
+        self._answers: dict[str, AnswerStream | None] = {}
         self._lock = threading.Lock()
 
     def claim(self, conversation_id: str) -> bool:
         with self._lock:
-            if conversation_id in self._jobs:
+            if conversation_id in self._answers:
                 return False
-            self._jobs[conversation_id] = None
+            self._answers[conversation_id] = None
             return True
 
-    def attach(self, conversation_id: str, job: ChatJob, message_id: int | None = None) -> None:
+    def attach(self, conversation_id: str, answer: AnswerStream) -> None:
         with self._lock:
-            self._jobs[conversation_id] = job
-            if message_id is not None:
-                self._rows[conversation_id] = message_id
+            self._answers[conversation_id] = answer
 
     def release(self, conversation_id: str) -> None:
         with self._lock:
-            self._jobs.pop(conversation_id, None)
-            self._rows.pop(conversation_id, None)
-
-    def watched(self) -> dict[int, ChatJob]:
-        """The answer rows being generated here, with their jobs."""
-        with self._lock:
-            return {row: job for cid, row in self._rows.items() if (job := self._jobs.get(cid)) is not None}
+            self._answers.pop(conversation_id, None)
 
     def is_active(self, conversation_id: str) -> bool:
         with self._lock:
-            return conversation_id in self._jobs
+            return conversation_id in self._answers
+
+    def watched(self) -> dict[int, ChatJob]:
+        """The answer rows being generated here (internal ids), with their jobs."""
+        with self._lock:
+            return {a.assistant_id: a.job for a in self._answers.values() if a is not None}
+
+    def get(self, conversation_id: str) -> AnswerStream | None:
+        with self._lock:
+            return self._answers.get(conversation_id)
 
     def stop(self, conversation_id: str) -> bool:
-        with self._lock:
-            job = self._jobs.get(conversation_id)
-        if job is None:
+        answer = self.get(conversation_id)
+        if answer is None:
             return False
-        job.cancel()
+        answer.job.cancel()
         return True
 
     def cancel_all(self) -> None:
         with self._lock:
-            jobs = [job for job in self._jobs.values() if job is not None]
-        for job in jobs:
-            job.cancel()
+            answers = [answer for answer in self._answers.values() if answer is not None]
+        for answer in answers:
+            answer.job.cancel()
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Wait (after :meth:`cancel_all`) for the running answers to store their last state."""
+        with self._lock:
+            tasks = [a.task for a in self._answers.values() if a is not None and a.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
 
 class ManagedStream(StreamingResponse):
@@ -109,38 +125,37 @@ class ManagedStream(StreamingResponse):
 
 @dataclass
 class AnswerStream:
-    """Drives one answer: submits the job, relays chunks as SSE, keeps the row up to date."""
+    """Drives one answer in the background and hands its events to the clients that follow it.
+
+    When an answer is continued (``prior_*``), its row already holds text: the new tokens are
+    appended to it, and the counts and time add up.
+    """
 
     sessions: sessionmaker[Session]
     active: ActiveGenerations
     metrics: Metrics
     conversation_id: str
-    assistant_id: int
+    assistant_id: int  # the row (internal id)
+    public_id: str  # what clients see
     user_message: dict[str, Any] | None
     plan: PromptPlan
     job: ChatJob  # already queued in the chat engine
     model_name: str
     flush_seconds: float = 0.5
-    text: str = ""
+    text: str = ""  # the answer so far (when continuing, what it had before)
+    prior_tokens: int = 0
+    prior_ms: float = 0.0
     status: str = STATUS_STREAMING
-    started: float = field(default_factory=time.perf_counter)
+    task: asyncio.Task | None = None
+    waiting: int | None = None  # answers ahead in the engine's queue, while it waits
+    _followers: list[asyncio.Queue[str | None]] = field(default_factory=list)
 
-    def _final_fields(self, status: str, **extra: Any) -> dict[str, Any]:
-        tokens = self.job.completion_tokens
-        seconds = self.job.generation_seconds
-        return dict(
-            content=self.text,
-            status=status,
-            completion_tokens=tokens,
-            duration_ms=round(seconds * 1000, 1),
-            tokens_per_second=round(tokens / seconds, 2) if seconds > 0 else None,
-            **extra,
-        )
+    # --- following --------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[str]:
+    def start_data(self) -> dict[str, Any]:
         start: dict[str, Any] = {
             "conversation_id": self.conversation_id,
-            "assistant_message_id": self.assistant_id,
+            "assistant_message_id": self.public_id,
             "prompt_tokens": len(self.plan.prompt_ids),
             "max_new_tokens": self.plan.max_new_tokens,
             "dropped_messages": self.plan.dropped_messages,
@@ -148,25 +163,100 @@ class AnswerStream:
         }
         if self.user_message is not None:
             start["user_message"] = self.user_message
-        yield sse("start", start)
-        self.active.attach(self.conversation_id, self.job, self.assistant_id)
+        return start
+
+    def follow(self, late: bool = False) -> asyncio.Queue[str | None]:
+        """A new follower's queue of SSE strings (None ends it). A ``late`` one (a client that came
+        back) gets the text so far as its first delta; the first follower is there before any text.
+        Called on the event loop, or before :meth:`launch`: no event can slip between the two."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue.put_nowait(sse("start", self.start_data()))
+        if late and self.waiting is not None and not self.text:
+            queue.put_nowait(sse("queued", {"ahead": self.waiting}))
+        if late and self.text:
+            queue.put_nowait(sse("delta", {"text": self.text}))
+        self._followers.append(queue)
+        return queue
+
+    def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
+        if queue in self._followers:
+            self._followers.remove(queue)
+
+    async def relay(self, queue: asyncio.Queue[str | None]) -> AsyncIterator[str]:
+        """One follower's events until the answer ends; a keep-alive comment when it goes quiet."""
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+                continue
+            if item is None:
+                return
+            yield item
+
+    def response(self, late: bool = False) -> ManagedStream:
+        queue = self.follow(late)
+
+        async def stop_following() -> None:
+            self.unfollow(queue)
+
+        return ManagedStream(self.relay(queue), on_close=stop_following)
+
+    def _publish(self, event: str, data: Any) -> None:
+        message = sse(event, data)
+        for queue in self._followers:
+            queue.put_nowait(message)
+
+    # --- producing --------------------------------------------------------------------
+
+    def launch(self) -> None:
+        """Start generating on the running event loop (the task outlives the request)."""
+        self.task = asyncio.get_running_loop().create_task(self._produce(), name=f"answer {self.public_id}")
+
+    def _final_fields(self, status: str, **extra: Any) -> dict[str, Any]:
+        tokens = self.prior_tokens + self.job.completion_tokens
+        ms = self.prior_ms + self.job.generation_seconds * 1000
+        return dict(
+            content=self.text,
+            status=status,
+            completion_tokens=tokens,
+            duration_ms=round(ms, 1),
+            tokens_per_second=round(tokens / (ms / 1000), 2) if ms > 0 else None,
+            **extra,
+        )
+
+    async def _produce(self) -> None:
+        try:
+            await self._generate()
+        except asyncio.CancelledError:
+            # The event loop is going away under a running answer: keep what it wrote.
+            self.job.cancel()
+            self.status = STATUS_INTERRUPTED
+            crud.write_message(self.sessions, self.assistant_id,
+                               **self._final_fields(STATUS_INTERRUPTED, finish_reason="cancelled"))
+            self.active.release(self.conversation_id)
+            self._end()
+            raise
+
+    async def _generate(self) -> None:
         last_flush = time.perf_counter()
         try:
-            async for chunk in self.job.events(heartbeat=KEEPALIVE_SECONDS):
+            async for chunk in self.job.events():
                 if chunk is None:
-                    yield ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
                     continue
                 if isinstance(chunk, Queued):  # still waiting for a slot: how many answers go first
-                    yield sse("queued", {"ahead": chunk.ahead})
+                    self.waiting = chunk.ahead
+                    self._publish("queued", {"ahead": chunk.ahead})
                     continue
+                self.waiting = None
                 if chunk.text:
                     self.text += chunk.text
-                    yield sse("delta", {"text": chunk.text})
+                    self._publish("delta", {"text": chunk.text})
                 if time.perf_counter() - last_flush >= self.flush_seconds:
                     last_flush = time.perf_counter()
                     await run_in_threadpool(
                         crud.write_message, self.sessions, self.assistant_id,
-                        content=self.text, completion_tokens=self.job.completion_tokens,
+                        content=self.text, completion_tokens=self.prior_tokens + self.job.completion_tokens,
                     )
         except Exception as exc:
             self.status = STATUS_ERROR
@@ -175,14 +265,20 @@ class AnswerStream:
                 crud.write_message, self.sessions, self.assistant_id, **self._final_fields(STATUS_ERROR, error=message)
             )
             self.metrics.generations.labels("chat", "error").inc()
-            yield sse("error", {"detail": message, "message": self._public()})
+            self.active.release(self.conversation_id)
+            self._publish("error", {"detail": message, "message": self._public()})
+            self._end()
             return
         reason = self.job.finish_reason or "stop"
         self.status = STATUS_INTERRUPTED if reason == "cancelled" else STATUS_COMPLETE
         fields = self._final_fields(self.status, finish_reason=reason)
         await run_in_threadpool(crud.write_message, self.sessions, self.assistant_id, **fields)
         self.metrics.generations.labels("chat", reason).inc()
-        yield sse(
+        # Released before "done" goes out: a client may send its next message as soon as it reads it.
+        self.active.release(self.conversation_id)
+        if reason == "cancelled":
+            logger.info("answer stopped", extra={"conversation_id": self.conversation_id, "message_id": self.public_id})
+        self._publish(
             "done",
             {
                 "message": self._public(**fields),
@@ -195,10 +291,15 @@ class AnswerStream:
                 "dropped_messages": self.plan.dropped_messages,
             },
         )
+        self._end()
+
+    def _end(self) -> None:
+        for queue in self._followers:
+            queue.put_nowait(None)
 
     def _public(self, **fields: Any) -> dict[str, Any]:
         return {
-            "id": self.assistant_id,
+            "id": self.public_id,
             "role": "assistant",
             "content": self.text,
             "status": self.status,
@@ -206,24 +307,3 @@ class AnswerStream:
             "dropped_messages": self.plan.dropped_messages,
             **{k: v for k, v in fields.items() if k != "content"},
         }
-
-    async def close(self) -> None:
-        """Runs when the response ends for any reason: cancel the job, settle the row, free the conversation
-        (in that order: a row still "streaming" tells every replica the conversation is busy)."""
-        self.job.cancel()
-        try:
-            await self._settle()
-        finally:
-            self.active.release(self.conversation_id)
-
-    async def _settle(self) -> None:
-        if self.status == STATUS_STREAMING:
-            # The client went away (or the server is stopping) mid-answer.
-            self.status = STATUS_INTERRUPTED
-            self.metrics.generations.labels("chat", "disconnected").inc()
-            await run_in_threadpool(
-                crud.write_message, self.sessions, self.assistant_id,
-                **self._final_fields(STATUS_INTERRUPTED, finish_reason="disconnected"),
-            )
-            logger.info("answer interrupted", extra={"conversation_id": self.conversation_id,
-                                                    "message_id": self.assistant_id})

@@ -66,9 +66,10 @@ function parseEvent(raw) {
   }
 }
 
-// POST `body` to `path` and call onEvent(name, data) for each Server-Sent Event until the stream ends.
-export async function streamEvents(path, body, { signal, onEvent }) {
-  const response = await send(path, "POST", body, signal, "text/event-stream");
+// POST `body` to `path` (or GET it, with method "GET") and call onEvent(name, data) for each
+// Server-Sent Event until the stream ends. A 204 is a stream with no events.
+export async function streamEvents(path, body, { signal, onEvent, method = "POST" }) {
+  const response = await send(path, method, body, signal, "text/event-stream");
   if (!response.ok) {
     const data = await response.json().catch(() => null);
     throw new ApiError(response.status, describe(data, response.status));

@@ -1,4 +1,6 @@
-// The chat page: conversations in the sidebar, answers streamed over SSE and rendered as safe Markdown.
+// The chat page: conversations in the sidebar, answers streamed over SSE and rendered as safe Markdown;
+// questions edited and sent again, answers regenerated (the earlier ones kept to flip through) or
+// continued, and answers that go on on the server while another conversation is open.
 
 import { api, ApiError, streamEvents, CONNECTION_LOST } from "./api.js";
 import { copyButton, renderMarkdownInto } from "./markdown.js";
@@ -58,7 +60,9 @@ function setBusy(busy) {
   el.send.hidden = busy;
   el.stop.hidden = !busy;
   el.app.classList.toggle("is-streaming", busy);
-  for (const button of el.messages.querySelectorAll(".regenerate")) button.disabled = busy;
+  for (const button of el.messages.querySelectorAll(".regenerate, .continue, .edit, .alternatives button")) {
+    button.disabled = busy || button.dataset.end === "true";
+  }
 }
 
 function scrollToBottom(force = false) {
@@ -232,6 +236,19 @@ function messageMeta(message) {
   return parts.join(" · ");
 }
 
+// A small button in a message's footer: an icon, with its name for a screen reader and a tooltip.
+function metaButton(className, label, iconName, onClick, text = "") {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = `btn btn-ghost btn-small ${className}`;
+  button.title = label;
+  button.setAttribute("aria-label", label);
+  button.append(icon(iconName));
+  if (text) button.append(` ${text}`);
+  button.addEventListener("click", onClick);
+  return button;
+}
+
 function renderMessage(message) {
   const article = document.createElement("article");
   article.className = `message ${message.role}`;
@@ -257,7 +274,10 @@ function renderMessage(message) {
   footer.className = "meta";
   const metaText = document.createElement("span");
   metaText.className = "meta-text";
-  footer.append(metaText, copyButton("Copy message", () => article.messageText || ""));
+  const alternatives = document.createElement("span");
+  alternatives.className = "alternatives";
+  footer.append(metaText, alternatives, copyButton("Copy message", () => article.message.content || ""));
+  if (message.role === "user") footer.append(metaButton("edit", "Edit and resend", "pencil", () => startEdit(article)));
   bubble.append(footer);
 
   article.append(avatar, bubble);
@@ -266,10 +286,10 @@ function renderMessage(message) {
 }
 
 function updateMessage(article, message) {
+  article.message = message;
   const content = article.querySelector(".content");
   if (message.role === "user") content.textContent = message.content;
   else renderMarkdownInto(content, message.content);
-  article.messageText = message.content;
   if (message.status) article.dataset.status = message.status;
   if (message.id) article.dataset.id = message.id;
   const metaText = article.querySelector(".meta-text");
@@ -289,6 +309,7 @@ function updateMessage(article, message) {
     waiting.textContent = message.waiting ? `waiting: ${message.waiting} ahead` : "waiting: next in line";
     metaText.append(waiting);
   }
+  renderAlternatives(article.querySelector(".alternatives"), message);
   article.dataset.finish = message.finish_reason || "";
   const notice = article.querySelector(".notice");
   const notes = [];
@@ -303,19 +324,16 @@ function updateMessage(article, message) {
   notice.classList.toggle("notice-error", message.status === "error");
 }
 
-function refreshRegenerate() {
-  for (const b of el.messages.querySelectorAll(".regenerate")) b.remove();
+// Regenerate (or Answer) and Continue go on the last message only: they act on the conversation's end.
+function refreshActions() {
+  for (const b of el.messages.querySelectorAll(".regenerate, .continue")) b.remove();
   const articles = el.messages.querySelectorAll(".message");
   const last = articles[articles.length - 1];
   if (!last || state.streaming) return;
-  if (last.classList.contains("user") || last.classList.contains("assistant")) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "btn btn-ghost btn-small regenerate";
-    button.append(icon("refresh"), last.classList.contains("user") ? " Answer" : " Regenerate");
-    button.addEventListener("click", regenerate);
-    (last.querySelector(".meta") || last).append(button);
-  }
+  const meta = last.querySelector(".meta") || last;
+  const isUser = last.classList.contains("user");
+  meta.append(metaButton("regenerate", isUser ? "Answer" : "Regenerate", "refresh", regenerate, isUser ? "Answer" : "Regenerate"));
+  if (!isUser && canContinue(last.message)) meta.append(metaButton("continue", "Continue this answer", "forward", continueAnswer, "Continue"));
 }
 
 function renderConversation(conversation) {
@@ -325,7 +343,7 @@ function renderConversation(conversation) {
   document.title = `${conversation.title} · scratchgpt`;
   if (!conversation.messages.length) el.messages.append(el.empty);
   for (const message of conversation.messages) el.messages.append(renderMessage(message));
-  refreshRegenerate();
+  refreshActions();
   scrollToBottom(true);
 }
 
@@ -341,7 +359,7 @@ function showNewChat(push) {
 }
 
 async function openConversation(id, push) {
-  if (state.streaming) return;
+  leaveAnswer();
   try {
     const conversation = await api(`/api/v1/conversations/${id}`);
     state.current = conversation;
@@ -350,7 +368,7 @@ async function openConversation(id, push) {
     renderConversation(conversation);
     renderSidebar();
     setSidebarOpen(false);
-    if (conversation.generating) showBanner("An answer is still being generated in this conversation; reload to see it when it is done.", "info");
+    if (conversation.generating) followAnswer(conversation);
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
       showBanner("That conversation does not exist (or belongs to someone else).");
@@ -361,13 +379,27 @@ async function openConversation(id, push) {
   }
 }
 
+// The open conversation again from the server (after a turn that changed more than one message).
+async function reloadCurrent() {
+  if (!state.current) return;
+  const id = state.current.id;
+  try {
+    const conversation = await api(`/api/v1/conversations/${id}`);
+    if (!state.current || state.current.id !== id || state.streaming) return;
+    state.current = conversation;
+    renderConversation(conversation);
+  } catch (err) {
+    showBanner(err.detail || String(err));
+  }
+}
+
 function hideBannerUnlessModel() {
   if (el.banner.dataset.kind !== "warn") hideBanner();
 }
 
 async function ensureConversation() {
   if (state.current) return state.current;
-  const created = await api("/api/v1/conversations", { method: "POST", body: { ...newChatSettings(), model: modelForNewChat() } });
+  const created = await api("/api/v1/conversations", { method: "POST", body: { ...withinLimits(newChatSettings()), model: modelForNewChat() } });
   state.current = { ...created, messages: [] };
   showModel(created);
   state.conversations.unshift(created);
@@ -378,21 +410,28 @@ async function ensureConversation() {
 
 // --- streaming an answer ----------------------------------------------------------------
 
-async function streamAnswer(path, body, userText) {
-  const conversation = state.current;
+// A new, empty answer at the end of the conversation.
+function appendAnswer() {
   el.empty.remove();
-  const userArticle = userText === null ? null : renderMessage({ role: "user", content: userText, status: "sending" });
-  if (userArticle) el.messages.append(userArticle);
   const answer = { role: "assistant", content: "", status: "streaming" };
   const article = renderMessage(answer);
   article.classList.add("pending");
   el.messages.append(article);
   scrollToBottom(true);
+  return article;
+}
 
+// Stream one answer's events (from `path`) into `article`. `userArticle` gets the stored question;
+// `resetOnStart` empties the answer first (a late follower gets the text so far as a delta);
+// `onRefused(err)` runs when the server refused before anything was stored.
+// Returns whether the answer ended with a final event while this page followed it.
+async function runAnswer(path, { body, method = "POST", article, userArticle = null, resetOnStart = false, onRefused }) {
+  const answer = article.message;
   const controller = new AbortController();
-  state.streaming = { controller, conversationId: conversation.id, stopTimer: null };
+  const streaming = { controller, conversationId: state.current.id, stopTimer: null, left: false };
+  state.streaming = streaming;
   setBusy(true);
-  refreshRegenerate();
+  refreshActions();
 
   let frame = 0;
   const paint = () => {
@@ -404,13 +443,16 @@ async function streamAnswer(path, body, userText) {
   let started = false;
   try {
     await streamEvents(path, body, {
+      method,
       signal: controller.signal,
       onEvent(event, data) {
         if (event === "start") {
           started = true;
           article.classList.remove("pending");
           answer.id = data.assistant_message_id;
+          answer.status = "streaming";
           answer.dropped_messages = data.dropped_messages;
+          if (resetOnStart) answer.content = "";
           if (userArticle && data.user_message) updateMessage(userArticle, data.user_message);
           paint();
         } else if (event === "queued") {
@@ -432,24 +474,22 @@ async function streamAnswer(path, body, userText) {
         }
       },
     });
-    if (!finished) {
+    if (!finished && started) {
       // The stream ended without a final event: the server went away mid-answer.
       answer.status = "interrupted";
       paint();
       showBanner("The connection closed before the answer finished; what arrived was saved.", "error");
     }
   } catch (err) {
-    if (err.name === "AbortError") {
+    if (streaming.left) {
+      // Another conversation was opened: the answer goes on on the server, this page stops following.
+    } else if (err.name === "AbortError") {
       answer.status = "interrupted";
       paint();
     } else if (!started) {
       // Refused or unreachable before generation started: nothing was stored for this turn.
       article.remove();
-      if (userArticle) {
-        userArticle.remove();
-        el.input.value = userText;
-        autoResize();
-      }
+      if (onRefused) onRefused(err);
       if (!el.messages.querySelector(".message")) el.messages.append(el.empty);
       showBanner(err.detail || String(err), err.status === 503 ? "warn" : "error");
     } else {
@@ -459,13 +499,18 @@ async function streamAnswer(path, body, userText) {
     }
   } finally {
     if (frame) cancelAnimationFrame(frame);
-    clearTimeout(state.streaming && state.streaming.stopTimer);
-    state.streaming = null;
-    article.classList.remove("pending");
-    setBusy(false);
-    refreshRegenerate();
+    clearTimeout(streaming.stopTimer);
+    if (state.streaming === streaming) {
+      state.streaming = null;
+      setBusy(false);
+    }
+    if (!streaming.left) {
+      article.classList.remove("pending");
+      refreshActions();
+    }
     loadConversations();
   }
+  return finished && !streaming.left;
 }
 
 async function sendMessage() {
@@ -482,16 +527,19 @@ async function sendMessage() {
   autoResize();
   hideBannerUnlessModel();
   if (conversation.title === "New chat") el.title.textContent = text.trim().split(/\s+/).join(" ").slice(0, 60);
-  await streamAnswer(`/api/v1/conversations/${conversation.id}/messages`, { content: text }, text);
-}
-
-async function regenerate() {
-  if (!state.current || state.streaming) return;
-  const articles = el.messages.querySelectorAll(".message");
-  const last = articles[articles.length - 1];
-  if (last && last.classList.contains("assistant")) last.remove();
-  hideBannerUnlessModel();
-  await streamAnswer(`/api/v1/conversations/${state.current.id}/regenerate`, {}, null);
+  el.empty.remove();
+  const userArticle = renderMessage({ role: "user", content: text, status: "sending" });
+  el.messages.append(userArticle);
+  await runAnswer(`/api/v1/conversations/${conversation.id}/messages`, {
+    body: { content: text },
+    article: appendAnswer(),
+    userArticle,
+    onRefused() {
+      userArticle.remove();
+      el.input.value = text;
+      autoResize();
+    },
+  });
 }
 
 async function stopGenerating() {
@@ -509,14 +557,216 @@ async function stopGenerating() {
   }
 }
 
+// --- regenerate, with the earlier answers kept as alternatives --------------------------------------
+
+async function regenerate() {
+  if (!state.current || state.streaming) return;
+  const articles = el.messages.querySelectorAll(".message");
+  const last = articles[articles.length - 1];
+  if (last && last.classList.contains("assistant")) last.remove();
+  hideBannerUnlessModel();
+  const done = await runAnswer(`/api/v1/conversations/${state.current.id}/regenerate`, {
+    body: {},
+    article: appendAnswer(),
+    onRefused: reloadCurrent,
+  });
+  if (done) await reloadCurrent(); // the new answer's place among its alternatives
+}
+
+// "< 2/3 >" under an answer that has alternatives.
+function renderAlternatives(box, message) {
+  box.replaceChildren();
+  const ids = message.alternatives || [];
+  const at = ids.indexOf(message.id);
+  if (ids.length < 2 || at < 0) return;
+  const previous = metaButton("alt-previous", "Previous answer", "chevron-left", () => selectAlternative(ids[at - 1]));
+  const next = metaButton("alt-next", "Next answer", "chevron-right", () => selectAlternative(ids[at + 1]));
+  previous.dataset.end = String(at === 0);
+  next.dataset.end = String(at === ids.length - 1);
+  for (const button of [previous, next]) button.disabled = button.dataset.end === "true" || Boolean(state.streaming);
+  const position = document.createElement("span");
+  position.className = "alt-position";
+  position.textContent = `${at + 1}/${ids.length}`;
+  box.append(previous, position, next);
+}
+
+async function selectAlternative(id) {
+  if (!state.current || state.streaming) return;
+  const conversationId = state.current.id;
+  try {
+    const thread = await api(`/api/v1/conversations/${conversationId}/messages/${id}/select`, { method: "POST" });
+    if (!state.current || state.current.id !== conversationId) return;
+    state.current.messages = thread;
+    const chosen = thread.find((m) => m.id === id);
+    const shown = [...el.messages.querySelectorAll(".message.assistant")].find(
+      (a) => a.message && (a.message.alternatives || []).includes(id)
+    );
+    if (chosen && shown) shown.replaceWith(renderMessage(chosen));
+    refreshActions();
+  } catch (err) {
+    showBanner(err.detail || String(err));
+  }
+}
+
+// --- continue an answer cut by the token limit --------------------------------------------------------
+
+function canContinue(message) {
+  if (!message || message.role !== "assistant" || !message.content) return false;
+  return (message.status === "complete" && message.finish_reason === "length") || message.status === "interrupted";
+}
+
+async function continueAnswer() {
+  if (!state.current || state.streaming) return;
+  const answers = el.messages.querySelectorAll(".message.assistant");
+  const article = answers[answers.length - 1];
+  if (!article || !canContinue(article.message)) return;
+  hideBannerUnlessModel();
+  Object.assign(article.message, { status: "streaming", finish_reason: null });
+  await runAnswer(`/api/v1/conversations/${state.current.id}/continue`, {
+    body: {},
+    article,
+    onRefused: reloadCurrent,
+  });
+}
+
+// --- edit a question and send it again ---------------------------------------------------------------
+
+function startEdit(article) {
+  if (state.streaming || article.querySelector(".edit-form")) return;
+  const content = article.querySelector(".content");
+  const form = document.createElement("form");
+  form.className = "edit-form";
+  const input = document.createElement("textarea");
+  input.className = "edit-input";
+  input.value = article.message.content;
+  input.rows = Math.min(10, input.value.split("\n").length + 1);
+  input.setAttribute("aria-label", "Edited message");
+  const actions = document.createElement("div");
+  actions.className = "edit-actions";
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.className = "btn btn-ghost btn-small edit-cancel";
+  cancel.textContent = "Cancel";
+  const send = document.createElement("button");
+  send.type = "submit";
+  send.className = "btn btn-primary btn-small edit-send";
+  send.textContent = "Send";
+  actions.append(cancel, send);
+  form.append(input, actions);
+  content.hidden = true;
+  content.after(form);
+  input.focus();
+  const close = () => {
+    form.remove();
+    content.hidden = false;
+  };
+  cancel.addEventListener("click", close);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!input.value.trim() || state.streaming) return;
+    close();
+    resendEdited(article, input.value);
+  });
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    } else if (event.key === "Escape") {
+      event.stopPropagation();
+      close();
+    }
+  });
+}
+
+// The server replaces the message and removes what followed it, in one step; the page does the same.
+async function resendEdited(article, text) {
+  if (!state.current) return;
+  const edited = article.message;
+  while (article.nextElementSibling) article.nextElementSibling.remove();
+  updateMessage(article, { ...edited, content: text, status: "sending" });
+  hideBannerUnlessModel();
+  await runAnswer(`/api/v1/conversations/${state.current.id}/messages/${edited.id}/edit`, {
+    body: { content: text },
+    article: appendAnswer(),
+    userArticle: article,
+    onRefused: reloadCurrent,
+  });
+}
+
+// --- switching conversations while an answer streams -----------------------------------------------
+
+// Stop following the answer on screen (it goes on on the server): another conversation is opened.
+function leaveAnswer() {
+  const streaming = state.streaming;
+  if (!streaming) return;
+  streaming.left = true;
+  state.streaming = null;
+  setBusy(false);
+  streaming.controller.abort();
+}
+
+// Follow the answer being generated in the conversation just opened, from its text so far.
+async function followAnswer(conversation) {
+  const answers = el.messages.querySelectorAll(".message.assistant");
+  let article = answers[answers.length - 1];
+  if (!article || article.message.status !== "streaming") article = appendAnswer();
+  const done = await runAnswer(`/api/v1/conversations/${conversation.id}/answer`, {
+    method: "GET",
+    article,
+    resetOnStart: true,
+  });
+  // Ended before this page joined (204), or done: the stored conversation is the truth.
+  if (done || !article.isConnected || article.message.status === "streaming") await reloadCurrent();
+}
+
 // --- settings --------------------------------------------------------------------------
 
 // The penalties against repeating: [input, field, the value that penalizes nothing].
 const PENALTIES = [["set-repetition", "repetition_penalty", 1], ["set-frequency", "frequency_penalty", 0], ["set-presence", "presence_penalty", 0]];
 
+// What this server accepts and gives new chats (GET /api/v1/settings); filled at start.
+const server = { limits: {}, defaults: {}, maxSystemPrompt: 8000 };
+
+const LIMIT_NAMES = { temperature: "Temperature", top_k: "Top-k", top_p: "Top-p", max_new_tokens: "Max new tokens" };
+
+async function loadServerSettings() {
+  try {
+    const data = await api("/api/v1/settings");
+    Object.assign(server, { limits: data.limits, defaults: data.defaults, maxSystemPrompt: data.max_system_prompt_chars });
+  } catch {
+    return; // the form keeps its own bounds; the server still checks every value
+  }
+  const { temperature, top_k: topK, max_new_tokens: maxTokens } = server.limits;
+  $("set-temperature").min = temperature.minimum;
+  $("set-temperature").max = temperature.maximum;
+  $("set-top-k").min = topK.minimum;
+  $("set-top-k").max = topK.maximum;
+  $("set-max-tokens").min = maxTokens.minimum;
+  $("set-max-tokens").max = maxTokens.maximum;
+  $("set-system").maxLength = server.maxSystemPrompt;
+  $("max-tokens-limit").textContent = `(up to ${maxTokens.maximum})`;
+}
+
+// Why `value` is outside the server's range for `name`, or null.
+function limitProblem(name, value) {
+  const limit = server.limits[name];
+  if (!limit || value === null || value === undefined) return null;
+  const low = limit.exclusive_minimum ? value <= limit.minimum : value < limit.minimum;
+  if (!low && value <= limit.maximum) return null;
+  const from = limit.exclusive_minimum ? `above ${limit.minimum}` : `at least ${limit.minimum}`;
+  return `${LIMIT_NAMES[name]} must be ${from} and at most ${limit.maximum} on this server.`;
+}
+
+// Saved new-chat settings without those this server would refuse (saved under other limits).
+function withinLimits(settings) {
+  const kept = { ...settings };
+  for (const name of Object.keys(LIMIT_NAMES)) if (limitProblem(name, kept[name])) delete kept[name];
+  return kept;
+}
+
 function settingsSource() {
   if (state.current) return state.current;
-  return { temperature: 0.7, top_p: 0.95, top_k: 50, max_new_tokens: 256, system_prompt: "", ...decodingDefaults(), ...newChatSettings() };
+  return { ...server.defaults, ...decodingDefaults(), ...withinLimits(newChatSettings()) };
 }
 
 function openSettings() {
@@ -537,6 +787,11 @@ function syncOutputs() {
   $("out-top-p").textContent = Number($("set-top-p").value).toFixed(2);
 }
 
+function showSettingsError(text) {
+  el.settingsError.textContent = text;
+  el.settingsError.hidden = false;
+}
+
 async function saveSettings(event) {
   if (event.submitter && event.submitter.value !== "save") return;
   event.preventDefault();
@@ -550,15 +805,11 @@ async function saveSettings(event) {
     max_new_tokens: Number($("set-max-tokens").value),
   };
   for (const [id, key, neutral] of PENALTIES) changes[key] = $(id).value.trim() === "" ? neutral : Number($(id).value);
-  if (!Number.isInteger(changes.max_new_tokens) || changes.max_new_tokens < 1) {
-    el.settingsError.textContent = "Max new tokens must be a whole number of at least 1.";
-    el.settingsError.hidden = false;
-    return;
-  }
-  if (changes.top_k !== null && (!Number.isInteger(changes.top_k) || changes.top_k < 1)) {
-    el.settingsError.textContent = "Top-k must be empty or a whole number of at least 1.";
-    el.settingsError.hidden = false;
-    return;
+  if (!Number.isInteger(changes.max_new_tokens)) return showSettingsError("Max new tokens must be a whole number.");
+  if (changes.top_k !== null && !Number.isInteger(changes.top_k)) return showSettingsError("Top-k must be empty or a whole number.");
+  for (const name of Object.keys(LIMIT_NAMES)) {
+    const problem = limitProblem(name, changes[name]);
+    if (problem) return showSettingsError(problem);
   }
   try {
     if (state.current) {
@@ -570,8 +821,7 @@ async function saveSettings(event) {
     localStorage.setItem(DEFAULTS_KEY, JSON.stringify(defaults));
     el.settingsDialog.close("save");
   } catch (err) {
-    el.settingsError.textContent = err.detail || String(err);
-    el.settingsError.hidden = false;
+    showSettingsError(err.detail || String(err));
   }
 }
 
@@ -593,7 +843,8 @@ el.input.addEventListener("input", autoResize);
 el.stop.addEventListener("click", stopGenerating);
 el.newChat.addEventListener("click", () => {
   setSidebarOpen(false);
-  if (!state.streaming) showNewChat(true);
+  leaveAnswer(); // the answer goes on on the server
+  showNewChat(true);
 });
 el.bannerClose.addEventListener("click", hideBanner);
 el.settingsButton.addEventListener("click", openSettings);
@@ -608,11 +859,15 @@ document.addEventListener("keydown", (event) => {
 window.addEventListener("popstate", () => {
   const id = conversationIdFromUrl();
   if (id) openConversation(id, false);
-  else showNewChat(false);
+  else {
+    leaveAnswer();
+    showNewChat(false);
+  }
 });
 
 async function start() {
   startModels({ onUnavailable: (text) => showBanner(text, "warn") });
+  await loadServerSettings();
   await loadConversations();
   const id = conversationIdFromUrl();
   if (id) await openConversation(id, false);

@@ -1,4 +1,5 @@
-"""Screenshots of the chat and spam pages for docs/screenshots/, taken in headless Chromium.
+"""Screenshots of the chat and spam pages for docs/screenshots/, taken in headless Chromium
+(desktop light and dark, and the chat on a phone's 390x844).
 
     .venv/bin/python tests/app/screenshots.py --chat-checkpoint DIR --classifier-checkpoint DIR
 
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: waiting.py, which app_testing uses
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app_testing import LiveServer  # noqa: E402
@@ -66,6 +68,10 @@ def main() -> None:
                     page.press("#msg", "Enter")
                     expect(page.locator(".message.assistant").last).to_have_attribute(
                         "data-status", "complete", timeout=600_000)
+                # A second answer to the last question: the first is kept, "< 2/2 >" flips between them.
+                page.locator(".message.assistant .regenerate").click()
+                expect(page.locator(".message.assistant").last.locator(".alt-position")).to_have_text(
+                    "2/2", timeout=600_000)
                 conversation = page.url
                 state = context.storage_state()
             else:
@@ -74,6 +80,12 @@ def main() -> None:
             page.wait_for_timeout(300)
             page.screenshot(path=str(args.out / f"chat-{scheme}.png"))
             print("wrote", args.out / f"chat-{scheme}.png")
+            if scheme == "light":
+                page.set_viewport_size({"width": 390, "height": 844})
+                page.wait_for_timeout(300)
+                page.screenshot(path=str(args.out / "chat-mobile.png"))
+                print("wrote", args.out / "chat-mobile.png")
+                page.set_viewport_size({"width": 1280, "height": 820})
 
             page.goto("/spam")
             page.wait_for_selector("body[data-ready='true']")

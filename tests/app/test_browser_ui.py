@@ -1,6 +1,8 @@
 """The chat UI of issue 21 in headless Chromium: Markdown through the vendored libraries (tables,
 highlighted code, copy buttons), icons that need no emoji font, answers cut by the token limit,
-the drawer and top bars on a phone's screen, and the API docs with no network.
+the drawer and top bars on a phone's screen, the API docs with no network; editing a question and
+sending it again, regenerated answers to flip through, continuing a cut answer, switching
+conversations during an answer, and settings held to the server's limits.
 
 Skipped where /usr/bin/chromium or Playwright is missing (`apt-get install chromium`).
 """
@@ -12,6 +14,7 @@ import re
 import shutil
 
 import pytest
+from app_testing import TokenGate
 from browser_testing import BROWSER_MARKS, browser_server, open_ready, watched_page
 
 from app.api.routes.lab import LAB_PAGES
@@ -259,3 +262,121 @@ def test_api_docs_work_with_no_network(page, server):
     expect(page.locator(".swagger-ui .info .title")).to_contain_text("scratchgpt")
     expect(page.locator(".opblock-summary-path[data-path='/api/v1/classify']")).to_have_count(1)
     assert elsewhere == []
+
+
+# --- edit and resend, alternatives, continue, switching, settings ----------------------------
+
+
+def test_edit_and_resend_replaces_what_followed(page):
+    from playwright.sync_api import expect
+
+    open_ready(page, "/")
+    send(page, "first question")
+    send(page, "second question")
+    expect(page.locator(".message")).to_have_count(4)
+    first = page.locator(".message.user").first
+    first.hover()
+    first.locator(".edit").click()
+    page.fill(".edit-input", "first question, edited")
+    page.press(".edit-input", "Enter")
+    expect(page.locator(".message")).to_have_count(2)
+    expect(page.locator(".message.assistant")).to_have_attribute("data-status", "complete")
+    expect(page.locator(".message.user .content")).to_have_text("first question, edited")
+    page.reload()  # the server stored the same
+    page.wait_for_selector("body[data-ready='true']")
+    expect(page.locator(".message")).to_have_count(2)
+    expect(page.locator(".message.user .content")).to_have_text("first question, edited")
+
+
+def test_regenerated_answers_are_kept_to_flip_through(page):
+    from playwright.sync_api import expect
+
+    open_ready(page, "/")
+    first = send(page, "pick a word")
+    first_id = first.get_attribute("data-id")
+    page.locator(".message.assistant .regenerate").click()
+    answer = page.locator(".message.assistant")
+    expect(answer.locator(".alt-position")).to_have_text("2/2")
+    expect(answer).to_have_attribute("data-status", "complete")
+    assert answer.get_attribute("data-id") != first_id
+    expect(answer.locator(".alt-next")).to_be_disabled()
+    answer.locator(".alt-previous").click()
+    expect(answer.locator(".alt-position")).to_have_text("1/2")
+    expect(page.locator(".message.assistant")).to_have_attribute("data-id", first_id)
+    page.reload()  # the choice is stored: it is what the next prompt reads
+    page.wait_for_selector("body[data-ready='true']")
+    expect(page.locator(".message.assistant")).to_have_attribute("data-id", first_id)
+    expect(page.locator(".message.assistant .alt-position")).to_have_text("1/2")
+
+
+def test_continue_writes_on_a_cut_answer(page):
+    from playwright.sync_api import expect
+
+    open_ready(page, "/")
+    cut = send(page, "Tell me a long story")
+    expect(cut).to_have_attribute("data-finish", "length")
+    before = cut.evaluate("a => a.message.content")
+    cut.locator(".continue").click()
+    expect(cut.locator(".meta-text")).to_contain_text("12 tokens")
+    expect(cut).to_have_attribute("data-status", "complete")
+    assert page.locator(".message.assistant").count() == 1
+    after = cut.evaluate("a => a.message.content")
+    assert after.startswith(before) and len(after) > len(before)
+
+
+def test_switching_conversations_during_an_answer(page, server):
+    """The answer goes on on the server while another conversation is open, and is there, whole, on return."""
+    from playwright.sync_api import expect
+
+    open_ready(page, "/")
+    cid = page.evaluate(
+        """async () => {
+            const csrf = document.querySelector('meta[name="csrf-token"]').content;
+            const r = await fetch("/api/v1/conversations", {method: "POST", body: JSON.stringify({max_new_tokens: 40}),
+                headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf}});
+            return (await r.json()).id;
+        }"""
+    )
+    open_ready(page, f"/c/{cid}")
+    worker = server.app.state.models.slots["chat"].worker
+    with TokenGate(worker, hold_at=4) as gate:
+        page.fill("#msg", "a long answer, please")
+        page.press("#msg", "Enter")
+        gate.wait_held()
+        expect(page.locator("#stop")).to_be_visible()
+        page.click("#new-chat")
+        expect(page.locator("#chat-title")).to_have_text("New chat")
+        expect(page.locator(".message")).to_have_count(0)
+        expect(page.locator("#send")).to_be_visible()
+        page.locator(f".conversation-item[data-id='{cid}'] .conversation-link").click()
+        answer = page.locator(".message.assistant")
+        expect(answer).to_have_attribute("data-status", "streaming")
+        expect(page.locator("#stop")).to_be_visible()  # followed again: it can be stopped from here
+        gate.release()
+        expect(answer).to_have_attribute("data-status", "complete")
+    expect(answer.locator(".meta-text")).to_contain_text("40 tokens")
+    expect(page.locator(".message")).to_have_count(2)
+    stored = page.evaluate(f"fetch('/api/v1/conversations/{cid}').then(r => r.json())")
+    assert stored["messages"][-1]["content"] == answer.evaluate("a => a.message.content")
+    assert stored["messages"][-1]["completion_tokens"] == 40
+
+
+def test_settings_follow_the_servers_limits_and_defaults(page):
+    from playwright.sync_api import expect
+
+    open_ready(page, "/")
+    page.click("#settings-button")
+    # What a new chat really gets from this server, not an empty field.
+    expect(page.locator("#set-system")).to_have_value("You are a helpful assistant.")
+    expect(page.locator("#set-max-tokens")).to_have_attribute("max", "2048")
+    expect(page.locator("#max-tokens-limit")).to_have_text("(up to 2048)")
+    page.fill("#set-max-tokens", "5000")
+    page.click("#settings-save")
+    expect(page.locator("#settings-error")).to_have_text("Max new tokens must be at least 1 and at most 2048 on this server.")
+    expect(page.locator("#settings-dialog")).to_have_attribute("open", "")
+    assert page.evaluate("localStorage.getItem('scratchgpt.newChatSettings')") is None
+    # A value saved under other limits (an older server) does not make new chats fail.
+    page.evaluate("localStorage.setItem('scratchgpt.newChatSettings', JSON.stringify({max_new_tokens: 5000}))")
+    page.reload()
+    page.wait_for_selector("body[data-ready='true']")
+    send(page, "hello")

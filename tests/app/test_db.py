@@ -153,12 +153,15 @@ def _leftover(sessions, owner: str, age: timedelta) -> tuple[str, int]:
 def test_startup_marks_leftover_streaming_answers_interrupted(make_settings, database_url):
     settings = make_settings(database_url=database_url)
     upgrade(database_url)
-    conversation_id, answer_id = _leftover(make_sessionmaker(make_engine(database_url)), "local", timedelta(0))
+    sessions = make_sessionmaker(make_engine(database_url))
+    conversation_id, answer_id = _leftover(sessions, "local", timedelta(0))
+    with sessions() as s:
+        public_id = s.get(Message, answer_id).public_id
     # A new server process starts on the same database (as after a kill -9).
     with running_client(settings) as client:
         body = client.get(f"/api/v1/conversations/{conversation_id}").json()
     statuses = {m["id"]: m["status"] for m in body["messages"]}
-    assert statuses[answer_id] == STATUS_INTERRUPTED
+    assert statuses[public_id] == STATUS_INTERRUPTED
     assert body["messages"][-1]["content"] == "half an ans"
     assert body["generating"] is False
 
@@ -236,3 +239,35 @@ def test_db_upgrade_prints_the_url_without_its_password(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     main(["db", "upgrade", "--database-url", url])
     assert f"database at {url} is at the latest migration" in capsys.readouterr().out
+
+
+def test_0003_gives_existing_messages_random_public_ids_and_their_questions(tmp_path):
+    """Rows written before 0003 keep working: each gets a random public id, and each answer points
+    to the question before it (so regenerating it later keeps it as an alternative)."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "0001")
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("INSERT INTO conversations (id, owner, title, model, system_prompt, temperature, max_new_tokens) "
+               "VALUES ('c1', 'local', 't', 'm', '', 0.7, 16)")
+    for role, content in [("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]:
+        db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES ('c1', ?, ?, 'complete')",
+                   (role, content))
+    db.commit()
+    db.close()
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    with sessions() as s:
+        messages = crud.list_messages(s, "c1")
+        assert [m.content for m in messages] == ["q1", "a1", "q2", "a2"]
+        assert len({m.public_id for m in messages}) == 4 and all(len(m.public_id) == 32 for m in messages)
+        assert [m.parent_id for m in messages] == [None, messages[0].id, None, messages[2].id]
+        assert all(m.selected for m in messages)
+    # The rebuilt table still never reuses an id, and going back keeps every selected message.
+    db = sqlite3.connect(tmp_path / "old.db")
+    assert "AUTOINCREMENT" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    db.close()
+    command.downgrade(config, "0001")
+    db = sqlite3.connect(tmp_path / "old.db")
+    assert [r[0] for r in db.execute("SELECT content FROM messages ORDER BY id")] == ["q1", "a1", "q2", "a2"]
+    assert "AUTOINCREMENT" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]

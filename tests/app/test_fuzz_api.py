@@ -7,8 +7,8 @@ events matching their schemas, invalid requests rejected and valid ones accepted
 those, every rejection must be a 4xx whose JSON body says what was wrong.
 
 Two passes: one with random path ids (mostly 404s, which must be documented too), and one
-aimed at a real conversation and a real answer in it, so the message, regenerate, update and
-Lab routes are reached with fuzzed bodies. Tiny models and a max_new_tokens cap of 4 keep each
+aimed at a real conversation and a real answer in it (edits at its question), so the message,
+edit, regenerate, continue, select, follow, update and Lab routes are reached with fuzzed bodies. Tiny models and a max_new_tokens cap of 4 keep each
 streamed answer short.
 
 schemathesis needs the schema when pytest collects the tests, and the schema states limits of
@@ -120,7 +120,8 @@ def make_target() -> None:
     with CLIENT.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "hello"}) as response:
         events = list(parse_sse(response.iter_lines()))
     assert events[-1][0] == "done", events
-    TARGET.update(conversation_id=cid, message_id=events[-1][1]["message"]["id"])
+    TARGET.update(conversation_id=cid, message_id=events[-1][1]["message"]["id"],
+                  question_id=events[0][1]["user_message"]["id"])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,10 +163,11 @@ def test_api_conforms_to_its_schema(case):
 def test_conversation_routes_with_a_real_conversation(case):
     params = dict(case.path_parameters or {})
     params["conversation_id"] = TARGET["conversation_id"]
-    if "message_id" in params:
-        params["message_id"] = TARGET["message_id"]
+    edit = case.path.endswith("/edit")
+    if "message_id" in params:  # an edit is of a question; the other message routes are about an answer
+        params["message_id"] = TARGET["question_id" if edit else "message_id"]
     case.path_parameters = params
     response = case.call_and_validate()
     assert_rejection_explained(response)
-    if case.method.upper() == "DELETE" and response.status_code == 204:
-        make_target()  # gone: aim the cases still to come at a new one
+    if (case.method.upper() == "DELETE" and response.status_code == 204) or (edit and response.status_code == 200):
+        make_target()  # gone (deleted, or replaced by the edit): aim the cases still to come at a new one

@@ -41,8 +41,8 @@ def test_every_route_with_a_conversation_id_is_404_to_another_owner(make_setting
             assert response.status_code == 404, (method, path, response.status_code, response.text[:200])
             assert response.json() == {"detail": "conversation not found"}, (method, path)
             # The same request is not a 404 for the owner (so the 404 above is about ownership).
-            if method == "get":
-                assert client.get(url, headers=alice).status_code == 200, path
+            if method == "get":  # (204: following an answer when none is being generated)
+                assert client.get(url, headers=alice).status_code in (200, 204), path
 
         after = client.get(f"/api/v1/conversations/{cid}", headers=alice).json()
         assert after == before  # nothing bob sent changed, deleted or added anything

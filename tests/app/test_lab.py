@@ -227,7 +227,7 @@ def test_answer_token_probabilities(client):
     assert body["perplexity"] == pytest.approx(math.exp(-sum(map(math.log, expected)) / len(expected)), rel=1e-3)
 
     assert client.get(f"{LAB}/conversations/{cid}/messages/{user['id']}/tokens").status_code == 422
-    assert client.get(f"{LAB}/conversations/{cid}/messages/{answer['id'] + 100}/tokens").status_code == 404
+    assert client.get(f"{LAB}/conversations/{cid}/messages/{'0' * 32}/tokens").status_code == 404
     assert client.get(f"{LAB}/conversations/nope/messages/{answer['id']}/tokens").status_code == 404
 
 

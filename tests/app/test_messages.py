@@ -1,4 +1,5 @@
-"""Streaming answers over SSE with a tiny real chat model: storage, stop, disconnect, regenerate, context."""
+"""Streaming answers over SSE with a tiny real chat model: storage, stop, a client that leaves and comes back,
+regenerate with alternatives, edit-and-resend, continue, public ids, the settings limits, context."""
 
 from __future__ import annotations
 
@@ -56,10 +57,13 @@ def test_greedy_answers_are_repeatable_and_match_core_generation(client, chat_ch
 
 
 def test_user_message_is_stored_before_generation_and_answer_while_streaming(client):
-    cid = new_conversation(client, max_new_tokens=600)
-    with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "tell me a story"}) as response:
-        lines = response.iter_lines()
-        events = parse_sse(lines)
+    cid = new_conversation(client, max_new_tokens=900)
+    worker = client.app.state.models.slots["chat"].worker
+    # Held at 300 tokens (about a second of the tiny model, many flushes of 0.05 s) so that it is
+    # still streaming, and not finished, whenever the checks below run.
+    with TokenGate(worker, hold_at=300) as gate, \
+            client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "tell me a story"}) as response:
+        events = parse_sse(response.iter_lines())
         assert next(events)[0] == "start"
         mid = client.get(f"/api/v1/conversations/{cid}").json()
         assert mid["generating"] is True
@@ -69,18 +73,15 @@ def test_user_message_is_stored_before_generation_and_answer_while_streaming(cli
         # Concurrent second send in the same conversation is refused.
         busy = client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "and another"})
         assert busy.status_code == 409
-        received = ""
-        for event, data in events:  # the answer is 600 tokens: it streams past this check
-            if event == "delta":
-                received += data["text"]
-            # Periodic flushes make the partial answer visible in the database.
-            stored = client.get(f"/api/v1/conversations/{cid}/messages").json()[1]["content"]
-            if len(stored) > 0 and received.startswith(stored):
-                break
-        else:
-            raise AssertionError("the streaming answer was never written to the database")
+        # Periodic flushes make the partial answer visible in the database.
+        stored = wait_until(lambda: client.get(f"/api/v1/conversations/{cid}/messages").json()[1]["content"],
+                            "the streaming answer written to the database")
+        gate.wait_held()
         client.post(f"/api/v1/conversations/{cid}/stop")
+        gate.release()
         rest = list(events)
+    received = "".join(data["text"] for event, data in rest if event == "delta")
+    assert received.startswith(stored)
     assert rest[-1][0] == "done" and rest[-1][1]["message"]["status"] == "interrupted"
 
 
@@ -110,38 +111,175 @@ def test_stop_cancels_promptly_and_keeps_the_partial_answer(client):
     assert events[-1][0] == "done"
 
 
-def test_client_disconnect_marks_the_answer_interrupted_and_frees_the_worker(client):
-    cid = new_conversation(client, max_new_tokens=900)
+def conversation_of(client, cid) -> dict:
+    return client.get(f"/api/v1/conversations/{cid}").json()
+
+
+def test_a_client_that_leaves_does_not_stop_the_answer_and_can_follow_it_again(client):
+    """Issue 21: opening another conversation mid-answer must not lose it. The answer goes on
+    server-side; GET .../answer follows it again from the text so far; it is stored complete."""
+    cid = new_conversation(client, max_new_tokens=40)
+    worker = client.app.state.models.slots["chat"].worker
+    with TokenGate(worker, hold_at=5) as gate:
+        with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "long answer"}) as response:
+            for event, _ in parse_sse(response.iter_lines()):
+                if event == "start":
+                    break
+        gate.wait_held()  # the first client has gone; the answer is at its fifth token
+        assert conversation_of(client, cid)["generating"] is True
+        with client.stream("GET", f"/api/v1/conversations/{cid}/answer") as response:
+            assert response.status_code == 200
+            events = parse_sse(response.iter_lines())
+            start = next(events)
+            assert start[0] == "start"
+            so_far = next(events)
+            assert so_far[0] == "delta" and so_far[1]["text"]  # the text written while nobody followed
+            gate.release()
+            rest = list(events)
+    assert rest[-1][0] == "done"
+    done = rest[-1][1]
+    assert done["finish_reason"] == "length" and done["completion_tokens"] == 40
+    followed = so_far[1]["text"] + "".join(d["text"] for e, d in rest if e == "delta")
+    assert followed == done["message"]["content"]
+    answer = conversation_of(client, cid)["messages"][-1]
+    assert answer["status"] == "complete" and answer["content"] == followed and answer["id"] == start[1]["assistant_message_id"]
+    assert conversation_of(client, cid)["generating"] is False
+    assert client.get(f"/api/v1/conversations/{cid}/answer").status_code == 204  # nothing to follow now
+
+
+def test_a_client_that_leaves_without_a_word_leaves_a_complete_answer(client):
+    cid = new_conversation(client, max_new_tokens=30)
     with client.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "long answer"}) as response:
         for event, _ in parse_sse(response.iter_lines()):
             if event == "delta":
                 break
-    # The response was closed mid-stream: the server cancels generation and settles the row.
     answer = wait_until(
-        lambda: (a := client.get(f"/api/v1/conversations/{cid}").json()["messages"][-1])["status"] != "streaming" and a,
-        "the answer settling after the client left")
-    assert answer["status"] == "interrupted"
-    assert answer["finish_reason"] == "disconnected"
-    assert answer["completion_tokens"] < 900
-    client.patch(f"/api/v1/conversations/{cid}", json={"max_new_tokens": 8})
+        lambda: (a := conversation_of(client, cid)["messages"][-1])["status"] != "streaming" and a,
+        "the answer finishing after the client left")
+    assert answer["status"] == "complete" and answer["finish_reason"] == "length"
+    assert answer["completion_tokens"] == 30
     follow_up = list(parse_sse(client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "hi"}).iter_lines()))
     assert follow_up[-1][0] == "done"
-    # The interrupted answer is part of the history the next prompt was built from.
-    assert follow_up[0][1]["prompt_tokens"] > 20
 
 
-def test_regenerate_replaces_the_last_answer(client):
+def test_regenerate_keeps_earlier_answers_as_alternatives_and_the_selected_one_is_the_next_prompt(client):
     cid = new_conversation(client, temperature=1.0)
     first = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "pick a word", "seed": 1})
     again = stream(client, f"/api/v1/conversations/{cid}/regenerate", {"seed": 2})
     assert again[0][0] == "start" and "user_message" not in again[0][1]
-    messages = client.get(f"/api/v1/conversations/{cid}").json()["messages"]
+    first_id, second_id = first[-1][1]["message"]["id"], again[-1][1]["message"]["id"]
+    messages = conversation_of(client, cid)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
-    assert messages[1]["id"] != first[-1][1]["message"]["id"]
+    assert messages[1]["id"] == second_id != first_id
     assert messages[1]["content"] == again[-1][1]["message"]["content"]
-    # Same seed, same settings: the same answer.
+    assert messages[1]["alternatives"] == [first_id, second_id]
+    assert messages[0]["alternatives"] == []
+    # Same seed, same settings: the same answer; now three to flip through.
     third = stream(client, f"/api/v1/conversations/{cid}/regenerate", {"seed": 2})
     assert third[-1][1]["message"]["content"] == again[-1][1]["message"]["content"]
+    third_id = third[-1][1]["message"]["id"]
+
+    # Flip back to the first: it is what the conversation shows and what the next prompt reads.
+    thread = client.post(f"/api/v1/conversations/{cid}/messages/{first_id}/select").json()
+    assert [m["id"] for m in thread] == [messages[0]["id"], first_id]
+    assert thread[1]["content"] == first[-1][1]["message"]["content"]
+    assert thread[1]["alternatives"] == [first_id, second_id, third_id]
+    assert conversation_of(client, cid)["messages"][1]["id"] == first_id
+    from app.services.chat import plan_turn
+    from app.db import crud
+    with client.app.state.sessions() as session:
+        turn = plan_turn(crud.list_messages(session, cid), "send", "next", None)
+    assert turn.history[1] == {"role": "assistant", "content": first[-1][1]["message"]["content"]}
+    nxt = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "another", "seed": 3})
+    assert nxt[-1][0] == "done"
+    assert [m["id"] for m in conversation_of(client, cid)["messages"]][:2] == [messages[0]["id"], first_id]
+
+    assert client.post(f"/api/v1/conversations/{cid}/messages/{messages[0]['id']}/select").status_code == 409
+    missing = client.post(f"/api/v1/conversations/{cid}/messages/{'0' * 32}/select")
+    assert missing.status_code == 404 and "no message" in missing.json()["detail"]
+
+
+def test_edit_and_resend_replaces_what_followed_in_one_step(client):
+    cid = new_conversation(client)
+    turns = [stream(client, f"/api/v1/conversations/{cid}/messages", {"content": text}) for text in ("one", "two", "three")]
+    before = conversation_of(client, cid)["messages"]
+    assert len(before) == 6
+    edited = before[2]  # "two"
+    events = stream(client, f"/api/v1/conversations/{cid}/messages/{edited['id']}/edit", {"content": "two, edited"})
+    assert events[0][1]["user_message"]["content"] == "two, edited"
+    assert events[-1][0] == "done"
+    after = conversation_of(client, cid)["messages"]
+    assert [m["content"] for m in after[:3]] == ["one", before[1]["content"], "two, edited"]
+    assert len(after) == 4 and after[3]["id"] == events[-1][1]["message"]["id"]
+    assert {m["id"] for m in after} & {m["id"] for m in before[2:]} == set()  # the old turns are gone
+    # The prompt was the conversation up to the edit: the same length as "two"'s, give or take the words.
+    assert abs(events[0][1]["prompt_tokens"] - turns[1][0][1]["prompt_tokens"]) <= 3
+    # Only one's own messages can be edited; an unknown id is a 404; a refused edit changes nothing.
+    answer = client.post(f"/api/v1/conversations/{cid}/messages/{after[1]['id']}/edit", json={"content": "x"})
+    assert answer.status_code == 409 and "only your own messages" in answer.json()["detail"]
+    assert client.post(f"/api/v1/conversations/{cid}/messages/nope/edit", json={"content": "x"}).status_code == 404
+    assert conversation_of(client, cid)["messages"] == after
+
+
+def test_continue_writes_on_a_cut_off_answer(client):
+    cid = new_conversation(client, max_new_tokens=8)
+    assert client.post(f"/api/v1/conversations/{cid}/continue").status_code == 409  # nothing yet
+    first = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "tell me a long story"})
+    cut = first[-1][1]["message"]
+    assert cut["finish_reason"] == "length"
+    more = stream(client, f"/api/v1/conversations/{cid}/continue")
+    start, done = more[0][1], more[-1][1]
+    assert start["assistant_message_id"] == cut["id"] and "user_message" not in start
+    assert start["prompt_tokens"] > first[0][1]["prompt_tokens"]  # the answer so far is in the prompt
+    added = "".join(d["text"] for e, d in more if e == "delta")
+    assert added and done["message"]["content"] == cut["content"] + added
+    assert done["completion_tokens"] == 16 and done["message"]["id"] == cut["id"]
+    messages = conversation_of(client, cid)["messages"]
+    assert len(messages) == 2 and messages[1]["content"] == cut["content"] + added
+    # The prompt is the conversation and the answer so far, its turn left open (greedy: as if never cut).
+    from app.services.prompts import encode_prompt
+    ckpt = client.app.state.models.slots["chat"].checkpoint
+    prompt = encode_prompt(ckpt, [{"role": "system", "content": "You are a helpful assistant."},
+                                  {"role": "user", "content": "tell me a long story"}], cut["content"])
+    assert start["prompt_tokens"] == len(prompt)
+    # A complete answer (not cut) cannot be continued.
+    client.patch(f"/api/v1/conversations/{cid}", json={"max_new_tokens": 8})
+    stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "hi"})
+    with client.app.state.sessions() as session:
+        from app.db import crud
+        last = crud.list_messages(session, cid)[-1]
+        crud.write_message(client.app.state.sessions, last.id, finish_reason="stop")
+    refused = client.post(f"/api/v1/conversations/{cid}/continue")
+    assert refused.status_code == 409 and "nothing to continue" in refused.json()["detail"]
+
+
+def test_message_ids_are_random_not_sequential(client):
+    cid = new_conversation(client, max_new_tokens=4)
+    events = stream(client, f"/api/v1/conversations/{cid}/messages", {"content": "hi"})
+    start = events[0][1]
+    ids = [start["user_message"]["id"], start["assistant_message_id"]]
+    for message_id in ids:
+        assert isinstance(message_id, str) and len(message_id) == 32 and int(message_id, 16) > 2**64
+    listed = [m["id"] for m in client.get(f"/api/v1/conversations/{cid}/messages").json()]
+    assert listed == ids
+
+
+def test_settings_state_the_servers_limits_and_new_chat_defaults(make_settings):
+    with running_client(make_settings(max_new_tokens_cap=512, default_system_prompt="Be brief.",
+                                      classifier_enabled=False)) as client:
+        body = client.get("/api/v1/settings").json()
+        assert body["limits"]["max_new_tokens"] == {"minimum": 1, "maximum": 512, "exclusive_minimum": False}
+        assert body["limits"]["temperature"] == {"minimum": 0, "maximum": 2, "exclusive_minimum": False}
+        assert body["limits"]["top_p"] == {"minimum": 0, "maximum": 1, "exclusive_minimum": True}
+        assert body["limits"]["top_k"]["maximum"] == 1000
+        assert body["defaults"]["system_prompt"] == "Be brief."
+        created = client.post("/api/v1/conversations", json={}).json()
+        assert created["system_prompt"] == body["defaults"]["system_prompt"]
+        assert created["max_new_tokens"] == body["defaults"]["max_new_tokens"]
+        over = client.post("/api/v1/conversations", json={"max_new_tokens": 513})
+        assert over.status_code == 422 and "limit 512" in over.json()["detail"]
+        hot = client.patch(f"/api/v1/conversations/{created['id']}", json={"temperature": 2.5})
+        assert hot.status_code == 422 and "2" in str(hot.json()["detail"])
 
 
 def test_multi_turn_drops_oldest_turns_and_says_so(make_settings, short_chat_checkpoint):

@@ -22,9 +22,8 @@ from app.schemas import (
     ConversationPublic,
     ConversationUpdate,
     ErrorBody,
-    MessagePublic,
 )
-from app.services.chat import NEW_CHAT_TITLE
+from app.services.chat import NEW_CHAT_TITLE, public_thread
 from app.services.registry import UnknownModel
 from app.settings import Settings
 
@@ -81,7 +80,7 @@ def create_conversation(
 @router.get("/{conversation_id}", response_model=ConversationDetail, responses=NOT_FOUND)
 def read_conversation(conversation: ConversationDep, session: SessionDep, active: ActiveDep) -> ConversationDetail:
     """The conversation with all its messages, oldest first."""
-    messages = [MessagePublic.model_validate(m) for m in crud.list_messages(session, conversation.id)]
+    messages = public_thread(session, conversation.id)
     return ConversationDetail(
         **ConversationPublic.model_validate(conversation).model_dump(),
         messages=messages,

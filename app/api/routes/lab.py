@@ -144,7 +144,7 @@ async def next_token(body: NextTokenRequest, runner: LabDep, models: ModelsDep, 
 )
 async def answer_tokens(
     conversation: ConversationDep,
-    message_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    message_id: Annotated[str, Path(min_length=1, max_length=64)],
     session: SessionDep,
     runner: LabDep,
     models: ModelsDep,
@@ -152,7 +152,7 @@ async def answer_tokens(
     """How likely the conversation's chat model found each token of one of this owner's stored answers."""
     slot = in_process_chat(models, conversation.model or None)
     messages = crud.list_messages(session, conversation.id)
-    index = next((i for i, m in enumerate(messages) if m.id == message_id), None)
+    index = next((i for i, m in enumerate(messages) if m.public_id == message_id), None)
     if index is None:
         raise HTTPException(404, detail="message not found in this conversation")
     message = messages[index]

@@ -148,11 +148,13 @@ async function showConversation(id) {
       target.append(el("p", "muted", "This conversation has no answers yet."));
       return;
     }
-    const byId = new Map(conversation.messages.map((m) => [m.id, m]));
+    // Message ids are random: the order is the list's.
+    const position = new Map(conversation.messages.map((m, i) => [m.id, i]));
     let latest = null;
     for (const message of answers) {
       const item = el("article", "cv-answer");
-      const question = [...byId.values()].filter((m) => m.role === "user" && m.id < message.id).pop();
+      const before = conversation.messages.slice(0, position.get(message.id));
+      const question = before.filter((m) => m.role === "user").pop();
       if (question) item.append(el("p", "cv-question", question.content.length > 140 ? `${question.content.slice(0, 137)}…` : question.content));
       const box = el("div", "cv-box");
       box.append(el("p", "cv-text", message.content.length > 240 ? `${message.content.slice(0, 237)}…` : message.content));
