@@ -37,9 +37,27 @@ def run_migrations_offline() -> None:
 
 
 def _migrate(connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # A batch ALTER copies the table and drops the old one; with foreign keys on, that drop
+        # cascades into the tables pointing at it (a conversation's rebuild would delete its
+        # messages). SQLite's own procedure for altering tables: keys off, alter, check, keys on.
+        # The PRAGMA is ignored inside a transaction, so it goes before the migration's.
+        ours = not connection.in_transaction()
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        if ours:  # the PRAGMA began SQLAlchemy's transaction: end it, or the migration's would nest in it
+            connection.commit()
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
+        if sqlite:
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"the migration left rows pointing at nothing: {broken[:5]}")
+    if sqlite:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        if ours:
+            connection.commit()
 
 
 def run_migrations_online() -> None:

@@ -29,7 +29,9 @@ TABLE_KWARGS = {"sqlite_autoincrement": True}
 def upgrade() -> None:
     op.add_column('messages', sa.Column('public_id', sa.String(length=32), nullable=True))
     # 16 random bytes as 32 hex digits, as app.db.models.new_id makes them.
-    op.execute("UPDATE messages SET public_id = lower(hex(randomblob(16)))")
+    random_hex = {"sqlite": "lower(hex(randomblob(16)))",
+                  "postgresql": "replace(gen_random_uuid()::text, '-', '')"}[op.get_bind().dialect.name]
+    op.execute(f"UPDATE messages SET public_id = {random_hex}")
     # The rebuild copies the rows into a new table and drops the old one; SQLite's drop deletes its
     # rows first, which an ON DELETE CASCADE pointing at "messages" would carry into the copy. So
     # parent_id is filled only after the rebuild, while it is still NULL everywhere.
@@ -49,7 +51,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # Alternatives that are not selected have no place in the old schema: they go.
-    op.execute("DELETE FROM messages WHERE selected = 0")
+    op.execute("DELETE FROM messages WHERE NOT selected")
     op.execute("UPDATE messages SET parent_id = NULL")  # as in upgrade: nothing to cascade during the rebuild
     with op.batch_alter_table('messages', schema=None, table_kwargs=TABLE_KWARGS) as batch_op:
         batch_op.drop_constraint('fk_messages_parent_id_messages', type_='foreignkey')
