@@ -32,7 +32,7 @@ from app.db import crud
 from app.db.models import STATUS_COMPLETE, STATUS_INTERRUPTED, STATUS_STREAMING, Conversation, Message
 from app.metrics import Metrics
 from app.schemas import MessagePublic
-from app.services.prompts import conversation_turns, generation_config, plan_prompt
+from app.services.prompts import conversation_turns, generation_config, plan_prompt, sent_messages
 from app.services.registry import CHAT, ModelRegistry, ModelSlot, ModelUnavailable, UnknownModel
 from app.services.streaming import ActiveGenerations, AnswerStream, ManagedStream
 from app.settings import Settings
@@ -193,7 +193,7 @@ class ChatService:
             # (OwnerBusy, ServerBusy) with the conversation as it was.
             # The owner "local" is every client of an open server without a session: not one user to limit.
             owner = None if conversation.owner == "local" else conversation.owner
-            job = slot.worker.submit(plan.prompt_ids, config, owner=owner)
+            job = slot.worker.submit(plan.prompt_ids, config, owner=owner, messages=sent_messages(plan))
         except BaseException:
             active.release(conversation.id)
             raise

@@ -8,7 +8,7 @@ fit; the system prompt always stays, and the caller is told how many messages we
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.db.models import STATUS_ERROR, Message
@@ -31,6 +31,10 @@ class PromptPlan:
     prompt_ids: list[int]
     dropped_messages: int  # how many of the oldest messages were left out
     max_new_tokens: int  # the answer budget after fitting (may be below what was asked)
+    # The kept turns (system prompt first) and the answer's written start: what a model served
+    # elsewhere is sent instead of ids, since it applies its own template (app.services.remote_chat).
+    messages: list[dict[str, str]] = field(default_factory=list)
+    answer_prefix: str = ""
 
 
 def neutralize_specials(text: str, special_tokens: Any) -> str:
@@ -94,6 +98,9 @@ def plan_prompt(
     def encode(start: int) -> list[int]:
         return encode_prompt(checkpoint, with_system(system_prompt, turns[start:]), answer_prefix)
 
+    def planned(ids: list[int], start: int, budget: int) -> PromptPlan:
+        return PromptPlan(ids, start, budget, with_system(system_prompt, turns[start:]), answer_prefix)
+
     if not allow_drop:
         ids = encode(0)
         budget = context - len(ids)
@@ -102,12 +109,12 @@ def plan_prompt(
                 f"the prompt has {len(ids)} tokens and the model's context window is {context}; "
                 "shorten the messages"
             )
-        return PromptPlan(ids, 0, min(max_new_tokens, budget))
+        return planned(ids, 0, min(max_new_tokens, budget))
     # Candidate cut points: each user message; dropping everything before it keeps a clean history.
     starts = [i for i, m in enumerate(turns) if m["role"] == "user"] or [0]
     ids = encode(starts[0])
     if len(ids) + max_new_tokens <= context:
-        return PromptPlan(ids, starts[0], max_new_tokens)
+        return planned(ids, starts[0], max_new_tokens)
     # The prompt length shrinks as the cut moves later, so binary-search the earliest cut that fits.
     lo, hi = 0, len(starts) - 1
     fitting: tuple[int, list[int]] | None = None
@@ -119,7 +126,7 @@ def plan_prompt(
         else:
             lo = mid + 1
     if fitting is not None:
-        return PromptPlan(fitting[1], fitting[0], max_new_tokens)
+        return planned(fitting[1], fitting[0], max_new_tokens)
     last = starts[-1]
     ids = encode(last)
     budget = context - len(ids)
@@ -128,7 +135,14 @@ def plan_prompt(
             f"the message is too long for the model: the prompt needs {len(ids)} tokens and the context "
             f"window is {context}, leaving no room for an answer; shorten the message or the system prompt"
         )
-    return PromptPlan(ids, last, budget)
+    return planned(ids, last, budget)
+
+
+def sent_messages(plan: PromptPlan) -> list[dict[str, str]]:
+    """The plan as messages, for a model served elsewhere: an answer being continued is the last turn."""
+    if plan.answer_prefix:
+        return [*plan.messages, {"role": "assistant", "content": plan.answer_prefix}]
+    return plan.messages
 
 
 def generation_config(

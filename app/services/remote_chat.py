@@ -85,30 +85,16 @@ def api_base(url: str) -> str:
 # --- the stand-in for a checkpoint ------------------------------------------------------------
 
 
-class RenderedMessages(str):
-    """A conversation "rendered" for a remote model: an estimate's text, carrying the messages themselves."""
-
-    messages: list[dict[str, str]]
-
-
-class RemotePrompt(list):
-    """Token ids of the estimate (their count is what prompt planning reads), carrying the messages to send."""
-
-    messages: list[dict[str, str]]
-
-
 class MessagesTemplate:
-    """The remote model's chat template: the backend applies its own, so rendering keeps the messages.
-
-    The text beside them is ChatML's layout, only so that counting its tokens includes each turn's markers."""
+    """The remote model's chat template, for counting only: the backend applies its own to the
+    messages it is sent (``PromptPlan.messages``). ChatML's layout, so that the count includes each
+    turn's markers."""
 
     stop: tuple[str, ...] = ()
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> RenderedMessages:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        rendered = RenderedMessages(text + ("<|im_start|>assistant\n" if add_generation_prompt else ""))
-        rendered.messages = [dict(m) for m in messages]
-        return rendered
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 class CountingTokenizer:
@@ -119,10 +105,8 @@ class CountingTokenizer:
     def __init__(self) -> None:
         self._bpe = gpt2_tokenizer()
 
-    def encode(self, text: str, allowed_special: Any = frozenset()) -> RemotePrompt:
-        prompt = RemotePrompt(self._bpe.encode_ordinary(text))
-        prompt.messages = getattr(text, "messages", None) or [{"role": "user", "content": str(text)}]
-        return prompt
+    def encode(self, text: str, allowed_special: Any = frozenset()) -> list[int]:
+        return self._bpe.encode_ordinary(text)
 
 
 @dataclass
@@ -274,6 +258,9 @@ class RemoteBackend:
                     "presence_penalty": config.presence_penalty or None,
                     "repetition_penalty": config.repetition_penalty if config.repetition_penalty != 1.0 else None}
         body.update({k: v for k, v in optional.items() if v is not None})
+        if messages and messages[-1]["role"] == "assistant":
+            # Continuing a cut answer: vLLM's (and SGLang's) extension writes on in that turn.
+            body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
 
@@ -543,15 +530,15 @@ class RemoteChatWorker:
             jobs = self._running + list(self._waiting)
         return min(jobs, key=lambda j: j.submitted_at) if jobs else None
 
-    def submit(self, prompt_ids: list[int], config: GenerationConfig, owner: str | None = None) -> RemoteJob:
-        """Queue one answer for ``owner``; ``prompt_ids`` is what :class:`RemoteModel` planned (a
-        :class:`RemotePrompt`, carrying the messages). Raises :class:`OwnerBusy` or :class:`ServerBusy`
-        at a limit, :class:`WorkerStopped` once stopped."""
+    def submit(self, prompt_ids: list[int], config: GenerationConfig, owner: str | None = None, *,
+               messages: list[dict[str, str]] | None = None) -> RemoteJob:
+        """Queue one answer for ``owner``: ``messages`` are sent (the backend applies its own template);
+        ``prompt_ids``, as :class:`RemoteModel` counted them, only size it. Raises :class:`OwnerBusy` or
+        :class:`ServerBusy` at a limit, :class:`WorkerStopped` once stopped."""
         if self._closed:
             raise WorkerStopped(f"the {self.name} worker has stopped")
-        messages = getattr(prompt_ids, "messages", None)
-        if messages is None:
-            raise TypeError("a remote chat model is sent messages: plan the prompt with its RemoteModel")
+        if not messages:
+            raise ValueError("a remote chat model is sent messages, not token ids: pass the plan's messages")
         job = RemoteJob(self, messages, config, owner, len(prompt_ids))
         with self._lock:
             mine = sum(1 for j in self._waiting if j.owner == owner)

@@ -219,6 +219,7 @@ class AnswerStream:
         return dict(
             content=self.text,
             status=status,
+            prompt_tokens=self.job.prompt_tokens,  # a remote backend's own count replaces our estimate
             completion_tokens=tokens,
             duration_ms=round(ms, 1),
             tokens_per_second=round(tokens / (ms / 1000), 2) if ms > 0 else None,
@@ -282,7 +283,7 @@ class AnswerStream:
             "done",
             {
                 "message": self._public(**fields),
-                "prompt_tokens": len(self.plan.prompt_ids),
+                "prompt_tokens": self.job.prompt_tokens,
                 "cached_prompt_tokens": self.job.cached_prompt_tokens,
                 "completion_tokens": fields["completion_tokens"],
                 "tokens_per_second": fields["tokens_per_second"],
@@ -303,7 +304,7 @@ class AnswerStream:
             "role": "assistant",
             "content": self.text,
             "status": self.status,
-            "prompt_tokens": len(self.plan.prompt_ids),
+            "prompt_tokens": self.job.prompt_tokens,
             "dropped_messages": self.plan.dropped_messages,
             **{k: v for k, v in fields.items() if k != "content"},
         }

@@ -90,6 +90,11 @@ class ChatJob:
         return self.handle.completion_tokens
 
     @property
+    def prompt_tokens(self) -> int:
+        """The prompt's length, as the model counts it (a remote backend's job reports its own)."""
+        return self.handle.prompt_tokens
+
+    @property
     def cached_prompt_tokens(self) -> int:
         """Prompt tokens taken from a kept cache, not prefilled (core.fast.prefix_cache)."""
         return self.handle.cached_prompt_tokens
@@ -196,9 +201,12 @@ class ChatWorker:
             self._jobs = [job for job in self._jobs if not job.done]
             return self._jobs[0] if self._jobs else None
 
-    def submit(self, prompt_ids: list[int], config: GenerationConfig, owner: str | None = None) -> ChatJob:
+    def submit(self, prompt_ids: list[int], config: GenerationConfig, owner: str | None = None, *,
+               messages: list[dict[str, str]] | None = None) -> ChatJob:
         """Queue one answer for ``owner`` (None: a client with no identity of its own, limited only by
-        the queue's size); raises :class:`OwnerBusy` or :class:`ServerBusy` when a limit is reached."""
+        the queue's size); raises :class:`OwnerBusy` or :class:`ServerBusy` when a limit is reached.
+        The engine decodes ``prompt_ids``; ``messages`` is for a worker whose model is elsewhere
+        (``RemoteChatWorker``), which shares this signature."""
         if self._closed:
             raise WorkerStopped(f"the {self.name} worker has stopped")
         with self._lock:

@@ -27,7 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from app.api.deps import ApiOwnerDep, ModelsDep, SettingsDep, require_api_access
 from app.schemas import Bool, Int, Penalty, RepetitionPenalty, Seed, Temperature, Text, TopK, TopP, bounded
-from app.services.prompts import PromptTooLong, generation_config, plan_prompt
+from app.services.prompts import PromptTooLong, generation_config, plan_prompt, sent_messages
 from app.services.registry import NO_PENALTIES, ModelSlot, ModelUnavailable, UnknownModel
 from app.services.streaming import ManagedStream
 from app.services.remote_chat import BackendError
@@ -238,7 +238,6 @@ async def chat_completions(
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     worker = slot.worker
-    prompt_tokens = len(plan.prompt_ids)
 
     def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
         return {
@@ -248,7 +247,8 @@ async def chat_completions(
 
     # Queued now, so that a refusal is this request's status (429, 503), not an error inside a stream.
     try:
-        job = worker.submit(plan.prompt_ids, config, owner=owner.id if owner is not None else None)
+        job = worker.submit(plan.prompt_ids, config, owner=owner.id if owner is not None else None,
+                            messages=sent_messages(plan))
     except (OwnerBusy, ServerBusy) as exc:
         raise OpenAIError(429 if isinstance(exc, OwnerBusy) else 503, str(exc), type_="rate_limit_exceeded",
                           headers={"Retry-After": str(exc.retry_after)}) from None
@@ -277,7 +277,7 @@ async def chat_completions(
             "id": completion_id, "object": "chat.completion", "created": created, "model": slot.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": job.finish_reason or "stop"}],
-            "usage": _usage(prompt_tokens, job.completion_tokens, job.cached_prompt_tokens),
+            "usage": _usage(job.prompt_tokens, job.completion_tokens, job.cached_prompt_tokens),
         }
 
     async def events() -> Any:
@@ -292,7 +292,7 @@ async def chat_completions(
             return
         yield f"data: {json.dumps(chunk({}, job.finish_reason or 'stop'))}\n\n"
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage = {**chunk({}, None), "choices": [], "usage": _usage(prompt_tokens, job.completion_tokens,
+            usage = {**chunk({}, None), "choices": [], "usage": _usage(job.prompt_tokens, job.completion_tokens,
                                                                          job.cached_prompt_tokens)}
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
