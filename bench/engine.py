@@ -7,8 +7,8 @@
 What runs: the chat model loaded as the service loads it (``core.weights.checkpoint.load_checkpoint``
 in fp32 on the CPU, then ``core.fast.transforms.fast_for_serving``), driven in this process by
 ``core.serving.Engine`` (no web server: ``bench/serve.py`` measures the service). For each number
-of clients, two engines face the same load in turn: one with ``--max-batch`` slots (continuous
-batching) and one with a single slot (one request at a time, what the service's chat worker did).
+of clients, two engines face the same load in turn: one with ``--max-batch`` places (continuous
+batching) and one with a single place (one request at a time, what the service's chat worker did).
 Each client, an asyncio task, streams ``--rounds`` chat answers back to back; all clients start
 together. Every prompt is its own question through the model's chat template (no two alike, so the
 prefix cache, on as in the service, can only share the template's preamble), greedy, stopped at
@@ -43,6 +43,7 @@ from core.fast.prefix_cache import PrefixCache  # noqa: E402
 from core.fast.transforms import fast_for_serving  # noqa: E402
 from core.generation.generate import GenerationConfig, generate, stream  # noqa: E402
 from core.serving import Engine  # noqa: E402
+from core.serving.engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK  # noqa: E402
 from core.weights.checkpoint import load_checkpoint  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "scratchgpt" / "models" / "smollm2-135m-instruct"
@@ -155,8 +156,8 @@ def main() -> None:
     p.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--rounds", type=int, default=2, help="answers each client streams, back to back")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=32, help="the batched engine's slots")
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="the batched engine's places")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, as the service)")
     p.add_argument("--prefix-cache-mb", type=int, default=256, help="as the service's default; 0: none")
     args = p.parse_args()
@@ -166,19 +167,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     checkpoint = load_checkpoint(args.model, device="cpu", dtype=torch.float32)
-    report = fast_for_serving(checkpoint)
+    decoder = fast_for_serving(checkpoint, batched=True)  # as the service builds it for its engine
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     cfg = answer_config(checkpoint, args.new_tokens)
     prompts = chat_prompts(checkpoint, max(args.clients) * args.rounds)
     lengths = [len(q) for q in prompts]
     print(f"{describe_device(torch.device('cpu'))}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{checkpoint.name} fp32, fast path: {report}; prompts {min(lengths)}-{max(lengths)} tokens, "
-          f"{args.new_tokens} new tokens, {args.rounds} answers per client; batched engine: {args.max_batch} slots, "
+          f"{checkpoint.name} fp32, fast path: {decoder.report}; prompts {min(lengths)}-{max(lengths)} tokens, "
+          f"{args.new_tokens} new tokens, {args.rounds} answers per client; batched engine: {args.max_batch} places, "
           f"prefill chunk {args.prefill_chunk}; load average {load_average()}", flush=True)
 
     def engine(max_batch: int) -> Engine:
         store = PrefixCache(args.prefix_cache_mb * MEBIBYTE) if args.prefix_cache_mb else None
-        return Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=args.prefill_chunk, prefix_cache=store,
+        return Engine(decoder, tokenizer, max_batch=max_batch, prefill_chunk=args.prefill_chunk, prefix_cache=store,
                       threads=args.threads)
 
     started = time.perf_counter()
