@@ -9,6 +9,7 @@ import torch
 
 from core.fast.prefix_cache import PrefixCache
 from core.generation.generate import ContextLengthError, GenerationConfig, generate, stream
+from core.model import KVCache
 from core.serving import Engine, EngineFull, EngineStopped, Queued
 from core.tokenizer import gpt2_tokenizer
 from fused_models import tiny_model
@@ -81,6 +82,37 @@ def test_a_sequence_admitted_mid_flight_leaves_the_others_unchanged(model, token
     late = engine.submit(PROMPTS[2], GREEDY)
     run(engine)
     assert [tokens(h) for h in first + [late]] == [alone(model, p) for p in PROMPTS[:3]]
+
+
+def assert_kept_rows_are_a_fresh_prefill(model, store, tokens):
+    """The keys and values the engine stored for ``tokens`` (a retired sequence's prompt and answer)
+    equal a fresh pass of the model over them. Our tiny random models' greedy answers mostly repeat
+    the prompt's last token whatever came before, so equal tokens alone would not show rows that went
+    missing between pages and a lone sequence's own cache."""
+    kept = store.take(model, tokens + [0], 1)  # the whole stored conversation, taken over
+    assert kept.length == len(tokens) - 1  # the answer's last token is never fed back
+    fresh = KVCache(model.cfg, 1, len(tokens))
+    model(torch.tensor([tokens[: kept.length]]), cache=fresh)
+    n = kept.length
+    torch.testing.assert_close(kept.keys[:, :, :, :n], fresh.keys[:, :, :, :n], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kept.values[:, :, :, :n], fresh.values[:, :, :, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_a_lone_sequence_moves_into_its_pages_when_another_joins_and_out_when_it_leaves(model, tokenizer):
+    store = PrefixCache()
+    engine = Engine(model, tokenizer, max_batch=4, prefix_cache=store)
+    lone = engine.submit(PROMPTS[3], GenerationConfig(max_new_tokens=20))
+    for _ in range(3):
+        engine.step()  # alone: its own cache, the model's ordinary forward
+    short = engine.submit(PROMPTS[1], GenerationConfig(max_new_tokens=4))
+    while not short.done:
+        engine.step()  # together: both in pages, one batched pass
+    run(engine)  # alone again
+    got = tokens(lone)
+    assert [got, tokens(short)] == [alone(model, PROMPTS[3], GenerationConfig(max_new_tokens=20)),
+                                    alone(model, PROMPTS[1], GenerationConfig(max_new_tokens=4))]
+    assert engine.pages_used == 0
+    assert_kept_rows_are_a_fresh_prefill(model, store, PROMPTS[3] + got)
 
 
 def test_a_sequence_cancelled_mid_flight_leaves_the_others_unchanged(model, tokenizer):
@@ -281,6 +313,9 @@ def test_a_sequence_preempted_for_an_older_ones_pages_resumes_with_the_tokens_it
     got = [tokens(handles[0]), [t for e in events if not isinstance(e, Queued) for t in e.token_ids]]
     assert got == [alone(model, p) for p in prompts]
     assert (engine.stats.cached_tokens > 0) == keep
+    if keep:
+        for prompt, answer in zip(prompts, got):
+            assert_kept_rows_are_a_fresh_prefill(model, store, prompt + answer)
 
 
 def test_zero_new_tokens_finish_at_once(model, tokenizer):
