@@ -768,16 +768,19 @@ class Engine:
         """The lone sequence's own cache, holding its ``cached`` positions, with room for ``length``."""
         cache = seq.solo
         if cache is None or cache.max_len < length:
-            capacity = max(MIN_SOLO_LENGTH, cache.max_len if cache is not None else 1)
-            while capacity < length:
-                capacity *= 2
-            capacity = min(capacity, self.max_len)
+            capacity = self._solo_capacity(length, cache.max_len if cache is not None else 1)
             if cache is None:
                 seq.solo = self._pages.export(seq.pages, seq.cached, capacity)
             else:
                 seq.solo = cache.resized(capacity, seq.cached)
         seq.solo.length = seq.cached
         return seq.solo
+
+    def _solo_capacity(self, length: int, now: int = 1) -> int:
+        capacity = max(MIN_SOLO_LENGTH, now)
+        while capacity < length:
+            capacity *= 2
+        return min(capacity, self.max_len)
 
     def _unsolo(self, seq: _Sequence) -> None:
         """Back into its pages, now that others run beside it."""
@@ -799,9 +802,15 @@ class Engine:
         seq.started = True
         if self.prefix_cache is None:
             return
-        kept = self.prefix_cache.take(self.model, seq.context, 1)
-        if kept.length:
-            self._pages.load(seq.pages, kept, kept.length)
+        if seq is self._solo():
+            # Running alone: the kept rows become its own cache (a conversation's next turn takes the
+            # entry over), one copy fewer than through its pages.
+            kept = self.prefix_cache.take(self.model, seq.context, self._solo_capacity(len(seq.context) + 1))
+            seq.solo = kept
+        else:
+            kept = self.prefix_cache.take(self.model, seq.context, 1)
+            if kept.length:
+                self._pages.load(seq.pages, kept, kept.length)
         seq.cached = kept.length
         if not seq.generated:
             seq.handle.cached_prompt_tokens = kept.length

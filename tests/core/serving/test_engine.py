@@ -112,7 +112,13 @@ def test_a_lone_sequence_moves_into_its_pages_when_another_joins_and_out_when_it
     assert [got, tokens(short)] == [alone(model, PROMPTS[3], GenerationConfig(max_new_tokens=20)),
                                     alone(model, PROMPTS[1], GenerationConfig(max_new_tokens=4))]
     assert engine.pages_used == 0
-    assert_kept_rows_are_a_fresh_prefill(model, store, PROMPTS[3] + got)
+    follow_up = PROMPTS[3] + got + [40, 41, 42]  # the next turn, alone: the kept rows are its own cache
+    again = engine.submit(follow_up, GenerationConfig(max_new_tokens=8))
+    run(engine)
+    assert again.cached_prompt_tokens == len(PROMPTS[3]) + len(got) - 1
+    answer = tokens(again)
+    assert answer == alone(model, follow_up, GenerationConfig(max_new_tokens=8))
+    assert_kept_rows_are_a_fresh_prefill(model, store, follow_up + answer)
 
 
 def test_a_sequence_cancelled_mid_flight_leaves_the_others_unchanged(model, tokenizer):
