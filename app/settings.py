@@ -85,8 +85,9 @@ class Settings(BaseSettings):
     # A turn then prefills only the new message instead of the whole conversation.
     chat_prefix_cache_mb: int = Field(256, ge=0)
     # The chat engine (core.serving) decodes many answers together, each step. Answers decoded
-    # together at most; 1 decodes one at a time (the service before continuous batching).
-    chat_max_batch: int = Field(8, ge=1)
+    # together at most (each holds KV pages only for the tokens it has, so many fit: see
+    # chat_kv_cache_mb); 1 decodes one at a time (the service before continuous batching).
+    chat_max_batch: int = Field(32, ge=1)
     # Answers waiting for a place, over all users; past it a new one is refused (503, Retry-After).
     chat_max_waiting: int = Field(64, ge=0)
     # Per user (an API key or a browser session): answers decoding at once, and answers waiting (past
@@ -94,10 +95,14 @@ class Settings(BaseSettings):
     chat_max_running_per_owner: int = Field(4, ge=1)
     chat_max_waiting_per_owner: int = Field(8, ge=0)
     # Prompt tokens prefilled per step over all new answers: a long prompt is spread over several
-    # steps, so the answers already streaming keep getting tokens.
-    chat_prefill_chunk: int = Field(256, ge=1)
-    # The engine's keys and values at most, in MiB; 0: room for the model's whole context in every place.
-    chat_kv_cache_mb: int = Field(0, ge=0)
+    # steps, so the answers already streaming keep getting tokens; 32 chats arriving together all
+    # start in one step.
+    chat_prefill_chunk: int = Field(512, ge=1)
+    # The engine's keys and values, all answers together, in MiB: one pool cut into pages of 16
+    # positions, taken as answers grow (SmolLM2-135M fp32: 45 KiB a position, so 512 MiB hold 32
+    # chats of 360 tokens); an answer that finds no free page waits. 0: the engine's default (512,
+    # raised to hold one whole context window).
+    chat_kv_cache_mb: int = Field(512, ge=0)
 
     # --- an external inference engine (app.services.remote_chat) ----------------
     # An OpenAI-compatible server (vLLM, llama.cpp's server, TGI, SGLang, another scratchgpt) that

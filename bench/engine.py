@@ -3,12 +3,13 @@
     python bench/engine.py                                  # SmolLM2 checkpoint, 1..32 clients, 32 new tokens
     python bench/engine.py --clients 1 8 --rounds 1         # a smoke run
     python bench/engine.py --threads 1                      # on a busy shared machine
+    python bench/engine.py --memory 240 --threads 1         # 32 growing conversations: where the memory goes
 
 What runs: the chat model loaded as the service loads it (``core.weights.checkpoint.load_checkpoint``
 in fp32 on the CPU, then ``core.fast.transforms.fast_for_serving``), driven in this process by
 ``core.serving.Engine`` (no web server: ``bench/serve.py`` measures the service). For each number
-of clients, two engines face the same load in turn: one with ``--max-batch`` slots (continuous
-batching) and one with a single slot (one request at a time, what the service's chat worker did).
+of clients, two engines face the same load in turn: one with ``--max-batch`` places (continuous
+batching) and one with a single place (one request at a time, what the service's chat worker did).
 Each client, an asyncio task, streams ``--rounds`` chat answers back to back; all clients start
 together. Every prompt is its own question through the model's chat template (no two alike, so the
 prefix cache, on as in the service, can only share the template's preamble), greedy, stopped at
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from core.fast.prefix_cache import PrefixCache  # noqa: E402
 from core.fast.transforms import fast_for_serving  # noqa: E402
 from core.generation.generate import GenerationConfig, generate, stream  # noqa: E402
 from core.serving import Engine  # noqa: E402
+from core.serving.engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK  # noqa: E402
 from core.weights.checkpoint import load_checkpoint  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "scratchgpt" / "models" / "smollm2-135m-instruct"
@@ -149,16 +152,62 @@ def static_batch(model, prompts: list[list[int]], new_tokens: int) -> Level:
     return level
 
 
+def memory_probe(engine: Engine, checkpoint, seconds: float, conversations: int, new_tokens: int) -> None:
+    """``conversations`` threads, each a chat that grows turn by turn for ``seconds``; every 10 s the
+    process's RSS beside what the engine holds by design: the prefix cache (bounded by its budget)
+    and the KV pages ever lent (bounded by ``max_kv_bytes``). "rest" is RSS less both: flat if
+    nothing else grows."""
+    tokenizer, store, pages = checkpoint.tokenizer, engine.prefix_cache, engine._pages
+    specials = frozenset(getattr(tokenizer, "special_tokens", {}) or {})
+    page_mb = (pages.keys[:, 0].nbytes + pages.values[:, 0].nbytes) / MEBIBYTE
+    cfg = GenerationConfig(max_new_tokens=new_tokens)
+    stop = time.monotonic() + seconds
+
+    def chat(index: int) -> None:
+        messages: list[dict] = []
+        turn = 0
+        while time.monotonic() < stop:
+            messages.append({"role": "user", "content": story_question(index * 1000 + turn)})
+            ids = tokenizer.encode(checkpoint.chat_template.render(messages), allowed_special=specials)
+            if len(ids) > engine.max_len // 2:
+                messages = messages[-1:]  # a new conversation, as a user starts one
+                continue
+            messages.append({"role": "assistant", "content": engine.submit(ids, cfg).text()})
+            turn += 1
+
+    threads = [threading.Thread(target=chat, args=(i,), daemon=True) for i in range(conversations)]
+    start = time.monotonic()
+    print(f"RSS at start {rss_mb():.0f} MB; {conversations} conversations, {new_tokens} new tokens an answer")
+    for thread in threads:
+        thread.start()
+    while time.monotonic() < stop:
+        time.sleep(min(10.0, max(0.0, stop - time.monotonic())))
+        rss, kept = rss_mb(), (store.nbytes if store is not None else 0) / MEBIBYTE
+        lent = pages._zeroed * page_mb
+        print(f"{time.monotonic() - start:4.0f} s: RSS {rss:.0f} MB = prefix cache {kept:.0f} + pages lent {lent:.0f} "
+              f"(in use {engine.pages_used * page_mb:.0f}) + rest {rss - kept - lent:.0f}; answers "
+              f"{engine.stats.finished}, preempted {engine.stats.preempted}", flush=True)
+    for thread in threads:
+        thread.join()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a causal-LM checkpoint directory")
     p.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--rounds", type=int, default=2, help="answers each client streams, back to back")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=32, help="the batched engine's slots")
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="the batched engine's places")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, as the service)")
     p.add_argument("--prefix-cache-mb", type=int, default=256, help="as the service's default; 0: none")
+    p.add_argument("--memory", type=float, default=None, metavar="SECONDS",
+                   help="only the memory probe: 32 conversations growing for SECONDS (see memory_probe)")
     args = p.parse_args()
     if not (args.model / "config.json").is_file():
         sys.exit(f"{args.model}: no checkpoint; run `scratchgpt download smollm2-135m-instruct`")
@@ -166,21 +215,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     checkpoint = load_checkpoint(args.model, device="cpu", dtype=torch.float32)
-    report = fast_for_serving(checkpoint)
+    decoder = fast_for_serving(checkpoint, batched=True)  # as the service builds it for its engine
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     cfg = answer_config(checkpoint, args.new_tokens)
     prompts = chat_prompts(checkpoint, max(args.clients) * args.rounds)
     lengths = [len(q) for q in prompts]
     print(f"{describe_device(torch.device('cpu'))}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{checkpoint.name} fp32, fast path: {report}; prompts {min(lengths)}-{max(lengths)} tokens, "
-          f"{args.new_tokens} new tokens, {args.rounds} answers per client; batched engine: {args.max_batch} slots, "
+          f"{checkpoint.name} fp32, fast path: {decoder.report}; prompts {min(lengths)}-{max(lengths)} tokens, "
+          f"{args.new_tokens} new tokens, {args.rounds} answers per client; batched engine: {args.max_batch} places, "
           f"prefill chunk {args.prefill_chunk}; load average {load_average()}", flush=True)
 
     def engine(max_batch: int) -> Engine:
         store = PrefixCache(args.prefix_cache_mb * MEBIBYTE) if args.prefix_cache_mb else None
-        return Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=args.prefill_chunk, prefix_cache=store,
+        return Engine(decoder, tokenizer, max_batch=max_batch, prefill_chunk=args.prefill_chunk, prefix_cache=store,
                       threads=args.threads)
 
+    if args.memory is not None:
+        with engine(args.max_batch) as running:
+            memory_probe(running, checkpoint, args.memory, 32, args.new_tokens)
+        return
     started = time.perf_counter()
     drive(engine(args.max_batch).start(), prompts, 1, 1, cfg)  # warm-up: first allocations and kernels
     rows: list[list] = []

@@ -156,14 +156,14 @@ class ChatWorker:
 
     Every answer, from any route, is a sequence of the one engine: up to ``max_batch`` decode
     together, each step, and the rest wait in its queue. The service's limits sit on top: one owner
-    holds at most ``max_running_per_owner`` slots and ``max_waiting_per_owner`` places in the queue
+    runs at most ``max_running_per_owner`` answers and ``max_waiting_per_owner`` places in the queue
     (past that, :class:`OwnerBusy`), and the queue holds at most ``max_waiting`` (past that,
     :class:`ServerBusy`). ``max_batch=1`` serves one answer at a time, as the service did before.
     """
 
-    def __init__(self, checkpoint: Any, decoder: ServingDecoder, name: str, *, max_batch: int = 8,
+    def __init__(self, checkpoint: Any, decoder: ServingDecoder, name: str, *, max_batch: int = 32,
                  max_waiting: int | None = 64, max_running_per_owner: int | None = 4,
-                 max_waiting_per_owner: int | None = 8, prefill_chunk: int = 256, max_kv_bytes: int | None = None,
+                 max_waiting_per_owner: int | None = 8, prefill_chunk: int = 512, max_kv_bytes: int | None = None,
                  threads: int | None = None, on_tokens: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None,
                  on_prompt: Callable[[int, int], None] | None = None,

@@ -113,7 +113,7 @@ class PrefixCache:
             self.reused_tokens += shared
             if shared < len(best.tokens):
                 # Copied under the lock: the entry may be taken over next, and its positions written.
-                return best.cache.resized(capacity, shared)
+                return best.cache.resized(max(capacity, shared), shared)
             self._entries.remove(best)
         # Kept caches are trimmed to what they hold (put), so the next turn's room is a copy of them.
         return best.cache if best.cache.max_len >= capacity else best.cache.resized(capacity)

@@ -8,7 +8,8 @@ more than one. Serving engines therefore schedule per step, not per request
 llama.cpp's server slots; Hugging Face TGI). :class:`Engine` does it for our
 models. Every step it
 
-1. admits waiting sequences while slots are free (first come, first served);
+1. admits waiting sequences while places (``max_batch``) and pages for their
+   prompts are free (first come, first served);
 2. prefills their prompts, at most ``prefill_chunk`` prompt tokens in all per
    step while others are running, so a long prompt is spread over several
    steps instead of freezing everyone else's tokens (chunked prefill:
@@ -21,27 +22,29 @@ models. Every step it
    top-k, top-p, seed, stop tokens and strings, token limit);
 4. retires at once the sequences that finished or were cancelled.
 
-KV memory: slots, not pages. Each running sequence owns one row of a cache
-``[layers, max_batch, kv_heads, length, head_dim]``; the batched step writes
-each row's new keys and values at that row's own position and attends to the
-filled part of every row under a per-row mask (what ``core.fast.cuda_graphs``'
-static step does for one common position). vLLM's pages waste no memory on
-sequences shorter than the longest and share prefixes between sequences, but
-need a gather (or a custom attention kernel) to attend over scattered blocks;
-slots keep attention a plain SDPA call over a slice of one tensor, and at our
-context lengths the waste is bounded. The length of the rows grows by doubling
-as the longest sequence grows (never beyond ``max_len``: the model's context
-window, or what ``max_kv_bytes`` allows), so memory is at most ``max_batch x
-max_len`` positions and in practice ``max_batch x`` the longest sequence so
-far, rounded up; :attr:`Engine.kv_bytes` says how much is held. What does not find a
-free slot waits in the queue; a prompt longer than ``max_len`` is refused at
-:meth:`Engine.submit`, and an answer that would outgrow its slot ends there
-with finish reason "length".
+KV memory: pages, not slots (PagedAttention's blocks: vLLM, Kwon et al., 2023).
+One pool of ``max_kv_bytes`` is cut once into pages of ``page_size`` positions;
+a sequence takes pages for its prompt when it is admitted and one more each
+time its answer crosses a page, and gives them all back when it ends. A slot
+per sequence had to be as long as the longest sequence could grow (the
+context window: 8,192 positions for SmolLM2, 377 MB each in fp32), so a budget
+that holds 32 short chats in pages held 1.4 slots, and the earlier engine ran
+8 sequences by default for that reason. With pages, a chat of 100 tokens holds
+7 pages of 16, and how many sequences run at once is set by what they hold, not
+what they might hold; the cost is a gather of each row's pages per layer and
+pass (``index_select``; a custom attention kernel would read them in place).
+What does not fit waits in the queue. When the running sequences' answers
+outgrow the pool, the youngest gives its pages back and waits at the head of
+the queue (preemption by recomputation, vLLM's), its keys and values kept in the
+prefix cache so that it copies them back when it is admitted again. A prompt
+longer than ``max_len`` (the context window, or what the pool holds) is refused
+at :meth:`Engine.submit`, and an answer that would outgrow it ends there with
+finish reason "length".
 
 What exists keeps working:
 
 - a prompt that continues a conversation kept in the prefix cache
-  (``core.fast.prefix_cache``) copies those rows into its slot instead of
+  (``core.fast.prefix_cache``) copies those rows into its pages instead of
   prefilling them, and every retired sequence stores its rows back. Each
   prompt's rows are also stored as soon as its prefill ends, and the cache is
   looked up when a prefill starts, so that requests arriving together run the
@@ -49,11 +52,12 @@ What exists keeps working:
 - the model's own modules run, so the serving transforms installed on them
   (``core.fast.transforms``: panels, oneDNN copies, the screened output layer
   for all-greedy batches) apply by themselves. A fused decoding layer
-  (``core.fast.fused_layers``) writes every row at one common position, so the
-  batched step runs each block's own code around those fast linear layers; a
-  sequence decoding alone takes the model's ordinary forward, fused layers
-  included, and a lone request runs the very passes ``core.generation.generate``
-  runs for it.
+  (``core.fast.fused_layers``) writes a cache of one piece at one common
+  position, so the batched step runs each block's own code around those fast
+  linear layers. A sequence running alone moves into a cache of its own (one
+  copy of its pages, and back when another is admitted) and takes the
+  model's ordinary forward, fused layers included: a lone request runs the
+  very passes ``core.generation.generate`` runs for it.
 
 Text: each sequence turns its tokens into text with ``core.generation``'s
 :class:`~core.generation.generate.TextStream`, exactly as ``stream`` does
@@ -91,7 +95,18 @@ from core.model import ForwardContext, GPTModel, KVCache, TransformerBlock
 
 logger = logging.getLogger(__name__)
 
-MIN_ROW_LENGTH = 256  # the slots' first length, doubled as longer sequences arrive
+PAGE_SIZE = 16  # positions per page of KV memory (vLLM's default block size)
+DEFAULT_MAX_BATCH = 32  # sequences running at once
+DEFAULT_KV_BYTES = 512 * 2**20  # the pages' keys and values, all sequences together
+# Prompts in one prefill pass at most: 32 prompts of ten new tokens arriving together get their
+# first tokens in four waves, not all at the end of one pass four times as long (time to first token
+# p50), for a few percent more time in all (passes of 80 tokens fill a CPU's matrix products well).
+PREFILL_ROWS = 8
+# Prompt tokens prefilled per step: 32 chat prompts arriving together (about ten tokens each past the
+# template's preamble, which they copy) all start in the step they arrive, instead of a quarter of
+# them waiting a whole decoding step of the others for theirs.
+DEFAULT_PREFILL_CHUNK = 512
+MIN_SOLO_LENGTH = 256  # a lone sequence's own cache starts this long, doubled as it grows
 
 
 class EngineError(RuntimeError):
@@ -120,7 +135,7 @@ class EngineStats:
     admission), "ttft_seconds" (submit to first token), "tbt_seconds" (between two tokens of a
     sequence) and "batch_size" (sequences in each decoding step)."""
 
-    running: int = 0  # sequences holding a slot (prefilling or decoding)
+    running: int = 0  # sequences holding pages (prefilling or decoding)
     waiting: int = 0  # sequences in the queue
     submitted: int = 0
     rejected: int = 0  # refused with EngineFull
@@ -131,6 +146,7 @@ class EngineStats:
     generated_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens run through the model
     cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead
+    preempted: int = 0  # sequences that gave their pages back to let older ones grow, and waited again
 
 
 @dataclass
@@ -285,13 +301,15 @@ class _Sequence:
     handle: Handle
     prompt: list[int]
     config: GenerationConfig
-    limit: int  # new tokens at most: max_new_tokens, or what fits the slot
+    limit: int  # new tokens at most: max_new_tokens, or what fits the budget
     text: TextStream
     generator: torch.Generator | None
     penalties: Penalties | None = None  # the sequence's history, when its settings penalize repeats
     owner: str | None = None  # who sent it (max_running_per_owner)
-    row: int = -1  # its slot while admitted
-    cached: int = 0  # positions of its slot holding keys and values
+    context: list[int] = field(default_factory=list)  # what its prefill runs: the prompt, or more once preempted
+    pages: list[int] = field(default_factory=list)  # its pages, in position order, while admitted
+    solo: KVCache | None = None  # its keys and values in one piece while it runs alone (see Engine)
+    cached: int = 0  # positions holding keys and values
     next_token: int | None = None  # the last token sampled, fed at the next step; None while prefilling
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -299,113 +317,127 @@ class _Sequence:
     last_token_at: float = 0.0
 
 
-class _RowCache(KVCache):
-    """One slot as a batch-1 :class:`KVCache` over the engine's buffer: the model's ordinary forward
-    (a prompt's chunk, a sequence decoding alone) writes straight into the slot."""
+class _Pages:
+    """The KV memory: ``count`` pages of ``size`` positions each, allocated once, lent to sequences.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        self.keys, self.values = keys, values
-        self.max_len, self.length = keys.shape[3], length
+    Laid out ``[layers, pages, size, kv_heads, head_dim]`` so that the pages a batched pass reads
+    gather (``index_select`` on the page dimension) into ``(rows, positions, kv_heads, head_dim)``
+    for every row at once, and a transpose makes that the ``(rows, kv_heads, positions, head_dim)``
+    attention takes."""
+
+    def __init__(self, model: GPTModel, count: int, size: int) -> None:
+        p = next(model.parameters())
+        cfg = self.cfg = model.cfg
+        self.count, self.size, self.device, self.dtype = count, size, p.device, p.dtype
+        # Empty memory, each page zeroed when first lent: the pool's untouched pages then cost no
+        # resident memory (a fresh mapping), so the process grows with the pages used, not the budget.
+        # Zeroed, because attention reads positions past a row's own under its mask, and a NaN left
+        # there would turn into NaN weights (0 * NaN) despite the mask.
+        shape = (cfg.n_layers, count, size, cfg.kv_heads, cfg.head_dim)
+        self.keys = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.values = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self._free = list(range(count - 1, -1, -1))  # popped from the end: low pages, touched already, first
+        self._zeroed = 0  # pages below this were zeroed; the free list lends them in ascending order first
+        self._zero_up_to(1)  # page 0 pads the rows a batched pass reads
+
+    @staticmethod
+    def bytes_per_position(model: GPTModel) -> int:
+        """Bytes of keys and values one position holds."""
+        cfg, p = model.cfg, next(model.parameters())
+        return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * p.element_size()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def needed(self, pages: list[int], length: int) -> int:
+        """Pages more that ``pages`` need to hold ``length`` positions."""
+        return max(0, -(-length // self.size) - len(pages))
+
+    def grow(self, pages: list[int], length: int) -> bool:
+        """Extend ``pages`` to hold ``length`` positions; False (and nothing taken) if too few are free."""
+        need = self.needed(pages, length)
+        if need > len(self._free):
+            return False
+        taken = [self._free.pop() for _ in range(need)]
+        self._zero_up_to(max(taken, default=-1) + 1)
+        pages.extend(taken)
+        return True
+
+    def _zero_up_to(self, end: int) -> None:
+        if end > self._zeroed:
+            self.keys[:, self._zeroed : end].zero_()
+            self.values[:, self._zeroed : end].zero_()
+            self._zeroed = end
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+        pages.clear()
+
+    def _where(self, pages: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page and offset of positions 0 to ``length`` - 1."""
+        positions = torch.arange(length, device=self.device)
+        table = torch.tensor(pages, device=self.device, dtype=torch.long)
+        return table[positions // self.size], positions % self.size
+
+    def load(self, pages: list[int], cache: KVCache, length: int) -> None:
+        """Copy the first ``length`` positions of a batch-1 cache into ``pages``."""
+        at, offset = self._where(pages, length)
+        self.keys[:, at, offset] = cache.keys[:, 0, :, :length].transpose(1, 2)
+        self.values[:, at, offset] = cache.values[:, 0, :, :length].transpose(1, 2)
+
+    def export(self, pages: list[int], length: int, capacity: int | None = None) -> KVCache:
+        """A batch-1 cache of ``capacity`` positions (default ``length``) holding a copy of the first
+        ``length`` positions of ``pages``."""
+        cache = KVCache(self.cfg, 1, max(capacity or length, 1), self.device, self.dtype)
+        at, offset = self._where(pages, length)
+        cache.keys[:, 0, :, :length] = self.keys[:, at, offset].transpose(1, 2)
+        cache.values[:, 0, :, :length] = self.values[:, at, offset].transpose(1, 2)
+        cache.length = length
+        return cache
 
 
-class _BatchStep:
-    """The cache of one batched pass over some slots, each row with its own new tokens at its own
-    positions: the real ones' keys and values land there, padding's nowhere, and attention reads
-    every row up to the furthest position, masked per query."""
+class _PagedStep:
+    """The cache of one batched pass, row i over the pages ``tables[i]`` with its own new tokens at
+    its own positions: the real ones' keys and values land in their pages, padding's nowhere, and
+    attention reads every row's pages up to the furthest position, masked per query."""
 
-    def __init__(self, slots: "_Slots", rows: list[int] | range, positions: torch.Tensor, real: torch.Tensor) -> None:
-        self.keys, self.values = slots.keys, slots.values
-        device = positions.device
-        self.span = int(positions.max()) + 1
-        # A range of slots reads as a view of the buffer; other rows (a prefill's) are gathered.
-        self.read = slice(rows.start, rows.stop) if isinstance(rows, range) else torch.tensor(rows, device=device)
-        row_ids = torch.tensor(list(rows), device=device)[:, None].expand_as(positions)
-        self.real, self.write_rows, self.write_positions = real, row_ids[real], positions[real]
+    def __init__(self, pages: _Pages, tables: list[list[int]], positions: torch.Tensor, real: torch.Tensor) -> None:
+        self.pages, self.real = pages, real
+        device, size = positions.device, pages.size
+        self.rows, self.span = len(tables), int(positions.max()) + 1
+        self.width = -(-self.span // size)  # pages read per row
+        # A row shorter than the furthest reads some page under its mask (page 0): finite, never seen.
+        table = torch.tensor([t[: self.width] + [0] * (self.width - len(t[: self.width])) for t in tables],
+                             device=device, dtype=torch.long)
+        self.read = table.reshape(-1)
+        self.write_pages = table.gather(1, positions // size)[real]
+        self.write_offsets = (positions % size)[real]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, kv_heads, T, head_dim). Indexing slot rows and positions together addresses one
-        # (kv_heads, head_dim) block per real token: the advanced indices' dimension comes first.
-        keys, values = self.keys[layer], self.values[layer]
-        keys[self.write_rows, :, self.write_positions] = k.transpose(1, 2)[self.real]
-        values[self.write_rows, :, self.write_positions] = v.transpose(1, 2)[self.real]
-        return keys[self.read, :, : self.span], values[self.read, :, : self.span]
+        # k, v: (B, kv_heads, T, head_dim); a page and an offset address one (kv_heads, head_dim) block.
+        out = []
+        for store, new in ((self.pages.keys[layer], k), (self.pages.values[layer], v)):
+            store[self.write_pages, self.write_offsets] = new.transpose(1, 2)[self.real]
+            rows = store.index_select(0, self.read).view(self.rows, self.width * self.pages.size, *store.shape[2:])
+            out.append(rows[:, : self.span].transpose(1, 2))
+        return out[0], out[1]
 
     def advance(self, n: int) -> None:
         pass  # the engine counts each row's positions itself
 
 
-class _Slots:
-    """The KV buffer: ``slots`` rows of ``length`` positions, the length doubled as needed up to ``max_len``."""
 
-    def __init__(self, model: GPTModel, slots: int, max_len: int) -> None:
-        p = next(model.parameters())
-        self.cfg, self.slots, self.max_len = model.cfg, slots, max_len
-        self.device, self.dtype = p.device, p.dtype
-        length = min(MIN_ROW_LENGTH, max_len)
-        self.keys, self.values = self._zeros(length), self._zeros(length)
-
-    def _zeros(self, length: int) -> torch.Tensor:
-        # Zeros, not empty memory: attention reads positions past a row's own under its mask,
-        # and a NaN left there would turn into NaN weights (0 * NaN) despite the mask.
-        cfg = self.cfg
-        shape = (cfg.n_layers, self.slots, cfg.kv_heads, length, cfg.head_dim)
-        return torch.zeros(shape, device=self.device, dtype=self.dtype)
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[3]
-
-    @staticmethod
-    def bytes_per_position(model: GPTModel) -> int:
-        """Bytes of keys and values one slot holds per position."""
-        cfg, p = model.cfg, next(model.parameters())
-        return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * p.element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-    def reserve(self, length: int, rows: int) -> None:
-        """Room for ``length`` positions per row, keeping what the first ``rows`` rows hold."""
-        if length <= self.length:
-            return
-        new = self.length
-        while new < length:
-            new *= 2
-        new = min(new, self.max_len)
-        keys, values = self._zeros(new), self._zeros(new)
-        keys[:, :rows, :, : self.length] = self.keys[:, :rows]
-        values[:, :rows, :, : self.length] = self.values[:, :rows]
-        self.keys, self.values = keys, values
-
-    def row(self, row: int, length: int) -> _RowCache:
-        return _RowCache(self.keys[:, row : row + 1], self.values[:, row : row + 1], length)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
-        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
-
-    def load(self, row: int, cache: KVCache, length: int) -> None:
-        """Copy the first ``length`` positions of a batch-1 cache into ``row``."""
-        self.keys[:, row, :, :length] = cache.keys[:, 0, :, :length]
-        self.values[:, row, :, :length] = cache.values[:, 0, :, :length]
-
-    def export(self, row: int, length: int) -> KVCache:
-        """A batch-1 cache holding a copy of the first ``length`` positions of ``row``."""
-        cache = KVCache(self.cfg, 1, length, self.device, self.dtype)
-        cache.keys[:, 0] = self.keys[:, row, :, :length]
-        cache.values[:, 0] = self.values[:, row, :, :length]
-        cache.length = length
-        return cache
-
-
-def _similar_lengths(work: list[tuple[Any, int]], waste: float = 1.25) -> list[list[tuple[Any, int]]]:
+def _similar_lengths(work: list[tuple[Any, int]], waste: float = 1.25,
+                     rows: int | None = None) -> list[list[tuple[Any, int]]]:
     """``(sequence, tokens)`` pairs in groups run as one right-padded pass each: longest first, a
-    group taking the next while its padded size stays within ``waste`` times its real tokens."""
+    group taking the next while its padded size stays within ``waste`` times its real tokens and
+    it holds fewer than ``rows`` pairs (None: any number)."""
     groups: list[list[tuple[Any, int]]] = []
     real = 0
     for item in sorted(work, key=lambda w: -w[1]):
-        if groups and (len(groups[-1]) + 1) * groups[-1][0][1] <= waste * (real + item[1]):
+        if (groups and (rows is None or len(groups[-1]) < rows)
+                and (len(groups[-1]) + 1) * groups[-1][0][1] <= waste * (real + item[1])):
             groups[-1].append(item)
             real += item[1]
         else:
@@ -443,15 +475,17 @@ class Engine:
     """Decodes many sequences at once for ``model`` (a ``GPTModel`` in eval mode, or the
     ``core.fast.serving.ServingDecoder`` whose output layers its passes should use) and ``tokenizer``.
 
-    ``max_batch``: slots, the most sequences running at once (each decoding step
-    is one pass over up to this many rows). ``max_len``: positions per slot,
-    prompt and answer together (default: the model's context window), lowered
-    if need be so that the slots' keys and values stay within ``max_kv_bytes``.
-    ``prefill_chunk``: prompt tokens prefilled per step at most, over all
+    ``max_batch``: the most sequences running at once (each decoding step is one
+    pass over up to this many rows). ``max_kv_bytes``: the keys and values of
+    all running sequences together (default :data:`DEFAULT_KV_BYTES`, raised to
+    hold one whole ``max_len``), cut into pages of ``page_size`` positions.
+    ``max_len``: positions one sequence holds at most, prompt and answer
+    together (default: the model's context window, lowered to what the budget
+    holds). ``prefill_chunk``: prompt tokens prefilled per step at most, over all
     sequences. ``prefix_cache``: a ``core.fast.prefix_cache.PrefixCache`` to
     take kept conversations from and store finished ones in. ``max_waiting``:
     queue length past which :meth:`submit` raises :class:`EngineFull` (None: no
-    limit). ``max_running_per_owner``: slots one owner's sequences hold at most (None: no
+    limit). ``max_running_per_owner``: sequences one owner runs at most (None: no
     limit); a sequence past it waits while other owners' sequences behind it are admitted.
     ``threads``: torch threads of the scheduler's thread.
     ``on_observe(name, value)``: timings as they happen (see :class:`EngineStats`).
@@ -462,10 +496,11 @@ class Engine:
         model: GPTModel | ServingDecoder,
         tokenizer: Any,
         *,
-        max_batch: int = 8,
+        max_batch: int = DEFAULT_MAX_BATCH,
         max_len: int | None = None,
         max_kv_bytes: int | None = None,
-        prefill_chunk: int = 256,
+        page_size: int = PAGE_SIZE,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache: Any = None,
         max_waiting: int | None = None,
         max_running_per_owner: int | None = None,
@@ -481,12 +516,16 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not 1 <= max_len <= context:
             raise ValueError(f"max_len must be 1 to the model's context window {context}, got {max_len}")
-        if max_kv_bytes is not None:
-            per_position = max_batch * _Slots.bytes_per_position(model)
-            if max_kv_bytes < per_position:
-                raise ValueError(f"max_kv_bytes {max_kv_bytes} holds not one position of {max_batch} slots "
-                                 f"({per_position} bytes): raise it or lower max_batch")
-            max_len = min(max_len, max_kv_bytes // per_position)
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        per_page = page_size * _Pages.bytes_per_position(model)
+        if max_kv_bytes is None:
+            max_kv_bytes = max(DEFAULT_KV_BYTES, -(-max_len // page_size) * per_page)
+        elif max_kv_bytes < per_page:
+            raise ValueError(f"max_kv_bytes {max_kv_bytes} holds not one page of {page_size} positions "
+                             f"({per_page} bytes): raise it or lower page_size")
+        pages = max_kv_bytes // per_page
+        max_len = min(max_len, pages * page_size)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if max_waiting is not None and max_waiting < 0:
@@ -504,8 +543,9 @@ class Engine:
         self.max_running_per_owner = max_running_per_owner
         self.stats = EngineStats()
         self._observe = on_observe or (lambda name, value: None)
-        self._slots = _Slots(model, max_batch, max_len)
-        self._active: list[_Sequence] = []  # index = slot row; touched only by the stepping thread
+        self._pages = _Pages(model, pages, page_size)
+        self._device = self._pages.device
+        self._active: list[_Sequence] = []  # oldest admitted first; touched only by the stepping thread
         self._waiting: deque[_Sequence] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._lock = threading.Lock()
@@ -515,8 +555,13 @@ class Engine:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes the slots' keys and values hold now."""
-        return self._slots.nbytes
+        """Bytes of the page pool (allocated once: the budget, rounded down to whole pages)."""
+        return self._pages.keys.nbytes + self._pages.values.nbytes
+
+    @property
+    def pages_used(self) -> int:
+        """Pages lent to running sequences now."""
+        return self._pages.count - self._pages.free
 
     # -- the public face -------------------------------------------------------------------
 
@@ -531,11 +576,11 @@ class Engine:
         if not all(0 <= t < vocab for t in prompt):
             raise ValueError(f"the prompt holds token ids outside the model's vocabulary of {vocab}")
         handle = Handle(self, len(prompt))
-        # The first new token needs no slot position (only the ones fed back do).
+        # The first new token needs no position of its own (only the ones fed back do).
         limit = min(config.max_new_tokens, self.max_len - len(prompt) + 1)
-        penalties = Penalties(config, [prompt], self.model.cfg.vocab_size, self._slots.device) if config.penalized else None
+        penalties = Penalties(config, [prompt], self.model.cfg.vocab_size, self._device) if config.penalized else None
         seq = _Sequence(handle, prompt, config, limit, TextStream(self.tokenizer, config),
-                        make_generator(config, self._slots.device), penalties, owner)
+                        make_generator(config, self._device), penalties, owner, context=prompt)
         handle._seq = seq
         with self._lock:
             if self._stopping:
@@ -637,6 +682,8 @@ class Engine:
             self._waiting.clear()
             self._calls.clear()
         for seq in left:
+            self._pages.release(seq.pages)
+            seq.solo = None
             seq.handle._end(None, EngineStopped("the engine stopped before this answer finished"))
         for _, future in calls:
             future.set_exception(EngineStopped("the engine stopped before this call ran"))
@@ -667,14 +714,18 @@ class Engine:
             self._wake.notify()
 
     def _requeue(self) -> None:
-        """Tell each waiting sequence whose place changed (under the lock)."""
+        """Tell each waiting sequence whose place changed (under the lock). A preempted sequence
+        streamed tokens already: its reader sees a pause, not a place in the queue."""
         self.stats.waiting = len(self._waiting)
         for ahead, seq in enumerate(self._waiting):
             if seq.handle._position != ahead:
                 seq.handle._position = ahead
-                seq.handle._push(Queued(ahead))
+                if not seq.generated:
+                    seq.handle._push(Queued(ahead))
 
     def _admit(self) -> None:
+        """Admit waiting sequences, first come first served, while places and pages for their whole
+        prompt are free; the first that does not fit waits, and so does everyone behind it."""
         with self._lock:
             admitted, dropped, held = [], [], []
             running: dict[str | None, int] = {}
@@ -682,14 +733,16 @@ class Engine:
                 running[seq.owner] = running.get(seq.owner, 0) + 1
             cap = self.max_running_per_owner
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
-                seq = self._waiting.popleft()
+                seq = self._waiting[0]
                 if seq.cancelled:
-                    dropped.append(seq)
+                    dropped.append(self._waiting.popleft())
                 elif cap is not None and seq.owner is not None and running.get(seq.owner, 0) >= cap:
-                    held.append(seq)  # its owner has enough running: the next owner's sequence goes first
-                else:
-                    admitted.append(seq)
+                    held.append(self._waiting.popleft())  # its owner has enough running: the next owner's goes first
+                elif self._pages.grow(seq.pages, len(seq.context)):
+                    admitted.append(self._waiting.popleft())
                     running[seq.owner] = running.get(seq.owner, 0) + 1
+                else:
+                    break  # no pages for it: it waits for a sequence to finish
             self._waiting.extendleft(reversed(held))
             if admitted or dropped:
                 self._requeue()
@@ -698,23 +751,69 @@ class Engine:
             seq.handle._end("cancelled")
         now = time.perf_counter()
         for seq in admitted:
-            seq.row = len(self._active)
             self._active.append(seq)
-            seq.handle._position, seq.handle.admitted_at = None, now
-            self._observe("queue_seconds", now - seq.handle.submitted_at)
+            seq.handle._position = None
+            if seq.handle.admitted_at is None:
+                seq.handle.admitted_at = now
+                self._observe("queue_seconds", now - seq.handle.submitted_at)
+        if len(self._active) > 1:
+            for seq in self._active:
+                self._unsolo(seq)
+
+    def _solo(self) -> _Sequence | None:
+        """The sequence running alone, if one does: it decodes in a cache of its own (see the module docstring)."""
+        return self._active[0] if len(self._active) == 1 else None
+
+    def _solo_cache(self, seq: _Sequence, length: int) -> KVCache:
+        """The lone sequence's own cache, holding its ``cached`` positions, with room for ``length``."""
+        cache = seq.solo
+        if cache is None or cache.max_len < length:
+            capacity = self._solo_capacity(length, cache.max_len if cache is not None else 1)
+            if cache is None:
+                seq.solo = self._pages.export(seq.pages, seq.cached, capacity)
+            else:
+                seq.solo = cache.resized(capacity, seq.cached)
+        seq.solo.length = seq.cached
+        return seq.solo
+
+    def _solo_capacity(self, length: int, now: int = 1) -> int:
+        capacity = max(MIN_SOLO_LENGTH, now)
+        while capacity < length:
+            capacity *= 2
+        return min(capacity, self.max_len)
+
+    def _unsolo(self, seq: _Sequence) -> None:
+        """Back into its pages, now that others run beside it."""
+        if seq.solo is not None:
+            self._pages.load(seq.pages, seq.solo, seq.cached)
+            seq.solo = None
+
+    def _kv(self, seq: _Sequence) -> KVCache:
+        """A copy of the sequence's keys and values (for the prefix cache)."""
+        if seq.solo is not None:
+            seq.solo.length = seq.cached
+            return seq.solo.resized(seq.cached)
+        return self._pages.export(seq.pages, seq.cached)
 
     def _take_kept(self, seq: _Sequence) -> None:
-        """Copy the longest kept prefix of the prompt into the sequence's slot. Looked up when its
+        """Copy the longest kept prefix of the prompt into the sequence's pages. Looked up when its
         prefill starts, not at admission: sequences admitted together then find the prompts that
         went before them in this very step (the chat template's preamble, a shared system prompt)."""
         seq.started = True
         if self.prefix_cache is None:
             return
-        self._slots.reserve(len(seq.prompt), len(self._active))
-        kept = self.prefix_cache.take(self.model, seq.prompt, len(seq.prompt))
-        if kept.length:
-            self._slots.load(seq.row, kept, kept.length)
-        seq.cached = seq.handle.cached_prompt_tokens = kept.length
+        if seq is self._solo():
+            # Running alone: the kept rows become its own cache (a conversation's next turn takes the
+            # entry over), one copy fewer than through its pages.
+            kept = self.prefix_cache.take(self.model, seq.context, self._solo_capacity(len(seq.context) + 1))
+            seq.solo = kept
+        else:
+            kept = self.prefix_cache.take(self.model, seq.context, 1)
+            if kept.length:
+                self._pages.load(seq.pages, kept, kept.length)
+        seq.cached = kept.length
+        if not seq.generated:
+            seq.handle.cached_prompt_tokens = kept.length
         self.stats.cached_tokens += kept.length
 
     def _prefill(self) -> None:
@@ -728,7 +827,7 @@ class Engine:
         budget = self.prefill_chunk
         if len(self._active) == 1 and not self._waiting:
             # Nobody to keep waiting: a lone prompt runs whole, as core.generation runs it.
-            budget = len(self._active[0].prompt)
+            budget = len(self._active[0].context)
         first: list[tuple[_Sequence, int]] = []
         later: list[_Sequence] = []
         starting = False  # whether a new prompt is in the first pass
@@ -741,7 +840,7 @@ class Engine:
                 if not seq.started:
                     self._take_kept(seq)
                     starting = True
-                n = min(budget, len(seq.prompt) - seq.cached)
+                n = min(budget, len(seq.context) - seq.cached)
                 first.append((seq, n))
                 budget -= n
             else:
@@ -752,91 +851,108 @@ class Engine:
             if budget == 0:
                 break
             self._take_kept(seq)
-            n = min(budget, len(seq.prompt) - seq.cached)
+            n = min(budget, len(seq.context) - seq.cached)
             second.append((seq, n))
             budget -= n
         self._prefill_pass(second)
 
-    def _reserve(self, work: list[tuple[_Sequence, int]]) -> None:
-        """Room in every slot for the positions a pass writes (``n`` from each sequence's ``cached`` on)."""
-        if work:
-            self._slots.reserve(max(seq.cached + n for seq, n in work), len(self._active))
-
     def _prefill_pass(self, work: list[tuple[_Sequence, int]]) -> None:
         """Run ``n`` more prompt tokens of each sequence: alone, the model's ordinary forward (the very
         pass ``core.generation`` runs for a lone prompt), else groups of similar lengths, one pass each."""
-        self._reserve(work)
-        done = []
-        for group in _similar_lengths(work):
-            finishing = [i for i, (seq, n) in enumerate(group) if seq.cached + n == len(seq.prompt)]
+        lone = self._solo()
+        for group in _similar_lengths(work, rows=PREFILL_ROWS):
+            finishing = [i for i, (seq, n) in enumerate(group) if seq.cached + n == len(seq.context)]
             greedy = all(_argmax_only(group[i][0]) for i in finishing)
-            if len(group) == 1:
+            logits = None
+            if len(group) == 1 and group[0][0] is lone:
                 seq, n = group[0]
-                ids = torch.tensor([seq.prompt[seq.cached : seq.cached + n]], device=self._slots.device)
-                cache = self._slots.row(seq.row, seq.cached)
+                ids = torch.tensor([seq.context[seq.cached : seq.cached + n]], device=self._device)
+                cache = self._solo_cache(seq, seq.cached + n)
                 if finishing:
                     logits = self.decoder(ids, cache=cache, last_only=True, argmax_only=greedy)[:, -1]
-                else:  # no logits needed: the blocks alone fill the slot
+                else:  # no logits needed: the blocks alone fill the cache
                     ctx = self.model.context(ids, cache=cache)
                     self.model.run_blocks(self.model.embed(ids, ctx), ctx)
             else:
-                logits = self._pass(
-                    [seq.row for seq, _ in group], [seq.prompt[seq.cached : seq.cached + n] for seq, n in group],
-                    [seq.cached for seq, _ in group], finishing, greedy)
+                logits = self._pass([seq for seq, _ in group],
+                                    [seq.context[seq.cached : seq.cached + n] for seq, n in group], finishing, greedy)
             for seq, n in group:
                 seq.cached += n
                 self.stats.prefilled_tokens += n
-            done += [(group[i][0], logits[k : k + 1]) for k, i in enumerate(finishing)]
-        # Every slot is written before any sequence retires (a retirement moves the last slot's rows).
-        if self.prefix_cache is not None:
-            for seq, _ in done:  # for the prompts after it that share its start
-                self.prefix_cache.put(seq.prompt, self._slots.export(seq.row, seq.cached))
-        for seq, logits in done:
-            self._emit(seq, self._sample([seq], logits)[0])
+            done = [group[i][0] for i in finishing]
+            if self.prefix_cache is not None:
+                for seq in done:  # for the prompts after it that share its start
+                    self.prefix_cache.put(seq.context, self._kv(seq))
+            # Each group's first tokens go out as soon as it is run, not after the step's last group.
+            for seq, token in zip(done, self._sample(done, logits) if done else []):
+                self._emit(seq, token)
+
+    def _make_room(self, seqs: list[_Sequence]) -> None:
+        """A page for each decoding sequence's next position where it needs one; when none is free,
+        the youngest running sequence gives its pages back and waits at the head of the queue
+        (preemption by recomputation: vLLM's, Kwon et al., 2023), its keys and values kept in the
+        prefix cache, so that it copies them back when pages free up instead of running them again."""
+        for seq in seqs:
+            if seq not in self._active:
+                continue  # preempted for an older one's page
+            while not self._pages.grow(seq.pages, seq.cached + 1):
+                victim = self._active[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _preempt(self, seq: _Sequence) -> None:
+        if self.prefix_cache is not None and seq.cached:
+            self.prefix_cache.put(seq.prompt + seq.generated, self._kv(seq))
+        self._pages.release(seq.pages)
+        self._active.remove(seq)
+        seq.solo, seq.cached, seq.next_token, seq.started = None, 0, None, False
+        seq.context = seq.prompt + seq.generated  # its prefill samples the token after the last one streamed
+        with self._lock:
+            self._waiting.appendleft(seq)
+            self.stats.preempted += 1
+            self.stats.running = len(self._active)
+            self._requeue()
 
     def _decode(self) -> None:
         """One token for every sequence past its prompt, in one pass."""
+        self._make_room([s for s in self._active if s.next_token is not None])
         seqs = [s for s in self._active if s.next_token is not None]
         if not seqs:
             return
-        self._reserve([(s, 1) for s in seqs])
         self.stats.steps += 1
         self._observe("batch_size", len(seqs))
         greedy = all(_argmax_only(s) for s in seqs)
-        if len(seqs) == 1:
+        if seqs[0] is self._solo():
             # Alone: the model's ordinary step, the one core.generation runs (fused layers included).
             seq = seqs[0]
-            ids = torch.tensor([[seq.next_token]], device=self._slots.device)
-            logits = self.decoder(ids, cache=self._slots.row(seq.row, seq.cached), last_only=True, argmax_only=greedy)
-            logits = logits[:, -1]
+            ids = torch.tensor([[seq.next_token]], device=self._device)
+            cache = self._solo_cache(seq, seq.cached + 1)
+            logits = self.decoder(ids, cache=cache, last_only=True, argmax_only=greedy)[:, -1]
         else:
-            # Slots 0..last decoding one, as one view of the buffer: a slot still prefilling among them
-            # takes no token (nothing is written for it) and its logits are not computed.
-            rows = self._active[: max(s.row for s in seqs) + 1]
-            logits = self._pass(
-                range(len(rows)), [[s.next_token] if s.next_token is not None else [] for s in rows],
-                [s.cached for s in rows], [s.row for s in seqs], greedy)
+            logits = self._pass(seqs, [[s.next_token] for s in seqs], list(range(len(seqs))), greedy)
         for seq in seqs:
             seq.cached += 1
         for seq, token in zip(seqs, self._sample(seqs, logits)):
             self._emit(seq, token)
 
-    def _pass(self, rows: list[int] | range, chunks: list[list[int]], starts: list[int], heads: list[int],
-              argmax_only: bool) -> torch.Tensor:
-        """One forward pass over the slots ``rows``, row i taking the tokens ``chunks[i]`` at the
-        positions from ``starts[i]`` on (right-padded to the longest); the logits (len(heads),
-        vocab) after the last token of the rows whose indices are ``heads``."""
-        model, device = self.model, self._slots.device
+    def _pass(self, seqs: list[_Sequence], chunks: list[list[int]], heads: list[int],
+              argmax_only: bool) -> torch.Tensor | None:
+        """One forward pass over the pages of ``seqs``, row i taking the tokens ``chunks[i]`` at the
+        positions from its ``cached`` on (right-padded to the longest); the logits (len(heads),
+        vocab) after the last token of the rows whose indices are ``heads`` (None for none)."""
+        model, device = self.model, self._device
         T = max(len(c) for c in chunks)
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=device)
         counts = torch.tensor([len(c) for c in chunks], device=device)
         offsets = torch.arange(T, device=device)
         real = offsets[None, :] < counts[:, None]
-        # Padding sits at its row's last real position (a row with none at its start): inside the
-        # position tables, and never written, since only real tokens store keys and values.
-        last = (counts - 1).clamp(min=0)
-        positions = torch.tensor(starts, device=device)[:, None] + torch.minimum(offsets[None, :], last[:, None])
-        cache = _BatchStep(self._slots, rows, positions, real)
+        # Padding sits at its row's last real position: inside its pages and the position tables,
+        # and never written, since only real tokens store keys and values.
+        last = counts - 1
+        starts = torch.tensor([s.cached for s in seqs], device=device)
+        positions = starts[:, None] + torch.minimum(offsets[None, :], last[:, None])
+        cache = _PagedStep(self._pages, [s.pages for s in seqs], positions, real)
         visible = torch.arange(cache.span, device=device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
         ctx = ForwardContext(positions, visible[:, None], model.rope_at(positions), cache)
         x = model.embed(ids, ctx)
@@ -844,6 +960,8 @@ class Engine:
             # The block's own code, even where a fused twin (core.fast.fused_layers) replaced it: the
             # fused kernel writes every row at one position. Its linear layers keep their fast paths.
             x, _ = TransformerBlock.forward(block, x, ctx)
+        if not heads:
+            return None
         heads_at = torch.tensor(heads, device=device)
         hidden = x[heads_at, last[heads_at]][:, None]  # (len(heads), 1, d)
         return self.decoder.logits(hidden, argmax_only)[:, 0]
@@ -894,16 +1012,13 @@ class Engine:
             self._retire(seq, "cancelled")
 
     def _retire(self, seq: _Sequence, reason: str) -> None:
-        """Free the sequence's slot (the last slot's sequence moves into it) and end its handle."""
+        """Give the sequence's pages back and end its handle."""
         if self.prefix_cache is not None and seq.cached:
-            # Its slot's positions hold the prompt and all but the last new token.
-            self.prefix_cache.put(seq.prompt + seq.generated, self._slots.export(seq.row, seq.cached))
-        last = self._active.pop()
-        if last is not seq:
-            self._slots.move(last.row, seq.row, last.cached)
-            self._active[seq.row] = last
-            last.row = seq.row
-        seq.row = -1
+            # Its positions hold the prompt and all but the last new token.
+            self.prefix_cache.put(seq.prompt + seq.generated, self._kv(seq))
+        self._pages.release(seq.pages)
+        seq.solo = None
+        self._active.remove(seq)
         with self._lock:
             self.stats.running = len(self._active)
             if reason == "cancelled":
@@ -918,7 +1033,8 @@ class Engine:
             self.stats.failed += len(failed)
             self.stats.running = 0
         for seq in failed:
-            seq.row = -1
+            self._pages.release(seq.pages)
+            seq.solo = None
             error = EngineError(f"decoding failed: {type(err).__name__}: {err}")
             error.__cause__ = err
             seq.handle._end(None, error)

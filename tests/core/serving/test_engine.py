@@ -9,6 +9,7 @@ import torch
 
 from core.fast.prefix_cache import PrefixCache
 from core.generation.generate import ContextLengthError, GenerationConfig, generate, stream
+from core.model import KVCache
 from core.serving import Engine, EngineFull, EngineStopped, Queued
 from core.tokenizer import gpt2_tokenizer
 from fused_models import tiny_model
@@ -83,6 +84,43 @@ def test_a_sequence_admitted_mid_flight_leaves_the_others_unchanged(model, token
     assert [tokens(h) for h in first + [late]] == [alone(model, p) for p in PROMPTS[:3]]
 
 
+def assert_kept_rows_are_a_fresh_prefill(model, store, tokens):
+    """The keys and values the engine stored for ``tokens`` (a retired sequence's prompt and answer)
+    equal a fresh pass of the model over them. Our tiny random models' greedy answers mostly repeat
+    the prompt's last token whatever came before, so equal tokens alone would not show rows that went
+    missing between pages and a lone sequence's own cache."""
+    kept = store.take(model, tokens + [0], 1)  # the whole stored conversation, taken over
+    assert kept.length == len(tokens) - 1  # the answer's last token is never fed back
+    fresh = KVCache(model.cfg, 1, len(tokens))
+    model(torch.tensor([tokens[: kept.length]]), cache=fresh)
+    n = kept.length
+    torch.testing.assert_close(kept.keys[:, :, :, :n], fresh.keys[:, :, :, :n], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kept.values[:, :, :, :n], fresh.values[:, :, :, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_a_lone_sequence_moves_into_its_pages_when_another_joins_and_out_when_it_leaves(model, tokenizer):
+    store = PrefixCache()
+    engine = Engine(model, tokenizer, max_batch=4, prefix_cache=store)
+    lone = engine.submit(PROMPTS[3], GenerationConfig(max_new_tokens=20))
+    for _ in range(3):
+        engine.step()  # alone: its own cache, the model's ordinary forward
+    short = engine.submit(PROMPTS[1], GenerationConfig(max_new_tokens=4))
+    while not short.done:
+        engine.step()  # together: both in pages, one batched pass
+    run(engine)  # alone again
+    got = tokens(lone)
+    assert [got, tokens(short)] == [alone(model, PROMPTS[3], GenerationConfig(max_new_tokens=20)),
+                                    alone(model, PROMPTS[1], GenerationConfig(max_new_tokens=4))]
+    assert engine.pages_used == 0
+    follow_up = PROMPTS[3] + got + [40, 41, 42]  # the next turn, alone: the kept rows are its own cache
+    again = engine.submit(follow_up, GenerationConfig(max_new_tokens=8))
+    run(engine)
+    assert again.cached_prompt_tokens == len(PROMPTS[3]) + len(got) - 1
+    answer = tokens(again)
+    assert answer == alone(model, follow_up, GenerationConfig(max_new_tokens=8))
+    assert_kept_rows_are_a_fresh_prefill(model, store, follow_up + answer)
+
+
 def test_a_sequence_cancelled_mid_flight_leaves_the_others_unchanged(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=4)
     handles = [engine.submit(p, GREEDY) for p in PROMPTS[:3]]
@@ -145,7 +183,7 @@ def test_each_sequence_samples_with_its_own_settings_and_seed(model, tokenizer):
     assert tokens(handle) != got[0]
 
 
-def test_the_queue_waits_for_a_free_slot_and_tells_each_sequence_its_place(model, tokenizer):
+def test_the_queue_waits_for_a_free_place_and_tells_each_sequence_its_place(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=2)
     handles = [engine.submit(p, GREEDY) for p in PROMPTS]
     assert [h.position for h in handles] == [0, 1, 2, 3]
@@ -153,7 +191,7 @@ def test_the_queue_waits_for_a_free_slot_and_tells_each_sequence_its_place(model
     engine.step()
     assert [h.position for h in handles] == [None, None, 0, 1]
     assert (engine.stats.running, engine.stats.waiting) == (2, 2)
-    assert handles[2].completion_tokens == 0  # no slot, no token
+    assert handles[2].completion_tokens == 0  # no place, no token
     run(engine)
     events = [list(h.events()) for h in handles]
     assert [[e.ahead for e in got if isinstance(e, Queued)] for got in events] == [[0], [1], [2, 0], [3, 1]]
@@ -207,7 +245,7 @@ def test_prompts_arriving_together_run_their_shared_start_once(model, tokenizer)
     assert [tokens(h) for h in handles] == [alone(model, p) for p in prompts]
 
 
-def test_an_answer_that_outgrows_its_slot_ends_with_length(model, tokenizer):
+def test_an_answer_that_outgrows_max_len_ends_with_length(model, tokenizer):
     engine = Engine(model, tokenizer, max_len=20)
     prompt = list(range(40, 55))  # 15 tokens: room for 5 more positions, so 6 new tokens
     handle = engine.submit(prompt, GenerationConfig(max_new_tokens=50))
@@ -216,27 +254,74 @@ def test_an_answer_that_outgrows_its_slot_ends_with_length(model, tokenizer):
     assert handle.finish_reason == "length"
 
 
-def test_slots_grow_as_a_sequence_outgrows_them_and_the_others_keep_their_tokens(tokenizer):
-    model = tiny_model("llama", context_length=700)
-    engine = Engine(model, tokenizer, max_batch=2)
-    start = engine.kv_bytes
-    short = engine.submit(PROMPTS[0], GREEDY)
+def per_position(model) -> int:
+    """Bytes of keys and values per position: 2 layers of 2 key/value heads of 8 floats (llama), 4 (gpt2)."""
+    return 2 * 2 * (4 if model.cfg.family == "gpt2" else 2) * 8 * 4
+
+
+def paged(model, tokenizer, pages, page_size=4, **kwargs):
+    return Engine(model, tokenizer, max_kv_bytes=pages * page_size * per_position(model), page_size=page_size, **kwargs)
+
+
+def test_a_memory_budget_sets_the_pages_and_the_longest_sequence(model, tokenizer):
+    engine = paged(model, tokenizer, pages=5, page_size=16)
+    assert (engine.max_len, engine.kv_bytes, engine.pages_used) == (80, 5 * 16 * per_position(model), 0)
+    assert Engine(model, tokenizer, max_kv_bytes=10**9).max_len == model.cfg.context_length
+    with pytest.raises(ValueError, match="holds not one page"):
+        Engine(model, tokenizer, page_size=16, max_kv_bytes=16 * per_position(model) - 1)
+    with pytest.raises(ValueError, match="page_size"):
+        Engine(model, tokenizer, page_size=0)
+
+
+def test_sequences_take_pages_as_they_grow_and_give_them_back_on_finish_and_cancel(model, tokenizer):
+    engine = paged(model, tokenizer, pages=24)
+    kept, cut = engine.submit(PROMPTS[0], GREEDY), engine.submit(PROMPTS[3], GREEDY)
+    seen = set()
+    while engine.step():
+        # Every position fed back holds keys and values: the prompt and all new tokens but the last.
+        held = [len(p) + h.completion_tokens - 1 for p, h in ((PROMPTS[0], kept), (PROMPTS[3], cut)) if not h.done]
+        assert engine.pages_used == sum(-(-n // 4) for n in held)
+        seen.add(engine.pages_used)
+        if cut.completion_tokens == 3:
+            cut.cancel()
+    assert len(seen) > 2 and engine.pages_used == 0
+    assert cut.finish_reason == "cancelled" and tokens(kept) == alone(model, PROMPTS[0])
+
+
+def test_a_sequence_waits_while_pages_run_out_and_is_admitted_when_they_come_back(model, tokenizer):
+    engine = paged(model, tokenizer, pages=6)  # 24 positions
+    first, second = list(range(40, 56)), list(range(60, 72))  # 4 pages, 3 more: not both at once
+    handles = [engine.submit(first, GREEDY), engine.submit(second, GREEDY)]
     engine.step()
-    long_prompt = [(7 * i) % 90 + 3 for i in range(300)]  # past the slots' first 256 positions
-    long = engine.submit(long_prompt, GREEDY)
+    assert engine.stats.running == 1 and handles[1].position == 0 and handles[1].completion_tokens == 0
+    while not handles[0].done:
+        assert handles[1].completion_tokens == 0
+        engine.step()
     run(engine)
-    assert engine.kv_bytes == 2 * start
-    assert [tokens(short), tokens(long)] == [alone(model, PROMPTS[0]), alone(model, long_prompt)]
+    assert handles[0].finish_reason == "length"  # 16 + 9 new tokens fill 24 positions (the last is not fed back)
+    assert [tokens(h) for h in handles] == [alone(model, first)[:9], alone(model, second)]
+    assert engine.stats.preempted == 0 and engine.pages_used == 0
 
 
-def test_a_memory_budget_sets_the_slots_length(model, tokenizer):
-    per_position = 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 key/value heads of 8 (llama) floats
-    if model.cfg.family == "gpt2":
-        per_position *= 2  # as many key/value heads as heads: 4
-    assert Engine(model, tokenizer, max_batch=4, max_kv_bytes=4 * per_position * 50).max_len == 50
-    assert Engine(model, tokenizer, max_batch=4, max_kv_bytes=10**9).max_len == model.cfg.context_length
-    with pytest.raises(ValueError, match="holds not one position"):
-        Engine(model, tokenizer, max_batch=4, max_kv_bytes=per_position)
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "copied back"])
+def test_a_sequence_preempted_for_an_older_ones_pages_resumes_with_the_tokens_it_gets_alone(model, tokenizer, keep):
+    # Each grows to 25 positions (7 pages): both together outgrow 10 pages at 20 positions each,
+    # and the younger waits again, its keys and values run again (or copied back from the prefix
+    # cache, which keeps 16 positions or more) once pages are free.
+    store = PrefixCache() if keep else None
+    engine = paged(model, tokenizer, pages=10, prefix_cache=store)
+    prompts = [list(range(20, 34)), list(range(60, 74))]
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    run(engine)
+    assert engine.stats.preempted >= 1 and engine.pages_used == 0
+    events = list(handles[1].events())
+    assert [e.ahead for e in events if isinstance(e, Queued)] == [1]  # no place shown once its answer started
+    got = [tokens(handles[0]), [t for e in events if not isinstance(e, Queued) for t in e.token_ids]]
+    assert got == [alone(model, p) for p in prompts]
+    assert (engine.stats.cached_tokens > 0) == keep
+    if keep:
+        for prompt, answer in zip(prompts, got):
+            assert_kept_rows_are_a_fresh_prefill(model, store, prompt + answer)
 
 
 def test_zero_new_tokens_finish_at_once(model, tokenizer):
