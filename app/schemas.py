@@ -407,7 +407,8 @@ class NextTokenRequest(RequestModel):
         None, min_length=1, max_length=MAX_PROMPT_TOKENS,
         description="The prompt as token ids, instead of text (the step button)",
     )
-    chat_template: Bool = Field(False, description="Wrap `text` as a user message in the model's chat template")
+    chat_template: Bool = Field(False, description="Wrap `text` as a new chat's first user message in the model's "
+                                "chat template, under the system prompt new chats get (GET /api/v1/settings)")
     temperature: bounded(Float, ge=0.0, le=2.0) = Field(1.0, description="0 shows the model's own distribution")
     top_k: bounded(Int, ge=1, le=1000) | None = None
     # Not just > 0: a top_p that rounds to 0 in float32 would make core's nucleus filter drop every token.

@@ -197,8 +197,10 @@ def check_token_ids(tokenizer: Any, ids: Sequence[int], model_vocab: int) -> Non
             raise LabInputError(f"token id {i} is not a token of this model's tokenizer") from None
 
 
-def prompt_ids(checkpoint: Any, text: str | None, token_ids: list[int] | None, chat_template: bool) -> list[int]:
-    """The prompt as token ids: ``token_ids`` as given, or ``text`` encoded (as a user turn when ``chat_template``)."""
+def prompt_ids(checkpoint: Any, text: str | None, token_ids: list[int] | None, chat_template: bool,
+               system_prompt: str = "") -> list[int]:
+    """The prompt as token ids: ``token_ids`` as given, or ``text`` encoded (when ``chat_template``,
+    as the first user turn of a new chat: under ``system_prompt``, the one new chats get)."""
     tokenizer = checkpoint.tokenizer
     if token_ids is not None:
         check_token_ids(tokenizer, token_ids, checkpoint.config.vocab_size)
@@ -207,16 +209,17 @@ def prompt_ids(checkpoint: Any, text: str | None, token_ids: list[int] | None, c
         assert text is not None
         _check_chars(text)
         if chat_template:
-            ids = encode_prompt(checkpoint, [{"role": "user", "content": text}])
+            ids = encode_prompt(checkpoint, with_system(system_prompt, [{"role": "user", "content": text}]))
         else:
             ids = tokenizer.encode(text, allowed_special="all")
     _check_tokens(ids, min(MAX_PROMPT_TOKENS, checkpoint.config.context_length), "the prompt")
     return ids
 
 
-def next_token_choices(checkpoint: Any, request: NextTokenRequest) -> NextTokenResult:
-    """The k most likely next tokens under the request's sampling settings, the entropy and the greedy choice."""
-    ids = prompt_ids(checkpoint, request.text, request.token_ids, request.chat_template)
+def next_token_choices(checkpoint: Any, request: NextTokenRequest, system_prompt: str = "") -> NextTokenResult:
+    """The k most likely next tokens under the request's sampling settings, the entropy and the greedy
+    choice; a chat-template prompt is a new chat's first message, under ``system_prompt``."""
+    ids = prompt_ids(checkpoint, request.text, request.token_ids, request.chat_template, system_prompt)
     sampling = SamplingConfig(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
     tokenizer = checkpoint.tokenizer
     result = next_token(checkpoint.model, ids, sampling, k=request.k)

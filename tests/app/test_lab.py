@@ -165,6 +165,9 @@ def test_step_appends_a_chosen_token(client):
 def test_next_token_in_the_chat_template(client):
     body = client.post(f"{LAB}/next-token", json={"text": "Say hi", "chat_template": True}).json()
     assert "### Instruction" in body["text"] and "Say hi" in body["text"]  # the tiny chat model uses Alpaca
+    # The prompt a new chat's first message gets: under the same system prompt as the chat's.
+    system = client.get("/api/v1/settings").json()["defaults"]["system_prompt"]
+    assert system and system in body["text"]
 
 
 @pytest.mark.parametrize(

@@ -128,11 +128,12 @@ async def attention(body: AttentionRequest, runner: LabDep, models: ModelsDep, o
 
 @router.post("/next-token", response_model=NextTokenResult, responses=CHAT_LIMITS)
 async def next_token(body: NextTokenRequest, runner: LabDep, models: ModelsDep, owner: OwnerDep,
-                     model: ModelName = None) -> NextTokenResult:
-    """The chat model's most likely next tokens under a temperature and top-k/top-p, with the entropy."""
+                     settings: SettingsDep, model: ModelName = None) -> NextTokenResult:
+    """The chat model's most likely next tokens under a temperature and top-k/top-p, with the entropy.
+    With ``chat_template``, the text is a new chat's first message, under the system prompt new chats get."""
     slot = in_process_chat(models, model)
     try:
-        return await measure(runner, lab.next_token_choices, slot.checkpoint, body)
+        return await measure(runner, lab.next_token_choices, slot.checkpoint, body, settings.default_system_prompt)
     except ChatTemplateError as exc:
         raise HTTPException(422, detail=str(exc)) from None
 
