@@ -3,6 +3,13 @@
 Each model has a slot whose state moves from ``loading`` to ``ready``, ``missing`` (no
 checkpoint yet: its endpoints answer 503 naming the command that makes one), ``error``
 (a checkpoint that does not load) or ``disabled`` (switched off in settings).
+
+The chat model answers through torch's kernels as soon as it is loaded; our C++
+kernels (``core.fast``), which compile on first use (minutes on a fresh
+machine), are built on a second copy in the background and swapped in when ready.
+A model's checkpoint can also be replaced while serving (:meth:`ModelRegistry.load_model`:
+a background fine-tune has finished), and while a fine-tune that makes a missing
+model runs, its requests answer 503 with the job's progress (:meth:`ModelRegistry.set_training`).
 """
 
 from __future__ import annotations
@@ -34,14 +41,16 @@ MAKE_COMMANDS = {
     CLASSIFIER: "scratchgpt finetune spam",
 }
 SETTING_NAMES = {CHAT: "SCRATCHGPT_CHAT_CHECKPOINT", CLASSIFIER: "SCRATCHGPT_CLASSIFIER_CHECKPOINT"}
+# How long a replaced chat model may go on finishing the answers it had started.
+RETIRE_SECONDS = 600.0
 
 
 class ModelUnavailable(RuntimeError):
     """A request needs a model that is not serving; ``detail`` says why and what to do."""
 
-    def __init__(self, role: str, state: str, detail: str) -> None:
+    def __init__(self, role: str, state: str, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
-        self.role, self.state, self.detail = role, state, detail
+        self.role, self.state, self.detail, self.retry_after = role, state, detail, retry_after
 
 
 @dataclass
@@ -54,9 +63,13 @@ class ModelSlot:
     decoder: Any = None  # the chat model's core.fast.serving.ServingDecoder
     worker: Any = None
     load_seconds: float | None = None
+    kernels: str | None = None  # the chat model's fast path: "building" until it is swapped in, then "done"
+    served_name: str | None = None  # load_model's name, else the checkpoint's
 
     @property
     def name(self) -> str:
+        if self.served_name:
+            return self.served_name
         if self.checkpoint is not None:
             return self.checkpoint.name
         return self.path.name
@@ -71,6 +84,10 @@ class ModelSlot:
             info["make_with"] = MAKE_COMMANDS[self.role]
         if self.checkpoint is not None:
             info["context_length"] = self.checkpoint.config.context_length
+        if self.kernels is not None:
+            info["kernels"] = self.kernels
+            if self.kernels == "done" and self.decoder is not None:
+                info["fast_path"] = str(self.decoder.report) or "none"
         return info
 
 
@@ -108,6 +125,8 @@ class ModelRegistry:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = False
+        self._background: list[threading.Thread] = []  # fast-path builds still running
+        self.training: dict[str, tuple[str, int | None]] = {}  # role -> (job's message, retry-after seconds)
 
     # --- state --------------------------------------------------------------
 
@@ -136,7 +155,37 @@ class ModelRegistry:
             )
         else:
             detail = f"the {what} is not available: {slot.detail}"
+        job = self.training.get(role)
+        if job is not None and slot.state in ("missing", "error"):
+            message, retry_after = job
+            if retry_after is not None:
+                raise ModelUnavailable(role, "training", message, retry_after=retry_after)
+            detail = f"{message}. {detail}"
         raise ModelUnavailable(role, slot.state, detail)
+
+    def set_training(self, role: str, message: str | None, retry_after: int | None = 30) -> None:
+        """A fine-tune is making ``role``'s model (``message`` None: none is): until it is served, its
+        requests answer 503 with ``message`` and ``retry_after``; with ``retry_after`` None the job
+        failed, and ``message`` is added to the reason (``app.services.jobs`` keeps this current)."""
+        if message is None:
+            self.training.pop(role, None)
+        else:
+            self.training[role] = (message, retry_after)
+
+    def load_model(self, role: str, path: Path, name: str | None = None) -> ModelSlot:
+        """Serve the checkpoint at ``path`` as ``role``'s model from now on, without a restart.
+
+        The new model is loaded beside the one it replaces, which keeps answering until then;
+        answers it is still giving finish before its worker stops. Raises when the checkpoint
+        does not load (the old model stays).
+        """
+        slot = ModelSlot(role, Path(path), served_name=name)
+        if not (slot.path / "config.json").is_file():
+            raise FileNotFoundError(f"no checkpoint at {slot.path}")
+        self._load(slot, install=lambda: self._replace(self.slots[role], slot))
+        if slot.state != "ready":
+            raise RuntimeError(f"{slot.path} did not load: {slot.detail}")
+        return slot
 
     # --- loading --------------------------------------------------------------
 
@@ -146,9 +195,12 @@ class ModelRegistry:
         self._thread.start()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return not self.loading
+        """Wait for the models to load and for the chat model's fast path to be in place."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in [self._thread, *self._background]:
+            if thread is not None:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self.loading and not any(t.is_alive() for t in self._background)
 
     def _load_all(self) -> None:
         if self.settings.torch_threads:
@@ -162,7 +214,9 @@ class ModelRegistry:
                 logger.exception("model failed to load", extra={"model": slot.role, "path": str(slot.path)})
                 self._set(slot, "error", f"{type(exc).__name__}: {exc}")
 
-    def _load(self, slot: ModelSlot) -> None:
+    def _load(self, slot: ModelSlot, install: Any = None) -> None:
+        """Load ``slot``'s checkpoint and start its worker; ``install`` (under the lock) puts a slot
+        that is not serving yet in place once it is ready."""
         if not (slot.path / "config.json").is_file():
             self._set(slot, "missing", f"no checkpoint at {slot.path}")
             logger.warning(
@@ -175,7 +229,10 @@ class ModelRegistry:
         start = time.perf_counter()
         checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
         self._validate(slot.role, checkpoint)
-        decoder = self._serving_decoder(checkpoint) if slot.role == CHAT else None
+        # Our kernels compile on first use, minutes on a fresh machine: the chat answers with torch's
+        # meanwhile (CUDA's fast path has nothing to compile, so it is built at once).
+        kernels_later = slot.role == CHAT and self.settings.fast_kernels and device.type == "cpu"
+        decoder = self._serving_decoder(checkpoint, fast=not kernels_later) if slot.role == CHAT else None
         with self._lock:
             if self._stopping:
                 return
@@ -184,18 +241,62 @@ class ModelRegistry:
             slot.load_seconds = time.perf_counter() - start
             self.metrics.model_load_seconds.labels(slot.role).set(slot.load_seconds)
             self._set(slot, "ready")
+            if install is not None:
+                install()
+            if kernels_later:
+                slot.kernels = "building"
+                thread = threading.Thread(target=self._switch_to_fast, args=(slot, device, dtype),
+                                          name="fast-path-build", daemon=True)
+                self._background.append(thread)
+                thread.start()
         logger.info(
             "model loaded",
             extra={"model": slot.role, "model_name": checkpoint.name, "path": str(slot.path), "device": str(device),
                    "dtype": str(dtype).removeprefix("torch."), "seconds": round(slot.load_seconds, 3)},
         )
 
-    def _serving_decoder(self, checkpoint: Any) -> ServingDecoder:
-        """The chat model's decoder: our kernels where the settings ask and they fit, and recent chats'
-        caches kept for their next turn (``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``)."""
+    def _switch_to_fast(self, slot: ModelSlot, device: torch.device, dtype: torch.dtype) -> None:
+        """Build the fast path on a second copy of ``slot``'s checkpoint (compiling our kernels when
+        this machine has not yet), then serve that copy in ``slot``'s place. The copy, not the model
+        in use: the transforms change a model in place, and the worker is decoding with it."""
+        try:
+            checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
+            decoder = self._serving_decoder(checkpoint, fast=True)
+        except Exception:  # the torch path keeps serving
+            logger.exception("fast path not built; the chat model keeps torch's kernels", extra={"model": slot.role})
+            slot.kernels = "failed"
+            return
+        fast = ModelSlot(slot.role, slot.path, checkpoint=checkpoint, decoder=decoder, load_seconds=slot.load_seconds,
+                         kernels="done", served_name=slot.served_name)
+        with self._lock:
+            if self._stopping or self.slots.get(slot.role) is not slot:
+                return  # stopped, or replaced by another model meanwhile
+            fast.worker = self._make_worker(fast.role, checkpoint, decoder).start()
+            self._set(fast, "ready")
+            self._replace(slot, fast)
+        logger.info("chat model switched to the fast path", extra={"model": slot.role, "report": str(decoder.report)})
+
+    def _replace(self, old: ModelSlot, new: ModelSlot) -> None:
+        """Serve ``new`` in ``old``'s role (under the lock); ``old``'s worker stops once its answers are given."""
+        self.slots[new.role] = new
+        if old.worker is not None:
+            threading.Thread(target=self._retire, args=(old.worker,), name="retire-worker", daemon=True).start()
+
+    def _retire(self, worker: Any) -> None:
+        # Requests already hold the old slot; new ones find the new. A chat answer can run for
+        # minutes, so the old engine is left to finish what it started (bounded by the hang guard).
+        deadline = time.monotonic() + RETIRE_SECONDS
+        while isinstance(worker, ChatWorker) and worker.current is not None and not self._stopping \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker.stop()
+
+    def _serving_decoder(self, checkpoint: Any, fast: bool = True) -> ServingDecoder:
+        """The chat model's decoder: our kernels where the settings ask (``fast``) and they fit, and
+        recent chats' caches kept for their next turn (``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``)."""
         mb = self.settings.chat_prefix_cache_mb
         kept = PrefixCache(mb * 2**20) if mb else None
-        if self.settings.fast_kernels:
+        if fast and self.settings.fast_kernels:
             try:
                 decoder = fast_for_serving(checkpoint, prefix_cache=kept, batched=True)  # for ChatWorker's engine
                 logger.info("chat model fast path", extra={"model": CHAT, "report": str(decoder.report)})
