@@ -87,7 +87,7 @@ class ModelSlot:
         if self.kernels is not None:
             info["kernels"] = self.kernels
             if self.kernels == "done" and self.decoder is not None:
-                info["fast_path"] = str(self.decoder.report) or "none"
+                info["fast_path"] = str(self.decoder.report)
         return info
 
 
@@ -197,9 +197,11 @@ class ModelRegistry:
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Wait for the models to load and for the chat model's fast path to be in place."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in [self._thread, *self._background]:
-            if thread is not None:
-                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+        if self._thread is not None:
+            self._thread.join(left())
+        for thread in list(self._background):  # the loader starts these: read after it ended
+            thread.join(left())
         return not self.loading and not any(t.is_alive() for t in self._background)
 
     def _load_all(self) -> None:
