@@ -16,7 +16,9 @@ the one place where the two meet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -181,10 +183,14 @@ class JobRunner:
         job.log.parent.mkdir(parents=True, exist_ok=True)
         try:
             with job.log.open("wb") as log:
-                child = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=self._lower_priority if self.niceness else None)
+                child = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
                 with self._lock:
                     self._child = child
+                if self.niceness:
+                    # After the start, not in it: a preexec_fn may deadlock a process with threads (the server's).
+                    with contextlib.suppress(ProcessLookupError):  # it has ended already
+                        os.setpriority(os.PRIO_PROCESS, child.pid,
+                                       min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness))
                 code = child.wait()
         except OSError as err:  # the interpreter or the log cannot be had: the job never started
             write_status(job.status, state="failed", eta_seconds=None, message=f"could not start: {err}")
@@ -199,17 +205,14 @@ class JobRunner:
             say(f"{job.title}: done; the service loads {job.checkpoint}")
             return
         reason = _last_line(job.log) or f"exited with status {code}"
-        if self._stopping.is_set():
-            reason = "stopped with the server; `scratchgpt serve` starts it again"
+        if self._stopping.is_set() or code in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL):
+            reason = "stopped before it finished (interrupted); `scratchgpt serve` starts it again"
         elif code == 0:
             reason = f"exited without writing {job.checkpoint}"
         elif "download" in reason.lower() and job.hint:
             reason = f"{reason}; {job.hint}"
         write_status(job.status, state="failed", eta_seconds=None, message=reason)
         say(f"{job.title}: failed: {reason} (log: {job.log}); the service carries on without it")
-
-    def _lower_priority(self) -> None:
-        os.nice(self.niceness)
 
 
 # -- the command -------------------------------------------------------------------
