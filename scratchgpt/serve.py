@@ -139,11 +139,12 @@ class JobRunner:
     def start(self) -> "JobRunner":
         from training.progress import write_status
 
-        for job in self.jobs:
+        for order, job in enumerate(self.jobs):
             if job.log.exists():
                 job.log.unlink()  # a previous run's output would be read as this run's reason
             write_status(job.status, state="queued", fraction=None, eta_seconds=None, title=job.title,
-                         role=job.role, checkpoint=job.checkpoint, log=job.log, message="waiting for its turn")
+                         role=job.role, checkpoint=job.checkpoint, log=job.log, message="waiting for its turn",
+                         order=order)
         self._thread.start()
         return self
 

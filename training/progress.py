@@ -12,6 +12,7 @@ and the service share nothing but this file. Its fields:
 ``checkpoint``   the directory the job writes (the service loads it when done)
 ``role``         what the checkpoint is for the service: "chat" or "classifier"
 ``title``        the job's name for people ("spam classifier")
+``order``        the job's turn among those its runner runs (0 first)
 ``updated_at``   Unix time of the last write; a running job rewrites it every
                  ``HEARTBEAT_SECONDS`` even between steps, so a reader can tell a
                  job that stopped without saying so (killed) from a slow one.

@@ -37,8 +37,8 @@ ACTIVE = ("queued", "running")
 
 
 def read_jobs(jobs_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every job's status in ``jobs_dir``, by name (the file's stem); unreadable files are left out
-    (a job is writing it for the first time)."""
+    """Every job's status in ``jobs_dir``, by name (the file's stem), in the order they run (the runner's
+    ``order``); unreadable files are left out (a job is writing it for the first time)."""
     jobs = {}
     for path in sorted(Path(jobs_dir).glob("*.json")):
         try:
@@ -47,7 +47,8 @@ def read_jobs(jobs_dir: Path) -> dict[str, dict[str, Any]]:
             continue
         if isinstance(data, dict) and data.get("state") in ("queued", "running", "done", "failed"):
             jobs[path.stem] = {"name": path.stem, **data}
-    return jobs
+    in_turn = sorted(jobs.values(), key=lambda job: (not isinstance(job.get("order"), int), job.get("order") or 0))
+    return {job["name"]: job for job in in_turn}
 
 
 def eta_text(seconds: float | None) -> str:

@@ -157,3 +157,12 @@ def test_a_job_that_stopped_reporting_is_shown_failed(make_settings, tmp_path):
 ])
 def test_summaries(job, line):
     assert summary(job) == line
+
+
+def test_jobs_are_listed_in_the_order_they_run(tmp_path):
+    from app.services.jobs import read_jobs
+
+    for name, order in (("a-second", 1), ("b-first", 0), ("c-by-hand", None)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"state": "queued", "order": order}))
+    (tmp_path / "d-half-written.json").write_text('{"state": "que')
+    assert list(read_jobs(tmp_path)) == ["b-first", "a-second", "c-by-hand"]
