@@ -41,7 +41,10 @@ MAKE_COMMANDS = {
     CLASSIFIER: "scratchgpt finetune spam",
 }
 SETTING_NAMES = {CHAT: "SCRATCHGPT_CHAT_CHECKPOINT", CLASSIFIER: "SCRATCHGPT_CLASSIFIER_CHECKPOINT"}
-# How long a replaced chat model may go on finishing the answers it had started.
+# A replaced model's worker is stopped when idle, looked at first after RETIRE_GRACE_SECONDS (a request
+# that found the old model just before the swap has queued its work by then), and at the latest after
+# RETIRE_SECONDS (a chat answer can run for minutes).
+RETIRE_GRACE_SECONDS = 5.0
 RETIRE_SECONDS = 600.0
 
 
@@ -285,11 +288,12 @@ class ModelRegistry:
             threading.Thread(target=self._retire, args=(old.worker,), name="retire-worker", daemon=True).start()
 
     def _retire(self, worker: Any) -> None:
-        # Requests already hold the old slot; new ones find the new. A chat answer can run for
-        # minutes, so the old engine is left to finish what it started (bounded by the hang guard).
-        deadline = time.monotonic() + RETIRE_SECONDS
-        while isinstance(worker, ChatWorker) and worker.current is not None and not self._stopping \
-                and time.monotonic() < deadline:
+        # Requests that found the old slot keep it; new ones find the new. The old worker is left
+        # to finish what it was given.
+        start = time.monotonic()
+        while not self._stopping and time.monotonic() - start < RETIRE_SECONDS and (
+                time.monotonic() - start < RETIRE_GRACE_SECONDS
+                or isinstance(worker, ChatWorker) and worker.current is not None):
             time.sleep(0.1)
         worker.stop()
 
