@@ -145,7 +145,8 @@ class JobWatcher:
         job.update(outcome)
 
     def _tell_registry(self) -> None:
-        """The latest job of each role that is making a model not yet served, or failed, speaks for it."""
+        """For each role, the job making its model (first in run order), else one that failed, speaks for
+        it in the registry: its requests then answer with that job's summary."""
         registry = self.models()
         for role in ("chat", "classifier"):
             mine = [j for j in self.jobs.values() if j.get("role") == role]
