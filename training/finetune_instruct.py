@@ -269,6 +269,7 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
     if start_block:
         log.info("cached the frozen prefix (blocks 0-%d) in %.0f s", start_block - 1, cache_s)
 
+    progress.stage("measuring the validation loss before training")
     initial_val = estimate_loss(model, val_batches, None)
     t_train, cpu_train = time.perf_counter(), time.process_time()
     history = train_lm(model, train_batches, val_batches, cfg, params, progress)
