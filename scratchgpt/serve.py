@@ -213,7 +213,8 @@ class JobRunner:
         elif "download" in reason.lower() and job.hint:
             reason = f"{reason}; {job.hint}"
         write_status(job.status, state="failed", eta_seconds=None, message=reason)
-        say(f"{job.title}: failed: {reason} (log: {job.log}); the service carries on without it")
+        carry_on = "" if self._stopping.is_set() else "; the service carries on without it"
+        say(f"{job.title}: failed: {reason} (log: {job.log}){carry_on}")
 
 
 # -- the command -------------------------------------------------------------------
