@@ -1,13 +1,16 @@
 """The app factory: ``create_app(settings)`` builds a FastAPI app with its own database, models and metrics.
 
 The lifespan applies the migrations, marks answers a previous process left "streaming" as
-"interrupted", and starts loading the models in a background thread, so the server answers
-/health at once and /ready once the models have settled.
+"interrupted", starts loading the models in a background thread, so the server answers
+/health at once and /ready once the models have settled, and starts watching the background
+fine-tunes (``app.services.jobs``), whose checkpoints it loads when they are done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,9 +33,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.routes import classify, conversations, health, lab, messages, openai_compat, pages, settings as chat_settings
+from app.api.routes import classify, conversations, health, jobs, lab, messages, openai_compat, pages
 from app.api.routes import lab_prompting, lab_tokenizers
 from app.api.routes import models as chat_models
+from app.api.routes import settings as chat_settings
 from app.api.routes.openai_compat import OpenAIError
 from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.db.models import utcnow
@@ -49,6 +53,7 @@ from app.security import (
     load_or_create_secret,
 )
 from app.services.cancellation import StopWatcher
+from app.services.jobs import JobWatcher
 from app.services.lab import LabRunner
 from app.services.registry import ModelRegistry, ModelUnavailable
 from app.services.streaming import ActiveGenerations
@@ -110,10 +115,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.models = ModelRegistry(app.state.settings, app.state.metrics)
     app.state.models.start_loading()
     app.state.stops.start()
+    watching = asyncio.create_task(app.state.jobs.run(), name="job-watcher")
     logger.info("service started", extra={"database": app.state.engine.url.render_as_string(hide_password=True)})
     try:
         yield
     finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
         app.state.active.cancel_all()
         await app.state.active.drain()  # the answers store their last state before the models go
         await run_in_threadpool(app.state.stops.close)
@@ -137,9 +146,12 @@ def _is_openai_path(request: Request) -> bool:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ModelUnavailable)
     async def model_unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
-        headers = {"Retry-After": "5"} if exc.state == "loading" else None
+        retry_after = exc.retry_after or (5 if exc.state == "loading" else None)
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
         if _is_openai_path(request):
-            return OpenAIError(503, exc.detail, type_="server_error", code=f"model_{exc.state}").response()
+            response = OpenAIError(503, exc.detail, type_="server_error", code=f"model_{exc.state}").response()
+            response.headers.update(headers or {})
+            return response
         return JSONResponse({"detail": exc.detail, "model": exc.role, "state": exc.state}, status_code=503,
                             headers=headers)
 
@@ -274,12 +286,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   settings.stream_lease_seconds)
     app.state.lab = LabRunner(lambda: app.state.models)  # the registry of the moment (a restart replaces it)
     app.state.pages = Pages(settings, app.state.signer)
+    app.state.jobs = JobWatcher(settings.home / "jobs", lambda: app.state.models)
 
     _install_error_handlers(app)
     _install_docs(app)
     install_openapi(app, settings)
     for module in (health, classify, conversations, messages, chat_settings, openai_compat, pages, lab_tokenizers,
-                   lab_prompting, chat_models):
+                   lab_prompting, chat_models, jobs):
         app.include_router(module.router)
     app.include_router(lab.router)
     app.include_router(lab.pages)  # the Lab's pages (not in the API schema)

@@ -267,6 +267,28 @@ class Readiness(BaseModel):
     ready: bool
     loading: list[str]
     models: dict[str, dict[str, Any]]
+    jobs: list[dict[str, Any]] = Field(default_factory=list, description="background fine-tunes (see /api/v1/jobs)")
+
+
+class Job(BaseModel):
+    """A background fine-tune that makes one of the service's models (``scratchgpt serve`` runs them)."""
+
+    name: str
+    title: str
+    role: str | None = Field(None, description="the model it makes: chat or classifier")
+    state: Literal["queued", "running", "done", "failed"]
+    fraction: float | None = Field(None, description="0..1 of its steps done; null before the first")
+    eta_seconds: float | None = Field(None, description="estimated seconds left; null while unknown")
+    summary: str = Field(description='one line for people, e.g. "spam classifier: training, 43%, about 2 min left"')
+    updated_at: float | None = None
+    message: str | None = Field(None, description="the job's own last words (with the service details only)")
+    log: str | None = Field(None, description="its log file (with the service details only)")
+    checkpoint: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    active: bool = Field(description="whether any job is still queued, running or being loaded")
 
 
 class DecodingDefaults(BaseModel):

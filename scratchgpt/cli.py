@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
                    help="weight type: hf keeps the stored dtype by default; gguf defaults to f16 (q8_0 is gguf only)")
 
-    p = verb("serve", cmd_serve, "run the web service (obtains or fine-tunes missing default models first)")
+    p = verb("serve", cmd_serve, "run the web service; missing fine-tuned models are made in the background")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the models)")
@@ -347,10 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-checkpoint", default=None, help="spam classifier directory")
     p.add_argument("--spam-data", type=Path, default=None,
                    help="local SMSSpamCollection file for fine-tuning the classifier when it is missing")
+    p.add_argument("--instruct-data", type=Path, default=None,
+                   help="local instruction JSON for fine-tuning the chat model when it is missing "
+                        "(default: ../shared/data's copy, else the book's file is downloaded)")
+    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the missing fine-tunes (spam classifier, instruction model) as background jobs; "
+                        "--no-train serves what exists, for those who train separately")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per model worker (default: torch decides; 1 helps on a busy machine)")
     p.add_argument("--setup", action=argparse.BooleanOptionalAction, default=True,
-                   help="obtain or fine-tune missing default models before serving")
+                   help="obtain the chat model when missing and use the default models; --no-setup serves "
+                        "exactly the checkpoints given")
 
     db = verb("db", None, "database maintenance").add_subparsers(dest="job", required=True, metavar="JOB")
     p = verb("upgrade", cmd_db_upgrade, "apply the database migrations", db)

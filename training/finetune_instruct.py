@@ -45,6 +45,7 @@ from training.job_config import config_to_dict
 from training.loss import lm_loss
 from training.lora import ALL_BLOCK_LINEARS, apply_lora, lora_parameters, merge_lora
 from training.plots import plot_curves
+from training.progress import JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class InstructConfig:
     seed: int = field(default=123, metadata={"help": "seed for the split and the batch order"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when absent torch decides"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
+    progress_file: Path | None = field(default=None, metadata={"help": "keep this JSON file up to date with the job's progress (training.progress)"})
 
     def __post_init__(self) -> None:
         if self.trainable_blocks is not None and self.trainable_blocks < 1:
@@ -148,7 +150,8 @@ def estimate_loss(model, data: LMBatches, max_batches: int | None) -> float:
     return sum(losses) / max(1, len(losses))
 
 
-def train_lm(model, train: LMBatches, val: LMBatches, cfg: InstructConfig, params: list[nn.Parameter]) -> dict[str, list]:
+def train_lm(model, train: LMBatches, val: LMBatches, cfg: InstructConfig, params: list[nn.Parameter],
+             progress: JobProgress | None = None) -> dict[str, list]:
     """The book's train_model_simple: AdamW steps, a validation estimate every ``eval_every`` steps."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -167,6 +170,8 @@ def train_lm(model, train: LMBatches, val: LMBatches, cfg: InstructConfig, param
             history["step"].append(step)
             history["train_loss"].append(loss.item())
             history["tokens_seen"].append(tokens)
+            if progress is not None:
+                progress.step(step, steps_total, f"epoch {epoch}/{cfg.epochs}, step {step}/{steps_total}")
             if step % cfg.eval_every == 0 or step == steps_total:
                 val_loss = estimate_loss(model, val, cfg.eval_batches)
                 history["eval_step"].append(step)
@@ -224,6 +229,7 @@ def encode_split(examples, template: ChatTemplate, tokenizer, cfg: InstructConfi
 def finetune_instruct(cfg: InstructConfig) -> Path:
     """Run the instruction fine-tune described by ``cfg``; returns the output checkpoint directory."""
     start, start_cpu = time.perf_counter(), time.process_time()
+    progress = JobProgress(cfg.progress_file, title="instruction model", role="chat", checkpoint=Path(cfg.out))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.data is None:
@@ -263,9 +269,10 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
     if start_block:
         log.info("cached the frozen prefix (blocks 0-%d) in %.0f s", start_block - 1, cache_s)
 
+    progress.stage("measuring the validation loss before training")
     initial_val = estimate_loss(model, val_batches, None)
     t_train, cpu_train = time.perf_counter(), time.process_time()
-    history = train_lm(model, train_batches, val_batches, cfg, params)
+    history = train_lm(model, train_batches, val_batches, cfg, params, progress)
     train_s, train_cpu = time.perf_counter() - t_train, time.process_time() - cpu_train
     final_val = estimate_loss(model, val_batches, None)
     if cfg.method == "lora":
@@ -300,6 +307,7 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
         "history": history,
     }
     if cfg.test_responses:
+        progress.stage(f"trained; answering the {len(splits.test)} test instructions for metrics.json")
         t_gen = time.perf_counter()
         responses = generate_responses(model, tokenizer, template, splits.test, max_new_tokens=cfg.max_new_tokens)
         records = [response_record(e, r) for e, r in zip(splits.test, responses)]
@@ -312,4 +320,5 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
     write_json(out / "metrics.json", metrics)
     log.info("done in %.0f s (training %.0f s); val loss %.3f -> %.3f; wrote %s",
              metrics["wall_time_s"], train_s, initial_val, final_val, out)
+    progress.done(out)
     return out

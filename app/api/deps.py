@@ -27,6 +27,7 @@ from app.db.models import Conversation
 from app.metrics import Metrics
 from app.security import CSRF_HEADER, SAFE_METHODS, match_api_key
 from app.services.chat import ChatService
+from app.services.jobs import JobWatcher
 from app.services.lab import LabRunner
 from app.services.registry import ModelRegistry
 from app.services.streaming import ActiveGenerations
@@ -66,6 +67,10 @@ def get_pages(request: Request) -> Pages:
     return request.app.state.pages
 
 
+def get_jobs(request: Request) -> JobWatcher:
+    return request.app.state.jobs
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
@@ -73,6 +78,7 @@ ActiveDep = Annotated[ActiveGenerations, Depends(get_active)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 LabDep = Annotated[LabRunner, Depends(get_lab)]
 PagesDep = Annotated[Pages, Depends(get_pages)]
+JobsDep = Annotated[JobWatcher, Depends(get_jobs)]
 
 
 def get_chat(

@@ -9,6 +9,12 @@ decoder and engine; a conversation or a /v1 request names one, and a new convers
 *default*: the first in the settings' order that is ready. The spam classifier is one slot.
 :meth:`ModelRegistry.load_model` puts a checkpoint made while the service runs (a background
 fine-tuning job) into service without a restart.
+
+The chat model answers through torch's kernels as soon as it is loaded; our C++
+kernels (``core.fast``), which compile on first use (minutes on a fresh machine), are
+built on a second copy in the background and swapped in when ready. While a fine-tune
+that makes a missing model runs, its requests answer 503 with the job's progress
+(:meth:`ModelRegistry.set_training`).
 """
 
 from __future__ import annotations
@@ -69,9 +75,9 @@ NO_PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_p
 class ModelUnavailable(RuntimeError):
     """A request needs a model that is not serving; ``detail`` says why and what to do."""
 
-    def __init__(self, role: str, state: str, detail: str) -> None:
+    def __init__(self, role: str, state: str, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
-        self.role, self.state, self.detail = role, state, detail
+        self.role, self.state, self.detail, self.retry_after = role, state, detail, retry_after
 
 
 class UnknownModel(LookupError):
@@ -115,6 +121,7 @@ class ModelSlot:
     fixed_name: str | None = None  # a chat model's name, fixed when its slot is made
     label: str = ""  # its metrics' "model" label
     defaults: dict[str, Any] = field(default_factory=dict)  # decoding defaults from its metadata
+    kernels: str | None = None  # the chat model's fast path: "building" until it is swapped in, then "done"
 
     def __post_init__(self) -> None:
         self.label = self.label or self.role
@@ -150,6 +157,10 @@ class ModelSlot:
             info["context_length"] = self.checkpoint.config.context_length
         if self.role == CHAT:
             info["generation_defaults"] = dict(self.defaults)
+        if self.kernels is not None:
+            info["kernels"] = self.kernels
+            if self.kernels == "done" and self.decoder is not None:
+                info["fast_path"] = str(self.decoder.report)
         return info
 
 
@@ -207,6 +218,8 @@ class ModelRegistry:
         self._hot_load = threading.Lock()  # one load_model at a time
         self._retiring: list[ModelSlot] = []
         self._stopping = False
+        self._background: list[threading.Thread] = []  # fast-path builds still running
+        self.training: dict[str, tuple[str, int | None]] = {}  # role -> (job's message, retry-after seconds)
 
     def _add_chat(self, slot: ModelSlot) -> None:
         if slot.name in self.chat:
@@ -281,6 +294,12 @@ class ModelRegistry:
             )
         else:
             detail = f"the {what} is not available: {slot.detail}"
+        job = self.training.get(role)
+        if job is not None and slot.state in ("missing", "error"):
+            message, retry_after = job
+            if retry_after is not None:
+                raise ModelUnavailable(role, "training", message, retry_after=retry_after)
+            detail = f"{message}. {detail}"
         raise ModelUnavailable(role, slot.state, detail)
 
     def conversation_defaults(self, slot: ModelSlot) -> dict[str, Any]:
@@ -288,6 +307,15 @@ class ModelRegistry:
         s = self.settings
         return {"temperature": s.default_temperature, "top_k": s.default_top_k, "top_p": s.default_top_p,
                 **NO_PENALTIES, **slot.defaults}
+
+    def set_training(self, role: str, message: str | None, retry_after: int | None = 30) -> None:
+        """A fine-tune is making ``role``'s model (``message`` None: none is): until it is served, its
+        requests answer 503 with ``message`` and ``retry_after``; with ``retry_after`` None the job
+        failed, and ``message`` is added to the reason (``app.services.jobs`` keeps this current)."""
+        if message is None:
+            self.training.pop(role, None)
+        else:
+            self.training[role] = (message, retry_after)
 
     # --- loading --------------------------------------------------------------
 
@@ -297,9 +325,14 @@ class ModelRegistry:
         self._thread.start()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait for the models to load and for the chat model's fast path to be in place."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
         if self._thread is not None:
-            self._thread.join(timeout)
-        return not self.loading
+            self._thread.join(left())
+        for thread in list(self._background):  # the loader starts these: read after it ended
+            thread.join(left())
+        return not self.loading and not any(t.is_alive() for t in self._background)
 
     def _load_all(self) -> None:
         if self.settings.torch_threads:
@@ -335,7 +368,10 @@ class ModelRegistry:
         start = time.perf_counter()
         checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
         self._validate(slot.role, checkpoint)
-        decoder = self._serving_decoder(checkpoint) if slot.role == CHAT else None
+        # Our kernels compile on first use, minutes on a fresh machine: the chat answers with torch's
+        # meanwhile (CUDA's fast path has nothing to compile, so it is built at once).
+        kernels_later = slot.role == CHAT and self.settings.fast_kernels and device.type == "cpu"
+        decoder = self._serving_decoder(checkpoint, fast=not kernels_later) if slot.role == CHAT else None
         with self._lock:
             # Stopping, or replaced by load_model while this one loaded: its worker is never started.
             if self._stopping or (replacing is None and not self._in_service(slot)):
@@ -348,6 +384,12 @@ class ModelRegistry:
                 self._put(slot, replacing)
             self.metrics.model_load_seconds.labels(slot.label).set(slot.load_seconds)
             self._set(slot, "ready")
+            if kernels_later:
+                slot.kernels = "building"
+                thread = threading.Thread(target=self._switch_to_fast, args=(slot, device, dtype),
+                                          name="fast-path-build", daemon=True)
+                self._background.append(thread)
+                thread.start()
         logger.info(
             "model loaded",
             extra={"model": slot.label, "model_name": slot.name, "path": str(slot.path), "device": str(device),
@@ -475,12 +517,34 @@ class ModelRegistry:
 
         threading.Thread(target=drain, name=f"retire-{old.label}", daemon=True).start()
 
-    def _serving_decoder(self, checkpoint: Any) -> ServingDecoder:
-        """The chat model's decoder: our kernels where the settings ask and they fit, and recent chats'
-        caches kept for their next turn (``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``)."""
+    def _switch_to_fast(self, slot: ModelSlot, device: torch.device, dtype: torch.dtype) -> None:
+        """Build the fast path on a second copy of ``slot``'s checkpoint (compiling our kernels when
+        this machine has not yet), then serve that copy in ``slot``'s place. The copy, not the model
+        in use: the transforms change a model in place, and the worker is decoding with it."""
+        try:
+            checkpoint = load_checkpoint(slot.path, device=device, dtype=dtype)
+            decoder = self._serving_decoder(checkpoint, fast=True)
+        except Exception:  # the torch path keeps serving
+            logger.exception("fast path not built; the chat model keeps torch's kernels", extra={"model": slot.role})
+            slot.kernels = "failed"
+            return
+        fast = ModelSlot(slot.role, slot.path, checkpoint=checkpoint, decoder=decoder, load_seconds=slot.load_seconds,
+                         kernels="done", fixed_name=slot.fixed_name, label=slot.label, defaults=slot.defaults)
+        with self._lock:
+            if self._stopping or not self._in_service(slot):
+                return  # stopped, or replaced by another model meanwhile
+            fast.worker = self._make_worker(fast, checkpoint, decoder).start()
+            self._set(fast, "ready")
+            self._replace_chat(fast)
+        self._retire(slot)
+        logger.info("chat model switched to the fast path", extra={"model": slot.label, "report": str(decoder.report)})
+
+    def _serving_decoder(self, checkpoint: Any, fast: bool = True) -> ServingDecoder:
+        """The chat model's decoder: our kernels where the settings ask (``fast``) and they fit, and
+        recent chats' caches kept for their next turn (``SCRATCHGPT_CHAT_PREFIX_CACHE_MB``)."""
         mb = self.settings.chat_prefix_cache_mb
         kept = PrefixCache(mb * 2**20) if mb else None
-        if self.settings.fast_kernels:
+        if fast and self.settings.fast_kernels:
             try:
                 decoder = fast_for_serving(checkpoint, prefix_cache=kept, batched=True)  # for ChatWorker's engine
                 logger.info("chat model fast path", extra={"model": CHAT, "report": str(decoder.report)})

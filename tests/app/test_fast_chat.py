@@ -3,8 +3,12 @@ from the GGUF blocks a converted checkpoint keeps (tests/conftest.py), or from p
 
 from __future__ import annotations
 
-import pytest
+import threading
 
+import pytest
+from waiting import HANG_GUARD, wait_until
+
+import app.services.registry
 from app.settings import Settings
 from core.fast.gguf_matvec import GGUFHead, GGUFLinear
 from core.fast.packed import PackedLinear
@@ -62,6 +66,39 @@ def test_a_dense_chat_model_decodes_from_panels_with_the_same_answers(make_setti
         return isinstance(qkv, PackedLinear) and qkv._panels is not None and isinstance(decoder.argmax_head, ScreenedHead)
 
     _answers_with_and_without(make_settings, chat_checkpoint, "tiny-chat", from_panels)
+
+
+def test_the_chat_answers_through_torch_until_its_fast_path_is_built(make_settings, chat_checkpoint, monkeypatch):
+    """Our kernels compile on first use, minutes on a fresh machine (issue 20): the service is ready and
+    the chat answers through torch's kernels meanwhile, then the fast path takes over. The build here
+    waits for the test's word, standing in for a long compile; what it builds is the real thing."""
+    go, real = threading.Event(), app.services.registry.fast_for_serving
+
+    def long_build(*args, **kwargs):
+        assert go.wait(HANG_GUARD), "the test never let the build go on"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app.services.registry, "fast_for_serving", long_build)
+    settings = make_settings(chat_checkpoint=chat_checkpoint, classifier_enabled=False, fast_kernels=True)
+    with running_client(settings, wait=False) as client:
+        models = client.app.state.models
+        wait_until(lambda: client.get("/ready").status_code == 200, "readiness")
+        torch_slot = models.slots["chat"]
+        assert client.get("/ready").json()["models"]["chat"]["kernels"] == "building"
+        report = torch_slot.decoder.report
+        assert not report.applied and not report.skipped  # the plain loop: nothing applied, nothing tried
+        answer = _answer(client, "tiny-chat")
+
+        go.set()
+        assert models.wait_loaded(HANG_GUARD)
+        fast_slot = models.slots["chat"]
+        assert fast_slot is not torch_slot and fast_slot.checkpoint is not torch_slot.checkpoint
+        # fast_for_serving's report: the panels applied, or why this machine cannot have them.
+        assert "panels" in str(fast_slot.decoder.report)
+        chat = client.get("/ready").json()["models"]["chat"]
+        assert chat["kernels"] == "done" and chat["fast_path"] == str(fast_slot.decoder.report)
+        assert _answer(client, "tiny-chat") == answer
+        wait_until(lambda: torch_slot.worker._closed, "the torch decoder's worker stopped")
 
 
 @pytest.mark.parametrize("name", ["SCRATCHGPT_FAST_KERNELS", "SCRATCHGPT_GGUF_KERNELS"])
