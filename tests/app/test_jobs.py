@@ -78,11 +78,15 @@ def test_a_missing_classifier_is_trained_in_the_background_and_served_when_done(
         assert status["state"] == "done" and status["fraction"] == 1.0 and status["checkpoint"] == str(job.checkpoint)
 
 
-def test_a_finished_instruction_model_replaces_the_chat_model_without_a_restart(make_settings, tmp_path):
+def test_a_finished_instruction_model_is_served_first_without_a_restart(make_settings, tmp_path, chat_checkpoint):
+    """As `scratchgpt serve` lists them: the instruction-tuned model first (missing while it trains)
+    and the base; when the job is done, the tuned model is put into service and new chats get it."""
     home = tmp_path / "home"
+    tuned = home / "models" / "smollm2-135m-chat"
     job, gate = fake_job(home, "smollm2-135m-chat", "chat", "instruction model")
-    with running_client(make_settings(home=home)) as client:
-        before = client.app.state.models.slots["chat"]
+    settings = make_settings(home=home, chat_checkpoint=None, chat_models=[str(tuned), str(chat_checkpoint)])
+    with running_client(settings) as client:
+        assert client.get("/ready").json()["models"]["chat"]["name"] == "tiny-chat"  # the default until then
         runner = JobRunner([job], niceness=0).start()
         try:
             wait_until(lambda: the_job(client, "smollm2-135m-chat").get("fraction") == 0.5, "the job half way")
@@ -92,10 +96,11 @@ def test_a_finished_instruction_model_replaces_the_chat_model_without_a_restart(
                        "the instruction model served")
         finally:
             runner.stop()
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["smollm2-135m-chat"]
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["smollm2-135m-chat", "tiny-chat"]
         assert chat(client, "smollm2-135m-chat")["model"] == "smollm2-135m-chat"
-        # The replaced model's worker stops once it has no answer left to give.
-        wait_until(lambda: before.worker._closed, "the replaced chat worker stopped")
+        created = client.post("/api/v1/conversations", json={}).json()
+        assert created["model"] == "smollm2-135m-chat"  # new chats get the tuned model
+        assert chat(client, "tiny-chat")  # and the base still answers whoever picks it
 
 
 def test_a_failed_job_is_reported_with_its_log_and_the_service_carries_on(make_settings, tmp_path):
