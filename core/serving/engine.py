@@ -87,8 +87,8 @@ import logging
 import threading
 import time
 from collections import deque
-from contextlib import ExitStack
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
