@@ -4,6 +4,7 @@
     python bench/engine.py --clients 1 8 --rounds 1         # a smoke run
     python bench/engine.py --threads 1                      # on a busy shared machine
     python bench/engine.py --memory 240 --threads 1         # 32 growing conversations: where the memory goes
+    python bench/engine.py --lone --threads 1               # one request: the engine against a lone stream
 
 What runs: the chat model loaded as the service loads it (``core.weights.checkpoint.load_checkpoint``
 in fp32 on the CPU, then ``core.fast.transforms.fast_for_serving``), driven in this process by
@@ -23,6 +24,13 @@ the one-at-a-time engine's at the same number of clients. Two reference rows com
 model in the same run: ``core.generation.generate.stream`` for one request (today's path: a lone
 request must not get slower), and ``generate`` on 8 prompts at once (static batch 8, as
 ``bench/generate.py`` measures it), whose tokens/s the engine at 8 clients is compared with.
+
+``--lone``: only one request at a time, on GPT-2 124M with random weights (``bench/generate.py``'s
+model, decoded by ``make_fast``'s decoder, as ``fast_for_serving`` builds it for an fp32 GPT-2):
+the serving decoder's single stream (``ServingDecoder.stream``, the lone-request path of
+``scratchgpt generate`` and of the service before the engine; speculative where the draft's kernels
+build) against the same decoder's engine running that request alone (its own cache, the decoder's
+lone strategy). Runs alternate, each figure the best of ``--repeats``; greedy, 32-token random prompts.
 """
 
 from __future__ import annotations
@@ -123,21 +131,76 @@ def drive(engine: Engine, prompts: list[list[int]], clients: int, rounds: int, c
     return level
 
 
+def read_chunks(chunks, level: Level, key: int) -> None:
+    """Time one answer's chunks into ``level`` as a client sees them."""
+    start = last = time.perf_counter()
+    got: list[int] = []
+    for chunk in chunks:
+        if chunk.token_ids:
+            now = time.perf_counter()
+            (level.tbt if got else level.ttft).append(now - last if got else now - start)
+            last = now
+            got.extend(chunk.token_ids)
+    level.tokens += len(got)
+    level.answers[key] = got
+
+
+def lone_request(args) -> None:
+    """``--lone``: see the module docstring."""
+    from harness import gpt2_pair
+
+    from core.fast.transforms import make_fast
+    from core.tokenizer import gpt2_tokenizer
+
+    model, _ = gpt2_pair()
+    decoder = make_fast(model.eval())  # fast_for_serving's decoder for an fp32 GPT-2 without GGUF blocks
+    tokenizer = gpt2_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1000, model.cfg.vocab_size, (args.rounds, 32), generator=g).tolist()
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens)
+    print(f"{describe_device(torch.device('cpu'))}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"GPT-2 124M fp32 (random weights), fast path: {decoder.report}; {args.rounds} requests of 32 prompt "
+          f"tokens in turn, {args.new_tokens} new tokens, best of {args.repeats}; load average {load_average()}",
+          flush=True)
+    engine = Engine(decoder, tokenizer, threads=args.threads).start()
+    paths = {"ServingDecoder.stream, one request": lambda prompt: decoder.stream(tokenizer, prompt, cfg),
+             "engine, lone sequence": lambda prompt: engine.submit(prompt, cfg)}
+    best: dict[str, Level] = {}
+    try:
+        for path in paths.values():
+            read_chunks(path(prompts[0]), Level(), 0)  # warm-up: first allocations and kernels
+        for _ in range(args.repeats):
+            for name, path in paths.items():  # alternating, so load from neighbours falls on both alike
+                level = Level()
+                cpu, start = time.process_time(), time.perf_counter()
+                for key, prompt in enumerate(prompts):
+                    read_chunks(path(prompt), level, key)
+                level.seconds, level.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+                if name not in best or level.tokens / level.seconds > best[name].tokens / best[name].seconds:
+                    best[name] = level
+                print(f"  {name}: {level.tokens / level.seconds:.1f} tok/s, load {load_average()}",
+                      file=sys.stderr, flush=True)
+    finally:
+        engine.stop()
+    stream_tps = best["ServingDecoder.stream, one request"].tokens / best["ServingDecoder.stream, one request"].seconds
+    print_table([["path", "clients", "tok/s", "TTFT p50 s", "TTFT p99 s", "TBT p50 ms", "TBT p99 ms", "errors",
+                  "tok per CPU-s", "vs stream"],
+                 *(level.row(name, 1, stream_tps) for name, level in best.items())])
+    same = best["engine, lone sequence"].answers == best["ServingDecoder.stream, one request"].answers
+    print(f"- the engine's tokens {'equal' if same else 'DIFFER from'} the stream's")
+    if decoder.draft is not None:
+        c = decoder.draft.counts
+        print(f"- draft, both paths together: {c['accepted']} of {c['drafted']} drafted tokens accepted "
+              f"in {c['passes']} verifying passes")
+    print(f"- load average at the end {load_average()}; pid {os.getpid()}")
+
+
 def lone_stream(model, tokenizer, prompts: list[list[int]], rounds: int, cfg: GenerationConfig) -> Level:
     """Today's path for one request: ``stream`` in this thread, ``rounds`` answers in turn."""
     level = Level()
     cpu, begin = time.process_time(), time.perf_counter()
     for key in range(rounds):
-        start = last = time.perf_counter()
-        got: list[int] = []
-        for chunk in stream(model, tokenizer, prompts[key], cfg):
-            if chunk.token_ids:
-                now = time.perf_counter()
-                (level.tbt if got else level.ttft).append(now - last if got else now - start)
-                last = now
-                got.extend(chunk.token_ids)
-        level.tokens += len(got)
-        level.answers[key] = got
+        read_chunks(stream(model, tokenizer, prompts[key], cfg), level, key)
     level.seconds, level.cpu_seconds = time.perf_counter() - begin, time.process_time() - cpu
     return level
 
@@ -208,12 +271,17 @@ def main() -> None:
     p.add_argument("--prefix-cache-mb", type=int, default=256, help="as the service's default; 0: none")
     p.add_argument("--memory", type=float, default=None, metavar="SECONDS",
                    help="only the memory probe: 32 conversations growing for SECONDS (see memory_probe)")
+    p.add_argument("--lone", action="store_true", help="only one request at a time on GPT-2 (see the docstring)")
+    p.add_argument("--repeats", type=int, default=3, help="--lone: each figure is the best of this many runs")
     args = p.parse_args()
-    if not (args.model / "config.json").is_file():
-        sys.exit(f"{args.model}: no checkpoint; run `scratchgpt download smollm2-135m-instruct`")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    if args.lone:
+        lone_request(args)
+        return
+    if not (args.model / "config.json").is_file():
+        sys.exit(f"{args.model}: no checkpoint; run `scratchgpt download smollm2-135m-instruct`")
     checkpoint = load_checkpoint(args.model, device="cpu", dtype=torch.float32)
     decoder = fast_for_serving(checkpoint, batched=True)  # as the service builds it for its engine
     model, tokenizer = checkpoint.model, checkpoint.tokenizer

@@ -148,6 +148,11 @@ class ServingDecoder:
             and len(prompts[0]) + cfg.max_new_tokens <= model.cfg.context_length
         )
 
+    def speculates(self, cfg: GenerationConfig) -> bool:
+        """Whether one sequence decoded under ``cfg`` takes the draft: one is installed, and ``cfg``
+        applies no penalties (the draft's checks know nothing of them)."""
+        return self.draft is not None and not cfg.penalized
+
     def _one_sequence(self, prompt: list[int], cfg: GenerationConfig) -> Iterator[list[int | None]]:
         model = self.model
         capacity = len(prompt) + cfg.max_new_tokens
@@ -156,7 +161,7 @@ class ServingDecoder:
         else:
             p = model.head_weight
             cache = KVCache(model.cfg, 1, capacity, p.device, p.dtype)
-        if self.draft is not None and not cfg.penalized:  # the draft's checks know nothing of penalties
+        if self.speculates(cfg):
             # The model checks the draft's guesses: the same greedy tokens, and sampled ones of the
             # same distribution (other draws for a seed than token by token).
             steps = ([token] for token in speculative_tokens(self, self.draft, prompt, cfg, cache))

@@ -28,8 +28,11 @@ verifying pass overwrites them with the fp32 ones. How many of its guesses are
 kept, on random and trained weights: docs/performance.md.
 
 It runs where the fused GPT-2 layers run (fp32 on the CPU, weights as panels),
-one sequence at a time; the serving decoder (``core.fast.serving``) takes it
-then and otherwise decodes token by token.
+one sequence at a time: the serving decoder (``core.fast.serving``) takes it
+for a lone request and otherwise decodes token by token, and the engine
+(``core.serving.engine``) takes it, one verifying pass per step, while a
+sequence runs alone. :class:`ModelDraft` drafts with a model of the same shape
+through its ordinary forward instead (the model itself: every guess kept).
 """
 
 from __future__ import annotations
@@ -104,13 +107,90 @@ def drafts_for(model: torch.nn.Module) -> bool:
     return model.pos_emb is not None and all(isinstance(block, FusedGPT2Block) for block in model.blocks)
 
 
+class ModelDraft:
+    """Drafts tokens with a model of the verifier's shape (its layers, key/value heads, head size and
+    vocabulary) through that model's ordinary forward pass, writing its guesses' keys and values into
+    the verifier's cache as :class:`SelfDraft` does. With the verifier itself as the draft every guess
+    is the model's own token (each pass keeps them all): the reference any other draft's acceptance is
+    measured against, and a draft that runs wherever the model runs, fused kernels or not.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_draft: int = MAX_DRAFT) -> None:
+        if not 1 <= max_draft <= MAX_DRAFT:
+            raise ValueError(f"max_draft must be 1 to {MAX_DRAFT}, got {max_draft}")
+        self.model, self.max_draft = model, max_draft
+        self.counts = {"passes": 0, "drafted": 0, "accepted": 0}
+
+    def applies(self, model: torch.nn.Module, cache: KVCache) -> bool:
+        """Whether this draft can write ``cache`` (the verifier's): the same shapes, device and dtype."""
+        a, b = self.model.cfg, model.cfg
+        weight = self.model.head_weight
+        return ((a.n_layers, a.kv_heads, a.head_dim, a.vocab_size) == (b.n_layers, b.kv_heads, b.head_dim, b.vocab_size)
+                and weight.device == cache.keys.device and weight.dtype == cache.keys.dtype)
+
+    def scores(self, model: torch.nn.Module, token: int, position: int, cache: KVCache) -> torch.Tensor:
+        """The draft's logits (vocab,) for the token after ``token`` at ``position``, as :meth:`SelfDraft.scores`."""
+        verified = cache.length
+        cache.length = position
+        try:
+            ids = torch.tensor([[token]], device=cache.keys.device)
+            return self.model(ids, cache=cache, last_only=True)[0, -1]
+        finally:
+            cache.length = verified
+
+
+class Speculation:
+    """One sequence's speculative decoding, one verifying pass at a time (:meth:`step`): the loop of
+    :func:`speculative_tokens`, and the lone sequence's steps in ``core.serving.engine``.
+
+    ``decoder`` is a ``core.fast.serving.ServingDecoder`` (its model's forward pass through its output
+    layers), ``draft`` a :class:`SelfDraft` or :class:`ModelDraft`, ``generator`` the sequence's own.
+    It gives drafting up when too few guesses are kept (``MIN_ACCEPTANCE``): its steps are then one
+    token each, still through the verifying pass.
+    """
+
+    def __init__(self, decoder, draft, cfg: GenerationConfig, generator: torch.Generator | None) -> None:
+        self.decoder, self.draft, self.cfg, self.generator = decoder, draft, cfg, generator
+        self.drafted = self.accepted = 0
+
+    def step(self, token: int, cache: KVCache, room: int) -> list[int]:
+        """The tokens after ``token`` (the sequence's last, not yet in ``cache``): the guesses the model
+        kept and its own token after them, ``room`` (>= 1) at most. ``cache`` has room for ``room`` more
+        positions; its ``length`` counts those that hold the kept tokens afterwards."""
+        cfg, draft, model = self.cfg, self.draft, self.decoder.model
+        device = cache.keys.device
+        k = min(draft.max_draft, room - 1)
+        if self.drafted >= MIN_JUDGED and self.accepted < MIN_ACCEPTANCE * self.drafted or not draft.applies(model, cache):
+            k = 0
+        start, guesses, proposals = cache.length, [], []
+        for i in range(k):
+            scores = draft.scores(model, guesses[-1] if guesses else token, start + i, cache)
+            if cfg.greedy:
+                guesses.append(int(scores.argmax()))
+            else:
+                proposals.append(next_token_probabilities(scores[None], cfg)[0])
+                guesses.append(int(torch.multinomial(proposals[-1], 1, generator=self.generator)))
+        chunk = torch.tensor([[token] + guesses], device=device)
+        # One pass over the last token and the guesses (overwriting the guesses' keys and values).
+        logits = self.decoder(chunk, cache=cache, argmax_only=cfg.greedy)[0]
+        if cfg.greedy:
+            kept, new = _keep_greedy(logits, guesses)
+        else:
+            kept, new = _keep_sampled(logits, guesses, proposals, cfg, self.generator)
+        cache.length = start + kept + 1  # the rejected guesses' positions are written again later
+        self.drafted, self.accepted = self.drafted + k, self.accepted + kept
+        draft.counts["passes"] += 1
+        draft.counts["drafted"] += k
+        draft.counts["accepted"] += kept
+        return guesses[:kept] + [new]
+
+
 def speculative_tokens(
-    decoder, draft: SelfDraft, prompt: list[int], cfg: GenerationConfig, cache: KVCache | None = None
+    decoder, draft, prompt: list[int], cfg: GenerationConfig, cache: KVCache | None = None
 ) -> Iterator[int]:
     """The model's tokens after ``prompt`` as ``cfg`` asks (greedy or sampled, up to
     ``cfg.max_new_tokens``; a stop token is yielded, then nothing more), drafted by ``draft`` and
-    verified up to eight at a time by ``decoder`` (a ``core.fast.serving.ServingDecoder``: its
-    model's forward pass through its output layers).
+    verified up to eight at a time by ``decoder`` (see :class:`Speculation`).
 
     ``cache``, if given, has room for the prompt and the new tokens and may hold the prompt's first
     ``cache.length`` tokens already (core.fast.prefix_cache). The caller checks that the prompt and the
@@ -125,7 +205,8 @@ def speculative_tokens(
     rest = torch.tensor([prompt[cache.length:]], device=device)
     logits = decoder(rest, cache=cache, last_only=True, argmax_only=cfg.greedy)
     new = [int(sample(logits[:, -1], cfg, generator)[0])]
-    emitted, drafted, accepted = 0, 0, 0
+    speculation = Speculation(decoder, draft, cfg, generator)
+    emitted = 0
     stops = set(cfg.stop_token_ids)
     while True:
         for token in new:
@@ -135,30 +216,7 @@ def speculative_tokens(
                 return
         # new[-1] is the next position's token, not yet in the cache; a pass may add up to
         # len(guesses) + 1 tokens, all of which must be wanted.
-        k = min(draft.max_draft, cfg.max_new_tokens - emitted - 1)
-        if drafted >= MIN_JUDGED and accepted < MIN_ACCEPTANCE * drafted or not draft.applies(model, cache):
-            k = 0
-        start, guesses, proposals = cache.length, [], []
-        for i in range(k):
-            scores = draft.scores(model, guesses[-1] if guesses else new[-1], start + i, cache)
-            if cfg.greedy:
-                guesses.append(int(scores.argmax()))
-            else:
-                proposals.append(next_token_probabilities(scores[None], cfg)[0])
-                guesses.append(int(torch.multinomial(proposals[-1], 1, generator=generator)))
-        chunk = torch.tensor([new[-1:] + guesses], device=device)
-        # One pass over the last token and the guesses (overwriting the guesses' keys and values).
-        logits = decoder(chunk, cache=cache, argmax_only=cfg.greedy)[0]
-        if cfg.greedy:
-            kept, token = _keep_greedy(logits, guesses)
-        else:
-            kept, token = _keep_sampled(logits, guesses, proposals, cfg, generator)
-        cache.length = start + kept + 1  # the rejected guesses' positions are written again later
-        new = guesses[:kept] + [token]
-        drafted, accepted = drafted + k, accepted + kept
-        draft.counts["passes"] += 1
-        draft.counts["drafted"] += k
-        draft.counts["accepted"] += kept
+        new = speculation.step(new[-1], cache, cfg.max_new_tokens - emitted)
 
 
 def _keep_greedy(logits: torch.Tensor, guesses: list[int]) -> tuple[int, int]:

@@ -39,13 +39,14 @@ transforms therefore cut bytes and per-step overhead:
   norms, attention over the cache, the activation and residuals around the
   products, instead of twenty-odd torch calls whose dispatch costs more than
   their arithmetic at one token. Within fp32 rounding of the block's own code.
-- ``speculative`` (fp32 GPT-2 with fused layers): decoding one sequence,
+- ``speculative`` (fp32 GPT-2 with fused layers): decoding one sequence
+  (a lone request, or a sequence running alone in ``core.serving``'s engine),
   an int8 copy of the same weights drafts up to seven tokens and one fp32 pass
   checks them (``core.fast.speculative``): greedy decoding gets the fp32 model's
   tokens and sampling its distribution, with its weights read about once per
   eight tokens.
 - ``cuda_graphs`` (models on a CUDA GPU): each decoding step after the
-  prompt's is replayed from a CUDA graph recorded once per batch size and
+  prompt's (of a request, or of a sequence running alone in the engine) is replayed from a CUDA graph recorded once per batch size and
   cache length (``core.fast.cuda_graphs``): one launch instead of one per kernel.
   The same logits up to summation order.
 - ``compile``: ``torch.compile`` with ``freezing`` (weights become constants
@@ -175,11 +176,10 @@ def fast_for_serving(checkpoint, prefix_cache=None, *, batched: bool = False) ->
     """The serving decoder the service and the CLI decode with, for a loaded causal-LM checkpoint,
     keeping recent caches in ``prefix_cache`` (``core.fast.prefix_cache.PrefixCache``) if given.
 
-    ``batched``: the decoder serves ``core.serving``'s engine, whose steps decode many sequences,
-    each at its own position. The draft of speculative decoding and CUDA graphs both decode one
-    request at one common position, so they are not built for it (memory and start-up for
-    nothing); its output layers, kernels and prefix cache serve the engine as they serve the
-    command line.
+    ``batched``: the decoder serves ``core.serving``'s engine. It is built the same either way:
+    the engine's batched steps use its output layers and kernels, and a sequence running alone
+    there takes the draft of speculative decoding or the CUDA graphs, as a lone request of the
+    command line does.
 
     On the CPU: a checkpoint that carries GGUF blocks decodes from them in fp32
     (``core.fast.gguf_matvec``: the same weights in a fifth of the bytes); any other
@@ -190,10 +190,9 @@ def fast_for_serving(checkpoint, prefix_cache=None, *, batched: bool = False) ->
     """
     model = checkpoint.model
     weight = model.head_weight
-    one_at_a_time = dict(speculative=False, cuda_graphs=False) if batched else {}
     if weight.device.type == "cuda":
         cpu_only = ("prepack", "panels", "screened_head", "fused_ops", "fused_layers", "speculative")
-        decoder = make_fast(model, FastConfig(**{**dict.fromkeys(cpu_only, False), **one_at_a_time}))
+        decoder = make_fast(model, FastConfig(**dict.fromkeys(cpu_only, False)))
     elif weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         decoder = ServingDecoder(model)
         decoder.report.skipped["all"] = f"no fast path for {weight.dtype} on {weight.device.type}"
@@ -201,10 +200,9 @@ def fast_for_serving(checkpoint, prefix_cache=None, *, batched: bool = False) ->
         blocks = checkpoint_blocks(checkpoint.path, checkpoint.metadata) if weight.dtype == torch.float32 else {}
         if blocks:
             # Every layer decodes from its blocks: packed copies would hold the weights twice more for nothing.
-            decoder = make_fast(model, FastConfig(prepack=False, panels=False, screened_head=False, **one_at_a_time),
-                                gguf_blocks=blocks)
+            decoder = make_fast(model, FastConfig(prepack=False, panels=False, screened_head=False), gguf_blocks=blocks)
         else:
-            decoder = make_fast(model, FastConfig(**one_at_a_time))
+            decoder = make_fast(model)
     decoder.prefix_cache = prefix_cache
     return decoder
 

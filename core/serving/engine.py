@@ -55,9 +55,14 @@ What exists keeps working:
   (``core.fast.fused_layers``) writes a cache of one piece at one common
   position, so the batched step runs each block's own code around those fast
   linear layers. A sequence running alone moves into a cache of its own (one
-  copy of its pages, and back when another is admitted) and takes the
-  model's ordinary forward, fused layers included: a lone request runs the
-  very passes ``core.generation.generate`` runs for it.
+  copy of its pages, and back when another is admitted) and decodes by the
+  serving decoder's strategy for one sequence (``core.fast.serving``):
+  speculatively where the decoder has a draft (``core.fast.speculative``; greedy,
+  or sampled without a seed, and no one waiting who could run beside it),
+  several tokens per step; from its CUDA graphs on a GPU
+  (``core.fast.cuda_graphs``); else the model's ordinary forward, fused layers
+  included. A lone request thus runs the passes ``ServingDecoder.stream`` runs
+  for it, and the next step after another is admitted is batched again.
 
 Text: each sequence turns its tokens into text with ``core.generation``'s
 :class:`~core.generation.generate.TextStream`, exactly as ``stream`` does
@@ -83,6 +88,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +96,7 @@ import torch
 
 from core.generation.generate import GenerationConfig, StreamChunk, TextStream, check_prompt
 from core.fast.serving import ServingDecoder
+from core.fast.speculative import Speculation
 from core.generation.sampling import Penalties, make_generator, sample
 from core.model import ForwardContext, GPTModel, KVCache, TransformerBlock
 
@@ -309,6 +316,9 @@ class _Sequence:
     context: list[int] = field(default_factory=list)  # what its prefill runs: the prompt, or more once preempted
     pages: list[int] = field(default_factory=list)  # its pages, in position order, while admitted
     solo: KVCache | None = None  # its keys and values in one piece while it runs alone (see Engine)
+    graphs: ExitStack | None = None  # the decoder's CUDA graphs, held while it runs alone on them
+    static: Any = None  # and their static step (core.fast.cuda_graphs.StaticStep), whose cache is its solo
+    speculation: Speculation | None = None  # its drafting so far, once it decoded alone with a draft
     cached: int = 0  # positions holding keys and values
     next_token: int | None = None  # the last token sampled, fed at the next step; None while prefilling
     generated: list[int] = field(default_factory=list)
@@ -683,7 +693,7 @@ class Engine:
             self._calls.clear()
         for seq in left:
             self._pages.release(seq.pages)
-            seq.solo = None
+            self._drop_solo(seq)
             seq.handle._end(None, EngineStopped("the engine stopped before this answer finished"))
         for _, future in calls:
             future.set_exception(EngineStopped("the engine stopped before this call ran"))
@@ -786,7 +796,14 @@ class Engine:
         """Back into its pages, now that others run beside it."""
         if seq.solo is not None:
             self._pages.load(seq.pages, seq.solo, seq.cached)
-            seq.solo = None
+            self._drop_solo(seq)
+
+    def _drop_solo(self, seq: _Sequence) -> None:
+        """Forget the lone sequence's own cache, and give back the CUDA graphs it decoded on."""
+        seq.solo = seq.static = None
+        if seq.graphs is not None:
+            seq.graphs.close()
+            seq.graphs = None
 
     def _kv(self, seq: _Sequence) -> KVCache:
         """A copy of the sequence's keys and values (for the prefix cache)."""
@@ -906,7 +923,8 @@ class Engine:
             self.prefix_cache.put(seq.prompt + seq.generated, self._kv(seq))
         self._pages.release(seq.pages)
         self._active.remove(seq)
-        seq.solo, seq.cached, seq.next_token, seq.started = None, 0, None, False
+        self._drop_solo(seq)
+        seq.cached, seq.next_token, seq.started = 0, None, False
         seq.context = seq.prompt + seq.generated  # its prefill samples the token after the last one streamed
         with self._lock:
             self._waiting.appendleft(seq)
@@ -924,17 +942,74 @@ class Engine:
         self._observe("batch_size", len(seqs))
         greedy = all(_argmax_only(s) for s in seqs)
         if seqs[0] is self._solo():
-            # Alone: the model's ordinary step, the one core.generation runs (fused layers included).
-            seq = seqs[0]
-            ids = torch.tensor([[seq.next_token]], device=self._device)
-            cache = self._solo_cache(seq, seq.cached + 1)
-            logits = self.decoder(ids, cache=cache, last_only=True, argmax_only=greedy)[:, -1]
-        else:
-            logits = self._pass(seqs, [[s.next_token] for s in seqs], list(range(len(seqs))), greedy)
+            self._decode_alone(seqs[0], greedy)
+            return
+        logits = self._pass(seqs, [[s.next_token] for s in seqs], list(range(len(seqs))), greedy)
         for seq in seqs:
             seq.cached += 1
         for seq, token in zip(seqs, self._sample(seqs, logits)):
             self._emit(seq, token)
+
+    def _decode_alone(self, seq: _Sequence, greedy: bool) -> None:
+        """The lone sequence's step, in its own cache, by the decoder's strategy for one sequence
+        (``core.fast.serving``): a verifying pass over its draft's guesses where it speculates, a
+        replay of its CUDA graphs where it has them, else the model's ordinary step, the one
+        ``core.generation`` runs (fused layers included)."""
+        speculation = self._speculation(seq)
+        if speculation is not None:
+            room = min(seq.limit - len(seq.generated), speculation.draft.max_draft + 1)
+            if not self._pages.grow(seq.pages, seq.cached + room):
+                room = 1  # its pages must hold what it keeps, for when others join (_make_room gave one)
+            new = speculation.step(seq.next_token, self._solo_cache(seq, seq.cached + room), room)
+        else:
+            static = self._graphed(seq)
+            token = torch.tensor([[seq.next_token]], device=self._device)
+            cache = self._solo_cache(seq, seq.cached + 1)
+            if static is not None:
+                logits = static.step(token)[:, -1]
+            else:
+                logits = self.decoder(token, cache=cache, last_only=True, argmax_only=greedy)[:, -1]
+            new = self._sample([seq], logits)
+        for token in new:
+            seq.cached += 1
+            self._emit(seq, token)
+            if seq.handle.done:
+                break  # it ended there (a stop, its length): the tokens after are not its own
+
+    def _speculation(self, seq: _Sequence) -> Speculation | None:
+        """The lone sequence's speculative decoding, where the decoder's draft takes it and no one
+        who could run beside it waits (a pass of eight tokens is a longer step to wait through).
+        Greedy tokens are the model's own either way; a sampled sequence speculates only unseeded,
+        since a seed's tokens drawn by the rejection rule differ from those drawn token by token,
+        and a seed must give the same answer whether its sequence ran alone or beside others."""
+        cfg = seq.config
+        if (not self.decoder.speculates(cfg) or not (cfg.greedy or cfg.seed is None)
+                or self._waiting and len(self._active) < self.max_batch):
+            return None
+        if seq.speculation is None:
+            seq.speculation = Speculation(self.decoder, self.decoder.draft, cfg, seq.generator)
+        return seq.speculation
+
+    def _graphed(self, seq: _Sequence):
+        """The decoder's static step (``core.fast.cuda_graphs``) holding the lone sequence's cache, on
+        a GPU that has them; its rows are copied in once, and back into its pages when others join.
+        None where there are none, or another caller holds them (it then decodes eagerly)."""
+        graphs = self.decoder.graphs
+        if graphs is None:
+            return None
+        if seq.graphs is None:
+            stack = ExitStack()
+            static = stack.enter_context(graphs.session(1, len(seq.prompt) + seq.limit - 1))
+            if static is None:
+                stack.close()
+                return None
+            static.begin(None)
+            rows = self._solo_cache(seq, seq.cached + 1)
+            n = seq.cached
+            static.cache.keys[:, :, :, :n] = rows.keys[:, :, :, :n]
+            static.cache.values[:, :, :, :n] = rows.values[:, :, :, :n]
+            seq.solo, seq.graphs, seq.static = static.cache, stack, static
+        return seq.static
 
     def _pass(self, seqs: list[_Sequence], chunks: list[list[int]], heads: list[int],
               argmax_only: bool) -> torch.Tensor | None:
@@ -1017,7 +1092,7 @@ class Engine:
             # Its positions hold the prompt and all but the last new token.
             self.prefix_cache.put(seq.prompt + seq.generated, self._kv(seq))
         self._pages.release(seq.pages)
-        seq.solo = None
+        self._drop_solo(seq)
         self._active.remove(seq)
         with self._lock:
             self.stats.running = len(self._active)
@@ -1034,7 +1109,7 @@ class Engine:
             self.stats.running = 0
         for seq in failed:
             self._pages.release(seq.pages)
-            seq.solo = None
+            self._drop_solo(seq)
             error = EngineError(f"decoding failed: {type(err).__name__}: {err}")
             error.__cause__ = err
             seq.handle._end(None, error)

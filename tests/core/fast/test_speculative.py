@@ -10,9 +10,12 @@ from core.model.config import ModelConfig
 from core.fast.fused_layers import kernels
 from core.fast.screened_head import ScreenedHead
 from core.fast.serving import ServingDecoder
-from core.fast.transforms import FastConfig, make_fast
+from core.fast.transforms import FastConfig, fast_for_serving, make_fast
 from core.generation.generate import GenerationConfig, generate
 from core.model import GPTModel
+from core.serving import Engine
+from core.tokenizer import gpt2_tokenizer
+from core.weights.checkpoint import Checkpoint
 from core.generation.sampling import next_token_probabilities
 from core.fast.speculative import MAX_DRAFT, MIN_JUDGED, SelfDraft
 from fused_models import tiny_gpt2
@@ -195,3 +198,19 @@ def test_the_draft_follows_changed_weights_and_copies():
     assert fast.draft.counts["accepted"] > 0.8 * fast.draft.counts["drafted"]  # the copies were rebuilt
     twin = copy.deepcopy(fast)
     assert twin.generate([PROMPTS[3]], cfg) == generate(model, [PROMPTS[3]], cfg) and twin.draft.counts["accepted"] > 0
+
+
+def test_the_engines_decoder_keeps_the_draft_and_a_lone_sequence_there_speculates(tmp_path):
+    model = tiny()
+    checkpoint = Checkpoint(tmp_path, model.cfg, copy.deepcopy(model), gpt2_tokenizer())
+    fast = fast_for_serving(checkpoint, batched=True)  # as the service builds it for its engine
+    assert fast.draft is not None
+    engine = Engine(fast, checkpoint.tokenizer)
+    cfg = GenerationConfig(max_new_tokens=30)
+    handle = engine.submit(PROMPTS[2], cfg)
+    while engine.step():
+        pass
+    assert [t for chunk in handle for t in chunk.token_ids] == generate(model, [PROMPTS[2]], cfg)[0]
+    counts = fast.draft.counts
+    assert counts["accepted"] > 0.8 * counts["drafted"] > 0
+    assert engine.stats.steps == counts["passes"] < 30  # several tokens an engine step

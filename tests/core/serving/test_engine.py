@@ -2,12 +2,16 @@
 
 import asyncio
 import contextlib
+import copy
 import threading
 
 import pytest
 import torch
 
+from core.fast.cuda_graphs import GraphedDecoder
 from core.fast.prefix_cache import PrefixCache
+from core.fast.serving import ServingDecoder
+from core.fast.speculative import ModelDraft
 from core.generation.generate import ContextLengthError, GenerationConfig, generate, stream
 from core.model import KVCache
 from core.serving import Engine, EngineFull, EngineStopped, Queued
@@ -392,3 +396,141 @@ def test_bad_requests_and_settings_get_clear_errors(model, tokenizer):
                        (dict(prefill_chunk=0), "prefill_chunk"), (dict(max_waiting=-1), "max_waiting")):
         with pytest.raises(ValueError, match=match):
             Engine(model, tokenizer, **bad)
+
+
+# -- a sequence running alone decodes by the serving decoder's strategy for one sequence -----------
+
+
+def drafted(model, draft_model=None) -> ServingDecoder:
+    """A serving decoder drafting with ``draft_model`` (default: the model itself, every guess its own)."""
+    decoder = ServingDecoder(model)
+    decoder.draft = ModelDraft(draft_model if draft_model is not None else model)
+    return decoder
+
+
+def test_a_lone_greedy_sequence_decodes_speculatively_with_the_decoders_draft_and_its_own_tokens(model, tokenizer):
+    decoder = drafted(model)
+    engine = Engine(decoder, tokenizer)
+    cfg = GenerationConfig(max_new_tokens=30)
+    handle = engine.submit(PROMPTS[0], cfg)
+    run(engine)
+    assert tokens(handle) == alone(model, PROMPTS[0], cfg)
+    counts = decoder.draft.counts
+    assert counts["accepted"] == counts["drafted"] > 0  # the model's own guesses: every one kept
+    # The prompt's pass gives the first token, then verifying passes of 8, 8, 8 and the last 5.
+    assert engine.stats.steps == counts["passes"] == 4
+
+
+def test_a_sequence_admitted_beside_a_speculating_one_switches_both_to_batched_steps(model, tokenizer):
+    store = PrefixCache()
+    decoder = drafted(model)
+    engine = Engine(decoder, tokenizer, max_batch=4, prefix_cache=store)
+    long_cfg, short_cfg = GenerationConfig(max_new_tokens=40), GenerationConfig(max_new_tokens=4)
+    lone = engine.submit(PROMPTS[3], long_cfg)
+    engine.step()
+    engine.step()
+    assert lone.completion_tokens == 17 and decoder.draft.counts["passes"] == 2  # 1 + 8 + 8
+    short = engine.submit(PROMPTS[1], short_cfg)
+    steps = engine.stats.steps
+    while not short.done:
+        engine.step()  # together: one batched pass a step, one token each, the draft idle
+    assert decoder.draft.counts["passes"] == 2
+    assert lone.completion_tokens == 17 + engine.stats.steps - steps
+    run(engine)  # alone again: drafting again, from the rows that came back out of its pages
+    assert decoder.draft.counts["passes"] > 2
+    got = tokens(lone)
+    assert [got, tokens(short)] == [alone(model, PROMPTS[3], long_cfg), alone(model, PROMPTS[1], short_cfg)]
+    assert engine.pages_used == 0
+    assert_kept_rows_are_a_fresh_prefill(model, store, PROMPTS[3] + got)
+
+
+def test_guesses_the_model_rejects_change_no_token_and_no_row(model, tokenizer):
+    # A draft of other weights: most guesses are refused, and the refused guesses' keys and values,
+    # written past the kept ones, must neither be read nor move into the pages when another joins.
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in wrong.parameters():
+            p.add_(torch.randn_like(p))
+    store = PrefixCache()
+    decoder = drafted(model, wrong)
+    engine = Engine(decoder, tokenizer, max_batch=4, prefix_cache=store)
+    cfg = GenerationConfig(max_new_tokens=30)
+    lone = engine.submit(PROMPTS[2], cfg)
+    engine.step()
+    engine.step()
+    beside = engine.submit(PROMPTS[0], GREEDY)
+    run(engine)
+    counts = decoder.draft.counts
+    assert counts["accepted"] < counts["drafted"]
+    got = tokens(lone)
+    assert [got, tokens(beside)] == [alone(model, PROMPTS[2], cfg), alone(model, PROMPTS[0])]
+    assert_kept_rows_are_a_fresh_prefill(model, store, PROMPTS[2] + got)
+
+
+def test_a_stop_inside_a_verified_run_ends_the_sequence_there_as_stream_does(model, tokenizer):
+    # Our tiny models repeat the prompt's last token, so a stop token would end the answer at its
+    # first token (the prompt's pass); a stop string of four of them ends it at the fourth, the third
+    # of the eight the first verifying pass gives.
+    store = PrefixCache()
+    answer = tokenizer.decode(alone(model, PROMPTS[3]))
+    stopping = GenerationConfig(max_new_tokens=30, stop_strings=(answer[:4],))
+    expected = list(stream(model, tokenizer, PROMPTS[3], stopping))
+    engine = Engine(drafted(model), tokenizer, prefix_cache=store)
+    handle = engine.submit(PROMPTS[3], stopping)
+    run(engine)
+    got = list(handle)
+    assert [(c.text, c.token_ids, c.finish_reason) for c in got] == [
+        (c.text, c.token_ids, c.finish_reason) for c in expected]
+    assert got[-1].finish_reason == "stop" and handle.completion_tokens == 4
+    assert_kept_rows_are_a_fresh_prefill(model, store, PROMPTS[3] + [t for c in got for t in c.token_ids])
+
+
+def test_sampled_and_penalized_lone_sequences_speculate_only_where_their_tokens_allow(model, tokenizer):
+    decoder = drafted(model)
+    engine = Engine(decoder, tokenizer)
+    counts = decoder.draft.counts
+    # A seed gives the tokens it gives token by token (and beside others); penalties are not the draft's.
+    for cfg in (GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7),
+                GenerationConfig(max_new_tokens=12, repetition_penalty=1.3)):
+        handle = engine.submit(PROMPTS[0], cfg)
+        run(engine)
+        assert tokens(handle) == alone(model, PROMPTS[0], cfg)
+        assert counts["passes"] == 0
+    # Unseeded: the rejection rule draws each token from the model's distribution, several a pass.
+    handle = engine.submit(PROMPTS[0], GenerationConfig(max_new_tokens=12, temperature=1.0))
+    run(engine)
+    assert handle.completion_tokens == 12 and counts["accepted"] > 0
+
+
+def test_one_at_a_time_each_sequence_speculates_though_others_wait(model, tokenizer):
+    # With a single place whoever waits cannot run beside the lone sequence anyway.
+    decoder = drafted(model)
+    engine = Engine(decoder, tokenizer, max_batch=1)
+    handles = [engine.submit(p, GREEDY) for p in PROMPTS[:3]]
+    run(engine)
+    assert [tokens(h) for h in handles] == [alone(model, p) for p in PROMPTS[:3]]
+    assert decoder.draft.counts["passes"] == 3 * 2  # 1 + 8 + 3 tokens each
+
+
+def test_a_lone_sequence_steps_on_the_decoders_graphs_and_gives_them_back_when_another_joins(model, tokenizer):
+    # On the CPU the static step a CUDA graph records runs eagerly: the same cache, slots and masks.
+    store = PrefixCache()
+    decoder = ServingDecoder(model)
+    decoder.graphs = GraphedDecoder(model, decoder.logits, capture=False)
+    engine = Engine(decoder, tokenizer, max_batch=4, prefix_cache=store)
+    long_cfg = GenerationConfig(max_new_tokens=40)
+    lone = engine.submit(PROMPTS[3], long_cfg)
+    for _ in range(3):
+        engine.step()
+    assert len(decoder.graphs) == 1
+    with decoder.graphs.session(1, 10) as held:
+        assert held is None  # the lone sequence holds them
+    short = engine.submit(PROMPTS[1], GenerationConfig(max_new_tokens=4))
+    engine.step()
+    with decoder.graphs.session(1, 10) as free:
+        assert free is not None  # given back: its rows are in its pages now
+    run(engine)
+    got = tokens(lone)
+    assert [got, tokens(short)] == [alone(model, PROMPTS[3], long_cfg),
+                                    alone(model, PROMPTS[1], GenerationConfig(max_new_tokens=4))]
+    assert_kept_rows_are_a_fresh_prefill(model, store, PROMPTS[3] + got)
