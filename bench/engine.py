@@ -283,7 +283,7 @@ def main() -> None:
     if not (args.model / "config.json").is_file():
         sys.exit(f"{args.model}: no checkpoint; run `scratchgpt download smollm2-135m-instruct`")
     checkpoint = load_checkpoint(args.model, device="cpu", dtype=torch.float32)
-    decoder = fast_for_serving(checkpoint, batched=True)  # as the service builds it for its engine
+    decoder = fast_for_serving(checkpoint)  # as the service builds it for its engine
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     cfg = answer_config(checkpoint, args.new_tokens)
     prompts = chat_prompts(checkpoint, max(args.clients) * args.rounds)

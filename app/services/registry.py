@@ -546,7 +546,7 @@ class ModelRegistry:
         kept = PrefixCache(mb * 2**20) if mb else None
         if fast and self.settings.fast_kernels:
             try:
-                decoder = fast_for_serving(checkpoint, prefix_cache=kept, batched=True)  # for ChatWorker's engine
+                decoder = fast_for_serving(checkpoint, prefix_cache=kept)
                 logger.info("chat model fast path", extra={"model": CHAT, "report": str(decoder.report)})
                 return decoder
             except Exception:  # a damaged blocks file costs speed, not the chat model

@@ -172,14 +172,13 @@ def make_fast(model: nn.Module, cfg: FastConfig | None = None, gguf_blocks: dict
     return decoder
 
 
-def fast_for_serving(checkpoint, prefix_cache=None, *, batched: bool = False) -> ServingDecoder:
+def fast_for_serving(checkpoint, prefix_cache=None) -> ServingDecoder:
     """The serving decoder the service and the CLI decode with, for a loaded causal-LM checkpoint,
     keeping recent caches in ``prefix_cache`` (``core.fast.prefix_cache.PrefixCache``) if given.
 
-    ``batched``: the decoder serves ``core.serving``'s engine. It is built the same either way:
-    the engine's batched steps use its output layers and kernels, and a sequence running alone
-    there takes the draft of speculative decoding or the CUDA graphs, as a lone request of the
-    command line does.
+    The same decoder serves ``core.serving``'s engine: its batched steps use the decoder's output
+    layers and kernels, and a sequence running alone there takes the draft of speculative decoding
+    or the CUDA graphs, as a lone request of the command line does.
 
     On the CPU: a checkpoint that carries GGUF blocks decodes from them in fp32
     (``core.fast.gguf_matvec``: the same weights in a fifth of the bytes); any other

@@ -203,7 +203,7 @@ def test_the_draft_follows_changed_weights_and_copies():
 def test_the_engines_decoder_keeps_the_draft_and_a_lone_sequence_there_speculates(tmp_path):
     model = tiny()
     checkpoint = Checkpoint(tmp_path, model.cfg, copy.deepcopy(model), gpt2_tokenizer())
-    fast = fast_for_serving(checkpoint, batched=True)  # as the service builds it for its engine
+    fast = fast_for_serving(checkpoint)  # as the service builds it for its engine
     assert fast.draft is not None
     engine = Engine(fast, checkpoint.tokenizer)
     cfg = GenerationConfig(max_new_tokens=30)
