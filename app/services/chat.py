@@ -44,6 +44,9 @@ class ConversationBusy(RuntimeError):
     """An answer is already being generated in this conversation."""
 
 
+BUSY = "an answer is already being generated in this conversation; stop it first"
+
+
 class NothingToAnswer(ValueError):
     """The conversation does not end with a user message, so there is no question to answer."""
 
@@ -167,11 +170,13 @@ class ChatService:
         checkpoint = slot.checkpoint
         session, active = self.session, self.active
         if not active.claim(conversation.id):
-            raise ConversationBusy("an answer is already being generated in this conversation; stop it first")
+            raise ConversationBusy(BUSY)
         try:
             messages = crud.list_messages(session, conversation.id)
-            if any(m.status == STATUS_STREAMING for m in messages):  # another replica is answering here
-                raise ConversationBusy("an answer is already being generated in this conversation; stop it first")
+            # Another replica is answering here. Two sends at the same moment both pass this check:
+            # crud.begin_turn's write is what settles that race.
+            if any(m.status == STATUS_STREAMING for m in messages):
+                raise ConversationBusy(BUSY)
             turn = plan_turn(messages, mode, text, edited)
             if not turn.history or turn.history[-1]["role"] != "user":
                 raise NothingToAnswer("the conversation does not end with a user message; send one first")
@@ -212,6 +217,12 @@ class ChatService:
             user_public = MessagePublic.model_validate(user).model_dump(mode="json") if user is not None else None
             if user is not None and conversation.title == NEW_CHAT_TITLE:
                 crud.update_conversation(session, conversation, {"title": auto_title(user.content)})
+        except crud.AnswerStreaming:
+            # Another replica's turn passed the check above at the same moment and wrote first; the
+            # database refused this one (migration 0004) and nothing of it was stored.
+            job.cancel()
+            active.release(conversation.id)
+            raise ConversationBusy(BUSY) from None
         except BaseException:
             job.cancel()
             active.release(conversation.id)
