@@ -160,8 +160,10 @@ def begin_turn(
     Returns the new user message (or None) and the answer's row.
 
     :class:`AnswerStreaming` when another answer of the conversation is streaming by the time this
-    transaction writes (another replica's turn that passed the same checks at the same moment): the
-    transaction is rolled back, so nothing of this turn is stored, the user's message included.
+    transaction writes (another replica's turn that passed the service's check at the same moment),
+    found by the check under the conversation's lock or, should anything get past it, by the unique
+    index of migration 0004: the transaction is rolled back, so nothing of this turn is stored, the
+    user's message included.
     """
     try:
         return _begin_turn(session, conversation_id, user_content=user_content, parent=parent,
@@ -187,14 +189,17 @@ def _begin_turn(
     continued: Message | None,
     **answer_fields: Any,
 ) -> tuple[Message | None, Message]:
+    # The conversation's row first: its lock makes turns of one conversation take turns (PostgreSQL's
+    # row lock; SQLite's single writer), so the check below sees every turn committed before this
+    # one, whichever replica wrote it. Checked here, not only by the unique index: an edit deletes
+    # rows and a regenerate sets one aside, which another turn's fresh answer must not lose.
+    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
+    if streaming_answer(session, conversation_id) is not None:
+        raise AnswerStreaming(conversation_id)
     if truncate_from is not None:
-        removed = session.scalars(
-            delete(Message)
-            .where(Message.conversation_id == conversation_id, Message.id >= truncate_from.id)
-            .returning(Message.status)
-        ).all()
-        if STATUS_STREAMING in removed:  # an edit must not delete the answer another replica just started
-            raise AnswerStreaming(conversation_id)
+        session.execute(
+            delete(Message).where(Message.conversation_id == conversation_id, Message.id >= truncate_from.id)
+        )
     if set_aside is not None:
         if set_aside.content:
             set_aside.selected = False
@@ -206,16 +211,10 @@ def _begin_turn(
         session.add(user)
         session.flush()  # its id, for the answer's parent_id
     if continued is not None:
-        # Reopened only if it is not streaming already: two continues of one answer flip the same
-        # row, which the unique index cannot tell from one.
-        reopened = session.execute(
-            update(Message)
-            .where(Message.id == continued.id, Message.status != STATUS_STREAMING)
-            .values(updated_at=utcnow(), **answer_fields)
-        )
-        if reopened.rowcount != 1:
-            raise AnswerStreaming(conversation_id)
         answer = continued
+        for key, value in answer_fields.items():
+            setattr(answer, key, value)
+        answer.updated_at = utcnow()
     else:
         if parent is not None:  # earlier answers to the same question step back
             session.execute(
@@ -224,7 +223,6 @@ def _begin_turn(
         answer = Message(conversation_id=conversation_id, role="assistant", content="",
                          parent_id=parent.id if parent is not None else None, **answer_fields)
         session.add(answer)
-    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
     session.commit()
     return user, answer
 
