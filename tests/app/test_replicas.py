@@ -7,6 +7,10 @@ the job: A's watcher must find the change in the database and end the answer
 (app.services.cancellation). A's engine is held at a known token (TokenGate) until the cancel has
 arrived, so the test does not race the tiny model to the end of its answer; how long the poll takes
 is measured in the report, not asserted here.
+
+Two turns sent to A and B at the same moment must start one answer (the database settles it:
+crud.begin_turn, migration 0004), and B follows an answer A generates from its row
+(app.services.streaming.RowFollower).
 """
 
 from __future__ import annotations
@@ -159,6 +163,9 @@ def conversation_rows(client: TestClient, cid: str) -> list[Message]:
 @pytest.mark.parametrize("turns", [("send", "send"), ("send", "regenerate"), ("continue", "continue"), ("edit", "edit")],
                          ids="-".join)
 def test_two_turns_at_the_same_moment_on_two_replicas_start_one_answer(replicas, monkeypatch, turns):
+    """A's turn and B's both pass the busy check and write together: one answer streams, the other
+    turn is 409 with nothing of it stored. Both engines are held at their first token, so the
+    winner is still streaming when the rows are counted."""
     a, b = replicas
     cid = a.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 3}, headers=HEADERS).json()["id"]
     with a.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "hello"}, headers=HEADERS) as r:
@@ -177,8 +184,10 @@ def test_two_turns_at_the_same_moment_on_two_replicas_start_one_answer(replicas,
                            headers=HEADERS) as response:
             results[name]["status"] = response.status_code
             answered[name].set()
-            results[name]["events"] = list(parse_sse(response.iter_lines())) if response.status_code == 200 \
-                else response.read()
+            if response.status_code == 200:
+                results[name]["events"] = list(parse_sse(response.iter_lines()))
+            else:
+                results[name]["refusal"] = response.read().decode()
 
     gates = [TokenGate(c.app.state.models.slots["chat"].worker, hold_at=1) for c in (a, b)]
     with writing_together(monkeypatch), gates[0], gates[1]:
@@ -198,7 +207,7 @@ def test_two_turns_at_the_same_moment_on_two_replicas_start_one_answer(replicas,
             thread.join(HANG_GUARD)
     winner, loser = sorted(results, key=lambda name: statuses[name] != 200)
     assert results[winner]["events"][-1][0] == "done"
-    assert b"already being generated" in results[loser]["events"]
+    assert "already being generated" in results[loser]["refusal"]
 
     rows = conversation_rows(b, cid)
     assert all(m.status != "streaming" for m in rows)
