@@ -271,3 +271,20 @@ def test_a_stop_on_b_ends_bs_following_with_the_text_a_wrote_last(replicas):
     assert on_b[-1][1]["message"]["content"] == on_a[-1][1]["message"]["content"] == stored["content"]
     assert "".join(data["text"] for event, data in on_b if event == "delta") == stored["content"]
     assert on_b[-1][1]["completion_tokens"] == held_at
+
+
+def test_deleting_the_conversation_ends_bs_following_with_an_error(replicas):
+    a, b = replicas
+    cid = a.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 900}, headers=HEADERS).json()["id"]
+    with held_answer(a, cid) as (gate, _, events), \
+            b.stream("GET", f"/api/v1/conversations/{cid}/answer", headers=HEADERS) as followed:
+        on_b = parse_sse(followed.iter_lines())
+        assert next(on_b)[0] == "start"
+        job = a_job(a)
+        assert b.delete(f"/api/v1/conversations/{cid}", headers=HEADERS).status_code == 204
+        wait_until(job.cancelled.is_set, "replica A cancelling the answer whose conversation B deleted")
+        gate.release()
+        list(events)
+        rest = list(on_b)
+    assert rest[-1][0] == "error" and "deleted" in rest[-1][1]["detail"]
+    assert rest[-1][1]["message"]["status"] == "streaming"  # the row as B last read it
