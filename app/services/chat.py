@@ -4,8 +4,9 @@
 sending it again, regenerating the last answer, continuing a cut-off one (:func:`plan_turn`
 says what each reads and writes). In order: the chat model must be serving; the conversation is
 claimed (one answer at a time: in this process, and through its rows on every replica; two
-replicas' turns at the same moment are settled by the database in ``crud.begin_turn``); its stored messages (the selected answers, not their
-alternatives) become the model's turns and are fitted into the context window
+replicas' turns at the same moment are settled by the database in ``crud.begin_turn``); its
+stored messages (the selected answers, not their alternatives) become the model's turns and are
+fitted into the context window
 (``app.services.prompts``); the answer is queued in the chat engine; only then is anything
 written, in one transaction (``crud.begin_turn``): later messages removed for an edit, the
 regenerated answer kept as an alternative, the user's message committed (whatever happens next,
