@@ -12,10 +12,10 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import STATUS_INTERRUPTED, STATUS_STREAMING, Conversation, Message, utcnow
+from app.db.models import ONE_STREAMING_INDEX, STATUS_INTERRUPTED, STATUS_STREAMING, Conversation, Message, utcnow
 
 T = TypeVar("T")
 
@@ -158,7 +158,44 @@ def begin_turn(
     ``user_content``: a new user message, which the answer then answers; else ``parent`` is the
     question answered. ``continued``: no new row, that answer is written into again.
     Returns the new user message (or None) and the answer's row.
+
+    :class:`AnswerStreaming` when another answer of the conversation is streaming by the time this
+    transaction writes (another replica's turn that passed the service's check at the same moment),
+    found by the check under the conversation's lock or, should anything get past it, by the unique
+    index of migration 0004: the transaction is rolled back, so nothing of this turn is stored, the
+    user's message included.
     """
+    try:
+        return _begin_turn(session, conversation_id, user_content=user_content, parent=parent,
+                           truncate_from=truncate_from, set_aside=set_aside, continued=continued, **answer_fields)
+    except AnswerStreaming:
+        session.rollback()
+        raise
+    except IntegrityError as exc:
+        session.rollback()
+        if is_one_streaming_violation(exc):
+            raise AnswerStreaming(conversation_id) from None
+        raise
+
+
+def _begin_turn(
+    session: Session,
+    conversation_id: str,
+    *,
+    user_content: str | None,
+    parent: Message | None,
+    truncate_from: Message | None,
+    set_aside: Message | None,
+    continued: Message | None,
+    **answer_fields: Any,
+) -> tuple[Message | None, Message]:
+    # The conversation's row first: its lock makes turns of one conversation take turns (PostgreSQL's
+    # row lock; SQLite's single writer), so the check below sees every turn committed before this
+    # one, whichever replica wrote it. Checked here, not only by the unique index: an edit deletes
+    # rows and a regenerate sets one aside, which another turn's fresh answer must not lose.
+    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
+    if streaming_answer(session, conversation_id) is not None:
+        raise AnswerStreaming(conversation_id)
     if truncate_from is not None:
         session.execute(
             delete(Message).where(Message.conversation_id == conversation_id, Message.id >= truncate_from.id)
@@ -186,7 +223,6 @@ def begin_turn(
         answer = Message(conversation_id=conversation_id, role="assistant", content="",
                          parent_id=parent.id if parent is not None else None, **answer_fields)
         session.add(answer)
-    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow()))
     session.commit()
     return user, answer
 
@@ -217,6 +253,34 @@ def interrupt_streaming_messages(session: Session, renewed_before: datetime | No
 
 
 # --- answers across processes (app.services.cancellation) -------------------------
+
+
+class AnswerStreaming(Exception):
+    """Another answer of this conversation is streaming: a turn cannot start (:func:`begin_turn`)."""
+
+
+def is_one_streaming_violation(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is the database refusing a second streaming answer in a conversation (the
+    partial unique index of migration 0004), not some other constraint."""
+    diag = getattr(exc.orig, "diag", None)  # psycopg names the constraint
+    if diag is not None and getattr(diag, "constraint_name", None):
+        return diag.constraint_name == ONE_STREAMING_INDEX
+    # SQLite names the columns instead, and conversation_id is in no other unique index.
+    return "UNIQUE constraint failed: messages.conversation_id" in str(exc.orig)
+
+
+def streaming_answer(session: Session, conversation_id: str) -> Message | None:
+    """The conversation's streaming answer, whichever process generates it; None if there is none."""
+    query = select(Message).where(Message.conversation_id == conversation_id, Message.status == STATUS_STREAMING)
+    return session.scalars(query).first()
+
+
+def read_message(sessions: sessionmaker[Session], message_id: int) -> Message | None:
+    """One message as it is now, read in its own short session (a follower polling another
+    process's answer); None once it is deleted."""
+    with sessions() as session:
+        return session.get(Message, message_id)
+
 
 
 def stop_streaming(session: Session, conversation_id: str) -> int:

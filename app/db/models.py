@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, func, true
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, func, text, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Message.status values. "streaming" rows exist only while a worker writes into
@@ -19,6 +19,12 @@ STATUS_STREAMING = "streaming"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_ERROR = "error"
 STATUSES = (STATUS_COMPLETE, STATUS_STREAMING, STATUS_INTERRUPTED, STATUS_ERROR)
+
+# At most one "streaming" answer per conversation, kept by the database itself (migration 0004):
+# two replicas sending into one conversation at the same moment both pass the busy check in
+# ChatService.start_answer, and only this index makes the second insert fail.
+ONE_STREAMING_INDEX = "ux_messages_one_streaming"
+ONE_STREAMING_WHERE = f"status = '{STATUS_STREAMING}'"
 
 
 def utcnow() -> datetime:
@@ -96,5 +102,9 @@ class Message(Base):
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 
-    # Never reuse the id of a deleted message (a regenerated answer gets a new one).
-    __table_args__ = {"sqlite_autoincrement": True}
+    __table_args__ = (
+        Index(ONE_STREAMING_INDEX, "conversation_id", unique=True,
+              sqlite_where=text(ONE_STREAMING_WHERE), postgresql_where=text(ONE_STREAMING_WHERE)),
+        # Never reuse the id of a deleted message (a regenerated answer gets a new one).
+        {"sqlite_autoincrement": True},
+    )

@@ -3,8 +3,10 @@
 :meth:`ChatService.start_answer` is what every turn runs: sending a message, editing one and
 sending it again, regenerating the last answer, continuing a cut-off one (:func:`plan_turn`
 says what each reads and writes). In order: the chat model must be serving; the conversation is
-claimed (one answer at a time); its stored messages (the selected answers, not their
-alternatives) become the model's turns and are fitted into the context window
+claimed (one answer at a time: in this process, and through its rows on every replica; two
+replicas' turns at the same moment are settled by the database in ``crud.begin_turn``); its
+stored messages (the selected answers, not their alternatives) become the model's turns and are
+fitted into the context window
 (``app.services.prompts``); the answer is queued in the chat engine; only then is anything
 written, in one transaction (``crud.begin_turn``): later messages removed for an edit, the
 regenerated answer kept as an alternative, the user's message committed (whatever happens next,
@@ -42,6 +44,9 @@ NEW_CHAT_TITLE = "New chat"
 
 class ConversationBusy(RuntimeError):
     """An answer is already being generated in this conversation."""
+
+
+BUSY = "an answer is already being generated in this conversation; stop it first"
 
 
 class NothingToAnswer(ValueError):
@@ -167,11 +172,13 @@ class ChatService:
         checkpoint = slot.checkpoint
         session, active = self.session, self.active
         if not active.claim(conversation.id):
-            raise ConversationBusy("an answer is already being generated in this conversation; stop it first")
+            raise ConversationBusy(BUSY)
         try:
             messages = crud.list_messages(session, conversation.id)
-            if any(m.status == STATUS_STREAMING for m in messages):  # another replica is answering here
-                raise ConversationBusy("an answer is already being generated in this conversation; stop it first")
+            # Another replica is answering here. Two sends at the same moment both pass this check:
+            # crud.begin_turn's write is what settles that race.
+            if any(m.status == STATUS_STREAMING for m in messages):
+                raise ConversationBusy(BUSY)
             turn = plan_turn(messages, mode, text, edited)
             if not turn.history or turn.history[-1]["role"] != "user":
                 raise NothingToAnswer("the conversation does not end with a user message; send one first")
@@ -212,6 +219,12 @@ class ChatService:
             user_public = MessagePublic.model_validate(user).model_dump(mode="json") if user is not None else None
             if user is not None and conversation.title == NEW_CHAT_TITLE:
                 crud.update_conversation(session, conversation, {"title": auto_title(user.content)})
+        except crud.AnswerStreaming:
+            # Another replica's turn passed the check above at the same moment and wrote first; the
+            # database refused this one (migration 0004) and nothing of it was stored.
+            job.cancel()
+            active.release(conversation.id)
+            raise ConversationBusy(BUSY) from None
         except BaseException:
             job.cancel()
             active.release(conversation.id)

@@ -5,7 +5,8 @@ the event loop: it reads the engine's chunks, keeps the message row current and 
 event to whoever follows the answer. The request that started it follows it first; a client
 that leaves (another conversation opened, the tab closed) only stops following, and the answer
 is written to the end. A client that comes back follows it again
-(``GET /api/v1/conversations/{id}/answer``) from the text so far. Only ``POST .../stop``,
+(``GET /api/v1/conversations/{id}/answer``) from the text so far; on another replica, where there
+is no AnswerStream to join, :class:`RowFollower` follows the answer's row. Only ``POST .../stop``,
 deleting the conversation, or a server shutdown stop an answer; each leaves it "interrupted"
 with its text so far, and startup marks rows a killed server left "streaming" as "interrupted".
 
@@ -31,8 +32,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.db import crud
-from app.db.models import STATUS_COMPLETE, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_STREAMING
+from app.db.models import STATUS_COMPLETE, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_STREAMING, Message
 from app.metrics import Metrics
+from app.schemas import MessagePublic
 from app.services.prompts import PromptPlan
 from app.services.workers import ChatJob
 from core.serving import Queued
@@ -308,3 +310,81 @@ class AnswerStream:
             "dropped_messages": self.plan.dropped_messages,
             **{k: v for k, v in fields.items() if k != "content"},
         }
+
+
+# --- following an answer that another process generates --------------------------------
+
+
+@dataclass
+class RowFollower:
+    """Follows, from its row, an answer that another replica generates (nothing of it is in this process).
+
+    The same events as a late follower of an :class:`AnswerStream`: ``start``, the text so far as
+    the first ``delta``, then each piece the generating replica flushes into the row (every
+    ``stream_flush_seconds``, which is also how often the row is read here), and ``done`` (or
+    ``error``) with the stored message once the row is no longer "streaming". What the row does not
+    hold is missing: no ``queued`` events, ``cached_prompt_tokens`` is null, ``max_new_tokens`` is
+    the conversation's limit rather than the plan's, and ``start`` carries no ``user_message``.
+
+    A stop leaves the row "interrupted" before the generating replica writes its last text (at its
+    next poll); the follower waits for that write (the row's ``finish_reason``, or its error) up to
+    ``settle_seconds``, the lease after which a replica that wrote nothing counts as dead
+    (app.services.cancellation), and then ends with the row as it is.
+    """
+
+    sessions: sessionmaker[Session]
+    row: Message  # as read when following began
+    start: dict[str, Any]
+    poll_seconds: float
+    settle_seconds: float
+
+    async def events(self) -> AsyncIterator[str]:
+        row, text = self.row, self.row.content
+        yield sse("start", self.start)
+        if text:
+            yield sse("delta", {"text": text})
+        heard = time.monotonic()
+        left_streaming: float | None = None
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            now = await run_in_threadpool(crud.read_message, self.sessions, row.id)
+            if now is None:  # deleted with its conversation (the generating replica stops at its next poll)
+                yield sse("error", {"detail": "the answer was deleted while it was being generated",
+                                    "message": self._public(row)})
+                return
+            row = now
+            # The row only grows while it streams (a continued answer keeps its start).
+            if row.content != text and row.content.startswith(text):
+                yield sse("delta", {"text": row.content[len(text):]})
+                text, heard = row.content, time.monotonic()
+            if row.status != STATUS_STREAMING:
+                written = row.finish_reason is not None or row.status == STATUS_ERROR
+                left_streaming = left_streaming if left_streaming is not None else time.monotonic()
+                if written or time.monotonic() - left_streaming >= self.settle_seconds:
+                    yield self._final(row)
+                    return
+            if time.monotonic() - heard >= KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                heard = time.monotonic()
+
+    def _public(self, row: Message) -> dict[str, Any]:
+        return MessagePublic.model_validate(row).model_dump(mode="json")
+
+    def _final(self, row: Message) -> str:
+        message = self._public(row)
+        if row.status == STATUS_ERROR:
+            return sse("error", {"detail": row.error or "generation failed", "message": message})
+        return sse("done", {
+            "message": message,
+            "prompt_tokens": row.prompt_tokens,
+            "cached_prompt_tokens": None,  # the generating replica's engine knew; the row does not
+            "completion_tokens": row.completion_tokens,
+            "tokens_per_second": row.tokens_per_second,
+            "duration_ms": row.duration_ms,
+            # An "interrupted" row that its replica never finished (dead within the lease): stopped.
+            "finish_reason": row.finish_reason or "cancelled",
+            "dropped_messages": row.dropped_messages,
+        })
+
+    def response(self) -> StreamingResponse:
+        return StreamingResponse(self.events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, update
+from sqlalchemy import inspect, select, update
+from sqlalchemy.exc import IntegrityError
 
 from app.db import crud, make_engine, make_sessionmaker, upgrade
 from app.db.engine import DatabaseDriverMissing, normalize_url, shown_url
@@ -137,6 +138,50 @@ def test_deleting_a_conversation_deletes_its_messages(sessions):
     with sessions() as s:
         c = crud.create_conversation(s, "alice", title="t2")
         assert crud.add_message(s, c.id, "user", "again").id > 1
+
+
+def test_the_database_holds_one_streaming_answer_per_conversation(sessions):
+    """The partial unique index (migration 0004) refuses a second streaming row, which crud tells from
+    other violations; begin_turn refuses a turn while an answer streams and stores none of it."""
+    with sessions() as s:
+        c = crud.create_conversation(s, "alice")
+        question = crud.add_message(s, c.id, "user", "q")
+        crud.add_message(s, c.id, "assistant", "", parent_id=question.id, status=STATUS_STREAMING)
+        with pytest.raises(IntegrityError) as second:
+            crud.add_message(s, c.id, "assistant", "", parent_id=question.id, status=STATUS_STREAMING)
+        assert crud.is_one_streaming_violation(second.value)
+        s.rollback()
+        with pytest.raises(IntegrityError) as other:  # a public id taken: unique too, but another constraint
+            crud.add_message(s, c.id, "user", "x", public_id=question.public_id)
+        assert not crud.is_one_streaming_violation(other.value)
+        s.rollback()
+        # Only "streaming" rows, and only within one conversation, are limited.
+        crud.add_message(s, c.id, "assistant", "done", parent_id=question.id, status=STATUS_COMPLETE)
+        elsewhere = crud.create_conversation(s, "alice")
+        crud.add_message(s, elsewhere.id, "assistant", "", status=STATUS_STREAMING)
+        before = [(m.id, m.status) for m in s.scalars(select(Message).order_by(Message.id))]
+        with pytest.raises(crud.AnswerStreaming):
+            crud.begin_turn(s, c.id, user_content="a second question", parent=None, status=STATUS_STREAMING)
+        assert [(m.id, m.status) for m in s.scalars(select(Message).order_by(Message.id))] == before
+
+
+def test_0004_leaves_one_streaming_answer_per_conversation(database_url):
+    """Rows that already break the index (the race it closes, or crashes) keep only the newest streaming."""
+    upgrade(database_url, revision="0003")
+    engine = make_engine(database_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO conversations (id, owner, title, model, system_prompt, temperature, "
+                                   "max_new_tokens) VALUES ('c', 'local', 't', 'm', '', 0.5, 10)")
+        for public_id in ("older", "newer"):
+            connection.exec_driver_sql(
+                "INSERT INTO messages (public_id, conversation_id, role, content, status, dropped_messages, "
+                f"created_at, updated_at) VALUES ('{public_id}', 'c', 'assistant', '', 'streaming', 0, "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)")
+    upgrade(database_url)
+    with make_sessionmaker(engine)() as s:
+        statuses = {m.public_id: m.status for m in s.scalars(select(Message))}
+    engine.dispose()
+    assert statuses == {"older": STATUS_INTERRUPTED, "newer": STATUS_STREAMING}
 
 
 def _leftover(sessions, owner: str, age: timedelta) -> tuple[str, int]:

@@ -7,20 +7,28 @@ the job: A's watcher must find the change in the database and end the answer
 (app.services.cancellation). A's engine is held at a known token (TokenGate) until the cancel has
 arrived, so the test does not race the tiny model to the end of its answer; how long the poll takes
 is measured in the report, not asserted here.
+
+Two turns sent to A and B at the same moment must start one answer (the database settles it:
+crud.begin_turn, migration 0004), and B follows an answer A generates from its row
+(app.services.streaming.RowFollower).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from app.db import crud
+from app.db.models import Message
 from app_testing import TokenGate, parse_sse, running_client
-from waiting import wait_until
+from waiting import HANG_GUARD, wait_until
 
 ALICE = "alice-key-0123456789abcdef"
 SECRET = "one-signing-key-for-every-replica-0123456789"
@@ -116,3 +124,167 @@ def test_a_browser_signed_in_on_one_replica_is_signed_in_on_the_other(replicas):
     assert created.status_code == 201, created.text
     listed = a.get("/api/v1/conversations", headers=HEADERS).json()["conversations"]
     assert [c["title"] for c in listed] == ["from B"]
+
+
+# --- two turns at the same moment on two replicas ------------------------------------------------
+
+# A turn's request on a replica: (method path, JSON body), by the way it starts; {name} is the replica's.
+TURNS = {
+    "send": ("/messages", {"content": "sent on {name}"}),
+    "regenerate": ("/regenerate", None),
+    "continue": ("/continue", None),
+    "edit": ("/messages/{first}/edit", {"content": "edited on {name}"}),
+}
+
+
+@contextlib.contextmanager
+def writing_together(monkeypatch) -> Iterator[None]:
+    """Both replicas' turns reach their write (crud.begin_turn, the real one) before either writes:
+    both have passed the busy check, which is the race the database has to settle. Without this the
+    first request might commit before the second reads, and the check alone would refuse it."""
+    together = threading.Barrier(2, timeout=HANG_GUARD)
+    begin_turn = crud.begin_turn
+
+    def begin_turn_together(*args, **kwargs):
+        together.wait()
+        return begin_turn(*args, **kwargs)
+
+    monkeypatch.setattr(crud, "begin_turn", begin_turn_together)
+    yield
+    monkeypatch.setattr(crud, "begin_turn", begin_turn)
+
+
+def conversation_rows(client: TestClient, cid: str) -> list[Message]:
+    """Every stored message of the conversation, alternatives included, oldest first (from the shared database)."""
+    with client.app.state.sessions() as session:
+        return list(session.scalars(select(Message).where(Message.conversation_id == cid).order_by(Message.id)))
+
+
+@pytest.mark.parametrize("turns", [("send", "send"), ("send", "regenerate"), ("continue", "continue"), ("edit", "edit")],
+                         ids="-".join)
+def test_two_turns_at_the_same_moment_on_two_replicas_start_one_answer(replicas, monkeypatch, turns):
+    """A's turn and B's both pass the busy check and write together: one answer streams, the other
+    turn is 409 with nothing of it stored. Both engines are held at their first token, so the
+    winner is still streaming when the rows are counted."""
+    a, b = replicas
+    cid = a.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 3}, headers=HEADERS).json()["id"]
+    with a.stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "hello"}, headers=HEADERS) as r:
+        first = list(parse_sse(r.iter_lines()))
+    assert first[-1][1]["finish_reason"] == "length"  # cut by the token limit: it can be continued
+    first_id = first[0][1]["user_message"]["id"]
+    before = conversation_rows(a, cid)
+
+    results: dict[str, dict] = {"a": {}, "b": {}}
+    answered = {name: threading.Event() for name in results}
+
+    def take_turn(name: str, client: TestClient, turn: str) -> None:
+        path, body = TURNS[turn]
+        body = body and {"content": body["content"].format(name=name)}
+        with client.stream("POST", f"/api/v1/conversations/{cid}{path.format(first=first_id)}", json=body,
+                           headers=HEADERS) as response:
+            results[name]["status"] = response.status_code
+            answered[name].set()
+            if response.status_code == 200:
+                results[name]["events"] = list(parse_sse(response.iter_lines()))
+            else:
+                results[name]["refusal"] = response.read().decode()
+
+    gates = [TokenGate(c.app.state.models.slots["chat"].worker, hold_at=1) for c in (a, b)]
+    with writing_together(monkeypatch), gates[0], gates[1]:
+        threads = [threading.Thread(target=take_turn, args=(name, client, turn))
+                   for name, client, turn in zip(results, (a, b), turns)]
+        for thread in threads:
+            thread.start()
+        for event in answered.values():
+            assert event.wait(HANG_GUARD), "a replica never answered its turn"
+        statuses = {name: result["status"] for name, result in results.items()}
+        assert sorted(statuses.values()) == [200, 409], statuses
+        # The winner's answer is held at its first token: the database holds exactly one streaming answer.
+        assert [m.status for m in conversation_rows(a, cid)].count("streaming") == 1
+        for gate in gates:
+            gate.release()
+        for thread in threads:
+            thread.join(HANG_GUARD)
+    winner, loser = sorted(results, key=lambda name: statuses[name] != 200)
+    assert results[winner]["events"][-1][0] == "done"
+    assert "already being generated" in results[loser]["refusal"]
+
+    rows = conversation_rows(b, cid)
+    assert all(m.status != "streaming" for m in rows)
+    # Nothing of the refused turn was stored: not its text, and no question left without an answer.
+    assert not any(f"on {loser}" in m.content for m in rows)
+    answered_ids = {m.parent_id for m in rows if m.role == "assistant"}
+    assert all(m.id in answered_ids for m in rows if m.role == "user")
+    new = {m.id for m in rows} - {m.id for m in before}
+    expected_new = {"send": 2, "regenerate": 1, "continue": 0, "edit": 2}[turns[0 if winner == "a" else 1]]
+    assert len(new) == expected_new
+    # The conversation goes on: the loser's replica answers the next message.
+    with (a if loser == "a" else b).stream("POST", f"/api/v1/conversations/{cid}/messages", json={"content": "next"},
+                                           headers=HEADERS) as r:
+        assert list(parse_sse(r.iter_lines()))[-1][0] == "done"
+
+
+# --- following on B an answer that A generates -------------------------------------------------
+
+
+def test_an_answer_generated_on_a_is_followed_on_b(replicas):
+    a, b = replicas
+    cid = a.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 40}, headers=HEADERS).json()["id"]
+    assert b.get(f"/api/v1/conversations/{cid}/answer", headers=HEADERS).status_code == 204  # nothing runs anywhere
+    with held_answer(a, cid) as (gate, _, events), \
+            b.stream("GET", f"/api/v1/conversations/{cid}/answer", headers=HEADERS) as followed:
+        assert followed.status_code == 200 and not b.app.state.active.watched()  # B follows; it generates nothing
+        on_b = parse_sse(followed.iter_lines())
+        start = next(on_b)
+        gate.release()
+        on_a = list(events)
+        on_b = [start, *on_b]
+    stored = a.get(f"/api/v1/conversations/{cid}", headers=HEADERS).json()["messages"][-1]
+    assert stored["status"] == "complete" and stored["content"]
+    assert on_b[0][0] == "start" and on_b[0][1]["assistant_message_id"] == stored["id"]
+    assert "".join(data["text"] for event, data in on_b if event == "delta") == stored["content"]
+    assert {event for event, _ in on_b[1:-1]} <= {"delta"}
+    (_, done_b), (_, done_a) = on_b[-1], on_a[-1]
+    assert on_b[-1][0] == "done" and set(done_b) == set(done_a)
+    assert done_b["message"]["content"] == done_a["message"]["content"] == stored["content"]
+    assert done_b["finish_reason"] == done_a["finish_reason"]
+    assert b.get(f"/api/v1/conversations/{cid}/answer", headers=HEADERS).status_code == 204
+
+
+def test_a_stop_on_b_ends_bs_following_with_the_text_a_wrote_last(replicas):
+    """A stop marks the row "interrupted" before A writes its last text: B's follower waits for that write."""
+    a, b = replicas
+    cid = a.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 900}, headers=HEADERS).json()["id"]
+    with held_answer(a, cid) as (gate, held_at, events), \
+            b.stream("GET", f"/api/v1/conversations/{cid}/answer", headers=HEADERS) as followed:
+        on_b = parse_sse(followed.iter_lines())
+        assert next(on_b)[0] == "start"
+        job = a_job(a)
+        assert b.post(f"/api/v1/conversations/{cid}/stop", headers=HEADERS).json() == {"stopped": True}
+        wait_until(job.cancelled.is_set, "replica A cancelling the answer stopped on replica B")
+        gate.release()
+        on_a = list(events)
+        on_b = list(on_b)
+    stored = b.get(f"/api/v1/conversations/{cid}", headers=HEADERS).json()["messages"][-1]
+    assert stored["status"] == "interrupted" and stored["finish_reason"] == "cancelled"
+    assert on_b[-1][0] == "done" and on_b[-1][1]["finish_reason"] == "cancelled"
+    assert on_b[-1][1]["message"]["content"] == on_a[-1][1]["message"]["content"] == stored["content"]
+    assert "".join(data["text"] for event, data in on_b if event == "delta") == stored["content"]
+    assert on_b[-1][1]["completion_tokens"] == held_at
+
+
+def test_deleting_the_conversation_ends_bs_following_with_an_error(replicas):
+    a, b = replicas
+    cid = a.post("/api/v1/conversations", json={"temperature": 0.0, "max_new_tokens": 900}, headers=HEADERS).json()["id"]
+    with held_answer(a, cid) as (gate, _, events), \
+            b.stream("GET", f"/api/v1/conversations/{cid}/answer", headers=HEADERS) as followed:
+        on_b = parse_sse(followed.iter_lines())
+        assert next(on_b)[0] == "start"
+        job = a_job(a)
+        assert b.delete(f"/api/v1/conversations/{cid}", headers=HEADERS).status_code == 204
+        wait_until(job.cancelled.is_set, "replica A cancelling the answer whose conversation B deleted")
+        gate.release()
+        list(events)
+        rest = list(on_b)
+    assert rest[-1][0] == "error" and "deleted" in rest[-1][1]["detail"]
+    assert rest[-1][1]["message"]["status"] == "streaming"  # the row as B last read it
