@@ -77,6 +77,36 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+class ThresholdError(ValueError):
+    """A classifier checkpoint whose stored decision threshold cannot be used."""
+
+
+def decision_threshold(checkpoint) -> float | None:
+    """The probability of the last label (the positive class: "spam") at or above which a text
+    gets that label, as the fine-tuning job chose it on validation data; None: the most likely label wins.
+
+    Training on balanced data and deciding by argmax puts the cut wherever the loss left it;
+    the job stores the cut that keeps validation precision, so every caller decides alike."""
+    value = (checkpoint.metadata or {}).get("threshold")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ThresholdError(f"classifier {checkpoint.name!r}: stored threshold {value!r} is not a probability in (0, 1)")
+    if len(checkpoint.labels or []) < 2:
+        raise ThresholdError(f"classifier {checkpoint.name!r}: a threshold needs at least two labels")
+    return float(value)
+
+
+def decide(probabilities: list[float], threshold: float | None) -> int:
+    """Index of the predicted label: the last one when its probability reaches ``threshold``,
+    else the most likely of the others; with no threshold, the most likely of all."""
+    if threshold is None:
+        return max(range(len(probabilities)), key=probabilities.__getitem__)
+    if probabilities[-1] >= threshold:
+        return len(probabilities) - 1
+    return max(range(len(probabilities) - 1), key=probabilities.__getitem__)
+
+
 def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int) -> list[list[int]]:
     """Token ids of each text, cut to its first ``max_length`` tokens; an empty text becomes ``[pad_id]``.
 
@@ -172,6 +202,8 @@ def pack_texts(encoded: list[list[int]], capacity: int, pad_id: int) -> PackedBa
 def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: int | None = 512) -> list[Prediction]:
     """Label and class probabilities for each text, with a checkpoint of task "classification".
 
+    The label follows the checkpoint's stored threshold (:func:`decision_threshold`) when it has one.
+
     Texts go through the model ``batch_size`` at a time. With ``pack_tokens``
     (the default) each group is packed into rows of at most that many tokens
     (:func:`pack_texts`), so no padding is computed; ``None`` pads each text to
@@ -180,6 +212,7 @@ def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: in
     """
     model: SequenceClassifier = checkpoint.model
     labels = checkpoint.labels
+    threshold = decision_threshold(checkpoint)
     max_length = int(checkpoint.metadata.get("max_length") or model.cfg.context_length)
     pad_id = checkpoint.tokenizer.eos_id
     device = next(model.parameters()).device
@@ -194,9 +227,9 @@ def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: in
         else:
             batch = pack_texts(encode_texts(checkpoint.tokenizer, group, max_length, pad_id), capacity, pad_id)
             logits = model.forward_packed(_to(batch, device))
-        for row in logits.float().softmax(-1).cpu().tolist():
-            best = max(range(len(labels)), key=row.__getitem__)
-            predictions.append(Prediction(labels[best], dict(zip(labels, row))))
+        # float64: a threshold near 0 or 1 must not be blurred by float32 rounding.
+        for row in logits.double().softmax(-1).cpu().tolist():
+            predictions.append(Prediction(labels[decide(row, threshold)], dict(zip(labels, row))))
     return predictions
 
 

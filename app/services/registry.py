@@ -19,6 +19,7 @@ import torch
 from app.metrics import Metrics
 from app.services.workers import ChatWorker, ClassifierWorker
 from app.settings import Settings
+from core.classifier import decision_threshold
 from core.fast.prefix_cache import PrefixCache
 from core.fast.serving import ServingDecoder
 from core.fast.transforms import fast_for_serving
@@ -217,6 +218,7 @@ class ModelRegistry:
                 )
             if "spam" not in (checkpoint.labels or []):
                 raise ValueError(f"{checkpoint.path} has labels {checkpoint.labels}; a spam classifier needs 'spam'")
+            decision_threshold(checkpoint)  # a stored threshold that cannot be used fails the load, not each request
 
     def _make_worker(self, role: str, checkpoint: Any, decoder: ServingDecoder | None) -> Any:
         depth = self.metrics.queue_depth.labels(role)
