@@ -280,16 +280,16 @@ def log_odds_to_probability(log_odds: float) -> float:
     return 1.0 / (1.0 + math.exp(-log_odds))
 
 
-def decision_threshold(cfg: SpamConfig, val_truth: list[int], val_scores: list[float]) -> tuple[float, str]:
-    """The spam log-odds at or above which a message is called spam, and the rule that chose it.
+def decision_threshold(cfg: SpamConfig, val_truth: list[int], val_scores: list[float]) -> tuple[float | None, str]:
+    """The spam log-odds at or above which a message is called spam (None: argmax), and the rule that chose it.
 
     Only the validation split chooses it; the test split stays an unbiased estimate."""
     if cfg.threshold == "argmax":
-        return 0.0, "argmax: spam when more likely than ham"
+        return None, "argmax: spam when more likely than ham"
     chosen = threshold_for_precision(val_truth, val_scores, cfg.min_precision)
     if chosen is None:
         log.warning("no threshold reaches validation precision %.3f; the classifier decides by argmax", cfg.min_precision)
-        return 0.0, f"argmax: no threshold reached validation precision {cfg.min_precision:g}"
+        return None, f"argmax: no threshold reached validation precision {cfg.min_precision:g}"
     return chosen, f"highest validation recall at validation precision >= {cfg.min_precision:g}"
 
 
@@ -381,7 +381,8 @@ def finetune_spam(cfg: SpamConfig) -> Path:
 
     truth = {name: split.labels.tolist() for name, split in inputs.items()}
     threshold, rule = decision_threshold(cfg, truth["val"], scores["val"])
-    reports = {name: classification_report(truth[name], predict_at(scores[name], threshold)) for name in inputs}
+    cut = 0.0 if threshold is None else threshold  # log-odds 0: the more likely label
+    reports = {name: classification_report(truth[name], predict_at(scores[name], cut)) for name in inputs}
     variants = compare_variants(members, scores, truth, cfg.min_precision)
     model.eval()
     out = Path(cfg.out)
@@ -392,7 +393,7 @@ def finetune_spam(cfg: SpamConfig) -> Path:
         "max_length": cfg.max_length,
         "finetune": "spam",
     }
-    if cfg.threshold != "argmax":
+    if threshold is not None:
         # core.classifier.classify calls a text spam when p(spam) >= this, so the service,
         # `scratchgpt classify` and `evaluate spam` all decide as the reports below did.
         metadata.update(threshold=log_odds_to_probability(threshold), threshold_rule=rule)
@@ -411,7 +412,8 @@ def finetune_spam(cfg: SpamConfig) -> Path:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "activation_cache": bool(start_block),
         "best_epoch": history.pop("best_epoch"),
-        "threshold": {"rule": rule, "log_odds": threshold, "probability": log_odds_to_probability(threshold)},
+        "threshold": {"rule": rule, "log_odds": threshold,
+                      "probability": None if threshold is None else log_odds_to_probability(threshold)},
         "average_seeds": [{"seed": m.seed, "best_epoch": m.best_epoch} for m in members],
         "variants": variants,
         "wall_time_s": round(total_s, 2),
