@@ -36,3 +36,16 @@ def keyword_classifier(spam_ids: set[int], vocab_size: int = 50257, context_leng
         attn.proj.weight.copy_(torch.eye(DIM))
         model.head.weight[1, 0], model.head.weight[0, 0] = 1.0, -1.0  # rows: ham, spam
     return model
+
+
+SPAM_WORDS = (" FREE", " prize", " claim")
+
+
+def save_keyword_classifier(path, tokenizer, words=SPAM_WORDS, **metadata) -> tuple[object, set[int]]:
+    """A keyword classifier checkpoint whose spam tokens are the first tokens of ``words``; returns (path, spam ids)."""
+    from core.weights.checkpoint import save_checkpoint
+
+    spam_ids = {tokenizer.encode(w)[0] for w in words}
+    saved = save_checkpoint(path, keyword_classifier(spam_ids), tokenizer, task="classification",
+                            labels=["ham", "spam"], metadata={"name": "keyword-spam", **metadata})
+    return saved, spam_ids

@@ -326,13 +326,9 @@ def test_explain_push_is_what_classify_sees_without_the_word(client):
 @pytest.fixture
 def keyword_spam(tmp_path, gpt2_tok):
     """The service's classifier replaced by one whose spam words are known (tests/keyword_classifier.py)."""
-    from core.weights.checkpoint import save_checkpoint
-    from keyword_classifier import keyword_classifier
+    from keyword_classifier import save_keyword_classifier
 
-    spam_ids = {gpt2_tok.encode(w)[0] for w in (" FREE", " prize", " claim")}
-    path = save_checkpoint(tmp_path / "keyword-spam", keyword_classifier(spam_ids), gpt2_tok, task="classification",
-                           labels=["ham", "spam"], metadata={"name": "keyword-spam"})
-    return path, spam_ids
+    return save_keyword_classifier(tmp_path / "keyword-spam", gpt2_tok)
 
 
 def test_explain_spam_words_push_towards_spam(make_settings, keyword_spam):
