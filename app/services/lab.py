@@ -310,7 +310,12 @@ def _language_model(checkpoint: Any) -> Any:
 # --- classifier explanation -------------------------------------------------------------
 
 
-MAX_OCCLUDED = 48  # words measured one by one; a longer text is cut into this many runs of adjacent words
+# Occlusion runs the classifier once per word on the text without it, so its cost grows with
+# words x tokens. An SMS (under 50 tokens) gets every word measured alone; a longer text is
+# measured in runs of adjacent words, about OCCLUSION_TOKENS tokens in all (48 CPU-seconds for
+# 240 tokens word by word on one thread of the project machine; this caps it near a third).
+OCCLUSION_TOKENS = 4096
+MAX_RUNS, MIN_RUNS = 48, 8
 
 
 def explain_classification(checkpoint: Any, text: str, max_chars: int) -> Explanation:
@@ -335,7 +340,8 @@ def explain_classification(checkpoint: Any, text: str, max_chars: int) -> Explan
     classifier = checkpoint.model
     spam, ham = labels.index("spam"), 1 - labels.index("spam")
     words = word_index([tokenizer.token_bytes(i) for i in ids])
-    per_run = math.ceil((words[-1] + 1) / MAX_OCCLUDED)
+    max_runs = max(MIN_RUNS, min(MAX_RUNS, OCCLUSION_TOKENS // len(ids) - 1))
+    per_run = math.ceil((words[-1] + 1) / max_runs)
     runs = [w // per_run for w in words]
     measured = occlusion(classifier, ids, runs, positive=spam, negative=ham, pad_id=tokenizer.eos_id)
     probs = class_logits(classifier, [ids], tokenizer.eos_id).softmax(-1)[0].tolist()
