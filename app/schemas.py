@@ -498,14 +498,22 @@ class ExplainRequest(RequestModel):
 
 class ExplainedToken(BaseModel):
     token: Token
-    gradient_x_input: float = Field(description="Positive pushes towards `target`, negative away from it")
+    word: int = Field(description="The word (or, in a long text, the run of words) the token belongs to, from 0")
+    push: float = Field(
+        description="The word's push towards `target` (spam): the text's log-odds of spam minus those of the text "
+        "without the word (occlusion). Positive: towards spam; negative: towards ham; every token of a word carries it"
+    )
     attention: float = Field(description="How much the last token attends to this one in the last layer (head mean)")
 
 
 class Explanation(BaseModel):
     model: str
-    label: str
+    label: str = Field(description="The verdict, decided as `/api/v1/classify` decides it (the stored threshold)")
     probabilities: dict[str, float]
-    target: str
+    target: str = Field(description="The label a positive push points to: always spam")
+    log_odds: float = Field(description="The whole text's log-odds of spam against ham")
+    threshold: float | None = Field(
+        description="Probability of spam at or above which the verdict is spam; null: the more likely label wins"
+    )
     tokens: list[ExplainedToken]
     truncated: bool = Field(description="The text was longer than the classifier reads; only its start is explained")

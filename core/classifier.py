@@ -77,6 +77,36 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+class ThresholdError(ValueError):
+    """A classifier checkpoint whose stored decision threshold cannot be used."""
+
+
+def decision_threshold(checkpoint) -> float | None:
+    """The probability of the last label (the positive class: "spam") at or above which a text
+    gets that label, as the fine-tuning job chose it on validation data; None: the most likely label wins.
+
+    Training on balanced data and deciding by argmax puts the cut wherever the loss left it;
+    the job stores the cut that keeps validation precision, so every caller decides alike."""
+    value = (checkpoint.metadata or {}).get("threshold")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ThresholdError(f"classifier {checkpoint.name!r}: stored threshold {value!r} is not a probability in (0, 1)")
+    if len(checkpoint.labels or []) < 2:
+        raise ThresholdError(f"classifier {checkpoint.name!r}: a threshold needs at least two labels")
+    return float(value)
+
+
+def decide(probabilities: list[float], threshold: float | None) -> int:
+    """Index of the predicted label: the last one when its probability reaches ``threshold``,
+    else the most likely of the others; with no threshold, the most likely of all."""
+    if threshold is None:
+        return max(range(len(probabilities)), key=probabilities.__getitem__)
+    if probabilities[-1] >= threshold:
+        return len(probabilities) - 1
+    return max(range(len(probabilities) - 1), key=probabilities.__getitem__)
+
+
 def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int) -> list[list[int]]:
     """Token ids of each text, cut to its first ``max_length`` tokens; an empty text becomes ``[pad_id]``.
 
@@ -84,16 +114,6 @@ def encode_texts(tokenizer, texts: list[str], max_length: int, pad_id: int) -> l
     the characters it is made of, never as the control token.
     """
     return [tokenizer.encode_ordinary(t)[:max_length] or [pad_id] for t in texts]
-
-
-def encode_batch(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and true lengths; texts longer than max_length keep their first tokens."""
-    encoded = encode_texts(tokenizer, texts, max_length, pad_id)
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, : len(e)] = torch.tensor(e)
-    return ids, torch.tensor([len(e) for e in encoded])
 
 
 @dataclass
@@ -169,35 +189,44 @@ def pack_texts(encoded: list[list[int]], capacity: int, pad_id: int) -> PackedBa
 
 
 @torch.inference_mode()
-def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: int | None = 512) -> list[Prediction]:
-    """Label and class probabilities for each text, with a checkpoint of task "classification".
+def class_logits(model: SequenceClassifier, encoded: list[list[int]], pad_id: int, batch_size: int = 32,
+                 pack_tokens: int | None = 512) -> torch.Tensor:
+    """(N, classes) float64 logits of already encoded texts, ``batch_size`` texts per forward pass.
 
-    Texts go through the model ``batch_size`` at a time. With ``pack_tokens``
-    (the default) each group is packed into rows of at most that many tokens
-    (:func:`pack_texts`), so no padding is computed; ``None`` pads each text to
-    the group's longest instead (the book's way). Both give the same results up
-    to float rounding.
+    With ``pack_tokens`` each group is packed into rows of at most that many tokens
+    (:func:`pack_texts`), so no padding is computed; ``None`` pads each text to the group's
+    longest instead (the book's way). Both give the same results up to float rounding.
     """
-    model: SequenceClassifier = checkpoint.model
-    labels = checkpoint.labels
-    max_length = int(checkpoint.metadata.get("max_length") or model.cfg.context_length)
-    pad_id = checkpoint.tokenizer.eos_id
     device = next(model.parameters()).device
     # A packed row is one sequence to the model, so it must fit the context window.
     capacity = min(pack_tokens, model.cfg.context_length) if pack_tokens is not None else None
-    predictions = []
-    for i in range(0, len(texts), batch_size):
-        group = texts[i : i + batch_size]
+    out = []
+    for i in range(0, len(encoded), batch_size):
+        group = encoded[i : i + batch_size]
         if capacity is None:
-            ids, lengths = encode_batch(checkpoint.tokenizer, group, max_length, pad_id)
-            logits = model(ids.to(device), lengths.to(device))
+            ids = nn.utils.rnn.pad_sequence([torch.tensor(e) for e in group], batch_first=True, padding_value=pad_id)
+            logits = model(ids.to(device), torch.tensor([len(e) for e in group], device=device))
         else:
-            batch = pack_texts(encode_texts(checkpoint.tokenizer, group, max_length, pad_id), capacity, pad_id)
-            logits = model.forward_packed(_to(batch, device))
-        for row in logits.float().softmax(-1).cpu().tolist():
-            best = max(range(len(labels)), key=row.__getitem__)
-            predictions.append(Prediction(labels[best], dict(zip(labels, row))))
-    return predictions
+            logits = model.forward_packed(_to(pack_texts(group, capacity, pad_id), device))
+        # float64: a threshold near 0 or 1 must not be blurred by float32 rounding.
+        out.append(logits.double().cpu())
+    return torch.cat(out)
+
+
+def classify(checkpoint, texts: list[str], batch_size: int = 32, pack_tokens: int | None = 512) -> list[Prediction]:
+    """Label and class probabilities for each text, with a checkpoint of task "classification".
+
+    The label follows the checkpoint's stored threshold (:func:`decision_threshold`) when it
+    has one. Texts are cut to the checkpoint's ``max_length`` tokens and run through
+    :func:`class_logits`.
+    """
+    labels = checkpoint.labels
+    threshold = decision_threshold(checkpoint)
+    max_length = int(checkpoint.metadata.get("max_length") or checkpoint.model.cfg.context_length)
+    pad_id = checkpoint.tokenizer.eos_id
+    encoded = encode_texts(checkpoint.tokenizer, texts, max_length, pad_id)
+    probabilities = class_logits(checkpoint.model, encoded, pad_id, batch_size, pack_tokens).softmax(-1).tolist()
+    return [Prediction(labels[decide(row, threshold)], dict(zip(labels, row))) for row in probabilities]
 
 
 def _to(batch: PackedBatch, device: torch.device) -> PackedBatch:

@@ -1,4 +1,4 @@
-"""Looking inside a model: attention maps, next-token distributions, embeddings, attributions.
+"""Looking inside a model: attention maps, next-token distributions, embeddings, occlusion.
 
 These are the measurements the web Lab draws. Each works on the very model
 that is being served, through its ordinary forward pass: attention weights
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.classifier import SequenceClassifier
+from core.classifier import SequenceClassifier, class_logits
 from core.model import GPTModel
 from core.generation.sampling import SamplingConfig, next_token_probabilities
 
@@ -89,23 +89,47 @@ def embedding_vectors(model: GPTModel, token_groups: list[list[int]]) -> torch.T
     return torch.stack([table[torch.tensor(g, device=table.device)].float().mean(0) for g in token_groups]).cpu()
 
 
-def input_x_gradient(classifier: SequenceClassifier, token_ids: list[int], target: int) -> list[float]:
-    """Gradient x input attribution (Shrikumar et al., 2016) of each token to one class logit.
+def word_index(pieces: list[bytes]) -> list[int]:
+    """The word each token belongs to: a word starts at the first token and at every token
+    whose bytes start with whitespace, and goes on until the next one ("WINNER!!" and
+    " 09061701461" are one word each, however many tokens they take)."""
+    words, current = [], -1
+    for i, piece in enumerate(pieces):
+        if i == 0 or piece[:1].isspace():
+            current += 1
+        words.append(current)
+    return words
 
-    The score of a token is the dot product of its input embedding with the
-    gradient of the class logit with respect to that embedding: positive
-    pushes towards the class, negative away from it.
+
+@dataclass
+class Occlusion:
+    log_odds: float  # of class ``positive`` against ``negative`` for the whole text
+    push: list[float]  # per group: the whole text's log-odds minus those of the text without the group
+
+
+@torch.inference_mode()
+def occlusion(classifier: SequenceClassifier, token_ids: list[int], groups: list[int], positive: int, negative: int,
+              pad_id: int, batch_size: int = 32) -> Occlusion:
+    """Leave-one-out occlusion (Zeiler & Fergus, 2014; Li et al., 2016, "Understanding Neural
+    Networks through Representation Erasure") of each group of tokens on a classifier's log-odds.
+
+    ``groups[i]`` numbers the group of token i (0, 1, ...). A group's push is
+    ``log p(positive)/p(negative)`` of the text minus the same of the text with the group's
+    tokens deleted: positive means the group moved the decision towards ``positive``, negative
+    towards ``negative``. It is the model's own answer to "what if this were not there",
+    measured with the very forward pass that classifies; a gradient at the input (gradient x
+    input) is only a linear guess at that and can get the sign wrong where the model saturates.
+    A text left with no token reads as one padding token, as :func:`core.classifier.classify` does.
     """
-    backbone = classifier.backbone
-    ids = torch.tensor([token_ids], device=next(classifier.parameters()).device)
-    with torch.enable_grad():
-        ctx = backbone.context(ids)
-        embedded = backbone.tok_emb(ids).detach().requires_grad_(True)
-        x = embedded + (backbone.pos_emb(ctx.positions) if backbone.pos_emb is not None else 0)
-        hidden, _ = backbone.run_blocks(x, ctx)
-        logit = classifier.classify_hidden(hidden, None)[0, target]
-        (grad,) = torch.autograd.grad(logit, embedded)
-    return (grad * embedded).sum(-1)[0].float().tolist()
+    if len(groups) != len(token_ids):
+        raise ValueError(f"{len(token_ids)} tokens but {len(groups)} group numbers")
+    n_groups = max(groups) + 1 if groups else 0
+    variants = [list(token_ids)] + [
+        [t for t, g in zip(token_ids, groups) if g != k] or [pad_id] for k in range(n_groups)
+    ]
+    logits = class_logits(classifier, variants, pad_id, batch_size=batch_size)
+    log_odds = (logits[:, positive] - logits[:, negative]).tolist()
+    return Occlusion(log_odds[0], [log_odds[0] - lo for lo in log_odds[1:]])
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.weights.checkpoint import load_checkpoint
-from core.classifier import classify
+from core.classifier import classify, decision_threshold
 from core.device import resolve_device
 from training.classification_metrics import classification_report
 from training.spam_data import LABELS, read_spam_file
@@ -25,7 +25,8 @@ class SpamEvaluationError(ValueError):
 
 def evaluate_spam(checkpoint: str | Path, data: str | Path, batch_size: int = 32, device: str = "auto") -> dict[str, Any]:
     """accuracy, precision, recall, f1 (spam is the positive class), n and confusion_matrix
-    (rows true, columns predicted, order ham, spam) over every line of ``data``."""
+    (rows true, columns predicted, order ham, spam) over every line of ``data``, and the
+    threshold (the checkpoint's stored p(spam) cut, as the service applies it; None: argmax)."""
     ckpt = load_checkpoint(checkpoint, resolve_device(device))
     if ckpt.task != "classification" or list(ckpt.labels or []) != LABELS:
         raise SpamEvaluationError(
@@ -39,4 +40,5 @@ def evaluate_spam(checkpoint: str | Path, data: str | Path, batch_size: int = 32
     predicted = [0] * len(texts)
     for i, p in zip(order, predictions):
         predicted[i] = LABELS.index(p.label)
-    return classification_report([e.label for e in examples], predicted, num_classes=len(LABELS), positive=1)
+    report = classification_report([e.label for e in examples], predicted, num_classes=len(LABELS), positive=1)
+    return {**report, "threshold": decision_threshold(ckpt)}

@@ -36,7 +36,7 @@ from core.weights.fetch import sha256_file
 from core.device import resolve_device
 from training.activation_cache import pad_ids, prefix_activations
 from training.base_model import load_base, resolve_base, weights_sha256
-from training.classification_metrics import classification_report
+from training.classification_metrics import classification_report, predict_at, threshold_for_precision
 from training.job_config import config_to_dict
 from training.plots import plot_curves
 from training.progress import JobProgress
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 class SpamFinetuneError(ValueError):
     """A spam fine-tuning setting that cannot work (too many trainable blocks, a bad value)."""
+
+
+THRESHOLD_RULES = ("argmax", "validation")
 
 
 @dataclass
@@ -68,16 +71,26 @@ class SpamConfig:
     activation_cache: bool = field(default=True, metadata={"help": "compute the frozen prefix once per message and reuse it"})
     select_best: bool = field(default=True, metadata={"help": "keep the epoch with the best validation accuracy"})
     seed: int = field(default=123, metadata={"help": "seed for the split, the head's init and the batch order"})
+    average_seeds: int = field(default=1, metadata={"help": "train this many times from the same start (batch orders seed, "
+                                                           "seed+1, ...) and save the average of the trained weights"})
+    threshold: str = field(default="validation", metadata={
+        "help": "spam decision threshold: argmax (spam when more likely than ham) or validation (the highest "
+                "validation recall at --min-precision), stored in the checkpoint", "choices": THRESHOLD_RULES})
+    min_precision: float = field(default=1.0, metadata={"help": "validation precision the chosen threshold must keep"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; when absent torch decides"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
     progress_file: Path | None = field(default=None, metadata={"help": "keep this JSON file up to date with the job's progress (training.progress)"})
 
     def __post_init__(self) -> None:
-        for name in ("trainable_blocks", "epochs", "batch_size", "max_length"):
+        for name in ("trainable_blocks", "epochs", "batch_size", "max_length", "average_seeds"):
             if getattr(self, name) < 1:
                 raise SpamFinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise SpamFinetuneError(f"--lr must be positive, got {self.lr}")
+        if self.threshold not in THRESHOLD_RULES:
+            raise SpamFinetuneError(f"--threshold must be one of {', '.join(THRESHOLD_RULES)}, got {self.threshold!r}")
+        if not 0.0 < self.min_precision <= 1.0:
+            raise SpamFinetuneError(f"--min-precision must be in (0, 1], got {self.min_precision}")
 
 
 # -- the model -------------------------------------------------------------------
@@ -131,21 +144,27 @@ class SpamInputs:
         return self.model.forward_from(hidden.to(device), self.start_block, lengths.to(device))
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 32) -> tuple[float, list[int]]:
-        """Mean loss and predictions over the whole split (eval mode)."""
+    def all_logits(self, batch_size: int = 32) -> torch.Tensor:
+        """(N, classes) float64 logits of the whole split in eval mode, in message order."""
         was_training = self.model.training
         self.model.eval()
-        losses, preds = [], []
-        order = sorted(range(len(self)), key=lambda i: len(self.encoded[i]))
-        by_index: dict[int, int] = {}
+        out = torch.empty(len(self), len(LABELS), dtype=torch.float64)
+        order = sorted(range(len(self)), key=lambda i: len(self.encoded[i]))  # little padding
         for s in range(0, len(order), batch_size):
             rows = order[s : s + batch_size]
-            logits = self.logits(rows).float()
-            losses.append(nn.functional.cross_entropy(logits, self.labels[rows].to(logits.device), reduction="sum").item())
-            by_index.update(zip(rows, logits.argmax(-1).tolist()))
+            out[rows] = self.logits(rows).double().cpu()
         self.model.train(was_training)
-        preds = [by_index[i] for i in range(len(self))]
-        return sum(losses) / len(self), preds
+        return out
+
+    def evaluate(self, batch_size: int = 32) -> tuple[float, list[int]]:
+        """Mean loss and argmax predictions over the whole split (eval mode)."""
+        logits = self.all_logits(batch_size)
+        return nn.functional.cross_entropy(logits, self.labels).item(), logits.argmax(-1).tolist()
+
+    def spam_log_odds(self) -> list[float]:
+        """Per message, log p(spam) - log p(ham): the score a decision threshold cuts."""
+        logits = self.all_logits()
+        return (logits[:, 1] - logits[:, 0]).tolist()
 
 
 # -- training --------------------------------------------------------------------
@@ -157,11 +176,15 @@ def lr_schedule(cfg: SpamConfig, n_train: int) -> LRSchedule:
 
 
 def train_classifier(model: SequenceClassifier, splits: dict[str, SpamInputs], cfg: SpamConfig,
-                     progress: JobProgress | None = None) -> dict[str, Any]:
-    """The book's train_classifier_simple, with a full evaluation after every epoch."""
+                     order_seed: int | None = None, progress: JobProgress | None = None,
+                     member: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The book's train_classifier_simple, with a full evaluation after every epoch.
+
+    ``order_seed`` (default ``cfg.seed``) seeds the batch order; ``member`` (k of n runs whose
+    weights are averaged) places this run's steps in the job's ``progress``."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed if order_seed is None else order_seed)
     train = splits["train"]
     schedule = lr_schedule(cfg, len(train))
     history: dict[str, list] = {"step": [], "step_loss": [], "epoch": [], "examples_seen": [], "elapsed_s": [],
@@ -186,7 +209,10 @@ def train_classifier(model: SequenceClassifier, splits: dict[str, SpamInputs], c
             history["step"].append(step)
             history["step_loss"].append(loss.item())
             if progress is not None:
-                progress.step(step, steps_total, f"epoch {epoch}/{cfg.epochs}, step {step}/{steps_total}")
+                k, n = member
+                run = f"run {k + 1}/{n}, " if n > 1 else ""
+                progress.step(k * steps_total + step, n * steps_total,
+                              f"{run}epoch {epoch}/{cfg.epochs}, step {step}/{steps_total}")
         train_loss, train_pred = train.evaluate()
         val_loss, val_pred = splits["val"].evaluate()
         train_acc = classification_report(train.labels.tolist(), train_pred)["accuracy"]
@@ -206,6 +232,105 @@ def train_classifier(model: SequenceClassifier, splits: dict[str, SpamInputs], c
         model.load_state_dict(best[3], strict=False)
         history["best_epoch"] = best[2]
     return history
+
+
+# -- averaging seeds, and the decision threshold -------------------------------------
+
+
+@dataclass
+class Member:
+    """One training run of the job: its batch-order seed, trained weights and per-split spam log-odds."""
+
+    seed: int
+    state: dict[str, torch.Tensor]
+    history: dict[str, Any]
+    best_epoch: int
+    scores: dict[str, list[float]]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def split_scores(inputs: dict[str, SpamInputs]) -> dict[str, list[float]]:
+    return {name: split.spam_log_odds() for name, split in inputs.items()}
+
+
+def train_members(model: SequenceClassifier, inputs: dict[str, SpamInputs], cfg: SpamConfig,
+                  progress: JobProgress | None = None) -> list[Member]:
+    """``cfg.average_seeds`` runs from the same start (the base's blocks, one head init), batch
+    orders seeded ``cfg.seed``, ``cfg.seed + 1``, ...; all reuse one frozen-prefix cache."""
+    start = trainable_state(model)
+    members = []
+    for k in range(cfg.average_seeds):
+        model.load_state_dict(start, strict=False)
+        history = train_classifier(model, inputs, cfg, order_seed=cfg.seed + k, progress=progress,
+                                   member=(k, cfg.average_seeds))
+        members.append(Member(cfg.seed + k, trainable_state(model), history, history["best_epoch"], split_scores(inputs)))
+    return members
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform "model soup" (Wortsman et al., 2022): the mean of weights fine-tuned from one start.
+
+    Runs that share their starting point stay in one basin of the loss, so their mean is a
+    model of its own (one checkpoint, served at one model's cost) rather than a blur."""
+    return {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
+
+
+def mean_probability_log_odds(member_scores: list[list[float]]) -> list[float]:
+    """Spam log-odds of the mean of the members' spam probabilities (an ensemble's output).
+
+    Computed from log-sigmoids so probabilities within 1e-16 of 1 still order correctly."""
+    s = torch.tensor(member_scores, dtype=torch.float64)
+    k = math.log(len(member_scores))
+    log_p = torch.logsumexp(nn.functional.logsigmoid(s), 0) - k
+    log_q = torch.logsumexp(nn.functional.logsigmoid(-s), 0) - k
+    return (log_p - log_q).tolist()
+
+
+def log_odds_to_probability(log_odds: float) -> float:
+    return 1.0 / (1.0 + math.exp(-log_odds))
+
+
+def decision_threshold(cfg: SpamConfig, val_truth: list[int], val_scores: list[float]) -> tuple[float | None, str]:
+    """The spam log-odds at or above which a message is called spam (None: argmax), and the rule that chose it.
+
+    Only the validation split chooses it; the test split stays an unbiased estimate."""
+    if cfg.threshold == "argmax":
+        return None, "argmax: spam when more likely than ham"
+    chosen = threshold_for_precision(val_truth, val_scores, cfg.min_precision)
+    if chosen is None:
+        log.warning("no threshold reaches validation precision %.3f; the classifier decides by argmax", cfg.min_precision)
+        return None, f"argmax: no threshold reached validation precision {cfg.min_precision:g}"
+    return chosen, f"highest validation recall at validation precision >= {cfg.min_precision:g}"
+
+
+def compare_variants(members: list[Member], scores: dict[str, list[float]], truth: dict[str, list[int]],
+                     min_precision: float) -> dict[str, Any]:
+    """Validation and test metrics of each member, of their mean probability and of their
+    weight average, each decided by argmax and by a threshold chosen on validation (docs/finetuning.md's table)."""
+    candidates = {f"seed {m.seed}": m.scores for m in members}
+    if len(members) > 1:
+        candidates[f"mean probability of {len(members)} seeds"] = {
+            name: mean_probability_log_odds([m.scores[name] for m in members]) for name in ("val", "test")
+        }
+        candidates[f"weight average of {len(members)} seeds"] = scores
+
+    def compact(name: str, split_scores: list[float], threshold: float) -> dict[str, Any]:
+        report = classification_report(truth[name], predict_at(split_scores, threshold))
+        return {k: report[k] for k in ("accuracy", "precision", "recall", "f1", "confusion_matrix")}
+
+    variants = {}
+    for label, by_split in candidates.items():
+        chosen = threshold_for_precision(truth["val"], by_split["val"], min_precision)
+        variants[label] = {"argmax": {name: compact(name, by_split[name], 0.0) for name in ("val", "test")}}
+        if chosen is not None:
+            variants[label]["validation threshold"] = {
+                "log_odds": chosen, "probability": log_odds_to_probability(chosen),
+                **{name: compact(name, by_split[name], chosen) for name in ("val", "test")},
+            }
+    return variants
 
 
 # -- the job ----------------------------------------------------------------------
@@ -262,13 +387,18 @@ def finetune_spam(cfg: SpamConfig) -> Path:
         log.info("cached the frozen prefix (blocks 0-%d) of %d messages in %.0f s",
                  start_block - 1, sum(map(len, inputs.values())), cache_s)
     t_train, cpu_train = time.perf_counter(), time.process_time()
-    history = train_classifier(model, inputs, cfg, progress)
+    members = train_members(model, inputs, cfg, progress)
+    history = members[0].history
+    if len(members) > 1:
+        model.load_state_dict(average_states([m.state for m in members]), strict=False)
+    scores = members[0].scores if len(members) == 1 else split_scores(inputs)
     train_s, train_cpu = time.perf_counter() - t_train, time.process_time() - cpu_train
 
-    reports = {}
-    for name, split_inputs in inputs.items():
-        _, preds = split_inputs.evaluate()
-        reports[name] = classification_report(split_inputs.labels.tolist(), preds)
+    truth = {name: split.labels.tolist() for name, split in inputs.items()}
+    threshold, rule = decision_threshold(cfg, truth["val"], scores["val"])
+    cut = 0.0 if threshold is None else threshold  # log-odds 0: the more likely label
+    reports = {name: classification_report(truth[name], predict_at(scores[name], cut)) for name in inputs}
+    variants = compare_variants(members, scores, truth, cfg.min_precision)
     model.eval()
     out = Path(cfg.out)
     metadata = {
@@ -278,6 +408,10 @@ def finetune_spam(cfg: SpamConfig) -> Path:
         "max_length": cfg.max_length,
         "finetune": "spam",
     }
+    if threshold is not None:
+        # core.classifier.classify calls a text spam when p(spam) >= this, so the service,
+        # `scratchgpt classify` and `evaluate spam` all decide as the reports below did.
+        metadata.update(threshold=log_odds_to_probability(threshold), threshold_rule=rule)
     save_checkpoint(out, model, base.tokenizer, task="classification", chat_template=base.chat_template,
                     labels=list(LABELS), metadata=metadata)
     write_plots(out, history, cfg.batch_size)
@@ -293,6 +427,10 @@ def finetune_spam(cfg: SpamConfig) -> Path:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "activation_cache": bool(start_block),
         "best_epoch": history.pop("best_epoch"),
+        "threshold": {"rule": rule, "log_odds": threshold,
+                      "probability": None if threshold is None else log_odds_to_probability(threshold)},
+        "average_seeds": [{"seed": m.seed, "best_epoch": m.best_epoch} for m in members],
+        "variants": variants,
         "wall_time_s": round(total_s, 2),
         # CPU seconds (all threads) beside wall seconds: on a shared machine the wall
         # clock measures the neighbours as much as the job.

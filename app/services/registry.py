@@ -35,6 +35,7 @@ from app.schemas import Penalty, RepetitionPenalty, Temperature, TopK, TopP
 from app.services.remote_chat import RemoteBackend, RemoteChatWorker
 from app.services.workers import ChatWorker, ClassifierWorker
 from app.settings import Settings
+from core.classifier import decision_threshold
 from core.fast.prefix_cache import PrefixCache
 from core.fast.serving import ServingDecoder
 from core.fast.transforms import fast_for_serving
@@ -566,6 +567,7 @@ class ModelRegistry:
                 )
             if "spam" not in (checkpoint.labels or []):
                 raise ValueError(f"{checkpoint.path} has labels {checkpoint.labels}; a spam classifier needs 'spam'")
+            decision_threshold(checkpoint)  # a stored threshold that cannot be used fails the load, not each request
 
     def _make_worker(self, slot: ModelSlot, checkpoint: Any, decoder: ServingDecoder | None) -> Any:
         role, label = slot.role, slot.label

@@ -299,19 +299,74 @@ def test_explain_matches_the_classifier_and_attention_sums_to_one(client, gpt2_t
     verdict = client.post("/api/v1/classify", json={"text": text}).json()
     assert body["label"] == verdict["label"]
     assert body["probabilities"]["spam"] == pytest.approx(verdict["spam_probability"], abs=1e-4)
-    assert body["target"] == "spam" and body["truncated"] is False
+    assert body["target"] == "spam" and body["truncated"] is False and body["threshold"] is None
     assert [t["token"]["id"] for t in body["tokens"]] == gpt2_tok.encode(text)
     assert math.isclose(sum(t["attention"] for t in body["tokens"]), 1.0, abs_tol=1e-3)
-    assert any(t["gradient_x_input"] != 0 for t in body["tokens"])
+    # Words: "WINNER!!" is one (several tokens), then one per space-led token; each token carries its word's push.
+    words = [t["word"] for t in body["tokens"]]
+    assert words[0] == words[1] == 0 and words[-1] == len(text.split()) - 1
+    by_word = {t["word"]: t["push"] for t in body["tokens"]}
+    assert all(t["push"] == by_word[t["word"]] for t in body["tokens"])
+    assert body["log_odds"] == pytest.approx(math.log(body["probabilities"]["spam"] / body["probabilities"]["ham"]), abs=1e-3)
 
 
-def test_explain_gradient_matches_core(client, gpt2_tok):
-    from core.introspection import input_x_gradient
+def test_explain_push_is_what_classify_sees_without_the_word(client):
+    """A push is the spam log-odds of the text minus those of the text without that word, both as
+    /api/v1/classify reports them: the explanation is of the served verdict, not a second model."""
+    words = ["Call", " now", " to", " claim"]
+    body = client.post(f"{LAB}/explain", json={"text": "".join(words)}).json()
+    pushes = [next(t["push"] for t in body["tokens"] if t["word"] == k) for k in range(len(words))]
 
-    text = "Call now to claim"
-    body = client.post(f"{LAB}/explain", json={"text": text}).json()
-    expected = input_x_gradient(served(client, "classifier").model, gpt2_tok.encode(text), target=1)
-    assert [t["gradient_x_input"] for t in body["tokens"]] == pytest.approx(expected, abs=1e-5)
+    def log_odds(text: str) -> float:
+        p = client.post("/api/v1/classify", json={"text": text}).json()["spam_probability"]
+        return math.log(p / (1 - p))
+
+    whole = log_odds("".join(words))
+    for k, push in enumerate(pushes):
+        assert push == pytest.approx(whole - log_odds("".join(words[:k] + words[k + 1 :])), abs=2e-3)
+
+
+@pytest.fixture
+def keyword_spam(tmp_path, gpt2_tok):
+    """The service's classifier replaced by one whose spam words are known (tests/keyword_classifier.py)."""
+    from keyword_classifier import save_keyword_classifier
+
+    return save_keyword_classifier(tmp_path / "keyword-spam", gpt2_tok)
+
+
+def test_explain_spam_words_push_towards_spam(make_settings, keyword_spam):
+    path, spam_ids = keyword_spam
+    with running_client(make_settings(chat_enabled=False, classifier_checkpoint=path)) as client:
+        for text, label in (("Hi you won a FREE prize, claim it", "spam"),
+                            ("see you at lunch then, bring a FREE book", "ham")):  # one spam word in eight: ham
+            body = client.post(f"{LAB}/explain", json={"text": text}).json()
+            assert body["label"] == label
+            spammy = {t["word"] for t in body["tokens"] if t["token"]["id"] in spam_ids}
+            assert spammy and len(spammy) < len(text.split())
+            for t in body["tokens"]:
+                assert (t["push"] > 0) == (t["word"] in spammy), t
+
+
+def test_explain_and_classify_follow_the_stored_threshold(make_settings, keyword_spam, gpt2_tok, tmp_path):
+    from core.weights.checkpoint import load_checkpoint, save_checkpoint
+
+    path, _ = keyword_spam
+    text = "see you at lunch then, bring a FREE book"
+    ckpt = load_checkpoint(path)
+    with running_client(make_settings(chat_enabled=False, classifier_checkpoint=path)) as client:
+        p = client.post("/api/v1/classify", json={"text": text}).json()["spam_probability"]
+    assert p < 0.5
+    low = save_checkpoint(tmp_path / "low", ckpt.model, gpt2_tok, task="classification", labels=["ham", "spam"],
+                          metadata={"name": "low", "threshold": p * 0.9})
+    with running_client(make_settings(chat_enabled=False, classifier_checkpoint=low)) as client:
+        verdict = client.post("/api/v1/classify", json={"text": text}).json()
+        body = client.post(f"{LAB}/explain", json={"text": text}).json()
+    assert verdict["label"] == body["label"] == "spam" and body["threshold"] == pytest.approx(p * 0.9)
+    bad = save_checkpoint(tmp_path / "bad", ckpt.model, gpt2_tok, task="classification", labels=["ham", "spam"],
+                          metadata={"name": "bad", "threshold": 1.5})
+    with running_client(make_settings(chat_enabled=False, classifier_checkpoint=bad)) as client:
+        slot = client.app.state.models.slots["classifier"]  # refused at load, not at each request
+        assert slot.state == "error" and "not a probability in (0, 1)" in slot.detail
 
 
 def test_explain_reads_what_the_classifier_reads(make_settings, gpt2_tok):

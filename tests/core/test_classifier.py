@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.classifier import PackedBatch, SequenceClassifier, classify, encode_texts, pack_texts
+from core.classifier import (
+    PackedBatch, SequenceClassifier, ThresholdError, classify, decide, decision_threshold, encode_texts, pack_texts,
+)
 from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
@@ -119,3 +121,30 @@ def test_packed_batch_is_a_plain_record():
     batch = pack_texts([[5, 6]], capacity=4, pad_id=0)
     assert isinstance(batch, PackedBatch)
     assert batch.ids.tolist() == [[5, 6]] and batch.last_col.tolist() == [1]
+
+
+# -- the stored decision threshold -------------------------------------------------------
+
+
+def test_stored_threshold_decides_the_label(tokenizer):
+    ckpt = checkpoint("llama", tokenizer)
+    plain = classify(ckpt, TEXTS)
+    spam = sorted(p.probabilities["spam"] for p in plain)
+    # A cut between the two middle texts' spam probabilities: everything at or above it is spam.
+    cut = (spam[3] + spam[4]) / 2
+    ckpt.metadata["threshold"] = cut
+    cut_labels = [p.label for p in classify(ckpt, TEXTS)]
+    assert cut_labels == ["spam" if p.probabilities["spam"] >= cut else "ham" for p in plain]
+    assert cut_labels.count("spam") == 4
+    # Probabilities are the model's, whatever the cut.
+    assert [p.probabilities for p in classify(ckpt, TEXTS)] == [p.probabilities for p in plain]
+
+
+def test_decide_and_bad_thresholds(tokenizer):
+    assert decide([0.7, 0.3], None) == 0 and decide([0.7, 0.3], 0.25) == 1 and decide([0.2, 0.8], 0.9) == 0
+    ckpt = checkpoint("gpt2", tokenizer)
+    ckpt.name = "tiny"
+    for bad in (0.0, 1.0, 1.5, "0.3", True):
+        ckpt.metadata["threshold"] = bad
+        with pytest.raises(ThresholdError, match="not a probability in"):
+            decision_threshold(ckpt)

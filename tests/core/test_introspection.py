@@ -7,10 +7,11 @@ from core.classifier import SequenceClassifier
 from core.model.config import ModelConfig
 from core.generation.generate import GenerationConfig, generate
 from core.introspection import (
-    attention_maps, embedding_vectors, input_x_gradient, last_token_attention, next_token, pca_2d, token_probabilities,
+    attention_maps, embedding_vectors, last_token_attention, next_token, occlusion, pca_2d, token_probabilities, word_index,
 )
 from core.model import GPTModel
 from core.generation.sampling import SamplingConfig
+from keyword_classifier import keyword_classifier
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,58 @@ def test_embedding_vectors_average_tokens(model):
     assert torch.allclose(vecs[1], model.tok_emb.weight[2:4].mean(0))
 
 
-def test_classifier_attributions():
+def test_last_token_attention_sums_to_one():
     torch.manual_seed(0)
     clf = SequenceClassifier(GPTModel(ModelConfig(vocab_size=64, context_length=16, emb_dim=16, n_layers=2, n_heads=2)), 2)
-    clf.eval()
-    scores = input_x_gradient(clf, [5, 6, 7, 8], target=1)
-    assert len(scores) == 4 and any(abs(s) > 0 for s in scores)
-    attention = last_token_attention(clf, [5, 6, 7, 8])
+    attention = last_token_attention(clf.eval(), [5, 6, 7, 8])
     assert math.isclose(sum(attention), 1.0, abs_tol=1e-5)
+
+
+def test_word_index_starts_a_word_at_whitespace():
+    pieces = [b"W", b"IN", b"NER", b"!!", b" Call", b" ", b"0", b"9", b" to", b"\n", b"claim"]
+    assert word_index(pieces) == [0, 0, 0, 0, 1, 2, 2, 2, 3, 4, 4]
+    assert word_index([]) == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_occlusion_is_the_log_odds_without_each_group(family):
+    """Each push is exactly the change a forward pass sees when the group's tokens are deleted."""
+    torch.manual_seed(0)
+    extra = dict(n_kv_heads=1, hidden_dim=48) if family == "llama" else {}
+    clf = SequenceClassifier(GPTModel(ModelConfig(family=family, vocab_size=64, context_length=16, emb_dim=32,
+                                                  n_layers=2, n_heads=4, **extra)), 2).eval()
+    torch.nn.init.normal_(clf.head.weight, std=1.0)
+    ids, groups = [5, 6, 7, 8, 9, 10], [0, 0, 1, 2, 2, 3]
+    result = occlusion(clf, ids, groups, positive=1, negative=0, pad_id=0)
+
+    def log_odds(x):
+        with torch.inference_mode():
+            logits = clf(torch.tensor([x]))[0]
+        return float(logits[1] - logits[0])
+
+    assert result.log_odds == pytest.approx(log_odds(ids), abs=1e-4)
+    for k in range(4):
+        without = [t for t, g in zip(ids, groups) if g != k]
+        assert result.push[k] == pytest.approx(log_odds(ids) - log_odds(without), abs=1e-4)
+    assert len({round(p, 3) for p in result.push}) > 1  # the groups do differ, so a mix-up would show
+    # The other class's point of view flips every sign.
+    flipped = occlusion(clf, ids, groups, positive=0, negative=1, pad_id=0)
+    assert flipped.push == pytest.approx([-p for p in result.push], abs=1e-6)
+    # A lone word's text, deleted, reads as one padding token (as classify reads an empty text).
+    alone = occlusion(clf, [5, 6], [0, 0], positive=1, negative=0, pad_id=3)
+    assert alone.push == pytest.approx([log_odds([5, 6]) - log_odds([3])], abs=1e-4)
+    with pytest.raises(ValueError, match="6 tokens but 2 group numbers"):
+        occlusion(clf, ids, [0, 1], positive=1, negative=0, pad_id=0)
+
+
+def test_occlusion_points_spam_words_towards_spam():
+    """On a classifier built so that only the spam words raise the spam log-odds, every spam word
+    pushes towards spam (+) and every other word towards ham (-)."""
+    spam_ids = {11, 12}
+    clf = keyword_classifier(spam_ids, vocab_size=64, context_length=16)
+    ids = [3, 11, 4, 12, 5]
+    result = occlusion(clf, ids, list(range(len(ids))), positive=1, negative=0, pad_id=0)
+    assert result.log_odds > 0  # two spam words in five: spam
+    for token, push in zip(ids, result.push):
+        assert (push > 0) == (token in spam_ids), (token, push)
+    assert occlusion(clf, [3, 4, 5], [0, 1, 2], 1, 0, 0).log_odds < 0  # no spam word: ham

@@ -2,7 +2,9 @@
 
 import pytest
 
-from training.classification_metrics import binary_metrics, classification_report, confusion_matrix
+from training.classification_metrics import (
+    binary_metrics, classification_report, confusion_matrix, predict_at, threshold_for_precision,
+)
 
 
 def test_confusion_matrix_and_metrics_match_hand_counts():
@@ -41,3 +43,40 @@ def test_rejects_mismatched_or_out_of_range_labels():
         confusion_matrix([0, 1], [0], 2)
     with pytest.raises(ValueError, match="outside"):
         confusion_matrix([0, 2], [0, 1], 2)
+
+
+# -- the validation threshold -----------------------------------------------------------
+
+
+def test_threshold_keeps_precision_and_takes_all_the_recall_it_can():
+    # Scores in log-odds; the ham at 1.0 outranks the spam at 0.5 and -0.5.
+    y = [1, 1, 0, 1, 1, 0, 0]
+    s = [4.0, 3.0, 1.0, 0.5, -0.5, -2.0, -3.0]
+    t = threshold_for_precision(y, s, min_precision=1.0)
+    assert t == pytest.approx(2.0)  # midway between the lowest spam kept (3.0) and the ham below it (1.0)
+    assert classification_report(y, predict_at(s, t))["precision"] == 1.0
+    assert classification_report(y, predict_at(s, t))["recall"] == 0.5
+    # Allowing one false positive in five buys all the spam down to -0.5, cut midway to -2.0.
+    loose = threshold_for_precision(y, s, min_precision=0.8)
+    assert loose == pytest.approx(-1.25)
+    m = classification_report(y, predict_at(s, loose))
+    assert (m["precision"], m["recall"]) == (pytest.approx(0.8), 1.0)
+
+
+def test_threshold_is_lower_than_argmax_when_validation_allows_it():
+    # Argmax (0.0) misses the spam at -1.0; no ham scores above -2.0, so the cut moves down to -1.5.
+    y, s = [1, 1, 0, 0], [2.0, -1.0, -2.0, -4.0]
+    assert threshold_for_precision(y, s) == pytest.approx(-1.5)
+    assert predict_at(s, -1.5) == [1, 1, 0, 0] and predict_at(s, 0.0) == [1, 0, 0, 0]
+
+
+def test_threshold_edge_cases():
+    assert threshold_for_precision([0, 1], [3.0, 1.0]) is None  # the top score is ham: precision 1 is out of reach
+    assert threshold_for_precision([0, 0], [1.0, 2.0]) is None  # no positives at all
+    assert threshold_for_precision([1, 1], [1.0, 2.0]) == pytest.approx(0.0)  # all spam: a margin below the lowest
+    # A spam tied with a ham cannot be separated from it: the cut stays above both.
+    assert threshold_for_precision([1, 1, 0], [3.0, 1.0, 1.0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="2 labels but 3 scores"):
+        threshold_for_precision([0, 1], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="min_precision must be in"):
+        threshold_for_precision([0, 1], [1.0, 2.0], min_precision=0.0)

@@ -12,7 +12,9 @@ from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from training.base_model import BaseModelError
-from training.finetune_spam import SpamConfig, SpamInputs, build_classifier, classify_texts, finetune_spam
+from training.finetune_spam import (
+    SpamConfig, SpamInputs, average_states, build_classifier, classify_texts, finetune_spam,
+)
 from training.evaluate_spam import evaluate_spam
 from training.spam_data import SpamDataError
 
@@ -102,7 +104,9 @@ def test_finetune_writes_a_loadable_classifier_metrics_and_plots(tmp_path, tiny_
 
     # The service's view: the saved model classifies as the trained one did.
     result = evaluate_spam(out, data, device="cpu")
-    assert result["n"] == 70 and set(result) == {"accuracy", "precision", "recall", "f1", "n", "confusion_matrix"}
+    assert result["n"] == 70
+    assert set(result) == {"accuracy", "precision", "recall", "f1", "n", "confusion_matrix", "threshold"}
+    assert result["threshold"] == ckpt.metadata.get("threshold")
     labelled = classify_texts(out, ["WINNER! claim your FREE prize", "see you at lunch"], device="cpu")
     assert [r["label"] in ("ham", "spam") for r in labelled] == [True, True]
     assert 0.0 <= labelled[0]["spam_probability"] <= 1.0
@@ -138,6 +142,40 @@ def test_finetune_learns_a_separable_set_in_a_few_steps(tmp_path):
     fresh = separable_messages(20, seed=1)
     labelled = classify_texts(out, [text for _, text in fresh], device="cpu")
     assert sum(r["label"] == label for r, (label, _) in zip(labelled, fresh)) >= 0.9 * len(fresh)
+
+
+def test_average_seeds_and_the_validation_threshold_end_to_end(tmp_path):
+    """Two runs averaged into one checkpoint; the threshold chosen on validation is the one the
+    checkpoint stores and every reader applies, and it keeps validation precision at 1."""
+    torch.manual_seed(0)
+    backbone = GPTModel(ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_layers=2, n_heads=4)).eval()
+    base = save_checkpoint(tmp_path / "base", backbone, gpt2_tokenizer())
+    data = tmp_path / "sms"
+    data.write_text("".join(f"{label}\t{text}\n" for label, text in separable_messages(60, seed=0)), encoding="utf-8")
+    out = finetune_spam(SpamConfig(base=str(base), data=data, out=tmp_path / "spam", epochs=2, lr=1e-3,
+                                   trainable_blocks=1, average_seeds=2, device="cpu"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["seed"] for m in metrics["average_seeds"]] == [123, 124]
+    assert set(metrics["variants"]) == {"seed 123", "seed 124", "mean probability of 2 seeds", "weight average of 2 seeds"}
+    threshold = metrics["threshold"]
+    assert threshold["rule"].startswith("highest validation recall")
+    assert metrics["val"]["precision"] == 1.0
+    # The saved model is the weight average: its reports are that variant's at the chosen threshold.
+    averaged = metrics["variants"]["weight average of 2 seeds"]["validation threshold"]
+    assert averaged["test"]["confusion_matrix"] == metrics["test"]["confusion_matrix"]
+    ckpt = load_checkpoint(out)
+    assert ckpt.metadata["threshold"] == pytest.approx(threshold["probability"])
+    assert evaluate_spam(out, data, device="cpu")["threshold"] == pytest.approx(threshold["probability"])
+
+
+def test_average_states_is_the_mean_and_configs_are_checked():
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
+    assert average_states([a, b])["w"].tolist() == [2.0, 4.0]
+    for bad, message in ((dict(average_seeds=0), "--average-seeds must be >= 1"),
+                         (dict(threshold="median"), "--threshold must be one of argmax, validation"),
+                         (dict(min_precision=1.5), r"--min-precision must be in \(0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            SpamConfig(**bad)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, tiny_base):

@@ -173,7 +173,8 @@ async def embeddings(body: EmbeddingsRequest, runner: LabDep, models: ModelsDep,
 @router.post("/explain", response_model=Explanation, responses=LIMITS)
 async def explain(body: ExplainRequest, runner: LabDep, models: ModelsDep, settings: SettingsDep,
                   owner: OwnerDep) -> Explanation:
-    """Which tokens moved the spam classifier's decision: gradient x input, and last-token attention."""
+    """Which words moved the spam classifier's verdict (occlusion on the spam log-odds: + towards spam, - towards ham),
+    and last-token attention; the verdict is decided as /api/v1/classify decides it."""
     slot = models.require(CLASSIFIER)
     return await measure(runner, lab.explain_classification, slot.checkpoint, body.text, settings.max_classify_chars)
 
