@@ -84,6 +84,20 @@ def watched_page(browser, server: LiveServer, *, height: int) -> Iterator[Any]:
         context.close()
 
 
+@contextlib.contextmanager
+def checked_page(browser, server: LiveServer, *, timeout_ms: int = 20_000, height: int = 860) -> Iterator[Any]:
+    """:func:`watched_page`, and afterwards the test fails on a page error, a CSP violation or another
+    console error (the browser's note on a 4xx the page asked for on purpose aside)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=timeout_ms)
+    with watched_page(browser, server, height=height) as page:
+        yield page
+    problems = [text for text in page.reports.console_errors() if "responded with a status of 4" not in text]
+    problems += page.reports.csp_violations() + page.reports.errors
+    assert not problems, f"page errors, CSP violations or console errors: {problems}"
+
+
 def open_ready(page, path: str) -> None:
     """Go to ``path`` and wait until its script has set ``body[data-ready]``."""
     page.goto(path)

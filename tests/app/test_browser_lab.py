@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from browser_testing import BROWSER_MARKS, browser_server, open_ready, watched_page
+from browser_testing import BROWSER_MARKS, browser_server, checked_page, open_ready
 
 SHOTS = os.environ.get("SCRATCHGPT_LAB_SCREENSHOTS")
 
@@ -33,16 +33,9 @@ def server(tmp_path_factory, chat_checkpoint, classifier_checkpoint):
 
 @pytest.fixture
 def page(browser, server):
-    from playwright.sync_api import expect
-
     # A forward pass of a real model on a busy CPU can take seconds.
-    expect.set_options(timeout=30_000)
-    with watched_page(browser, server, height=860) as page:
+    with checked_page(browser, server, timeout_ms=30_000) as page:
         yield page
-    # Console errors count, except the browser's note on a 4xx the page asked for on purpose.
-    problems = [text for text in page.reports.console_errors() if "responded with a status of 4" not in text]
-    problems += page.reports.errors
-    assert not problems, f"errors in the browser console (CSP violations included): {problems}"
 
 
 def shoot(page, name: str) -> None:

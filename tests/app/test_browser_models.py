@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_testing import BROWSER_MARKS, browser_server, open_ready, watched_page
+from browser_testing import BROWSER_MARKS, browser_server, checked_page, open_ready
 from chat_models_testing import SECOND, expected_answer, second_chat
 
 pytestmark = BROWSER_MARKS
@@ -29,13 +29,8 @@ def server(tmp_path_factory, chat_checkpoint, classifier_checkpoint, gpt2_tok):
 
 @pytest.fixture
 def page(browser, server):
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=20_000)
-    with watched_page(browser, server, height=860) as page:
+    with checked_page(browser, server, timeout_ms=20_000) as page:
         yield page
-    problems = [*page.reports.errors, *page.reports.csp_violations()]
-    assert not problems, f"page errors or CSP violations: {problems}"
 
 
 def stored(server, conversation_id: str):

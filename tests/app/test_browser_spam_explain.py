@@ -9,7 +9,7 @@ Skipped where Chromium (/usr/bin/chromium or $SCRATCHGPT_CHROMIUM) or Playwright
 from __future__ import annotations
 
 import pytest
-from browser_testing import BROWSER_MARKS, browser_server, open_ready, watched_page
+from browser_testing import BROWSER_MARKS, browser_server, checked_page, open_ready
 from keyword_classifier import save_keyword_classifier
 
 pytestmark = BROWSER_MARKS
@@ -28,12 +28,9 @@ def server(tmp_path_factory, chat_checkpoint, gpt2_tok):
 
 @pytest.fixture
 def page(browser, server):
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=30_000)
-    with watched_page(browser, server, height=860) as page:
+    # A forward pass of a real model on a busy CPU can take seconds.
+    with checked_page(browser, server, timeout_ms=30_000) as page:
         yield page
-    assert not page.reports.console_errors() and not page.reports.errors
 
 
 def check(page, text: str):

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 from app_testing import TokenGate
-from browser_testing import BROWSER_MARKS, browser_server, open_ready, watched_page
+from browser_testing import BROWSER_MARKS, browser_server, checked_page, open_ready
 
 from app.api.routes.lab import LAB_PAGES
 
@@ -88,13 +88,8 @@ def server(tmp_path_factory, chat_checkpoint, classifier_checkpoint):
 
 @pytest.fixture
 def page(browser, server):
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=20_000)
-    with watched_page(browser, server, height=860) as page:
+    with checked_page(browser, server, timeout_ms=20_000) as page:
         yield page
-    problems = [*page.reports.errors, *page.reports.csp_violations()]
-    assert not problems, f"page errors or CSP violations: {problems}"
 
 
 def open_settled(page, path: str) -> None:
