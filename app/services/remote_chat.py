@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ import httpx
 from app.services.workers import OwnerBusy, ServerBusy, WorkerStopped
 from core.generation.generate import GenerationConfig, StreamChunk
 from core.serving import Queued
+from core.serving.wakeup import wakeable_items
 from core.tokenizer.gpt2 import gpt2_tokenizer
 
 logger = logging.getLogger("scratchgpt.remote_chat")
@@ -327,39 +329,30 @@ class RemoteJob:
         """Places in our queue until the answer is admitted, then the backend's chunks; None after
         ``heartbeat`` idle seconds. Raises :class:`BackendError` if the backend fails; leaving early cancels."""
         loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
 
-        def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the reader's loop has closed
-                pass
+        def take() -> Any:
+            with self._lock:
+                return self._items.popleft() if self._items else None
 
-        self._loop, self._waker = loop, wake
+        def set_waker(waker: Callable[[], None] | None) -> None:
+            self._waker = waker
+
+        self._loop = loop
         try:
-            while True:
-                ready.clear()  # before looking: an item pushed after the look sets it again
-                with self._lock:
-                    item = self._items.popleft() if self._items else None
-                if item is None:
-                    try:
-                        await asyncio.wait_for(ready.wait(), heartbeat)
-                    except asyncio.TimeoutError:
-                        yield None
-                    continue
-                if item is _ADMITTED:
-                    if not self.cancelled.is_set():
-                        self._task = loop.create_task(self._stream())
-                    else:
-                        self._end("cancelled")
-                    continue
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
-                    return
-                yield item
+            async with aclosing(wakeable_items(take, set_waker, heartbeat)) as items:
+                async for item in items:
+                    if item is _ADMITTED:
+                        if not self.cancelled.is_set():
+                            self._task = loop.create_task(self._stream())
+                        else:
+                            self._end("cancelled")
+                        continue
+                    if isinstance(item, _End):
+                        if item.error is not None:
+                            raise item.error
+                        return
+                    yield item
         finally:
-            self._waker = None
             if not self._ended:
                 self.cancel()
             task = self._task

@@ -80,7 +80,6 @@ closes it (``contextlib.aclosing``) or calls :meth:`Handle.cancel`.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import ctypes
 import logging
@@ -88,7 +87,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +98,7 @@ from core.fast.serving import ServingDecoder
 from core.fast.speculative import Speculation
 from core.generation.sampling import Penalties, make_generator, sample
 from core.model import ForwardContext, GPTModel, KVCache, TransformerBlock
+from core.serving.wakeup import wakeable_items
 
 logger = logging.getLogger(__name__)
 
@@ -224,33 +224,24 @@ class Handle:
 
     async def aevents(self, heartbeat: float | None = None) -> AsyncIterator[Queued | StreamChunk | None]:
         """:meth:`events` for asyncio: waiting never blocks the event loop; closing it cancels."""
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
+        def take() -> Any:
+            with self._cond:
+                return self._items.popleft() if self._items else None
 
-        def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                # Only flagged: this runs under the engine's lock, and the next step retires it.
-                self._seq.cancelled = True
+        def set_waker(waker: Callable[[], None] | None) -> None:
+            self._waker = waker
 
-        self._waker = wake
+        def loop_closed() -> None:
+            # Only flagged: this runs under the engine's lock, and the next step retires it.
+            self._seq.cancelled = True
+
         try:
-            while True:
-                ready.clear()  # before looking: an item pushed after the look sets it again
-                with self._cond:
-                    item = self._items.popleft() if self._items else None
-                if item is None:
-                    try:
-                        await asyncio.wait_for(ready.wait(), heartbeat)
-                    except asyncio.TimeoutError:
-                        yield None
-                    continue
-                if self._ends(item):
-                    return
-                yield item
+            async with aclosing(wakeable_items(take, set_waker, heartbeat, loop_closed)) as items:
+                async for item in items:
+                    if item is not None and self._ends(item):
+                        return
+                    yield item
         finally:
-            self._waker = None
             if not self._ended:
                 self.cancel()
 
