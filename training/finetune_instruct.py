@@ -39,7 +39,7 @@ from training.activation_cache import prefix_activations
 from training.base_model import load_base, resolve_base, weights_sha256
 from training.evaluate_instruct import generate_responses, response_record, rouge_l
 from training.instruct_data import (
-    EncodedExample, InstructDataError, collate, encode_example, read_instruct_file, split_instruct,
+    EncodedExample, InstructDataError, chain_conversations, collate, encode_example, read_instruct_file, split_instruct,
 )
 from training.job_config import config_to_dict
 from training.loss import lm_loss
@@ -75,6 +75,9 @@ class InstructConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     max_length: int = field(default=1024, metadata={"help": "sequences are cut to this many tokens (and the context)"})
     mask_prompt: bool = field(default=False, metadata={"help": "leave prompt tokens out of the loss"})
+    chain_turns: int = field(default=1, metadata={
+        "help": "chain training entries into conversations of up to N turns (same-task follow-ups asked "
+                "elliptically), so later answers learn to use earlier turns; 1 keeps single turns"})
     eval_every: int = field(default=20, metadata={"help": "steps between validation-loss estimates"})
     eval_batches: int = field(default=4, metadata={"help": "validation batches per estimate"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest test response to generate"})
@@ -86,7 +89,7 @@ class InstructConfig:
     def __post_init__(self) -> None:
         if self.trainable_blocks is not None and self.trainable_blocks < 1:
             raise InstructFinetuneError(f"--trainable-blocks must be >= 1, got {self.trainable_blocks}")
-        for name in ("epochs", "batch_size", "max_length", "lora_rank", "eval_every", "eval_batches"):
+        for name in ("epochs", "batch_size", "max_length", "lora_rank", "eval_every", "eval_batches", "chain_turns"):
             if getattr(self, name) < 1:
                 raise InstructFinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -244,7 +247,8 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
         raise InstructFinetuneError(f"the tokenizer of {base_dir} has no end-of-text token to pad and stop with")
 
     splits = split_instruct(read_instruct_file(data_path, template), seed=cfg.seed, source=str(data_path))
-    train = encode_split(splits.train, template, tokenizer, cfg, "train")
+    train_examples = chain_conversations(splits.train, cfg.chain_turns, template, seed=cfg.seed)
+    train = encode_split(train_examples, template, tokenizer, cfg, "train")
     val = encode_split(splits.val, template, tokenizer, cfg, "validation")
     if not train or not val:
         raise InstructDataError(f"{data_path}: empty training or validation split")
