@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from core.generation.chat_template import ALPACA, BUILTIN, ChatTemplate
+from core.weights.catalogue import generation_defaults
 from core.weights.checkpoint import save_checkpoint, write_json
 from core.weights.fetch import sha256_file
 from core.device import resolve_device
@@ -47,6 +48,11 @@ from training.lora import ALL_BLOCK_LINEARS, apply_lora, lora_parameters, merge_
 from training.plots import plot_curves
 
 log = logging.getLogger(__name__)
+
+
+# Decoding settings for what this job makes, chosen on the development measure with the default recipe
+# (docs/finetuning.md, "Decoding defaults"); the service applies them where a request leaves a setting out.
+GENERATION_DEFAULTS = generation_defaults()
 
 
 class InstructFinetuneError(ValueError):
@@ -280,7 +286,7 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
 
     out = Path(cfg.out)
     metadata = {"name": out.name, "base": str(base_dir), "base_sha256": weights_sha256(base_dir),
-                "finetune": f"instruct-{cfg.method}"}
+                "finetune": f"instruct-{cfg.method}", "generation_defaults": dict(GENERATION_DEFAULTS)}
     save_checkpoint(out, model, tokenizer, chat_template=template, metadata=metadata)
     write_loss_plot(out / "loss.png", history)
 
@@ -288,6 +294,7 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
         "method": cfg.method,
         "template": template.name,
         "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "train_sequences": len(train),
         "trainable_parameters": trainable,
         "val_loss_before": initial_val,
         "val_loss_after": final_val,
