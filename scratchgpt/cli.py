@@ -90,6 +90,8 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--measure", action="store_true",
                    help="--data is the fine-tune job's data file: score its validation and test splits' checkable "
                         "answers and the built-in multi-turn conversations, beside case-sensitive ROUGE-L")
+    g.add_argument("--checkable-only", action="store_true",
+                   help="answer only the checkable items (ROUGE-L then covers those alone)")
     g.add_argument("--split-seed", type=int, default=123, help="the fine-tune job's --seed (which split)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
@@ -242,6 +244,7 @@ def cmd_evaluate_instruct(args: argparse.Namespace) -> None:
         print_json(measure_instruct(
             resolve_checkpoint(args.checkpoint), Path(args.data), Path(args.out), split_seed=args.split_seed,
             sampling=sampling, samples=args.samples, max_new_tokens=args.max_new_tokens, device=args.device,
+            checkable_only=args.checkable_only,
         ))
         return
     print_json(evaluate_instruct(

@@ -254,7 +254,7 @@ def measure_responses(
 def measure_instruct(
     checkpoint: str | Path, data: str | Path, out: str | Path, *, split_seed: int = 123,
     dialogues: str | Path = DIALOGUES, sampling: SamplingConfig | None = None, samples: int = 1,
-    max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto",
+    max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto", checkable_only: bool = False,
 ) -> dict[str, Any]:
     """``scratchgpt evaluate instruct --measure``: the development measure on the fine-tune job's own
     validation and test splits of ``data`` (the same seeded split), plus the conversations file."""
@@ -265,11 +265,18 @@ def measure_instruct(
         raise ValueError(f"--checkpoint {checkpoint} is a {ckpt.task} checkpoint; instruction evaluation needs a causal-lm")
     template = ckpt.chat_template or ALPACA
     splits = split_instruct(read_instruct_file(data, template), seed=split_seed, source=str(data))
-    result = measure_responses(ckpt.model, ckpt.tokenizer, template, splits.val + splits.test, read_dialogues(dialogues),
+    items = splits.val + splits.test
+    if checkable_only:
+        # Open-ended items only feed ROUGE-L; leaving them out makes a decoding sweep a third cheaper.
+        items = [e for e in items if isinstance(e.entry, dict) and "instruction" in e.entry
+                 and answer_key(e.entry["instruction"], e.entry.get("input", ""), e.reference) is not None]
+    result = measure_responses(ckpt.model, ckpt.tokenizer, template, items, read_dialogues(dialogues),
                                sampling=sampling, samples=samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["sampling"] = vars(sampling) if sampling is not None else "greedy"
+    plain = sampling is None or (sampling.greedy and not sampling.penalized)
+    result["sampling"] = "greedy" if plain else vars(sampling)
+    result["items"] = "checkable" if checkable_only else "all"
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     summary = {k: v for k, v in result.items() if k not in ("records", "conversation_records")}
     summary["responses"] = str(out)
