@@ -64,19 +64,20 @@ class InstructConfig:
     base: str = field(default="smollm2-135m-instruct", metadata={"help": "base checkpoint directory or known model name"})
     data: Path | None = field(default=None, metadata={"help": "instruction JSON or JSONL file; when absent the book's file is downloaded"})
     out: Path = field(default=Path("runs/instruct"), metadata={"help": "output directory (checkpoint, plots, responses)"})
-    method: str = field(default="full", metadata={"help": "full fine-tuning or LoRA adapters", "choices": ("full", "lora")})
+    # The defaults are the recipe chosen on the development measure (docs/finetuning.md, "Recipes compared").
+    method: str = field(default="lora", metadata={"help": "full fine-tuning or LoRA adapters", "choices": ("full", "lora")})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale alpha (the update is scaled by alpha / r)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha (the update is scaled by alpha / r)"})
     lora_targets: list[str] = field(default_factory=lambda: list(ALL_BLOCK_LINEARS),
                                     metadata={"help": "comma-separated linear layers to adapt"})
-    trainable_blocks: int | None = field(default=None, metadata={
-        "help": "train (or adapt) only the last N blocks and the final norm; when absent, the whole model"})
+    trainable_blocks: int | None = field(default=8, metadata={
+        "help": "train (or adapt) only the last N blocks and the final norm; 0: the whole model"})
     activation_cache: bool = field(default=True, metadata={
         "help": "with --trainable-blocks, compute the frozen prefix once per example and reuse it"})
     template: str = field(default="auto", metadata={"help": "chat template: the base's own (auto; Alpaca when it has none)",
                                                      "choices": ("auto", "alpaca", "chatml")})
     epochs: int = field(default=2, metadata={"help": "passes over the training split"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     max_length: int = field(default=1024, metadata={"help": "sequences are cut to this many tokens (and the context)"})
@@ -93,8 +94,8 @@ class InstructConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
 
     def __post_init__(self) -> None:
-        if self.trainable_blocks is not None and self.trainable_blocks < 1:
-            raise InstructFinetuneError(f"--trainable-blocks must be >= 1, got {self.trainable_blocks}")
+        if self.trainable_blocks is not None and self.trainable_blocks < 0:
+            raise InstructFinetuneError(f"--trainable-blocks must be >= 0 (0: every block), got {self.trainable_blocks}")
         for name in ("epochs", "batch_size", "max_length", "lora_rank", "eval_every", "eval_batches", "chain_turns"):
             if getattr(self, name) < 1:
                 raise InstructFinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

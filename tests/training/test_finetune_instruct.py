@@ -63,7 +63,7 @@ def test_cached_prefix_gives_the_same_loss(family, data):
 
 def test_full_finetune_writes_checkpoint_plot_and_responses(tmp_path, base, data):
     out = finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "full", method="full",
-                                           trainable_blocks=None, epochs=2, batch_size=4, lr=1e-3, eval_every=2,
+                                           trainable_blocks=0, epochs=2, batch_size=4, lr=1e-3, eval_every=2,
                                            max_new_tokens=4, device="cpu"))
     ckpt = load_checkpoint(out)
     assert ckpt.task == "causal-lm" and ckpt.chat_template.name == "alpaca"  # a GPT-2 base without a template
@@ -133,7 +133,7 @@ def test_a_lora_fine_tune_exports_to_transformers_with_the_adapters_merged(tmp_p
     from core.weights.export_hf import export_hf
 
     out = finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "lora", method="lora",
-                                           lora_rank=2, lora_alpha=4, epochs=2, batch_size=4, lr=5e-2,
+                                           lora_rank=2, lora_alpha=4, trainable_blocks=0, epochs=2, batch_size=4, lr=5e-2,
                                            test_responses=False, device="cpu"))
     tuned = load_checkpoint(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tuned, tmp_path / "hf")).eval()
