@@ -79,6 +79,7 @@ class AnswerKey:
     answers: tuple[str, ...]
     case_sensitive: bool = False
     asked: str = ""  # the word the question is about (removed from a word answer before matching)
+    echo: str = ""  # the entry's input: repeating it is no answer ("She danced gracefully." names no verb)
     labels: tuple[str, ...] = ()  # every option of a label task: a correct response names only the right one
     all_of: bool = False
     units: tuple[str | None, ...] = field(default=())  # per number answer, its normalised unit or None
@@ -224,7 +225,7 @@ def answer_key(instruction: str, input_text: str, reference: str) -> AnswerKey |
         quoted = [_strip_word(w) for w in _quoted(tail)]
         tail = quoted[-1] if quoted else tail
         tail = re.sub(r"^(?:an? type of|an? kind of|an?|the)\s+", "", _strip_word(tail), flags=re.IGNORECASE)
-        return AnswerKey("fact", (tail,)) if tail and len(tail.split()) <= 4 else None
+        return AnswerKey("fact", (tail,), echo=input_text.strip()) if tail and len(tail.split()) <= 4 else None
     if _NUMERIC_TASK.search(instruction) and "formula" not in instruction.lower():
         return _number_key(question, reference)
     if len(reference.split()) == 1 and not _OPEN_ENDED.search(instruction):
@@ -248,6 +249,8 @@ def _numbers_match(key: AnswerKey, response: str) -> bool:
 
 def is_correct(key: AnswerKey, response: str) -> bool:
     """Whether ``response`` gives the answer of ``key`` (normalised exact or contains match)."""
+    if key.echo:
+        response = re.sub(re.escape(key.echo), " ", response, flags=re.IGNORECASE)
     if key.kind == "number":
         return _numbers_match(key, response)
     if key.kind == "time":

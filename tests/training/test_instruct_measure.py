@@ -85,6 +85,12 @@ def test_the_asked_word_is_no_answer_unless_it_is_the_answer():
     assert not judge(*sheep, "The plural form of 'sheep' is 'sheeps'.")
 
 
+def test_repeating_the_input_is_no_answer():
+    verb = ("Identify the main verb in the sentence.", "The main verb in the sentence is 'danced'.")
+    assert not judge(*verb, "She danced gracefully.", input_text="She danced gracefully.")
+    assert judge(*verb, 'In "She danced gracefully." the verb is danced.', input_text="She danced gracefully.")
+
+
 def test_open_ended_items_are_not_checked():
     assert answer_key("Rewrite the sentence using a metaphor.", "He is very wise.", "He is a fountain of wisdom.") is None
     assert answer_key("Generate a random sequence of 10 digits.", "", "9274036185.") is None
