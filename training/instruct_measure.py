@@ -261,6 +261,7 @@ def is_correct(key: AnswerKey, response: str) -> bool:
     if key.kind == "label":
         # An echo of the input does not count (the topic 'music' may be a word of the sentence).
         said = response.replace(key.asked, " ") if key.asked else response
+        said = _QUOTED.sub(" ", said)  # nor does a quoted paraphrase of it
         named = [label for label in key.labels if contains(said, label)]
         return named == [key.answers[0]]
     if key.kind in ("word", "synonym") and key.asked and not any(a.lower() == key.asked.lower() for a in key.answers):

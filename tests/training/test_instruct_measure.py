@@ -91,6 +91,14 @@ def test_repeating_the_input_is_no_answer():
     assert judge(*verb, 'In "She danced gracefully." the verb is danced.', input_text="She danced gracefully.")
 
 
+def test_a_quoted_paraphrase_of_the_input_names_no_label():
+    topic = ("Classify this sentence into one of the following topics: health, economy, technology, music.",
+             "The topic of the given sentence is music.")
+    sentence = "Spotify has revolutionized how we listen to music."
+    assert judge(*topic, "Music.", input_text=sentence)
+    assert not judge(*topic, "The given sentence is: 'The company changed how we listen to music.'", input_text=sentence)
+
+
 def test_open_ended_items_are_not_checked():
     assert answer_key("Rewrite the sentence using a metaphor.", "He is very wise.", "He is a fountain of wisdom.") is None
     assert answer_key("Generate a random sequence of 10 digits.", "", "9274036185.") is None
