@@ -82,7 +82,7 @@ class InstructConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     max_length: int = field(default=1024, metadata={"help": "sequences are cut to this many tokens (and the context)"})
     mask_prompt: bool = field(default=False, metadata={"help": "leave prompt tokens out of the loss"})
-    chain_turns: int = field(default=2, metadata={
+    chain_turns: int = field(default=1, metadata={
         "help": "chain training entries into conversations of up to N turns (same-task follow-ups asked "
                 "elliptically), so later answers learn to use earlier turns; 1 keeps single turns"})
     eval_every: int = field(default=20, metadata={"help": "steps between validation-loss estimates"})
