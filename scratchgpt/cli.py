@@ -84,6 +84,26 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128
                    help="decode with torch's own kernels: no GGUF blocks, panels or screened output layer")
 
 
+def add_measure_arguments(p: argparse.ArgumentParser) -> None:
+    """`evaluate instruct --measure`: the development measure (training/instruct_measure.py) and its decoding."""
+    g = p.add_argument_group("development measure")
+    g.add_argument("--measure", action="store_true",
+                   help="--data is the fine-tune job's data file: score its validation and test splits' checkable "
+                        "answers and the built-in multi-turn conversations, beside case-sensitive ROUGE-L")
+    g.add_argument("--checkable-only", action="store_true",
+                   help="answer only the checkable items (ROUGE-L then covers those alone)")
+    g.add_argument("--split-seed", type=int, default=123, help="the fine-tune job's --seed (which split)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the first sample when sampling")
+    g.add_argument("--samples", type=int, default=1, help="answers per item when sampling (all are scored)")
+
+
 def generation_config(args: argparse.Namespace, ckpt) -> Any:
     from core.generation.generate import GenerationConfig
 
@@ -211,8 +231,22 @@ def cmd_evaluate_spam(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_instruct(args: argparse.Namespace) -> None:
-    from training.evaluate_instruct import evaluate_instruct
+    from training.evaluate_instruct import evaluate_instruct, measure_instruct
 
+    if args.measure:
+        from core.generation.sampling import SamplingConfig
+
+        sampling = SamplingConfig(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed,
+            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty,
+        )
+        print_json(measure_instruct(
+            resolve_checkpoint(args.checkpoint), Path(args.data), Path(args.out), split_seed=args.split_seed,
+            sampling=sampling, samples=args.samples, max_new_tokens=args.max_new_tokens, device=args.device,
+            checkable_only=args.checkable_only,
+        ))
+        return
     print_json(evaluate_instruct(
         resolve_checkpoint(args.checkpoint), Path(args.data), Path(args.out),
         judge_url=args.judge_url, judge_model=args.judge_model, device=args.device,
@@ -313,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="where to write the responses JSON")
             p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:11434/v1")
             p.add_argument("--judge-model", default=None)
+            add_measure_arguments(p)
 
     p = verb("generate", cmd_generate, "continue a prompt (through the chat template when the model has one)")
     add_model_arguments(p)

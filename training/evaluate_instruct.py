@@ -29,8 +29,10 @@ import torch
 from core.generation.chat_template import ALPACA, ChatTemplate
 from core.weights.checkpoint import load_checkpoint
 from core.generation.generate import GenerationConfig, generate
+from core.generation.sampling import SamplingConfig
 from core.device import resolve_device
-from training.instruct_data import InstructExample, encode_prompt, read_instruct_file
+from training.instruct_data import InstructExample, encode_prompt, read_instruct_file, split_instruct
+from training.instruct_measure import DIALOGUES, Dialogue, answer_key, dialogue_correct, is_correct, read_dialogues, summarise
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,10 @@ class JudgeError(RuntimeError):
 # -- ROUGE-L ---------------------------------------------------------------------
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """Lower-cased alphanumeric runs: punctuation and spacing do not count (as in rouge-score)."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+def rouge_tokens(text: str, case_sensitive: bool = False) -> list[str]:
+    """Alphanumeric runs, lower-cased unless ``case_sensitive``: punctuation and spacing do not count (as in
+    rouge-score, which lower-cases; case-sensitive, "The Book Is On The Table" differs from the unchanged sentence)."""
+    return re.findall(r"[A-Za-z0-9]+", text) if case_sensitive else re.findall(r"[a-z0-9]+", text.lower())
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -60,9 +63,9 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return previous[-1]
 
 
-def rouge_l(response: str, reference: str) -> dict[str, float]:
+def rouge_l(response: str, reference: str, case_sensitive: bool = False) -> dict[str, float]:
     """ROUGE-L precision, recall and F1 of ``response`` against ``reference``."""
-    hyp, ref = rouge_tokens(response), rouge_tokens(reference)
+    hyp, ref = rouge_tokens(response, case_sensitive), rouge_tokens(reference, case_sensitive)
     if not hyp or not ref:
         # Two empty texts agree perfectly; one empty text shares nothing.
         score = 1.0 if hyp == ref else 0.0
@@ -92,13 +95,15 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 @torch.inference_mode()
 def generate_responses(
     model, tokenizer, template: ChatTemplate, examples: list[InstructExample], *,
-    max_new_tokens: int = 256, batch_size: int = 8,
+    max_new_tokens: int = 256, batch_size: int = 8, sampling: SamplingConfig | None = None,
 ) -> list[str]:
-    """Greedy response to each example's prompt messages (batched, length-sorted to limit padding)."""
+    """The response to each example's prompt messages (batched, length-sorted to limit padding); greedy
+    unless ``sampling`` says otherwise."""
     model.eval()
     prompts = [encode_prompt(e.prompt_messages, template, tokenizer) for e in examples]
     limit = model.cfg.context_length
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, template))
+    cfg = GenerationConfig(**vars(sampling or SamplingConfig()), max_new_tokens=max_new_tokens,
+                           stop_token_ids=stop_token_ids(tokenizer, template))
     responses: list[str] = [""] * len(examples)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for s in range(0, len(order), batch_size):
@@ -196,3 +201,83 @@ def evaluate_instruct(
     out.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
     result["responses"] = str(out)
     return result
+
+
+# -- the development measure (training/instruct_measure.py) -----------------------------
+
+
+def measure_responses(
+    model, tokenizer, template: ChatTemplate, examples: list[InstructExample], dialogues: list[Dialogue], *,
+    sampling: SamplingConfig | None = None, samples: int = 1, max_new_tokens: int = 256, batch_size: int = 8,
+) -> dict[str, Any]:
+    """Checkable-answer accuracy, conversation accuracy and case-sensitive ROUGE-L of one model and decoding.
+
+    With sampling, each item is answered ``samples`` times (seeds ``seed``, ``seed + 1``, ...) and every
+    answer counts, so a setting is judged by what a user would see on average.
+    """
+    chats = [InstructExample(d.messages + [{"role": "assistant", "content": d.expect[0]}], {"messages": d.messages}, 0)
+             for d in dialogues]
+    greedy = sampling is None or sampling.greedy
+    runs = 1 if greedy else samples
+    items, turns = [], []
+    for run in range(runs):
+        cfg = sampling if greedy else SamplingConfig(**{**vars(sampling), "seed": (sampling.seed or 0) + run})
+        answers = generate_responses(model, tokenizer, template, examples + chats, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, sampling=cfg)
+        for example, response in zip(examples, answers):
+            record = response_record(example, response)
+            record["rouge_l_f1"] = round(rouge_l(response, example.reference, case_sensitive=True)["f1"], 4)
+            record["rouge_l_f1_lower"] = round(rouge_l(response, example.reference)["f1"], 4)
+            entry = example.entry if isinstance(example.entry, dict) else {}
+            key = answer_key(entry.get("instruction", ""), entry.get("input", ""), example.reference) \
+                if "instruction" in entry else None
+            if key is not None:
+                record.update(kind=key.kind, answer=list(key.answers), correct=is_correct(key, response))
+            items.append(record)
+        for dialogue, response in zip(dialogues, answers[len(examples):]):
+            turns.append({"id": dialogue.id, "messages": dialogue.messages, "expect": list(dialogue.expect),
+                          "model_response": response, "kind": "conversation",
+                          "correct": dialogue_correct(dialogue, response)})
+    checked = [r for r in items if "correct" in r]
+    return {
+        "samples": runs,
+        "checkable": summarise(checked),
+        "conversations": summarise(turns),
+        "rouge_l_f1": sum(r["rouge_l_f1"] for r in items) / len(items) if items else None,
+        "rouge_l_f1_lower": sum(r["rouge_l_f1_lower"] for r in items) / len(items) if items else None,
+        "n_items": len(items) // runs,
+        "records": items,
+        "conversation_records": turns,
+    }
+
+
+def measure_instruct(
+    checkpoint: str | Path, data: str | Path, out: str | Path, *, split_seed: int = 123,
+    dialogues: str | Path = DIALOGUES, sampling: SamplingConfig | None = None, samples: int = 1,
+    max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto", checkable_only: bool = False,
+) -> dict[str, Any]:
+    """``scratchgpt evaluate instruct --measure``: the development measure on the fine-tune job's own
+    validation and test splits of ``data`` (the same seeded split), plus the conversations file."""
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    ckpt = load_checkpoint(checkpoint, resolve_device(device))
+    if ckpt.task != "causal-lm":
+        raise ValueError(f"--checkpoint {checkpoint} is a {ckpt.task} checkpoint; instruction evaluation needs a causal-lm")
+    template = ckpt.chat_template or ALPACA
+    splits = split_instruct(read_instruct_file(data, template), seed=split_seed, source=str(data))
+    items = splits.val + splits.test
+    if checkable_only:
+        # Open-ended items only feed ROUGE-L; leaving them out makes a decoding sweep a third cheaper.
+        items = [e for e in items if isinstance(e.entry, dict) and "instruction" in e.entry
+                 and answer_key(e.entry["instruction"], e.entry.get("input", ""), e.reference) is not None]
+    result = measure_responses(ckpt.model, ckpt.tokenizer, template, items, read_dialogues(dialogues),
+                               sampling=sampling, samples=samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plain = sampling is None or (sampling.greedy and not sampling.penalized)
+    result["sampling"] = "greedy" if plain else vars(sampling)
+    result["items"] = "checkable" if checkable_only else "all"
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    summary = {k: v for k, v in result.items() if k not in ("records", "conversation_records")}
+    summary["responses"] = str(out)
+    return summary

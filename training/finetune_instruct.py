@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from core.generation.chat_template import ALPACA, BUILTIN, ChatTemplate
+from core.weights.catalogue import generation_defaults
 from core.weights.checkpoint import save_checkpoint, write_json
 from core.weights.fetch import sha256_file
 from core.device import resolve_device
@@ -39,7 +40,7 @@ from training.activation_cache import prefix_activations
 from training.base_model import load_base, resolve_base, weights_sha256
 from training.evaluate_instruct import generate_responses, response_record, rouge_l
 from training.instruct_data import (
-    EncodedExample, InstructDataError, collate, encode_example, read_instruct_file, split_instruct,
+    EncodedExample, InstructDataError, chain_conversations, collate, encode_example, read_instruct_file, split_instruct,
 )
 from training.job_config import config_to_dict
 from training.loss import lm_loss
@@ -48,6 +49,11 @@ from training.plots import plot_curves
 from training.progress import JobProgress
 
 log = logging.getLogger(__name__)
+
+
+# Decoding settings for what this job makes, chosen on the development measure with the default recipe
+# (docs/finetuning.md, "Decoding defaults"); the service applies them where a request leaves a setting out.
+GENERATION_DEFAULTS = generation_defaults()
 
 
 class InstructFinetuneError(ValueError):
@@ -59,23 +65,27 @@ class InstructConfig:
     base: str = field(default="smollm2-135m-instruct", metadata={"help": "base checkpoint directory or known model name"})
     data: Path | None = field(default=None, metadata={"help": "instruction JSON or JSONL file; when absent the book's file is downloaded"})
     out: Path = field(default=Path("runs/instruct"), metadata={"help": "output directory (checkpoint, plots, responses)"})
-    method: str = field(default="full", metadata={"help": "full fine-tuning or LoRA adapters", "choices": ("full", "lora")})
+    # The defaults are the recipe chosen on the development measure (docs/finetuning.md, "Recipes compared").
+    method: str = field(default="lora", metadata={"help": "full fine-tuning or LoRA adapters", "choices": ("full", "lora")})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale alpha (the update is scaled by alpha / r)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha (the update is scaled by alpha / r)"})
     lora_targets: list[str] = field(default_factory=lambda: list(ALL_BLOCK_LINEARS),
                                     metadata={"help": "comma-separated linear layers to adapt"})
-    trainable_blocks: int | None = field(default=None, metadata={
-        "help": "train (or adapt) only the last N blocks and the final norm; when absent, the whole model"})
+    trainable_blocks: int | None = field(default=8, metadata={
+        "help": "train (or adapt) only the last N blocks and the final norm; 0: the whole model"})
     activation_cache: bool = field(default=True, metadata={
         "help": "with --trainable-blocks, compute the frozen prefix once per example and reuse it"})
     template: str = field(default="auto", metadata={"help": "chat template: the base's own (auto; Alpaca when it has none)",
                                                      "choices": ("auto", "alpaca", "chatml")})
     epochs: int = field(default=2, metadata={"help": "passes over the training split"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     max_length: int = field(default=1024, metadata={"help": "sequences are cut to this many tokens (and the context)"})
     mask_prompt: bool = field(default=False, metadata={"help": "leave prompt tokens out of the loss"})
+    chain_turns: int = field(default=1, metadata={
+        "help": "chain training entries into conversations of up to N turns (same-task follow-ups asked "
+                "elliptically), so later answers learn to use earlier turns; 1 keeps single turns"})
     eval_every: int = field(default=20, metadata={"help": "steps between validation-loss estimates"})
     eval_batches: int = field(default=4, metadata={"help": "validation batches per estimate"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest test response to generate"})
@@ -86,9 +96,9 @@ class InstructConfig:
     progress_file: Path | None = field(default=None, metadata={"help": "keep this JSON file up to date with the job's progress (training.progress)"})
 
     def __post_init__(self) -> None:
-        if self.trainable_blocks is not None and self.trainable_blocks < 1:
-            raise InstructFinetuneError(f"--trainable-blocks must be >= 1, got {self.trainable_blocks}")
-        for name in ("epochs", "batch_size", "max_length", "lora_rank", "eval_every", "eval_batches"):
+        if self.trainable_blocks is not None and self.trainable_blocks < 0:
+            raise InstructFinetuneError(f"--trainable-blocks must be >= 0 (0: every block), got {self.trainable_blocks}")
+        for name in ("epochs", "batch_size", "max_length", "lora_rank", "eval_every", "eval_batches", "chain_turns"):
             if getattr(self, name) < 1:
                 raise InstructFinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -250,7 +260,8 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
         raise InstructFinetuneError(f"the tokenizer of {base_dir} has no end-of-text token to pad and stop with")
 
     splits = split_instruct(read_instruct_file(data_path, template), seed=cfg.seed, source=str(data_path))
-    train = encode_split(splits.train, template, tokenizer, cfg, "train")
+    train_examples = chain_conversations(splits.train, cfg.chain_turns, template, seed=cfg.seed)
+    train = encode_split(train_examples, template, tokenizer, cfg, "train")
     val = encode_split(splits.val, template, tokenizer, cfg, "validation")
     if not train or not val:
         raise InstructDataError(f"{data_path}: empty training or validation split")
@@ -283,7 +294,7 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
 
     out = Path(cfg.out)
     metadata = {"name": out.name, "base": str(base_dir), "base_sha256": weights_sha256(base_dir),
-                "finetune": f"instruct-{cfg.method}"}
+                "finetune": f"instruct-{cfg.method}", "generation_defaults": dict(GENERATION_DEFAULTS)}
     save_checkpoint(out, model, tokenizer, chat_template=template, metadata=metadata)
     write_loss_plot(out / "loss.png", history)
 
@@ -291,6 +302,7 @@ def finetune_instruct(cfg: InstructConfig) -> Path:
         "method": cfg.method,
         "template": template.name,
         "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "train_sequences": len(train),
         "trainable_parameters": trainable,
         "val_loss_before": initial_val,
         "val_loss_after": final_val,

@@ -22,6 +22,7 @@ the prompt tokens are masked from the loss too (the book's exercise 7.2).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,80 @@ def split_instruct(
                 f"(85/5/10 needs at least 20 entries)"
             )
     return splits
+
+
+# -- chaining examples into conversations -------------------------------------------
+
+_QUOTED = re.compile(r"'([^']+)'|\"([^\"]+)\"")
+# Follow-up phrasings, several so the model learns the pattern rather than one sentence.
+_SAME_INPUT = ("Now this one: {}", "And this one: {}", "Do the same for: {}", "Same again: {}")
+_SAME_QUOTED = ("And {}?", "What about {}?", "Now {}.", "And for {}?")
+
+
+def _quoted(text: str) -> list[str]:
+    return [a or b for a, b in _QUOTED.findall(text)]
+
+
+def task_key(instruction: str) -> str:
+    """The instruction with quoted words and numbers blanked: entries with one key ask for the same task."""
+    key = _QUOTED.sub("Q", instruction.lower())
+    return " ".join(re.sub(r"\d+(?:[.,]\d+)*", "#", key).split())
+
+
+def _follow_up(previous: dict[str, Any], entry: dict[str, Any], template: ChatTemplate, pick: int) -> str:
+    """The user turn asking for ``entry`` after ``previous`` (the same task): elliptical where it can be."""
+    instruction, input_text = entry["instruction"], entry.get("input", "")
+    if instruction == previous["instruction"] and input_text:
+        return _SAME_INPUT[pick % len(_SAME_INPUT)].format(input_text)
+    words = _quoted(instruction)
+    # An input that repeats the quoted word adds nothing to the short form.
+    if words and (not input_text or input_text in instruction) and _QUOTED.sub("Q", instruction) == _QUOTED.sub("Q", previous["instruction"]):
+        return _SAME_QUOTED[pick % len(_SAME_QUOTED)].format(", ".join(f"'{w}'" for w in words))
+    return user_content(instruction, input_text, template)
+
+
+def chain_conversations(
+    examples: list[InstructExample], turns: int, template: ChatTemplate, seed: int = SEED
+) -> list[InstructExample]:
+    """Book entries chained into conversations of up to ``turns`` exchanges, so later turns see earlier ones.
+
+    Entries that ask for the same task (same :func:`task_key`) are chained first
+    and their later questions made elliptical ("And 'young'?", "Now this one:
+    ..."), which the model can only answer by reading the earlier turn; the
+    rest are chained in a seeded random order as unrelated questions, which
+    teaches it to answer the last question rather than repeat the first answer.
+    Each entry is used once; every assistant turn is a training target, so the
+    first turns still teach single-turn answers. Conversation entries pass
+    through unchanged.
+    """
+    if turns < 1:
+        raise InstructDataError(f"turns must be >= 1, got {turns}")
+    book = [e for e in examples if isinstance(e.entry, dict) and "instruction" in e.entry and len(e.messages) == 2]
+    kept = [e for e in examples if not (isinstance(e.entry, dict) and "instruction" in e.entry and len(e.messages) == 2)]
+    if turns == 1:
+        return list(examples)
+    rng = np.random.RandomState(seed)
+    order = [book[i] for i in rng.permutation(len(book))]
+    by_task: dict[str, list[InstructExample]] = {}
+    for e in order:
+        by_task.setdefault(task_key(e.entry["instruction"]), []).append(e)
+    groups: list[list[InstructExample]] = []
+    rest: list[InstructExample] = []
+    for same in by_task.values():
+        whole = len(same) - len(same) % turns if len(same) >= turns else 0
+        groups += [same[i : i + turns] for i in range(0, whole, turns)]
+        rest += same[whole:]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    unrelated = [rest[i : i + turns] for i in range(0, len(rest), turns)]
+    chained: list[InstructExample] = []
+    for group, same_task in [(g, True) for g in groups] + [(g, False) for g in unrelated]:
+        messages = list(group[0].messages)
+        for previous, e in zip(group, group[1:]):
+            question = (_follow_up(previous.entry, e.entry, template, int(rng.randint(1 << 30))) if same_task
+                        else e.messages[0]["content"])
+            messages += [{"role": "user", "content": question}, e.messages[1]]
+        chained.append(InstructExample(messages, {"messages": messages}, group[0].line))
+    return kept + [chained[i] for i in rng.permutation(len(chained))]
 
 
 # -- tokenizing -------------------------------------------------------------------

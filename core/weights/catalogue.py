@@ -40,6 +40,22 @@ class ModelSource:
     description: str
     preset: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Decoding settings chosen for this model by measurement (docs/finetuning.md, "Decoding defaults"),
+    # written into its checkpoint's metadata; None where none were measured.
+    generation_defaults: dict[str, Any] | None = None
+
+
+# The keys of a checkpoint's ``metadata["generation_defaults"]`` (the OpenAI parameters plus top-k and
+# the CTRL repetition penalty); a reader applies them where a request leaves a setting out.
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def generation_defaults(temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+                        repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                        presence_penalty: float = 0.0) -> dict[str, Any]:
+    """A complete ``generation_defaults`` entry: every key, off unless given."""
+    return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty,
+            "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty}
 
 
 def _hf(repo: str, filename: str, revision: str = "main", sha256: str | None = None, size: int | None = None) -> RemoteFile:
@@ -47,6 +63,8 @@ def _hf(repo: str, filename: str, revision: str = "main", sha256: str | None = N
 
 
 SMOLLM2 = "smollm2-135m-instruct"
+# Measured on the development measure (docs/finetuning.md, "Decoding defaults").
+SMOLLM2_GENERATION_DEFAULTS = generation_defaults()
 
 # Checksums: only GPT-2 124M's (revision 607a30d7…, the files every published
 # reproduction of it hashes) are pinned. The other Hugging Face files are
@@ -93,6 +111,7 @@ MODELS: dict[str, ModelSource] = {
             "gguf_name": "SmolLM2-135M-Instruct.Q4_1.gguf",
             "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         },
+        generation_defaults=SMOLLM2_GENERATION_DEFAULTS,
     ),
 }
 MODEL_ALIASES = {
@@ -121,6 +140,12 @@ def resolve_model_name(name: str, size: str | None = None) -> ModelSource:
     if key not in MODELS:
         raise CatalogueError(f"unknown model {key!r}; known models: {', '.join(MODELS)}")
     return MODELS[key]
+
+
+def generation_defaults_for(name: str) -> dict[str, Any] | None:
+    """A copy of the measured decoding defaults of a known model (by name or alias); None otherwise."""
+    source = MODELS.get(MODEL_ALIASES.get(name.lower(), name.lower()))
+    return dict(source.generation_defaults) if source and source.generation_defaults else None
 
 
 def resolve_dataset(name: str) -> RemoteFile:

@@ -28,7 +28,8 @@ from core.tokenizer import Tokenizer
 from core.tokenizer.gguf import tokenizer_from_gguf
 from core.tokenizer.gpt2 import GPT2_VOCAB_SIZE, gpt2_tokenizer
 from core.tokenizer.hf import tokenizer_from_hf
-from core.weights.checkpoint import save_checkpoint
+from core.weights.catalogue import generation_defaults_for
+from core.weights.checkpoint import read_config, save_checkpoint, write_json
 from core.weights.gguf import load_gguf, read_gguf_blocks
 from core.weights.hf import StateDict, load_hf_checkpoint
 from core.weights.openai_tf import load_openai_gpt2
@@ -52,6 +53,9 @@ def convert_to_checkpoint(raw: str | Path, name: str, dest: str | Path | None = 
             raise ConversionError(f"{raw} is already a scratchgpt checkpoint; copy it to {dest} if you want it there")
         return raw  # download_model already converted it
     metadata: dict[str, Any] = {"name": name, "source": str(raw)}
+    defaults = generation_defaults_for(name)
+    if defaults:
+        metadata["generation_defaults"] = defaults
     blocks = None
     if raw.is_file() and raw.suffix == ".gguf":
         cfg, sd, tokenizer, template = _from_gguf(raw)
@@ -67,6 +71,24 @@ def convert_to_checkpoint(raw: str | Path, name: str, dest: str | Path | None = 
         model = GPTModel(cfg)  # only its config is used; the weights come from sd
     return save_checkpoint(dest, model, tokenizer, chat_template=template, metadata=metadata, state_dict=sd,
                            gguf_blocks=blocks)
+
+
+def stamp_generation_defaults(checkpoint: str | Path, name: str) -> bool:
+    """Give a checkpoint converted before its model's decoding defaults were measured those defaults.
+
+    Only ``metadata.generation_defaults`` is added, and only where it is missing (a user's own
+    choice stays); returns whether the config changed.
+    """
+    defaults = generation_defaults_for(name)
+    config = read_config(checkpoint)
+    metadata = config.setdefault("metadata", {})
+    if not defaults or "generation_defaults" in metadata:
+        return False
+    metadata["generation_defaults"] = defaults
+    tmp = Path(checkpoint) / "config.json.tmp"
+    write_json(tmp, config)
+    tmp.replace(Path(checkpoint) / "config.json")
+    return True
 
 
 def is_openai_tf_dir(path: Path) -> bool:

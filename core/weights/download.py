@@ -22,7 +22,7 @@ from pathlib import Path
 from core.model import ModelConfig
 from core.paths import models_dir
 from core.weights.catalogue import ModelSource, resolve_model_name
-from core.weights.convert import convert_to_checkpoint, is_openai_tf_dir
+from core.weights.convert import convert_to_checkpoint, is_openai_tf_dir, stamp_generation_defaults
 from core.weights.fetch import DownloadError, fetch_model
 from core.weights.openai_tf import TensorFlowRequiredError, read_hparams
 
@@ -50,6 +50,7 @@ def download_model(
     if from_tf_dir is not None:
         return _from_openai_tf(source, Path(from_tf_dir).expanduser(), target)
     if (target / "config.json").is_file() and not (force or from_dir or from_file):
+        stamp_generation_defaults(target, source.name)
         return target
     raw = fetch_model(source.name, from_dir=from_dir, from_file=from_file, progress=progress)
     return convert_to_checkpoint(raw, source.name, target)

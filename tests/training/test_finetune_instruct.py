@@ -8,13 +8,17 @@ import torch
 from safetensors.torch import load_file
 
 from core.generation.chat_template import ALPACA
+from core.generation.sampling import SamplingConfig
 from core.weights.checkpoint import load_checkpoint, save_checkpoint
 from core.model.config import ModelConfig
 from core.model import GPTModel
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from training.base_model import BaseModelError
 from training.evaluate_instruct import evaluate_instruct
-from training.finetune_instruct import InstructConfig, LMBatches, finetune_instruct
+from core.weights.catalogue import GENERATION_KEYS
+from training.evaluate_instruct import measure_instruct
+from training.finetune_instruct import GENERATION_DEFAULTS, InstructConfig, LMBatches, finetune_instruct
+from training.instruct_measure import read_dialogues
 from training.instruct_data import InstructDataError, encode_example, read_instruct_file
 from training.loss import lm_loss
 
@@ -58,10 +62,13 @@ def test_cached_prefix_gives_the_same_loss(family, data):
 
 
 def test_full_finetune_writes_checkpoint_plot_and_responses(tmp_path, base, data):
-    out = finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "full", epochs=2, batch_size=4,
-                                           lr=1e-3, eval_every=2, max_new_tokens=4, device="cpu"))
+    out = finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "full", method="full",
+                                           trainable_blocks=0, epochs=2, batch_size=4, lr=1e-3, eval_every=2,
+                                           max_new_tokens=4, device="cpu"))
     ckpt = load_checkpoint(out)
     assert ckpt.task == "causal-lm" and ckpt.chat_template.name == "alpaca"  # a GPT-2 base without a template
+    # The measured decoding defaults travel with the checkpoint, every key present.
+    assert ckpt.metadata["generation_defaults"] == GENERATION_DEFAULTS and set(GENERATION_DEFAULTS) == set(GENERATION_KEYS)
     responses = json.loads((out / "test_responses.json").read_text())
     assert len(responses) == 2  # 10% of 21
     assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
@@ -87,6 +94,27 @@ def test_lora_on_the_last_block_is_merged_into_plain_weights(tmp_path, base, dat
     assert len(json.loads((tmp_path / "responses.json").read_text())) == len(ENTRIES)
 
 
+def test_chained_training_and_the_development_measure(tmp_path, base, data):
+    """--chain-turns 2 trains on conversations of two entries; --measure scores the job's own val + test split."""
+    out = finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "chain", method="full",
+                                           trainable_blocks=1, chain_turns=2, epochs=1, batch_size=4, lr=1e-3,
+                                           mask_prompt=True, test_responses=False, device="cpu"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sizes"]["train"] == 17 and metrics["train_sequences"] == 9  # 8 pairs and one left alone
+
+    summary = measure_instruct(out, data, tmp_path / "measure.json", max_new_tokens=3, device="cpu")
+    written = json.loads((tmp_path / "measure.json").read_text())
+    assert summary["n_items"] == 4 == len(written["records"])  # of 21 entries: 2 test and 2 validation
+    assert summary["conversations"]["n"] == len(read_dialogues()) == len(written["conversation_records"])
+    assert 0.0 <= summary["rouge_l_f1"] <= 1.0 and summary["sampling"] == "greedy"
+    # Sampling answers every item once per sample.
+    sampled = measure_instruct(out, data, tmp_path / "s.json", max_new_tokens=3, device="cpu", samples=2,
+                               sampling=SamplingConfig(temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=5))
+    assert sampled["samples"] == 2 and sampled["conversations"]["n"] == 2 * len(read_dialogues())
+    with pytest.raises(ValueError, match="--samples must be >= 1"):
+        measure_instruct(out, data, tmp_path / "x.json", samples=0)
+
+
 def test_bad_inputs_are_clear_errors(tmp_path, base, data):
     with pytest.raises(BaseModelError, match="no checkpoint directory there"):
         finetune_instruct(InstructConfig(base=str(tmp_path / "missing"), data=data, out=tmp_path / "o"))
@@ -105,7 +133,7 @@ def test_a_lora_fine_tune_exports_to_transformers_with_the_adapters_merged(tmp_p
     from core.weights.export_hf import export_hf
 
     out = finetune_instruct(InstructConfig(base=str(base), data=data, out=tmp_path / "lora", method="lora",
-                                           lora_rank=2, lora_alpha=4, epochs=2, batch_size=4, lr=5e-2,
+                                           lora_rank=2, lora_alpha=4, trainable_blocks=0, epochs=2, batch_size=4, lr=5e-2,
                                            test_responses=False, device="cpu"))
     tuned = load_checkpoint(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tuned, tmp_path / "hf")).eval()

@@ -7,8 +7,8 @@ import pytest
 from core.generation.chat_template import ALPACA, CHATML
 from core.tokenizer.gpt2 import gpt2_tokenizer
 from training.instruct_data import (
-    IGNORE_INDEX, EncodedExample, InstructDataError, collate, encode_example, read_instruct_file, render_segments,
-    split_instruct,
+    IGNORE_INDEX, EncodedExample, InstructDataError, chain_conversations, collate, encode_example, read_instruct_file,
+    render_segments, split_instruct, task_key,
 )
 
 BOOK = [
@@ -113,6 +113,48 @@ def test_multi_turn_trains_every_assistant_turn(tmp_path):
     assert tok.decode(encoded.ids) == text
     trained = tok.decode([t for t, keep in zip(encoded.ids, encoded.trainable) if keep])
     assert trained == "Hello!<|im_end|>\n4<|im_end|>\n"
+
+
+SAME_TASK = [
+    {"instruction": "What is the opposite of 'hot'?", "input": "", "output": "The opposite of 'hot' is 'cold'."},
+    {"instruction": "What is the opposite of 'up'?", "input": "", "output": "The opposite of 'up' is 'down'."},
+    {"instruction": "Convert to passive voice.", "input": "Tom ate it.", "output": "It was eaten by Tom."},
+    {"instruction": "Convert to passive voice.", "input": "Ann saw us.", "output": "We were seen by Ann."},
+    {"instruction": "Name a primary color.", "input": "", "output": "Red."},
+]
+
+
+def test_chained_conversations_make_later_turns_need_the_earlier_ones(tmp_path):
+    examples = read_entries(tmp_path, SAME_TASK + [CHAT], CHATML)
+    assert task_key("What is the opposite of 'hot'?") == task_key("What is the opposite of 'up'?") != task_key("Name it.")
+    chained = chain_conversations(examples, 2, CHATML, seed=1)
+    # Five book entries in pairs, the odd one alone; the conversation entry passes through as it was.
+    assert sorted(len(e.messages) for e in chained) == [2, 4, 4, 5]
+    assert any(e.messages is examples[-1].messages or e.messages == examples[-1].messages for e in chained)
+    by_first = {e.messages[0]["content"]: e.messages for e in chained if len(e.messages) == 4}
+    opposite = by_first.get("What is the opposite of 'hot'?") or by_first["What is the opposite of 'up'?"]
+    passive = next(m for first, m in by_first.items() if first.startswith("Convert to passive voice."))
+    # The same task asked again is asked elliptically: only the earlier turn says what to do.
+    assert "opposite" not in opposite[2]["content"] and ("'up'" in opposite[2]["content"] or "'hot'" in opposite[2]["content"])
+    assert "passive" not in passive[2]["content"] and passive[2]["content"].endswith(("Tom ate it.", "Ann saw us."))
+    assert [m["role"] for m in opposite] == ["user", "assistant", "user", "assistant"]
+    # Every entry is used exactly once, answers unchanged.
+    answers = sorted(m["content"] for e in chained for m in e.messages if m["role"] == "assistant")
+    assert answers == sorted([e["output"] for e in SAME_TASK] + ["Hello!", "4"])
+    assert chain_conversations(examples, 1, CHATML) == examples
+    with pytest.raises(InstructDataError, match="turns must be >= 1"):
+        chain_conversations(examples, 0, CHATML)
+
+
+def test_chained_conversations_train_every_answer_and_no_question(tmp_path):
+    tok = gpt2_tokenizer()
+    chained = chain_conversations(read_entries(tmp_path, SAME_TASK[:2], CHATML), 2, CHATML)
+    encoded = encode_example(chained[0].messages, CHATML, tok)
+    _, targets = collate([encoded], tok.eos_id, mask_prompt=True)
+    trained = tok.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX])
+    first, second = (m["content"] for m in chained[0].messages if m["role"] == "assistant")
+    # The loss sees both answers (each with its end-of-turn marker) and the end-of-text, nothing of the questions.
+    assert trained == f"{first}<|im_end|>\n{second}<|im_end|>\n<|endoftext|>"
 
 
 def read_entries(directory, entries, template):

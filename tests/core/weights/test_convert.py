@@ -103,3 +103,36 @@ def test_convert_hf_llama_dir_with_hub_tokenizer(smollm2_gguf, tmp_path):
     ids = torch.tensor([ckpt.tokenizer.encode("The capital of France")])
     with torch.no_grad():
         torch.testing.assert_close(ckpt.model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_measured_generation_defaults_go_into_the_checkpoint(tmp_path, monkeypatch):
+    """A model with measured decoding defaults gets them in its metadata on conversion, and a checkpoint
+    converted before they were measured gets them once on the next `download` (a user's own stay)."""
+    from core.model import GPTModel, ModelConfig
+    from core.tokenizer.gpt2 import gpt2_tokenizer
+    from core.weights.catalogue import GENERATION_KEYS, SMOLLM2, generation_defaults_for
+    from core.weights.checkpoint import save_checkpoint
+    from core.weights.convert import stamp_generation_defaults
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    hf.save_pretrained(tmp_path / "raw")
+    measured = generation_defaults_for("smollm2")
+    assert measured is not None and set(measured) == set(GENERATION_KEYS)
+    # The defaults follow the catalogue name (a tiny stand-in for the real weights here).
+    assert load_checkpoint(convert_to_checkpoint(tmp_path / "raw", SMOLLM2, dest=tmp_path / "a")).metadata[
+        "generation_defaults"] == measured
+    assert "generation_defaults" not in load_checkpoint(
+        convert_to_checkpoint(tmp_path / "raw", "tiny-gpt2", dest=tmp_path / "b")).metadata
+
+    model = GPTModel(ModelConfig(family="gpt2", vocab_size=50257, context_length=16, emb_dim=8, n_layers=1, n_heads=2,
+                                 hidden_dim=16))
+    old = save_checkpoint(tmp_path / "old", model, gpt2_tokenizer(), metadata={"name": SMOLLM2})
+    assert stamp_generation_defaults(old, SMOLLM2) is True
+    assert load_checkpoint(old).metadata == {"name": SMOLLM2, "generation_defaults": measured}
+    assert stamp_generation_defaults(old, SMOLLM2) is False
+    own = save_checkpoint(tmp_path / "own", model, gpt2_tokenizer(),
+                          metadata={"generation_defaults": {"temperature": 1.5}})
+    assert stamp_generation_defaults(own, SMOLLM2) is False
+    assert load_checkpoint(own).metadata["generation_defaults"] == {"temperature": 1.5}
+    assert stamp_generation_defaults(old, "tiny-gpt2") is False
