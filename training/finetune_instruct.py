@@ -60,6 +60,11 @@ class InstructFinetuneError(ValueError):
     """An instruction fine-tuning setting that cannot work."""
 
 
+# The measured recipe adapts the last 8 of SmolLM2-135M's 30 blocks (docs/finetuning.md); a base
+# with fewer blocks (the tests' tiny models) has all of its blocks adapted.
+DEFAULT_TRAINABLE_BLOCKS = 8
+
+
 @dataclass
 class InstructConfig:
     base: str = field(default="smollm2-135m-instruct", metadata={"help": "base checkpoint directory or known model name"})
@@ -71,8 +76,9 @@ class InstructConfig:
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha (the update is scaled by alpha / r)"})
     lora_targets: list[str] = field(default_factory=lambda: list(ALL_BLOCK_LINEARS),
                                     metadata={"help": "comma-separated linear layers to adapt"})
-    trainable_blocks: int | None = field(default=8, metadata={
-        "help": "train (or adapt) only the last N blocks and the final norm; 0: the whole model"})
+    trainable_blocks: int | None = field(default=None, metadata={
+        "help": f"train (or adapt) only the last N blocks and the final norm; 0: the whole model; "
+                f"default: the last {DEFAULT_TRAINABLE_BLOCKS} (every block of a smaller model)"})
     activation_cache: bool = field(default=True, metadata={
         "help": "with --trainable-blocks, compute the frozen prefix once per example and reuse it"})
     template: str = field(default="auto", metadata={"help": "chat template: the base's own (auto; Alpaca when it has none)",
@@ -195,7 +201,10 @@ def train_lm(model, train: LMBatches, val: LMBatches, cfg: InstructConfig, param
 def select_trainable(model, cfg: InstructConfig) -> tuple[list[nn.Parameter], int]:
     """Freeze what does not train; returns the trainable parameters and the first trainable block."""
     n_layers = model.cfg.n_layers
-    n_train = cfg.trainable_blocks or n_layers
+    if cfg.trainable_blocks is None:  # the recipe's default, on whatever depth the base has
+        n_train = min(DEFAULT_TRAINABLE_BLOCKS, n_layers)
+    else:
+        n_train = cfg.trainable_blocks or n_layers
     if n_train > n_layers:
         raise InstructFinetuneError(f"--trainable-blocks {n_train} exceeds the base's {n_layers} blocks")
     first = n_layers - n_train

@@ -61,7 +61,8 @@ def test_concurrent_streams_from_two_servers_into_one_sqlite_file_lose_nothing(m
 
 
 def test_parallel_writers_with_their_own_engines_lose_no_row(tmp_path):
-    """Below the HTTP layer: 8 threads, each with its own engine, add and rewrite messages at once."""
+    """Below the HTTP layer: 8 threads, each with its own engine, add and rewrite messages at once (each
+    in a conversation of its own: a conversation has one streaming answer at a time, by a unique index)."""
     from app.db import crud, make_engine, make_sessionmaker, upgrade
     from app.db.models import STATUS_STREAMING
 
@@ -69,7 +70,7 @@ def test_parallel_writers_with_their_own_engines_lose_no_row(tmp_path):
     upgrade(url)
     writers, rows_each = 8, 40
     with make_sessionmaker(make_engine(url))() as session:
-        cid = crud.create_conversation(session, "local", title="race").id
+        cids = [crud.create_conversation(session, "local", title=f"race {w}").id for w in range(writers)]
     start = threading.Barrier(writers)
     errors: list[BaseException] = []
 
@@ -80,7 +81,7 @@ def test_parallel_writers_with_their_own_engines_lose_no_row(tmp_path):
             start.wait()
             for i in range(rows_each):
                 with sessions() as session:
-                    message = crud.add_message(session, cid, "assistant", "", status=STATUS_STREAMING)
+                    message = crud.add_message(session, cids[w], "assistant", "", status=STATUS_STREAMING)
                 for step in range(3):  # a streaming answer's flushes
                     crud.write_message(sessions, message.id, content=f"w{w} m{i} step{step}")
                 crud.write_message(sessions, message.id, content=f"w{w} m{i}", status="complete")
@@ -96,6 +97,6 @@ def test_parallel_writers_with_their_own_engines_lose_no_row(tmp_path):
         t.join(120)
     assert not errors, errors
     with make_sessionmaker(make_engine(url))() as session:
-        stored = crud.list_messages(session, cid)
+        stored = [m for cid in cids for m in crud.list_messages(session, cid)]
     assert sorted(m.content for m in stored) == sorted(f"w{w} m{i}" for w in range(writers) for i in range(rows_each))
     assert {m.status for m in stored} == {"complete"}
