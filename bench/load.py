@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (SCRATCHGPT_TORCH_THREADS)")
     parser.add_argument("--prefix-cache-mb", type=int, default=None,
                         help="SCRATCHGPT_CHAT_PREFIX_CACHE_MB of the server (default: the service's; 0: none)")
+    parser.add_argument("--kv-cache-mb", type=int, default=None,
+                        help="SCRATCHGPT_CHAT_KV_CACHE_MB of the server: its pool of KV pages (default: the service's)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models instead of GPT-2 124M")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (checkpoints, server log)")
     args = parser.parse_args(argv)
@@ -288,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_before}; chat {chat.name}, classifier "
               f"{classifier.name}; texts: {source}")
         settings = {} if args.prefix_cache_mb is None else {"chat_prefix_cache_mb": args.prefix_cache_mb}
+        if args.kv_cache_mb is not None:
+            settings["chat_kv_cache_mb"] = args.kv_cache_mb
         with ServerProcess(workdir, "load", threads=args.threads, chat_checkpoint=chat, classifier_checkpoint=classifier,
                            stream_flush_seconds=0.5, **settings) as server:
             # Warm-up (not counted): one answer and one classification, so start RSS includes the first passes.
@@ -318,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Load: {args.chat_clients} chat streams + {args.classify_clients} classify clients, {args.duration:.0f} s, "
           f"{'tiny models' if args.tiny else 'GPT-2 124M random weights'}; chat prefix cache "
-          f"{'the default' if args.prefix_cache_mb is None else f'{args.prefix_cache_mb} MB'}")
+          f"{'the default' if args.prefix_cache_mb is None else f'{args.prefix_cache_mb} MB'}, KV pages "
+          f"{'the default' if args.kv_cache_mb is None else f'{args.kv_cache_mb} MB'}")
     rows = [
         ("measure", "value"),
         ("answers started / ended", f"{tally.started} / {finished}"),

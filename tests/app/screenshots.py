@@ -1,7 +1,7 @@
 """Screenshots of the chat and spam pages for docs/screenshots/, taken in headless Chromium
 (desktop light and dark, and the chat on a phone's 390x844).
 
-    .venv/bin/python tests/app/screenshots.py --chat-checkpoint DIR --classifier-checkpoint DIR
+    .venv/bin/python tests/app/screenshots.py --chat-model [NAME=]DIR [--chat-model ...] --classifier-checkpoint DIR
 
 The pages are driven like a user would: real messages to the served chat model, real texts to
 the served classifier, on a throwaway database. Not a test (no test_ prefix); run by hand when
@@ -37,7 +37,8 @@ SPAM_TEXTS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chat-checkpoint", type=Path, required=True)
+    parser.add_argument("--chat-model", action="append", required=True,
+                        help="a chat model to serve, [NAME=]DIR (SCRATCHGPT_CHAT_MODELS' form); the first is the default")
     parser.add_argument("--classifier-checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     parser.add_argument("--max-new-tokens", type=int, default=160)
@@ -50,9 +51,10 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="scratchgpt-shots-"))
-    settings = Settings(home=home, chat_checkpoint=args.chat_checkpoint, classifier_checkpoint=args.classifier_checkpoint,
-                        device="cpu", log_json=False, default_temperature=0.3, default_top_k=40, default_top_p=0.9,
-                        default_max_new_tokens=args.max_new_tokens, torch_threads=args.threads)
+    # Each model decodes with its own defaults (its checkpoint's generation_defaults), as served.
+    settings = Settings(home=home, chat_models=args.chat_model, classifier_checkpoint=args.classifier_checkpoint,
+                        device="cpu", log_json=False, default_max_new_tokens=args.max_new_tokens,
+                        torch_threads=args.threads)
     with LiveServer(settings) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
         state = None  # the dark pass reuses the light pass's session: conversations belong to their owner
