@@ -163,6 +163,20 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
                                  tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
 
 
+@pytest.fixture
+def tiny_base(tmp_path) -> Path:
+    """A tiny random GPT-2-shaped causal LM (2 blocks, 16 wide) saved as a checkpoint: a base for the
+    fine-tuning jobs where what is tested is the job, not what it learns."""
+    from core.model import GPTModel
+    from core.model.config import ModelConfig
+    from core.tokenizer.gpt2 import gpt2_tokenizer
+    from core.weights.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=50257, context_length=64, emb_dim=16, n_layers=2, n_heads=2))
+    return save_checkpoint(tmp_path / "base", model, gpt2_tokenizer())
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (opt in with ``pytestmark = pytest.mark.usefixtures(...)``).

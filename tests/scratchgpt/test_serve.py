@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from core.model import GPTModel
 from core.model.config import ModelConfig
@@ -17,13 +15,6 @@ from core.tokenizer.gpt2 import gpt2_tokenizer
 from core.weights.checkpoint import load_checkpoint, save_checkpoint
 from scratchgpt import serve
 from scratchgpt.cli import main
-
-
-@pytest.fixture
-def tiny_base(tmp_path) -> Path:
-    torch.manual_seed(0)
-    model = GPTModel(ModelConfig(vocab_size=50257, context_length=64, emb_dim=16, n_layers=2, n_heads=2))
-    return save_checkpoint(tmp_path / "base", model, gpt2_tokenizer())
 
 
 def test_the_missing_fine_tunes_are_planned_in_order_with_their_status_files(tmp_path, tiny_base):

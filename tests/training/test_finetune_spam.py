@@ -123,14 +123,20 @@ def separable_messages(n: int, seed: int) -> list[tuple[str, str]]:
     return [pair for _ in range(n) for pair in (("ham", draw(HAM_WORDS)), ("spam", draw(SPAM_WORDS)))]
 
 
-def test_finetune_learns_a_separable_set_in_a_few_steps(tmp_path):
-    """On messages whose words tell the class, a few optimizer steps take a random base from chance
-    (0.5: the splits are balanced) to high accuracy on messages it never saw."""
+def separable_setup(tmp_path) -> tuple[Path, Path]:
+    """A random 2-block base (64 wide) and an SMS file of 60 + 60 separable messages."""
     torch.manual_seed(0)
     backbone = GPTModel(ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_layers=2, n_heads=4)).eval()
     base = save_checkpoint(tmp_path / "base", backbone, gpt2_tokenizer())
     data = tmp_path / "sms"
     data.write_text("".join(f"{label}\t{text}\n" for label, text in separable_messages(60, seed=0)), encoding="utf-8")
+    return base, data
+
+
+def test_finetune_learns_a_separable_set_in_a_few_steps(tmp_path):
+    """On messages whose words tell the class, a few optimizer steps take a random base from chance
+    (0.5: the splits are balanced) to high accuracy on messages it never saw."""
+    base, data = separable_setup(tmp_path)
     out = finetune_spam(SpamConfig(base=str(base), data=data, out=tmp_path / "spam", epochs=2, lr=1e-3,
                                    trainable_blocks=2, device="cpu"))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -147,11 +153,7 @@ def test_finetune_learns_a_separable_set_in_a_few_steps(tmp_path):
 def test_average_seeds_and_the_validation_threshold_end_to_end(tmp_path):
     """Two runs averaged into one checkpoint; the threshold chosen on validation is the one the
     checkpoint stores and every reader applies, and it keeps validation precision at 1."""
-    torch.manual_seed(0)
-    backbone = GPTModel(ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_layers=2, n_heads=4)).eval()
-    base = save_checkpoint(tmp_path / "base", backbone, gpt2_tokenizer())
-    data = tmp_path / "sms"
-    data.write_text("".join(f"{label}\t{text}\n" for label, text in separable_messages(60, seed=0)), encoding="utf-8")
+    base, data = separable_setup(tmp_path)
     out = finetune_spam(SpamConfig(base=str(base), data=data, out=tmp_path / "spam", epochs=2, lr=1e-3,
                                    trainable_blocks=1, average_seeds=2, device="cpu"))
     metrics = json.loads((out / "metrics.json").read_text())

@@ -65,20 +65,6 @@ def write_spam(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_base(tmp_path) -> Path:
-    import torch
-
-    from core.model import GPTModel
-    from core.model.config import ModelConfig
-    from core.tokenizer.gpt2 import gpt2_tokenizer
-    from core.weights.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = GPTModel(ModelConfig(vocab_size=50257, context_length=64, emb_dim=16, n_layers=2, n_heads=2))
-    return save_checkpoint(tmp_path / "base", model, gpt2_tokenizer())
-
-
 def test_the_spam_job_reports_its_steps_and_its_checkpoint(tmp_path, tiny_base):
     status_file = tmp_path / "jobs" / "spam.json"
     out = finetune_spam(SpamConfig(base=str(tiny_base), data=write_spam(tmp_path / "sms"), out=tmp_path / "spam",
