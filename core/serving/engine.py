@@ -828,17 +828,19 @@ class Engine:
         """Up to ``prefill_chunk`` prompt tokens in all, oldest sequence first, batched; a prompt whose
         last token is run samples its first new token from there.
 
-        Two passes when new prompts start: the prompts under way and the oldest new one first, then
-        the other new ones, which look up the prefix cache only then: prompts arriving together
+        Two passes when new prompts start cold: the prompts under way and the oldest new one first,
+        then the other new ones, which look up the prefix cache only then: prompts arriving together
         mostly share their start (the chat template's preamble, a system prompt), and that start
-        is then run once and copied, not run once each."""
+        is then run once and copied, not run once each. New prompts that find their start kept
+        already all go in the first pass: waiting for one of them would only delay the others'
+        first tokens by a pass."""
         budget = self.prefill_chunk
         if len(self._active) == 1 and not self._waiting:
             # Nobody to keep waiting: a lone prompt runs whole, as core.generation runs it.
             budget = len(self._active[0].context)
         first: list[tuple[_Sequence, int]] = []
         later: list[_Sequence] = []
-        starting = False  # whether a new prompt is in the first pass
+        starting = False  # whether a new prompt that found nothing kept is in the first pass
         for seq in self._active:
             if budget == 0:
                 break
@@ -847,7 +849,7 @@ class Engine:
             if seq.started or not starting:
                 if not seq.started:
                     self._take_kept(seq)
-                    starting = True
+                    starting = seq.cached == 0  # cold: the new prompts after it wait for its start
                 n = min(budget, len(seq.context) - seq.cached)
                 first.append((seq, n))
                 budget -= n

@@ -249,6 +249,23 @@ def test_prompts_arriving_together_run_their_shared_start_once(model, tokenizer)
     assert [tokens(h) for h in handles] == [alone(model, p) for p in prompts]
 
 
+def test_prompts_whose_start_is_kept_already_start_in_one_pass(model, tokenizer):
+    preamble = list(range(40, 60))
+    engine = Engine(model, tokenizer, max_batch=3, prefix_cache=PrefixCache())
+    engine.submit(preamble + [4], GREEDY)
+    run(engine)  # the preamble is kept from here on
+    prompts = [preamble + [5, 6, 7], preamble + [8, 9, 10], preamble + [11, 12]]
+    passes = []
+    engine._pass = lambda seqs, *rest, _run=engine._pass: passes.append(len(seqs)) or _run(seqs, *rest)
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    engine.step()
+    # One prefill pass of all three (then one decoding step of all three), not the oldest alone first.
+    assert passes == [3, 3]
+    run(engine)
+    assert [h.cached_prompt_tokens for h in handles] == [len(preamble)] * 3
+    assert [tokens(h) for h in handles] == [alone(model, p) for p in prompts]
+
+
 def test_an_answer_that_outgrows_max_len_ends_with_length(model, tokenizer):
     engine = Engine(model, tokenizer, max_len=20)
     prompt = list(range(40, 55))  # 15 tokens: room for 5 more positions, so 6 new tokens
