@@ -206,6 +206,16 @@ async def classify_client(index: int, url: str, tally: Tally, stop_at: float, bu
                 tally.errors.append(f"classify: {type(exc).__name__}: {exc}")
 
 
+def half_growth(memory: list[tuple[float, float]]) -> str:
+    """RSS gained over the first half of the samples' time and over the second: what a server holds
+    by design (KV pages, the prefix cache, oneDNN's compiled products) fills in the first, so a server
+    that does not leak is flat in the second."""
+    if len(memory) < 3:
+        return "too few samples"
+    middle = min(memory, key=lambda sample: abs(sample[0] - memory[-1][0] / 2))[1]
+    return f"{middle - memory[0][1]:+.0f} MB / {memory[-1][1] - middle:+.0f} MB"
+
+
 async def sample_memory(server: ServerProcess, samples: list[tuple[float, float]], start: float, until: float) -> None:
     while time.monotonic() < until:
         samples.append((time.monotonic() - start, server.rss_mb()))
@@ -345,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print_table(rows)
     print("server RSS during the run (s: MB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in memory))
+    print(f"server RSS growth, first half / second half of the run: {half_growth(memory)}")
     print(f"load average before {load_before}, after {load_after}")
     for line in (tally.errors + problems)[:20]:
         print(f"  problem: {line}")

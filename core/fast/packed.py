@@ -7,12 +7,24 @@ state dict keeps its names and values, and autograd, other devices and dtypes ta
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
 
 from core.fast.kernels import needs_autograd, weight_key
 from core.fast.panels import Panels
+
+# oneDNN keeps each product it has compiled, one per input row count, in two caches (its own
+# primitive cache, and ideep's in front of it), 1,024 each by default and about 140 KB apiece. A
+# chat engine meets a new row count in most prefill passes, so at the defaults the caches grow by
+# hundreds of MB over the first hours of serving. 256 holds what decoding reuses every step (up to
+# 32 row counts for each of a model's five weight shapes) and the recent prompts' shapes; compiling
+# a shape that fell out costs about a millisecond. Read when oneDNN compiles its first product, so
+# it must be set before then; a value the user set wins.
+ONEDNN_CACHE_CAPACITY = 256
+for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_variable, str(ONEDNN_CACHE_CAPACITY))
 
 
 @functools.cache
