@@ -84,7 +84,7 @@ class InstructConfig:
     template: str = field(default="auto", metadata={"help": "chat template: the base's own (auto; Alpaca when it has none)",
                                                      "choices": ("auto", "alpaca", "chatml")})
     epochs: int = field(default=2, metadata={"help": "passes over the training split"})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=4e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     max_length: int = field(default=1024, metadata={"help": "sequences are cut to this many tokens (and the context)"})
