@@ -61,6 +61,13 @@ class Metrics:
                                     registry=r)
         self.engine_waiting = Gauge("scratchgpt_chat_waiting", "Answers waiting for a place in the chat engine",
                                     ["model"], registry=r)
+        # What the chat engine holds by design, bounded by its budgets: the process grows with
+        # these, and only these, under load (bench/load.py reads them beside the RSS).
+        self.kv_cache = Gauge(
+            "scratchgpt_chat_kv_cache_bytes", "The chat engine's pool of KV pages: its budget, the pages ever lent "
+            "(resident), and those lent now", ["model", "part"], registry=r)
+        self.prefix_cache = Gauge("scratchgpt_chat_prefix_cache_bytes", "KV caches of recent answers kept for reuse",
+                                  ["model"], registry=r)
 
     def engine_observer(self, model: str):
         """The chat engine's ``on_observe(name, value)`` for ``model``, into these histograms."""

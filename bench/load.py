@@ -216,9 +216,27 @@ def half_growth(memory: list[tuple[float, float]]) -> str:
     return f"{middle - memory[0][1]:+.0f} MB / {memory[-1][1] - middle:+.0f} MB"
 
 
-async def sample_memory(server: ServerProcess, samples: list[tuple[float, float]], start: float, until: float) -> None:
+def engine_caches_mb(url: str) -> float:
+    """What the chat engines hold by design, from /metrics: the KV pages ever lent plus the prefix caches."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    parts = re.findall(r'^scratchgpt_chat_kv_cache_bytes\{[^}]*part="touched"[^}]*\} ([0-9.e+-]+)$', text, flags=re.M)
+    parts += re.findall(r"^scratchgpt_chat_prefix_cache_bytes\{[^}]*\} ([0-9.e+-]+)$", text, flags=re.M)
+    return sum(float(v) for v in parts) / 2**20
+
+
+def memory_sample(server: ServerProcess, start: float) -> tuple[float, float, float]:
+    """(seconds since start, server RSS MB, the engines' caches MB)."""
+    return time.monotonic() - start, server.rss_mb(), engine_caches_mb(server.url)
+
+
+async def sample_memory(server: ServerProcess, samples: list[tuple[float, float, float]], start: float,
+                        until: float) -> None:
     while time.monotonic() < until:
-        samples.append((time.monotonic() - start, server.rss_mb()))
+        samples.append(memory_sample(server, start))
         await asyncio.sleep(5)
 
 
@@ -228,7 +246,7 @@ async def run_load(server: ServerProcess, args: argparse.Namespace, texts: list[
     stop_at = start + args.duration
     cut_at = stop_at + args.grace
     budget = [args.max_requests]
-    memory: list[tuple[float, float]] = []
+    memory: list[tuple[float, float, float]] = []
     tasks = [chat_client(i, server.url, tally, stop_at, cut_at, budget, args.new_tokens, args.timeout)
              for i in range(args.chat_clients)]
     tasks += [classify_client(i, server.url, tally, stop_at, budget, texts, args.timeout)
@@ -237,7 +255,7 @@ async def run_load(server: ServerProcess, args: argparse.Namespace, texts: list[
     await asyncio.wait_for(asyncio.gather(*tasks), args.duration + args.grace + 2 * args.timeout)
     tally.seconds = time.monotonic() - start  # type: ignore[attr-defined]
     monitor.cancel()
-    memory.append((time.monotonic() - start, server.rss_mb()))
+    memory.append(memory_sample(server, start))
     return tally, memory
 
 
@@ -354,8 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         ("wall time (s)", f"{seconds:.1f}"),
     ]
     print_table(rows)
-    print("server RSS during the run (s: MB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in memory))
-    print(f"server RSS growth, first half / second half of the run: {half_growth(memory)}")
+    print("server RSS during the run (s: MB, of which the engine's caches): "
+          + ", ".join(f"{t:.0f}: {m:.0f} ({c:.0f})" for t, m, c in memory))
+    print(f"server RSS growth, first half / second half of the run: {half_growth([(t, m) for t, m, _ in memory])}")
+    print("the same less the engine's caches (KV pages ever lent, prefix cache; bounded by their budgets): "
+          f"{half_growth([(t, m - c) for t, m, c in memory])}")
     print(f"load average before {load_before}, after {load_after}")
     for line in (tally.errors + problems)[:20]:
         print(f"  problem: {line}")

@@ -590,6 +590,13 @@ class ModelRegistry:
             stats = worker.engine.stats  # read when /metrics is scraped
             self.metrics.engine_running.labels(label).set_function(lambda: stats.running)
             self.metrics.engine_waiting.labels(label).set_function(lambda: stats.waiting)
+            engine = worker.engine
+            kv = {"budget": lambda: engine.kv_bytes, "touched": lambda: engine.kv_bytes_touched,
+                  "in_use": lambda: engine.kv_bytes_in_use}
+            for part, read in kv.items():
+                self.metrics.kv_cache.labels(label, part).set_function(read)
+            kept = getattr(decoder, "prefix_cache", None)
+            self.metrics.prefix_cache.labels(label).set_function(lambda: kept.nbytes if kept is not None else 0)
             return worker
 
         def on_batch(n: int) -> None:

@@ -564,6 +564,17 @@ class Engine:
         """Pages lent to running sequences now."""
         return self._pages.count - self._pages.free
 
+    @property
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of the pages lent to running sequences now."""
+        return self.pages_used * (self.kv_bytes // self._pages.count)
+
+    @property
+    def kv_bytes_touched(self) -> int:
+        """Bytes of the pool's pages ever lent: the part of the budget the process holds in memory
+        (untouched pages cost none), growing to the budget under load and never shrinking."""
+        return self._pages._zeroed * (self.kv_bytes // self._pages.count)
+
     # -- the public face -------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig, owner: str | None = None) -> Handle:

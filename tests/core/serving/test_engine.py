@@ -290,6 +290,21 @@ def test_a_memory_budget_sets_the_pages_and_the_longest_sequence(model, tokenize
     assert Engine(model, tokenizer, max_kv_bytes=10**9).max_len == model.cfg.context_length
     with pytest.raises(ValueError, match="holds not one page"):
         Engine(model, tokenizer, page_size=16, max_kv_bytes=16 * per_position(model) - 1)
+
+
+def test_the_pages_in_use_are_given_back_and_those_touched_stay_counted(model, tokenizer):
+    engine = paged(model, tokenizer, pages=6, page_size=4)
+    page = 4 * per_position(model)
+    assert (engine.kv_bytes_in_use, engine.kv_bytes_touched) == (0, page)  # page 0, zeroed for padding
+    handle = engine.submit(PROMPTS[0][:6], GenerationConfig(max_new_tokens=6))  # 6 + 6 positions
+    engine.step()
+    assert engine.kv_bytes_in_use == engine.kv_bytes_touched == 2 * page  # 7 positions so far
+    run(engine)
+    assert handle.done and engine.kv_bytes_in_use == 0
+    assert engine.kv_bytes_touched == 3 * page  # given back, still resident: the next answers reuse them
+    again = engine.submit(PROMPTS[1][:6], GenerationConfig(max_new_tokens=6))
+    run(engine)
+    assert again.done and engine.kv_bytes_touched == 3 * page
     with pytest.raises(ValueError, match="page_size"):
         Engine(model, tokenizer, page_size=0)
 
