@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve import (  # noqa: E402
     ServerProcess,
     build_checkpoints,
+    metric,
     ms,
     parse_events,
     sms_texts,
@@ -218,14 +219,8 @@ def half_growth(memory: list[tuple[float, float]]) -> str:
 
 def engine_caches_mb(url: str) -> float:
     """What the chat engines hold by design, from /metrics: the KV pages ever lent plus the prefix caches."""
-    import re
-
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    parts = re.findall(r'^scratchgpt_chat_kv_cache_bytes\{[^}]*part="touched"[^}]*\} ([0-9.e+-]+)$', text, flags=re.M)
-    parts += re.findall(r"^scratchgpt_chat_prefix_cache_bytes\{[^}]*\} ([0-9.e+-]+)$", text, flags=re.M)
-    return sum(float(v) for v in parts) / 2**20
+    touched = metric(url, "scratchgpt_chat_kv_cache_bytes", part="touched")
+    return (touched + metric(url, "scratchgpt_chat_prefix_cache_bytes")) / 2**20
 
 
 def memory_sample(server: ServerProcess, start: float) -> tuple[float, float, float]:

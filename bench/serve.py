@@ -177,12 +177,14 @@ class ServerProcess:
         self._log_file.close()
 
 
-def metric(url: str, name: str) -> float:
-    """A sample of the server's Prometheus metrics, summed over its labels (0 when absent)."""
+def metric(url: str, name: str, **labels: str) -> float:
+    """A sample of the server's Prometheus metrics, summed over the series that carry ``labels``
+    (all of them when none are given; 0 when absent)."""
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(value) for value in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, flags=re.M))
+    series = re.findall(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, flags=re.M)
+    return sum(float(value) for found, value in series if all(f'{k}="{v}"' in found for k, v in labels.items()))
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -351,6 +351,16 @@ class _Pages:
     def free(self) -> int:
         return len(self._free)
 
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of keys and values one page holds."""
+        return (self.keys.nbytes + self.values.nbytes) // self.count
+
+    @property
+    def touched(self) -> int:
+        """Pages ever lent (zeroed): resident in memory from then on."""
+        return self._zeroed
+
     def needed(self, pages: list[int], length: int) -> int:
         """Pages more that ``pages`` need to hold ``length`` positions."""
         return max(0, -(-length // self.size) - len(pages))
@@ -567,13 +577,13 @@ class Engine:
     @property
     def kv_bytes_in_use(self) -> int:
         """Bytes of the pages lent to running sequences now."""
-        return self.pages_used * (self.kv_bytes // self._pages.count)
+        return self.pages_used * self._pages.page_bytes
 
     @property
     def kv_bytes_touched(self) -> int:
         """Bytes of the pool's pages ever lent: the part of the budget the process holds in memory
         (untouched pages cost none), growing to the budget under load and never shrinking."""
-        return self._pages._zeroed * (self.kv_bytes // self._pages.count)
+        return self._pages.touched * self._pages.page_bytes
 
     # -- the public face -------------------------------------------------------------------
 
